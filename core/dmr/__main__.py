@@ -1,0 +1,3 @@
+from dmr.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The `dmr` command line, shaped like `docker model`."""

@@ -1,0 +1,1 @@
+"""Hardware probes (built-in plugins): CPU always, NVIDIA through NVML when present."""

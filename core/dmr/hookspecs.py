@@ -1,0 +1,171 @@
+"""The hooks dmr plugins implement (pluggy project name and entry-point group: `dmr`).
+
+Every hook is prefixed `dmr_`. Registration hooks return typed, frozen records
+from `dmr.records`; the core rejects two records with the same name. A hook may
+return its value or an awaitable of it; the core awaits through
+`dmr.plugins.resolve`.
+
+A plugin is a module with `@hookimpl` functions, declared in its distribution's
+`pyproject.toml`::
+
+    [project.entry-points.dmr]
+    myengine = "dmr_myengine.plugin"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from dmr.records import (
+    AcceleratorInfo,
+    ApiDialect,
+    CliCommand,
+    EngineSpec,
+    ModelFormat,
+    ModelSource,
+)
+
+if TYPE_CHECKING:
+    import quart
+
+__all__ = ["PROJECT_NAME", "DmrSpec", "hookimpl", "hookspec"]
+
+PROJECT_NAME = "dmr"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class DmrSpec:
+    """Namespace for the hook specifications."""
+
+    # ----------------------------------------------------------------------- store
+
+    @hookspec
+    def dmr_model_sources(self) -> Sequence[ModelSource]:
+        """Places models are pulled from.
+
+        Example::
+
+            @hookimpl
+            def dmr_model_sources():
+                return [ModelSource(name="s3", prefixes=("s3://",), puller=S3Puller())]
+        """
+        raise NotImplementedError
+
+    @hookspec
+    def dmr_model_formats(self) -> Sequence[ModelFormat]:
+        """Weight formats, their layer media types and the engine that runs them.
+
+        Example::
+
+            @hookimpl
+            def dmr_model_formats():
+                return [ModelFormat(
+                    name="gguf",
+                    media_types=("application/vnd.docker.ai.gguf.v3",),
+                    preferred_engine="llama.cpp",
+                )]
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- scheduler
+
+    @hookspec
+    def dmr_engines(self) -> Sequence[EngineSpec]:
+        """Inference engines that start runner subprocesses for a model and mode.
+
+        Example::
+
+            @hookimpl
+            def dmr_engines():
+                return [EngineSpec(
+                    name="llama.cpp",
+                    formats=frozenset({"gguf"}),
+                    modes=frozenset({Mode.COMPLETION, Mode.EMBEDDING}),
+                    engine=LlamaCppEngine(),
+                    allowed_flags=frozenset({"--temp", "--top-k"}),
+                )]
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- hardware
+
+    @hookspec
+    def dmr_probe_hardware(
+        self,
+    ) -> Sequence[AcceleratorInfo] | Awaitable[Sequence[AcceleratorInfo]]:
+        """Devices found on this machine (every probe's results are kept).
+
+        Example::
+
+            @hookimpl
+            def dmr_probe_hardware():
+                total, free = read_rocm_memory()
+                return [AcceleratorInfo(name="MI300X", kind="rocm", index=0,
+                                        total_memory=total, free_memory=free)]
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- API dialects
+
+    @hookspec
+    def dmr_api_dialects(self) -> Sequence[ApiDialect]:
+        """Quart blueprints mounted into the server.
+
+        Example::
+
+            bp = quart.Blueprint("hello", __name__)
+
+            @bp.get("/hello")
+            async def hello():
+                return {"hello": "world"}
+
+            @hookimpl
+            def dmr_api_dialects():
+                return [ApiDialect(name="hello", blueprint=bp)]
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- CLI
+
+    @hookspec
+    def dmr_cli_commands(self) -> Sequence[CliCommand]:
+        """Commands added to the `dmr` CLI.
+
+        Example::
+
+            def hello(name: str) -> None:
+                print(f"hello {name}")
+
+            @hookimpl
+            def dmr_cli_commands():
+                return [CliCommand(name="hello", callback=hello, help="Say hello")]
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    @hookspec
+    def dmr_server_startup(self, app: quart.Quart) -> Awaitable[None] | None:
+        """Called once the server's services exist, before it accepts requests.
+
+        Example::
+
+            @hookimpl
+            async def dmr_server_startup(app):
+                app.extensions["my-plugin"] = await open_connection()
+        """
+
+    @hookspec
+    def dmr_server_shutdown(self, app: quart.Quart) -> Awaitable[None] | None:
+        """Called when the server stops, after runners were stopped.
+
+        Example::
+
+            @hookimpl
+            async def dmr_server_shutdown(app):
+                await app.extensions["my-plugin"].close()
+        """

@@ -1,0 +1,170 @@
+"""The plugin manager: built-ins first, then entry points, then a pending check."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any, Protocol, TypeVar
+
+import pluggy
+
+from dmr import hookspecs
+from dmr.records import (
+    AcceleratorInfo,
+    ApiDialect,
+    CliCommand,
+    EngineSpec,
+    ModelFormat,
+    ModelSource,
+)
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "DuplicatePluginNameError",
+    "PluginInfo",
+    "api_dialects",
+    "cli_commands",
+    "engines",
+    "get_plugin_manager",
+    "list_plugins",
+    "model_formats",
+    "model_sources",
+    "new_plugin_manager",
+    "probe_hardware",
+    "resolve",
+]
+
+# Modules inside dmr that register through the same hooks a third party uses.
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "dmr.formats",
+    "dmr.hardware.cpu",
+    "dmr.hardware.nvidia",
+    "dmr.distribution.oci",
+    "dmr.distribution.huggingface",
+)
+
+T = TypeVar("T")
+
+
+class DuplicatePluginNameError(RuntimeError):
+    """Two plugins registered records with the same name."""
+
+
+def disabled_plugin_names() -> set[str]:
+    raw = os.environ.get("DMR_DISABLED_PLUGINS", "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
+    """A fresh manager: built-ins, then installed `dmr` entry points."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs.DmrSpec)
+    disabled = disabled_plugin_names()
+    for name in disabled:
+        pm.set_blocked(name)
+    for module_name in BUILTIN_PLUGINS:
+        if module_name in disabled:
+            continue
+        pm.register(importlib.import_module(module_name), name=module_name)
+    if load_entry_points:
+        # load_setuptools_entrypoints honours set_blocked() by entry-point name.
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
+    pm.check_pending()
+    return pm
+
+
+@cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager (tests build their own with `new_plugin_manager`)."""
+    return new_plugin_manager()
+
+
+async def resolve(value: T | Any) -> T:
+    """Await `value` when a hook returned an awaitable (pluggy itself is synchronous)."""
+    if inspect.isawaitable(value):
+        return await value  # type: ignore[no-any-return]
+    return value  # type: ignore[no-any-return]
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=_Named)
+
+
+def _unique(kind: str, results: Iterable[Sequence[N] | None]) -> list[N]:
+    seen: dict[str, N] = {}
+    for batch in results:
+        for record in batch or ():
+            if record.name in seen:
+                raise DuplicatePluginNameError(f"two plugins register the {kind} {record.name!r}")
+            seen[record.name] = record
+    return list(seen.values())
+
+
+def engines(pm: pluggy.PluginManager | None = None) -> list[EngineSpec]:
+    return _unique("engine", (pm or get_plugin_manager()).hook.dmr_engines())
+
+
+def model_sources(pm: pluggy.PluginManager | None = None) -> list[ModelSource]:
+    return _unique("model source", (pm or get_plugin_manager()).hook.dmr_model_sources())
+
+
+def model_formats(pm: pluggy.PluginManager | None = None) -> list[ModelFormat]:
+    return _unique("model format", (pm or get_plugin_manager()).hook.dmr_model_formats())
+
+
+def api_dialects(pm: pluggy.PluginManager | None = None) -> list[ApiDialect]:
+    return _unique("API dialect", (pm or get_plugin_manager()).hook.dmr_api_dialects())
+
+
+def cli_commands(pm: pluggy.PluginManager | None = None) -> list[CliCommand]:
+    return _unique("CLI command", (pm or get_plugin_manager()).hook.dmr_cli_commands())
+
+
+async def probe_hardware(pm: pluggy.PluginManager | None = None) -> list[AcceleratorInfo]:
+    """Every probe's devices; a probe that fails is skipped rather than fatal."""
+    found: list[AcceleratorInfo] = []
+    for result in (pm or get_plugin_manager()).hook.dmr_probe_hardware():
+        found.extend(await resolve(result))
+    return found
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...]
+
+
+def list_plugins(pm: pluggy.PluginManager | None = None) -> list[PluginInfo]:
+    """What `dmr plugins` prints: each plugin, its distribution and the hooks it implements."""
+    pm = pm or get_plugin_manager()
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    infos = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
+        dist = dists.get(id(plugin))
+        hooks = tuple(sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()))
+        infos.append(
+            PluginInfo(
+                name=name,
+                distribution=dist.project_name if dist else "dmr (built-in)",
+                version=dist.version if dist else None,
+                hooks=hooks,
+            )
+        )
+    return infos
+
+
+def entry_point_names() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=hookspecs.PROJECT_NAME))

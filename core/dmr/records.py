@@ -1,0 +1,264 @@
+"""Typed, frozen records that plugins hand to the core through hooks.
+
+Registration hooks return these records (never bare callbacks), so the core can
+check names for duplicates and list what each plugin contributed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import quart
+    import typer
+
+__all__ = [
+    "AcceleratorInfo",
+    "ApiDialect",
+    "CliCommand",
+    "Engine",
+    "EngineSpec",
+    "EngineState",
+    "EngineStatus",
+    "MemoryEstimate",
+    "Mode",
+    "ModelFormat",
+    "ModelPuller",
+    "ModelSource",
+    "ProgressCallback",
+    "ProgressEvent",
+    "RunnerCommand",
+    "RunnerConfig",
+    "RunnerLaunch",
+]
+
+
+class Mode(StrEnum):
+    """What a runner is started for; one runner per (engine, model, mode)."""
+
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    RERANKING = "reranking"
+    IMAGE_GENERATION = "image-generation"
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+@dataclass(frozen=True)
+class AcceleratorInfo:
+    """One device a runner can use. The CPU probe always reports one of these."""
+
+    name: str  # "cpu", "NVIDIA H100 80GB HBM3"
+    kind: str  # "cpu", "cuda", "rocm", "metal", ...
+    index: int
+    total_memory: int  # bytes
+    free_memory: int  # bytes
+    cores: int | None = None
+    driver: str | None = None
+    details: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind != "cpu"
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress line (SPEC §4); serialised as one NDJSON object."""
+
+    type: str  # "progress" | "success" | "warning" | "error"
+    message: str
+    mode: str = "pull"  # "pull" | "push"
+    total: int = 0
+    layer_id: str | None = None
+    layer_size: int = 0
+    layer_current: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        line: dict[str, Any] = {"type": self.type, "message": self.message, "mode": self.mode}
+        if self.total:
+            line["total"] = self.total
+        if self.layer_id is not None:
+            line["layer"] = {
+                "id": self.layer_id,
+                "size": self.layer_size,
+                "current": self.layer_current,
+            }
+        return line
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+# --------------------------------------------------------------------------- store
+
+
+@runtime_checkable
+class ModelPuller(Protocol):
+    """Fetches a model into the store. Implemented by model-source plugins."""
+
+    async def pull(
+        self,
+        reference: str,
+        store: Any,
+        progress: ProgressCallback,
+        *,
+        bearer_token: str | None = None,
+    ) -> str:
+        """Pull `reference` into `store` and return the model ID (`sha256:...`)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A place models come from: an OCI registry, the Hugging Face Hub, ..."""
+
+    name: str
+    # Normalised reference prefixes this source claims ("huggingface.co/").
+    # The source with an empty tuple is the fallback (OCI registries).
+    prefixes: tuple[str, ...]
+    puller: ModelPuller
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """A weight format, the media types that carry it and the engine that runs it."""
+
+    name: str  # "gguf", "safetensors", "dduf", "diffusers"
+    media_types: tuple[str, ...]
+    preferred_engine: str  # EngineSpec.name
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class EngineState(StrEnum):
+    RUNNING = "Running"
+    ERROR = "Error"
+    NOT_INSTALLED = "Not Installed"
+    INSTALLING = "Installing"
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    state: EngineState
+    details: str
+
+    def render(self) -> str:
+        return f"{self.state.value}: {self.details}"
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Per-model settings from `/engines/_configure` (and Ollama `options`)."""
+
+    context_size: int | None = None
+    runtime_flags: tuple[str, ...] = ()
+    keep_alive: float | None = None  # seconds; None = server default; <0 = never unload
+    speculative_draft_model: str | None = None
+    speculative_num_tokens: int | None = None
+    speculative_min_acceptance_rate: float | None = None
+    engine_options: Mapping[str, Any] = field(default_factory=dict)  # "vllm", "llamacpp" blocks
+
+
+@dataclass(frozen=True)
+class RunnerLaunch:
+    """Everything an engine needs to build a runner's command line."""
+
+    model_id: str  # "sha256:..."
+    model_name: str  # the reference the client used, for display and served-model-name
+    bundle_dir: Path  # store bundle: config.json + model/
+    model_config: Mapping[str, Any]  # the OCI config's "config" block
+    mode: Mode
+    socket_path: Path  # the runner must serve HTTP on this unix socket
+    config: RunnerConfig
+    device: AcceleratorInfo
+    draft_bundle_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class RunnerCommand:
+    """A runner subprocess to start. The core starts, watches and stops it."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    # Seconds to wait for GET /health to answer 200 before giving up.
+    startup_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a runner will hold on its device; admission compares it to free memory."""
+
+    device_bytes: int  # weights + KV cache + compute buffers on the chosen device
+    host_bytes: int = 0  # extra system RAM when the device is a GPU
+
+    @property
+    def total(self) -> int:
+        return self.device_bytes + self.host_bytes
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Starts runners for one inference backend. See `EngineSpec`."""
+
+    def status(self) -> EngineStatus:
+        """Whether the engine can run here ("Running: llama-cpp-python 0.3.36")."""
+        ...
+
+    def runner_command(self, launch: RunnerLaunch) -> RunnerCommand:
+        """The subprocess that serves `launch` on `launch.socket_path`.
+
+        Raise `ValueError` with a clear message for settings the engine refuses
+        (a runtime flag outside its allow-list, a mode it cannot serve).
+        """
+        ...
+
+    def estimate_memory(self, launch: RunnerLaunch) -> MemoryEstimate:
+        """Bytes the runner will need on `launch.device` (weights + KV cache)."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """An inference engine ("llama.cpp", "vllm", "diffusers")."""
+
+    name: str
+    formats: frozenset[str]  # ModelFormat names it can run
+    modes: frozenset[Mode]
+    engine: Engine
+    # Runtime flags `_configure` may pass through; everything else is refused.
+    allowed_flags: frozenset[str] = frozenset()
+    # Disk used by the engine's own files, for /engines/df.
+    disk_usage: Callable[[], int] | None = None
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass(frozen=True)
+class ApiDialect:
+    """An HTTP API dialect mounted into the server (OpenAI, Ollama, ...)."""
+
+    name: str
+    blueprint: quart.Blueprint
+    url_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class CliCommand:
+    """A command a plugin adds to the `dmr` CLI: a function or a Typer group."""
+
+    name: str
+    callback: Callable[..., Any] | None = None
+    group: typer.Typer | None = None
+    help: str | None = None

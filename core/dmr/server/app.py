@@ -1,0 +1,96 @@
+"""The app factory: core routes, plugin dialects, services built before serving."""
+
+from __future__ import annotations
+
+import logging
+
+import pluggy
+from quart import Quart, Response, jsonify
+
+from dmr import plugins
+from dmr.errors import DmrError, PayloadTooLargeError
+from dmr.server import engines_api, models_api, root
+from dmr.server.services import Services
+from dmr.settings import Settings
+
+__all__ = ["create_app", "error_body"]
+
+log = logging.getLogger(__name__)
+
+
+def error_body(error: DmrError) -> dict[str, object]:
+    """OpenAI's error shape, which DMR's clients and the OpenAI SDK both read."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": None,
+            "code": error.code,
+        }
+    }
+
+
+def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None = None) -> Quart:
+    settings = settings or Settings.from_env()
+    pm = pm or plugins.get_plugin_manager()
+    app = Quart("dmr")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["DMR_SETTINGS"] = settings
+    app.config["DMR_PLUGIN_MANAGER"] = pm
+
+    for blueprint in (root.blueprint, models_api.blueprint, engines_api.blueprint):
+        app.register_blueprint(blueprint)
+    for dialect in plugins.api_dialects(pm):
+        app.register_blueprint(dialect.blueprint, url_prefix=dialect.url_prefix)
+
+    @app.errorhandler(DmrError)
+    async def handle_dmr_error(error: DmrError) -> Response:
+        response = jsonify(error_body(error))
+        response.status_code = error.status
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
+
+    @app.errorhandler(413)
+    async def handle_too_large(_: Exception) -> Response:
+        limit = settings.max_body_bytes
+        return await handle_dmr_error(
+            PayloadTooLargeError(f"request body larger than the {limit} byte limit")
+        )
+
+    @app.before_serving
+    async def start_services() -> None:
+        services = await build_services(settings, pm)
+        app.extensions["dmr"] = services
+        await services.scheduler.start()
+        for result in pm.hook.dmr_server_startup(app=app):
+            await plugins.resolve(result)
+
+    @app.after_serving
+    async def stop_services() -> None:
+        services: Services | None = app.extensions.get("dmr")
+        if services is not None:
+            await services.scheduler.aclose()
+        for result in pm.hook.dmr_server_shutdown(app=app):
+            await plugins.resolve(result)
+
+    return app
+
+
+async def build_services(settings: Settings, pm: pluggy.PluginManager) -> Services:
+    from dmr.scheduler import Scheduler
+    from dmr.store import Store
+
+    store = Store.open(settings.models_path)
+    engines = {spec.name: spec for spec in plugins.engines(pm)}
+    devices = await plugins.probe_hardware(pm)
+    scheduler = Scheduler(settings=settings, store=store, engines=engines, devices=devices)
+    return Services(
+        settings=settings,
+        plugins=pm,
+        store=store,
+        scheduler=scheduler,
+        engines=engines,
+        devices=devices,
+    )

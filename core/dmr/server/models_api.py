@@ -1,0 +1,7 @@
+"""Placeholder blueprint: filled in by its owner."""
+
+from __future__ import annotations
+
+from quart import Blueprint
+
+blueprint = Blueprint("dmr_models_api", __name__)

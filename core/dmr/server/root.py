@@ -1,0 +1,53 @@
+"""`/`, `/version`, `/engines/status`, `/engines/df` (SPEC §4 control routes)."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response
+
+from dmr import __version__
+from dmr.records import EngineState, EngineStatus
+from dmr.server.services import get_services
+
+blueprint = Blueprint("dmr_root", __name__)
+
+# Engines DMR reports even when no plugin provides them, so clients see "Not Installed".
+KNOWN_ENGINES = {
+    "llama.cpp": "pip install 'dmr[llamacpp]'",
+    "vllm": "pip install 'dmr[vllm]'",
+    "diffusers": "pip install 'dmr[diffusers]'",
+}
+
+
+@blueprint.get("/")
+async def index() -> Response:
+    return Response("Docker Model Runner is running", mimetype="text/plain")
+
+
+@blueprint.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
+@blueprint.get("/engines/status")
+async def engines_status() -> dict[str, str]:
+    services = get_services()
+    report: dict[str, str] = {}
+    for name, spec in services.engines.items():
+        try:
+            status = spec.engine.status()
+        except Exception as error:  # a broken engine plugin must not break the route
+            status = EngineStatus(EngineState.ERROR, str(error))
+        report[name] = status.render()
+    for name, hint in KNOWN_ENGINES.items():
+        report.setdefault(name, EngineStatus(EngineState.NOT_INSTALLED, hint).render())
+    return report
+
+
+@blueprint.get("/engines/df")
+async def engines_df() -> dict[str, int]:
+    services = get_services()
+    engine_disk = sum(spec.disk_usage() for spec in services.engines.values() if spec.disk_usage)
+    return {
+        "models_disk_usage": services.store.disk_usage(),
+        "default_backend_disk_usage": engine_disk,
+    }

@@ -1,0 +1,102 @@
+"""Settings read from the environment (SPEC §7), read once per server or CLI process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dmr.durations import parse_duration
+
+__all__ = ["DEFAULT_PORT", "Settings"]
+
+DEFAULT_PORT = 12434
+MAX_BODY_BYTES = 10 * 1024 * 1024
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _default_models_path() -> Path:
+    return Path.home() / ".docker" / "models"
+
+
+def _default_socket() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or str(Path.home() / ".cache" / "dmr")
+    return Path(runtime) / "dmr.sock"
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_path: Path = field(default_factory=_default_models_path)
+    port: int | None = None  # TCP port; None = unix socket
+    host: str = "127.0.0.1"
+    socket_path: Path = field(default_factory=_default_socket)
+    idle_timeout: float = 300.0  # seconds; 0 = never
+    disable_metrics: bool = False
+    llama_args: str | None = None
+    llama_server_path: str | None = None
+    log_level: str = "INFO"
+    log_dir: Path | None = None
+    origins: tuple[str, ...] = ()
+    default_registry: str = "index.docker.io"
+    insecure_registry: bool = False
+    registry_mirrors: tuple[str, ...] = ()
+    api_key: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    # Memory budget for runners in bytes; None = the probed free memory.
+    memory_budget: int | None = None
+    max_queue: int = 64
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        port = env.get("MODEL_RUNNER_PORT")
+        idle = env.get("MODEL_RUNNER_IDLE_TIMEOUT")
+        api_key = env.get("DMR_API_KEY")
+        api_key_file = env.get("DMR_API_KEY_FILE")
+        if not api_key and api_key_file:
+            api_key = Path(api_key_file).read_text().strip()
+        budget = env.get("DMR_MEMORY_BUDGET")
+        return cls(
+            models_path=Path(env["MODELS_PATH"]).expanduser()
+            if env.get("MODELS_PATH")
+            else _default_models_path(),
+            port=int(port) if port else None,
+            host=env.get("MODEL_RUNNER_BIND", "127.0.0.1"),
+            socket_path=Path(env["MODEL_RUNNER_SOCK"])
+            if env.get("MODEL_RUNNER_SOCK")
+            else _default_socket(),
+            idle_timeout=parse_idle_timeout(idle) if idle else 300.0,
+            disable_metrics=_flag("DISABLE_METRICS"),
+            llama_args=env.get("LLAMA_ARGS") or None,
+            llama_server_path=env.get("LLAMA_SERVER_PATH") or None,
+            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            log_dir=Path(env["MODEL_RUNNER_LOG_DIR"]) if env.get("MODEL_RUNNER_LOG_DIR") else None,
+            origins=tuple(o.strip() for o in env.get("DMR_ORIGINS", "").split(",") if o.strip()),
+            default_registry=env.get("DEFAULT_REGISTRY", "index.docker.io"),
+            insecure_registry=_flag("INSECURE_REGISTRY"),
+            registry_mirrors=tuple(
+                m.strip()
+                for m in env.get("MODEL_RUNNER_REGISTRY_MIRRORS", "").split(",")
+                if m.strip()
+            ),
+            api_key=api_key or None,
+            tls_cert=Path(env["MODEL_RUNNER_TLS_CERT"])
+            if env.get("MODEL_RUNNER_TLS_CERT")
+            else None,
+            tls_key=Path(env["MODEL_RUNNER_TLS_KEY"]) if env.get("MODEL_RUNNER_TLS_KEY") else None,
+            memory_budget=int(budget) if budget else None,
+            max_queue=int(env.get("DMR_MAX_QUEUE", "64")),
+        )
+
+
+def parse_idle_timeout(value: str) -> float:
+    """`MODEL_RUNNER_IDLE_TIMEOUT`: Go duration, 0 = never, else clamped to 1m..24h (SPEC §5)."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        return 0.0
+    return min(max(seconds, 60.0), 24 * 3600.0)
