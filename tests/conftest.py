@@ -1,4 +1,10 @@
 pytest_plugins = [
-    "tests.fixtures.model",
+    # First: the other fixture modules import it.
     "tests.fixtures.server",
+    "tests.fixtures.store",
+    "tests.fixtures.apis",
+    "tests.fixtures.hf_hub",
+    "tests.fixtures.model",
+    "tests.fixtures.registry",
+    "tests.fixtures.test_engine",
 ]

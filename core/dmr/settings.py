@@ -70,7 +70,7 @@ class Settings:
             socket_path=Path(env["MODEL_RUNNER_SOCK"])
             if env.get("MODEL_RUNNER_SOCK")
             else _default_socket(),
-            idle_timeout=parse_idle_timeout(idle) if idle else 300.0,
+            idle_timeout=_idle_timeout_seconds(idle),
             disable_metrics=_flag("DISABLE_METRICS"),
             llama_args=env.get("LLAMA_ARGS") or None,
             llama_server_path=env.get("LLAMA_SERVER_PATH") or None,
@@ -92,6 +92,14 @@ class Settings:
             memory_budget=int(budget) if budget else None,
             max_queue=int(env.get("DMR_MAX_QUEUE", "64")),
         )
+
+
+def _idle_timeout_seconds(idle: str | None) -> float:
+    # DMR_IDLE_TIMEOUT_SECONDS is unclamped so that tests can unload within seconds.
+    exact = os.environ.get("DMR_IDLE_TIMEOUT_SECONDS")
+    if exact:
+        return max(float(exact), 0.0)
+    return parse_idle_timeout(idle) if idle else 300.0
 
 
 def parse_idle_timeout(value: str) -> float:

@@ -58,7 +58,7 @@ def _register_topic_commands() -> None:
     # Imported for their side effect of adding commands to `app`.
     import importlib
 
-    for module in ("dmr.cli.models", "dmr.cli.runners", "dmr.cli.quickstart"):
+    for module in ("dmr.cli.models", "dmr.cli.runners", "dmr.cli.quickstart", "dmr.cli.transfer"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

@@ -1,16 +1,8 @@
-"""Runner scheduling. Placeholder until the scheduler lands."""
+"""Runner scheduling: one runner subprocess per (engine, model, mode), admitted by memory."""
 
 from __future__ import annotations
 
-from typing import Any
+from dmr.scheduler.runner import RunnerHandle
+from dmr.scheduler.scheduler import ConfiguredModel, Scheduler, validate_runtime_flags
 
-
-class Scheduler:
-    def __init__(self, **kwargs: Any) -> None:
-        self.__dict__.update(kwargs)
-
-    async def start(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
+__all__ = ["ConfiguredModel", "RunnerHandle", "Scheduler", "validate_runtime_flags"]

@@ -1,7 +1,142 @@
-"""Placeholder blueprint: filled in by its owner."""
+"""Runner control routes (SPEC §4): `/engines/ps`, `/engines/unload`, `/engines/_configure`."""
 
 from __future__ import annotations
 
-from quart import Blueprint
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from quart import Blueprint, Response, jsonify, request
+
+from dmr.durations import parse_duration
+from dmr.errors import DmrError, InvalidRequestError
+from dmr.records import Mode, RunnerConfig
+from dmr.scheduler.scheduler import split_raw_flags
+from dmr.server.services import get_services
+
+__all__ = ["blueprint", "parse_configure_body"]
+
+log = logging.getLogger(__name__)
 
 blueprint = Blueprint("dmr_engines_api", __name__)
+
+# Preloads started by `_configure`, kept so they are not garbage-collected mid-way.
+_preloads: set[asyncio.Task[None]] = set()
+
+
+async def _json_object() -> dict[str, Any]:
+    body = await request.get_json(force=True, silent=True)
+    if body is None:
+        raw = await request.get_data()
+        if not raw.strip():
+            return {}
+        raise InvalidRequestError("the request body is not valid JSON")
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return body
+
+
+@blueprint.get("/engines/ps")
+async def engines_ps() -> Response:
+    return jsonify(get_services().scheduler.ps())
+
+
+@blueprint.post("/engines/unload")
+async def engines_unload() -> dict[str, int]:
+    body = await _json_object()
+    models = body.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise InvalidRequestError("'models' must be a list of model names")
+    unloaded = await get_services().scheduler.unload(
+        all=bool(body.get("all")), backend=body.get("backend") or None, models=models
+    )
+    return {"unloaded_runners": unloaded}
+
+
+def _keep_alive(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return parse_duration(value)
+    except (ValueError, TypeError) as error:
+        raise InvalidRequestError(f"keep_alive: {error}") from error
+
+
+def _positive_int(body: Mapping[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidRequestError(f"{key!r} must be a positive integer")
+    return value
+
+
+def parse_configure_body(body: Mapping[str, Any]) -> tuple[str, Mode, RunnerConfig]:
+    """(model, mode, config) from a `_configure` body (SPEC §4)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("'model' is required")
+    try:
+        mode = Mode(body.get("mode") or Mode.COMPLETION)
+    except ValueError as error:
+        modes = ", ".join(m.value for m in Mode)
+        raise InvalidRequestError(f"'mode' must be one of {modes}") from error
+    flags = body.get("runtime-flags") or []
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise InvalidRequestError("'runtime-flags' must be a list of strings")
+    raw = body.get("raw-runtime-flags") or ""
+    if not isinstance(raw, str):
+        raise InvalidRequestError("'raw-runtime-flags' must be a string")
+    flags = [*flags, *split_raw_flags(raw)]
+    speculative = body.get("speculative") or {}
+    if not isinstance(speculative, dict):
+        raise InvalidRequestError("'speculative' must be an object")
+    engine_options = {
+        key: body[key] for key in ("vllm", "llamacpp") if isinstance(body.get(key), dict)
+    }
+    draft = speculative.get("draft_model") or None
+    num_tokens = speculative.get("num_tokens")
+    acceptance = speculative.get("min_acceptance_rate")
+    config = RunnerConfig(
+        context_size=_positive_int(body, "context-size"),
+        runtime_flags=tuple(flags),
+        keep_alive=_keep_alive(body.get("keep_alive")),
+        speculative_draft_model=str(draft) if draft else None,
+        speculative_num_tokens=int(num_tokens) if num_tokens else None,
+        speculative_min_acceptance_rate=float(acceptance) if acceptance else None,
+        engine_options=engine_options,
+    )
+    return model, mode, config
+
+
+async def _configure(backend: str | None) -> Response:
+    model, mode, config = parse_configure_body(await _json_object())
+    scheduler = get_services().scheduler
+    await scheduler.configure(model, mode, backend, config)
+
+    async def preload() -> None:
+        try:
+            await scheduler.preload(model, mode, backend=backend)
+        except DmrError as error:
+            log.error("preloading %s after _configure failed: %s", model, error.message)
+
+    task = asyncio.create_task(preload())
+    _preloads.add(task)
+    task.add_done_callback(_preloads.discard)
+    return Response("", status=202)
+
+
+@blueprint.post("/engines/_configure")
+async def configure_default() -> Response:
+    return await _configure(None)
+
+
+@blueprint.post("/engines/<backend>/_configure")
+async def configure_backend(backend: str) -> Response:
+    return await _configure(backend)
+
+
+@blueprint.get("/engines/_configure")
+async def configure_list() -> Response:
+    return jsonify(get_services().scheduler.configs(request.args.get("model") or None))

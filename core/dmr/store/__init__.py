@@ -1,18 +1,10 @@
-"""The local model store (SPEC §3). Placeholder until the store lands."""
+"""The local model store (SPEC §3): blobs, manifests, `models.json`, bundles."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dmr.store.blobs import BlobWriter
+from dmr.store.layout import StoreLayout
+from dmr.store.model_store import Store, normalise_tag
+from dmr.store.models import StoredModel
 
-
-class Store:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    @classmethod
-    def open(cls, root: Path) -> Store:
-        root.mkdir(parents=True, exist_ok=True)
-        return cls(root)
-
-    def disk_usage(self) -> int:
-        return 0
+__all__ = ["BlobWriter", "Store", "StoreLayout", "StoredModel", "normalise_tag"]

@@ -1,0 +1,404 @@
+"""Deterministic OCI model artifacts from local files (`dmr package`, SPEC §2).
+
+The artifact is described by bytes alone (manifest + config) plus the files its
+layers come from, so the same files and the same `created` time always give the
+same manifest digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dmr import formats
+from dmr.distribution.gguf import (
+    GGUFError,
+    merge_shards,
+    metadata_strings,
+    quantization_name,
+    read_gguf,
+)
+from dmr.errors import InvalidRequestError, StoreError
+from dmr.store import Store, StoredModel
+from dmr.store.artifact import OCI_MANIFEST, layers_of
+from dmr.store.blobs import hash_file
+
+__all__ = [
+    "Artifact",
+    "LayerFile",
+    "PackageOptions",
+    "find_gguf_shards",
+    "human_parameters",
+    "human_size",
+    "package_dduf",
+    "package_gguf",
+    "package_safetensors_dir",
+    "repackage",
+    "rfc3339",
+    "write_to_store",
+]
+
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LayerFile:
+    """A layer and the local file holding its bytes."""
+
+    path: Path
+    media_type: str
+    digest: str
+    size: int
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_path(
+        cls, path: Path, media_type: str, annotations: Mapping[str, str] | None = None
+    ) -> LayerFile:
+        digest, size = hash_file(path)
+        return cls(path, media_type, digest, size, dict(annotations or {}))
+
+    def descriptor(self) -> dict[str, Any]:
+        descriptor: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "size": self.size,
+            "digest": self.digest,
+        }
+        if self.annotations:
+            descriptor["annotations"] = dict(sorted(self.annotations.items()))
+        return descriptor
+
+
+@dataclass(frozen=True)
+class Artifact:
+    manifest: bytes
+    config: bytes
+    layers: tuple[LayerFile, ...]
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+
+    @property
+    def config_digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.config).hexdigest()
+
+
+@dataclass(frozen=True)
+class PackageOptions:
+    licenses: Sequence[Path] = ()
+    chat_template: Path | None = None
+    mmproj: Path | None = None
+    context_size: int | None = None
+    # RFC 3339 or a datetime; None: $SOURCE_DATE_EPOCH, else now.
+    created: datetime | str | None = None
+
+
+def rfc3339(created: datetime | str | None) -> str:
+    if isinstance(created, str):
+        return created
+    if created is None:
+        epoch = os.environ.get("SOURCE_DATE_EPOCH")
+        created = (datetime.fromtimestamp(int(epoch), UTC) if epoch else datetime.now(UTC)).replace(
+            microsecond=0
+        )
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def human_size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def human_parameters(count: int) -> str:
+    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return str(count)
+
+
+def _require_file(path: Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidRequestError(f"{what} {str(path)!r} is not a readable file")
+    return path
+
+
+def _extras(options: PackageOptions) -> list[LayerFile]:
+    layers = [
+        LayerFile.from_path(_require_file(path, "license"), formats.LICENSE)
+        for path in options.licenses
+    ]
+    if options.mmproj is not None:
+        layers.append(LayerFile.from_path(_require_file(options.mmproj, "mmproj"), formats.MMPROJ))
+    if options.chat_template is not None:
+        layers.append(
+            LayerFile.from_path(
+                _require_file(options.chat_template, "chat template"), formats.CHAT_TEMPLATE
+            )
+        )
+    return layers
+
+
+def _dump(value: Any) -> bytes:
+    # Compact and in a fixed key order: the bytes ARE the digest.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _build(
+    config_media_type: str,
+    block: dict[str, Any],
+    layers: Sequence[LayerFile],
+    options: PackageOptions,
+) -> Artifact:
+    if options.context_size is not None:
+        if options.context_size <= 0 or options.context_size > 2**31 - 1:
+            raise InvalidRequestError(f"invalid context size {options.context_size}")
+        block["context_size"] = options.context_size
+    config = {
+        "config": block,
+        "descriptor": {"created": rfc3339(options.created)},
+        "rootfs": {"type": "rootfs", "diff_ids": [layer.digest for layer in layers]},
+    }
+    config_bytes = _dump(config)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": config_media_type,
+            "size": len(config_bytes),
+            "digest": "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
+        },
+        "layers": [layer.descriptor() for layer in layers],
+    }
+    return Artifact(manifest=_dump(manifest), config=config_bytes, layers=tuple(layers))
+
+
+# ------------------------------------------------------------------------- GGUF
+
+
+def find_gguf_shards(paths: Sequence[Path]) -> list[Path]:
+    """The shards of a model: given the first shard alone, its siblings are found
+    (`model-00001-of-00003.gguf`); given several files, they are put in order."""
+    if not paths:
+        raise InvalidRequestError("no GGUF file given")
+    files = [_require_file(path, "GGUF file") for path in paths]
+    if len(files) == 1:
+        match = _SHARD.match(files[0].name)
+        if match is None:
+            return files
+        count = int(match["count"])
+        files = [
+            files[0].with_name(f"{match['stem']}-{n:05d}-of-{count:05d}.gguf")
+            for n in range(1, count + 1)
+        ]
+        missing = [path.name for path in files if not path.is_file()]
+        if missing:
+            raise InvalidRequestError(f"missing GGUF shards: {', '.join(missing)}")
+        return files
+    matches = [_SHARD.match(path.name) for path in files]
+    if all(matches):
+        return [
+            path
+            for _, path in sorted(zip([int(m["index"]) for m in matches if m], files, strict=True))
+        ]
+    return files
+
+
+def package_gguf(paths: Sequence[Path], options: PackageOptions | None = None) -> Artifact:
+    options = options or PackageOptions()
+    shards = find_gguf_shards(paths)
+    try:
+        gguf = merge_shards([read_gguf(path) for path in shards])
+    except GGUFError as error:
+        raise InvalidRequestError(f"invalid GGUF file: {error}") from error
+    block: dict[str, Any] = {
+        "format": "gguf",
+        "quantization": quantization_name(gguf),
+        "parameters": human_parameters(gguf.parameters),
+        "architecture": gguf.architecture,
+        "size": human_size(gguf.size),
+        "gguf": metadata_strings(gguf),
+    }
+    weights = [LayerFile.from_path(path, formats.GGUF) for path in shards]
+    return _build(formats.CONFIG_V01, block, [*weights, *_extras(options)], options)
+
+
+# ------------------------------------------------------------------------- safetensors
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise InvalidRequestError(f"{path.name}: truncated safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_SAFETENSORS_HEADER or length > size - 8:
+            raise InvalidRequestError(f"{path.name}: corrupt safetensors header length {length}")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as error:
+            raise InvalidRequestError(f"{path.name}: corrupt safetensors header") from error
+    if not isinstance(header, dict):
+        raise InvalidRequestError(f"{path.name}: corrupt safetensors header")
+    return header
+
+
+def _safetensors_block(root: Path, weights: list[Path], total_size: int) -> dict[str, Any]:
+    parameters = 0
+    dtypes: dict[str, int] = {}
+    metadata: dict[str, str] = {}
+    for path in weights:
+        for name, info in _safetensors_header(path).items():
+            if name == "__metadata__" and isinstance(info, dict):
+                metadata.update({str(k): str(v) for k, v in info.items()})
+                continue
+            if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim) if isinstance(dim, int) else 0
+            parameters += count
+            dtype = str(info.get("dtype", ""))
+            dtypes[dtype] = dtypes.get(dtype, 0) + count
+    architecture = ""
+    config_path = root / "config.json"
+    if config_path.is_file():
+        try:
+            model_config = json.loads(config_path.read_text())
+            archs = model_config.get("architectures") if isinstance(model_config, dict) else None
+            if isinstance(archs, list) and archs:
+                architecture = str(archs[0])
+            elif isinstance(model_config, dict):
+                architecture = str(model_config.get("model_type") or "")
+        except (OSError, ValueError):
+            pass
+    block: dict[str, Any] = {
+        "format": "safetensors",
+        "quantization": max(dtypes, key=lambda d: dtypes[d]) if dtypes else "",
+        "parameters": human_parameters(parameters),
+        "architecture": architecture,
+        "size": human_size(total_size),
+    }
+    if metadata:
+        block["safetensors"] = dict(sorted(metadata.items()))
+    return {k: v for k, v in block.items() if v != ""}
+
+
+def package_safetensors_dir(directory: Path, options: PackageOptions | None = None) -> Artifact:
+    """One layer per file, each annotated with its relative path (config v0.2)."""
+    options = options or PackageOptions()
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise InvalidRequestError(f"safetensors directory {str(root)!r} is not a directory")
+    files: list[tuple[str, Path]] = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue  # .git, .cache: not part of the model
+        if path.is_symlink():
+            raise InvalidRequestError(f"refusing symlink {relative!r} in the model directory")
+        if path.is_file():
+            files.append((relative, path))
+    files.sort()
+    weights = [path for relative, path in files if relative.endswith(".safetensors")]
+    if not weights:
+        raise InvalidRequestError(f"no .safetensors files in {str(root)!r}")
+    layers = [
+        LayerFile.from_path(
+            path,
+            formats.SAFETENSORS if relative.endswith(".safetensors") else formats.MODEL_FILE,
+            {formats.FILEPATH_ANNOTATION: relative},
+        )
+        for relative, path in files
+    ]
+    block = _safetensors_block(root, weights, sum(layer.size for layer in layers))
+    return _build(formats.CONFIG_V02, block, [*layers, *_extras(options)], options)
+
+
+# ------------------------------------------------------------------------- DDUF
+
+
+def package_dduf(path: Path, options: PackageOptions | None = None) -> Artifact:
+    options = options or PackageOptions()
+    path = _require_file(path, "DDUF file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise InvalidRequestError(f"{path.name}: not a DDUF archive ({error})") from error
+    components = sorted({name.split("/", 1)[0] for name in names if "/" in name})
+    layer = LayerFile.from_path(path, formats.DDUF)
+    block: dict[str, Any] = {
+        "format": "diffusers",
+        "size": human_size(layer.size),
+        "diffusers": {"components": ",".join(components)} if components else {},
+    }
+    if not block["diffusers"]:
+        del block["diffusers"]
+    return _build(formats.CONFIG_V01, block, [layer, *_extras(options)], options)
+
+
+# ------------------------------------------------------------------------- repackaging
+
+
+def repackage(store: Store, model: StoredModel, options: PackageOptions | None = None) -> Artifact:
+    """A variant of a stored model: same layers (plus any extras), new context size."""
+    options = options or PackageOptions()
+    layers = [
+        LayerFile(
+            path=store.blob_path(layer.digest),
+            media_type=layer.media_type,
+            digest=layer.digest,
+            size=layer.size,
+            annotations=dict(layer.annotations),
+        )
+        for layer in layers_of(model.manifest)
+    ]
+    block = dict(model.model_config)
+    if options.created is None:
+        descriptor = model.config.get("descriptor")
+        created = descriptor.get("created") if isinstance(descriptor, Mapping) else None
+        options = PackageOptions(
+            licenses=options.licenses,
+            chat_template=options.chat_template,
+            mmproj=options.mmproj,
+            context_size=options.context_size,
+            created=created if isinstance(created, str) else None,
+        )
+    config_type = (
+        formats.CONFIG_V02 if any(layer.annotations for layer in layers) else formats.CONFIG_V01
+    )
+    return _build(config_type, block, [*layers, *_extras(options)], options)
+
+
+# ------------------------------------------------------------------------- store
+
+
+def write_to_store(store: Store, artifact: Artifact, tags: Iterable[str] = ()) -> StoredModel:
+    """Copy the artifact's files into the store and record it under `tags`."""
+    for layer in artifact.layers:
+        if store.has_blob(layer.digest):
+            continue
+        digest, _size = store.import_file(layer.path)
+        if digest != layer.digest:
+            raise StoreError(
+                f"{layer.path} changed while it was being packaged ({layer.digest} → {digest})"
+            )
+    store.put_blob_bytes(artifact.config)
+    return store.add_model(artifact.manifest, tags)

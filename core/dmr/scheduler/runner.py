@@ -1,0 +1,143 @@
+"""A runner as the scheduler keeps it, and the handle requests get for it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from dmr.errors import DmrError
+from dmr.records import AcceleratorInfo, EngineSpec, Mode, RunnerLaunch
+from dmr.scheduler.runner_process import RunnerProcess
+
+__all__ = ["Runner", "RunnerHandle", "RunnerKey", "runner_client"]
+
+# httpx logs every request at INFO: one line per proxied request is noise on the hot path.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+# (engine name, model ID, mode): one runner each.
+RunnerKey = tuple[str, str, Mode]
+
+
+def runner_client(socket_path: Path) -> httpx.AsyncClient:
+    """HTTP over the runner's unix socket; no read timeout, generations can be slow."""
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+        base_url="http://runner",
+        timeout=httpx.Timeout(None, connect=10.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+    )
+
+
+@dataclass
+class RunnerHandle:
+    """What `Scheduler.acquire` yields: where the runner listens and a client for it."""
+
+    model_id: str
+    model_name: str
+    backend: str
+    mode: Mode
+    socket_path: Path
+    client: httpx.AsyncClient
+    # The scheduler's record; None in handles built by tests or other schedulers.
+    runner: Runner | None = field(default=None, repr=False, compare=False)
+
+    async def failure(self, wait: float = 1.0) -> str | None:
+        """Why the runner died, or None while it lives.
+
+        A broken stream is often seen before the process has exited, hence the
+        short wait for the exit.
+        """
+        process = self.runner.process if self.runner is not None else None
+        if process is None:
+            return None
+        if process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), timeout=wait)
+            except TimeoutError:
+                return None
+        return process.failure_message()
+
+
+class Runner:
+    """One (engine, model, mode) runner: its process, users and idle timer."""
+
+    def __init__(
+        self,
+        *,
+        key: RunnerKey,
+        spec: EngineSpec,
+        launch: RunnerLaunch,
+        memory: int,
+        keep_alive: float | None,
+        socket_dir: Path,
+    ) -> None:
+        self.key = key
+        self.spec = spec
+        self.launch = launch
+        self.device: AcceleratorInfo = launch.device
+        self.memory = memory
+        self.keep_alive = keep_alive
+        self.socket_dir = socket_dir
+        self.process: RunnerProcess | None = None
+        self.loading = True
+        self.ready = asyncio.Event()
+        self.error: DmrError | None = None
+        self.in_use = 0
+        self.last_used = time.monotonic()
+        self.last_used_wall = time.time()
+        self.unload_when_idle = False
+        self.idle_task: asyncio.Task[None] | None = None
+        self.load_task: asyncio.Task[None] | None = None
+        self.watch_task: asyncio.Task[None] | None = None
+        self.handle = RunnerHandle(
+            model_id=launch.model_id,
+            model_name=launch.model_name,
+            backend=spec.name,
+            mode=launch.mode,
+            socket_path=launch.socket_path,
+            client=runner_client(launch.socket_path),
+            runner=self,
+        )
+
+    # Admission reads these through the `Resident` protocol.
+    @property
+    def device_key(self) -> tuple[str, int]:
+        return (self.device.kind, self.device.index)
+
+    @property
+    def evictable(self) -> bool:
+        return self.in_use == 0 and not self.loading
+
+    @property
+    def exited(self) -> bool:
+        return self.process is not None and self.process.returncode is not None
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+        self.last_used_wall = time.time()
+
+    def cancel_idle_timer(self) -> None:
+        if self.idle_task is not None:
+            self.idle_task.cancel()
+            self.idle_task = None
+
+    async def stop(self) -> None:
+        self.cancel_idle_timer()
+        if self.load_task is not None and not self.load_task.done():
+            self.load_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.load_task
+        if self.process is not None:
+            await self.process.stop()
+        if self.watch_task is not None:
+            with contextlib.suppress(BaseException):
+                await self.watch_task
+        await self.handle.client.aclose()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)

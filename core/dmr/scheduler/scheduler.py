@@ -1,0 +1,645 @@
+"""The scheduler: one runner subprocess per (engine, model, mode), started on demand.
+
+Every decision (reuse, admit, evict, queue) is taken synchronously between two
+awaits, so the event loop itself serialises them and no lock is needed. Loads
+run in their own task: a client that goes away while its model loads does not
+abort the load other clients wait for.
+
+This module uses asyncio rather than anyio: loads, idle timers and process
+watchers are tasks that outlive the request that started them, which anyio
+only offers through a task group owned by one task, and the server runs on
+asyncio (hypercorn + Quart) anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dmr.durations import format_duration
+from dmr.errors import (
+    ConflictError,
+    DmrError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RunnerError,
+    ServiceBusyError,
+)
+from dmr.records import (
+    AcceleratorInfo,
+    EngineSpec,
+    MemoryEstimate,
+    Mode,
+    ModelFormat,
+    RunnerConfig,
+    RunnerLaunch,
+)
+from dmr.scheduler.admission import (
+    bytes_needed,
+    choose_device,
+    device_key,
+    format_bytes,
+    plan_admission,
+)
+from dmr.scheduler.keepalive import idle_deadline_seconds
+from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey
+from dmr.scheduler.runner_process import RunnerProcess
+from dmr.settings import Settings
+
+if TYPE_CHECKING:
+    from dmr.store import Store, StoredModel
+
+__all__ = ["ConfiguredModel", "Scheduler", "validate_runtime_flags"]
+
+log = logging.getLogger(__name__)
+
+# Stands in for the runner's socket while its memory is estimated.
+_UNSET_SOCKET = Path("/nonexistent/dmr-runner.sock")
+
+# Seconds a client refused for a full queue is told to wait before retrying.
+RETRY_AFTER_SECONDS = 5
+
+
+def validate_runtime_flags(spec: EngineSpec, flags: Sequence[str]) -> tuple[str, ...]:
+    """Flags through the engine's allow-list; no value may name a path (SPEC §5).
+
+    `--flag=value` and `--flag value` are both accepted; a bare value must
+    follow an allowed flag.
+    """
+    checked: list[str] = []
+    for flag in flags:
+        if "/" in flag or "\\" in flag:
+            raise InvalidRequestError(f"runtime flag {flag!r} may not contain '/' or '\\'")
+        if flag.startswith("-") and not _is_number(flag):
+            name = flag.split("=", 1)[0]
+            if name not in spec.allowed_flags:
+                allowed = ", ".join(sorted(spec.allowed_flags)) or "none"
+                raise InvalidRequestError(
+                    f"runtime flag {name!r} is not allowed for {spec.name} (allowed: {allowed})"
+                )
+        elif not checked or not checked[-1].startswith("-") or "=" in checked[-1]:
+            raise InvalidRequestError(f"runtime flag value {flag!r} does not follow a flag")
+        checked.append(flag)
+    return tuple(checked)
+
+
+def split_raw_flags(raw: str) -> list[str]:
+    try:
+        return shlex.split(raw)
+    except ValueError as error:
+        raise InvalidRequestError(f"raw-runtime-flags: {error}") from error
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ConfiguredModel:
+    """A `_configure` call remembered for a model (by ID)."""
+
+    model_name: str
+    backend: str
+    mode: Mode
+    config: RunnerConfig
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        engines: Mapping[str, EngineSpec],
+        devices: Sequence[AcceleratorInfo],
+        formats: Sequence[ModelFormat] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.engines = dict(engines)
+        self.devices = list(devices)
+        self._formats = {fmt.name: fmt for fmt in formats} if formats is not None else None
+        self._runners: dict[RunnerKey, Runner] = {}
+        self._configs: dict[str, ConfiguredModel] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._capacity_changed = asyncio.Event()
+        self._queued = 0
+        self._closed = False
+        # loads, load_failures, evictions, idle_unloads, crashes, rejected_busy,
+        # rejected_memory: read by the metrics route.
+        self.counters: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._closed = False
+
+    async def aclose(self) -> None:
+        """Stop every runner (SIGTERM, then SIGKILL after a grace period)."""
+        self._closed = True
+        runners = list(self._runners.values())
+        self._runners.clear()
+        self._signal_capacity()
+        await asyncio.gather(*(runner.stop() for runner in runners), return_exceptions=True)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+
+    # ------------------------------------------------------------------ requests
+
+    @asynccontextmanager
+    async def acquire(
+        self,
+        model: str,
+        mode: Mode | str,
+        *,
+        backend: str | None = None,
+        keep_alive: float | None = None,
+    ) -> AsyncIterator[RunnerHandle]:
+        """A ready runner for `model` in `mode`, held until the block ends."""
+        runner = await self._obtain(model, Mode(mode), backend, keep_alive)
+        try:
+            yield runner.handle
+        finally:
+            self._release(runner)
+
+    async def preload(
+        self,
+        model: str,
+        mode: Mode | str = Mode.COMPLETION,
+        *,
+        backend: str | None = None,
+        keep_alive: float | None = None,
+    ) -> None:
+        async with self.acquire(model, mode, backend=backend, keep_alive=keep_alive):
+            pass
+
+    async def _obtain(
+        self, model: str, mode: Mode, backend: str | None, keep_alive: float | None
+    ) -> Runner:
+        stored = self._resolve(model)
+        spec = self.engine_for(stored, mode, backend)
+        key: RunnerKey = (spec.name, stored.id, mode)
+        queued = False
+        try:
+            while True:
+                if self._closed:
+                    raise ServiceBusyError("the server is shutting down", RETRY_AFTER_SECONDS)
+                runner = self._admit(key, model, stored, spec, keep_alive)
+                if runner is not None:
+                    break
+                if not queued:
+                    if self._queued >= self.settings.max_queue:
+                        self.counters["rejected_busy"] += 1
+                        raise ServiceBusyError(
+                            f"every runner is busy and {self._queued} requests already wait "
+                            "for memory; retry later",
+                            RETRY_AFTER_SECONDS,
+                        )
+                    self._queued += 1
+                    queued = True
+                    log.info("%s waits for memory (%d queued)", model, self._queued)
+                await self._capacity_changed.wait()
+        finally:
+            if queued:
+                self._queued -= 1
+        try:
+            await runner.ready.wait()
+        except BaseException:
+            self._release(runner)
+            raise
+        if runner.error is not None:
+            self._release(runner)
+            raise runner.error
+        return runner
+
+    def _admit(
+        self,
+        key: RunnerKey,
+        model: str,
+        stored: StoredModel,
+        spec: EngineSpec,
+        keep_alive: float | None,
+    ) -> Runner | None:
+        """The runner to use (existing or just started), or None to wait for memory."""
+        runner = self._runners.get(key)
+        if runner is not None and runner.exited and not runner.loading:
+            self._unregister(runner, reason="crashes")  # the watcher has not seen it yet
+            runner = None
+        if runner is not None:
+            runner.in_use += 1
+            runner.cancel_idle_timer()
+            runner.unload_when_idle = False
+            if keep_alive is not None:
+                runner.keep_alive = keep_alive
+            return runner
+
+        config = self.config_for(stored.id)
+        device = choose_device(self.devices)
+        # The socket directory is made only once the runner is admitted: queued
+        # requests run this again at every release.
+        launch = self._launch(model, stored, key[2], config, device, _UNSET_SOCKET)
+        try:
+            estimate = spec.engine.estimate_memory(launch)
+        except ValueError as error:
+            raise InvalidRequestError(str(error)) from error
+        except Exception as error:
+            raise RunnerError(
+                f"{spec.name} could not estimate {model}'s memory: {error}"
+            ) from error
+        needed = bytes_needed(device, estimate)
+        budget = self.budget(device)
+        residents = [r for r in self._runners.values() if r.device_key == device_key(device)]
+        plan = plan_admission(needed, budget, residents)
+        if not plan.fits:
+            if plan.never_fits:
+                self.counters["rejected_memory"] += 1
+                raise InsufficientMemoryError(
+                    f"{model} needs {format_bytes(needed)} ({needed} bytes) on {device.name} "
+                    f"but the memory budget is {format_bytes(budget)} ({budget} bytes); "
+                    "try a smaller context size or a smaller quantization"
+                )
+            return None
+        socket_dir = Path(tempfile.mkdtemp(prefix="dmr-runner-"))
+        launch = replace(launch, socket_path=socket_dir / "runner.sock")
+        for victim in plan.evict:
+            assert isinstance(victim, Runner)
+            log.info("evicting idle %s to make room for %s", _describe(victim), model)
+            self._unregister(victim, reason="evictions")
+        runner = Runner(
+            key=key,
+            spec=spec,
+            launch=launch,
+            memory=needed,
+            keep_alive=keep_alive if keep_alive is not None else config.keep_alive,
+            socket_dir=socket_dir,
+        )
+        runner.in_use = 1
+        self._runners[key] = runner
+        runner.load_task = asyncio.create_task(
+            self._load(runner, estimate), name=f"load {_describe(runner)}"
+        )
+        return runner
+
+    def _release(self, runner: Runner) -> None:
+        runner.in_use -= 1
+        runner.touch()
+        if runner.in_use == 0 and self._runners.get(runner.key) is runner and not runner.loading:
+            self._schedule_idle(runner)
+        self._signal_capacity()
+
+    # ------------------------------------------------------------------ loading
+
+    async def _load(self, runner: Runner, estimate: MemoryEstimate) -> None:
+        name = _describe(runner)
+        try:
+            # Evicted runners must be gone before this one claims their memory.
+            if self._stopping:
+                await asyncio.gather(*list(self._stopping), return_exceptions=True)
+            try:
+                command = runner.spec.engine.runner_command(runner.launch)
+            except ValueError as error:
+                raise InvalidRequestError(str(error)) from error
+            process = RunnerProcess(command, name=name, log_path=self._log_path(runner))
+            runner.process = process
+            log.info(
+                "starting %s (estimated %s on %s): %s",
+                name,
+                format_bytes(estimate.total),
+                runner.device.name,
+                shlex.join(command.argv),
+            )
+            started = time.monotonic()
+            await process.start()
+            await process.wait_healthy(runner.handle.client, command.startup_timeout)
+            runner.watch_task = asyncio.create_task(self._watch(runner), name=f"watch {name}")
+            self.counters["loads"] += 1
+            log.info("%s ready in %.1fs", name, time.monotonic() - started)
+        except BaseException as error:
+            self.counters["load_failures"] += 1
+            if isinstance(error, DmrError):
+                runner.error = error
+            elif isinstance(error, asyncio.CancelledError):
+                runner.error = RunnerError(f"loading {name} was cancelled")
+            else:
+                runner.error = RunnerError(f"{name} failed to start: {error}")
+            log.error("%s", runner.error.message)
+            if self._runners.get(runner.key) is runner:
+                del self._runners[runner.key]
+            # Also removes the socket directory and closes the handle's client; by the
+            # time this task runs, this load task has finished.
+            self._track_stop(runner.stop())
+            self._signal_capacity()
+            if not isinstance(error, Exception):
+                raise
+        finally:
+            runner.loading = False
+            runner.ready.set()
+            if runner.error is None and runner.in_use == 0:
+                self._schedule_idle(runner)
+
+    async def _watch(self, runner: Runner) -> None:
+        """Notice a runner that dies on its own: evict it and say why."""
+        assert runner.process is not None
+        await runner.process.wait()
+        if runner.process.stopping:
+            return
+        log.error("runner crashed: %s", runner.process.failure_message(10))
+        if self._runners.get(runner.key) is runner:
+            self._unregister(runner, reason="crashes")
+
+    # ------------------------------------------------------------------ unloading
+
+    def _schedule_idle(self, runner: Runner) -> None:
+        runner.cancel_idle_timer()
+        if runner.unload_when_idle:
+            self._unregister(runner, reason="idle_unloads")
+            return
+        seconds = idle_deadline_seconds(runner.keep_alive, self.settings.idle_timeout)
+        if seconds is None:
+            return
+        if seconds <= 0:
+            self._unregister(runner, reason="idle_unloads")
+            return
+        runner.idle_task = asyncio.create_task(self._expire(runner, seconds))
+
+    async def _expire(self, runner: Runner, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if runner.in_use == 0 and self._runners.get(runner.key) is runner:
+            runner.idle_task = None  # do not cancel ourselves while stopping
+            log.info("unloading %s after %s idle", _describe(runner), format_duration(seconds))
+            self._unregister(runner, reason="idle_unloads")
+
+    def _unregister(self, runner: Runner, *, reason: str) -> None:
+        """Forget a runner now and stop its process in the background."""
+        if self._runners.get(runner.key) is runner:
+            del self._runners[runner.key]
+        self.counters[reason] += 1
+        self._track_stop(runner.stop())
+        self._signal_capacity()
+
+    def _track_stop(self, stopping: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(stopping)
+        self._stopping.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._stopping.discard(finished)
+            self._signal_capacity()
+
+        task.add_done_callback(done)
+
+    def _signal_capacity(self) -> None:
+        # Waiters hold the old event; a fresh one serves the next round.
+        self._capacity_changed.set()
+        self._capacity_changed = asyncio.Event()
+
+    async def unload(
+        self,
+        *,
+        all: bool = False,
+        backend: str | None = None,
+        models: Iterable[str] = (),
+    ) -> int:
+        """Unload matching runners; busy ones go as soon as their requests end."""
+        wanted_ids: set[str] = set()
+        wanted_names = set(models)
+        for name in wanted_names:
+            stored = self.store.find(name)
+            if stored is not None:
+                wanted_ids.add(stored.id)
+        matched = []
+        for runner in list(self._runners.values()):
+            if backend and runner.spec.name != backend:
+                continue
+            if not all and (wanted_names or not backend):
+                in_models = runner.key[1] in wanted_ids or runner.handle.model_name in wanted_names
+                if not in_models:
+                    continue
+            matched.append(runner)
+        stops = []
+        for runner in matched:
+            if runner.evictable:
+                del self._runners[runner.key]
+                self.counters["unloads"] += 1
+                stops.append(runner.stop())
+            else:
+                runner.unload_when_idle = True
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
+        self._signal_capacity()
+        return len(matched)
+
+    # ------------------------------------------------------------------ configuration
+
+    async def configure(
+        self,
+        model: str,
+        mode: Mode | str | None,
+        backend: str | None,
+        config: RunnerConfig,
+    ) -> None:
+        """Remember `config` for `model`; an idle runner of it is unloaded so the next
+        load uses it, a busy one is a `ConflictError`."""
+        mode = Mode(mode) if mode else Mode.COMPLETION
+        stored = self._resolve(model)
+        spec = self.engine_for(stored, mode, backend)
+        validate_runtime_flags(spec, config.runtime_flags)
+        if config.speculative_draft_model:
+            self._resolve(config.speculative_draft_model)
+        mine = [r for r in self._runners.values() if r.key[1] == stored.id]
+        busy = [r for r in mine if not r.evictable]
+        if busy:
+            raise ConflictError(
+                f"{model} is in use by a running request; configure it once it is idle"
+            )
+        self._configs[stored.id] = ConfiguredModel(
+            model_name=model, backend=spec.name, mode=mode, config=config
+        )
+        stops = []
+        for runner in mine:
+            del self._runners[runner.key]
+            stops.append(runner.stop())
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
+            self._signal_capacity()
+
+    def config_for(self, model_id: str) -> RunnerConfig:
+        configured = self._configs.get(model_id)
+        return configured.config if configured else RunnerConfig()
+
+    def configs(self, model: str | None = None) -> list[dict[str, Any]]:
+        """`GET /engines/_configure` items."""
+        wanted: str | None = None
+        if model:
+            wanted = self._resolve(model).id
+        items = []
+        for model_id, configured in self._configs.items():
+            if wanted is not None and model_id != wanted:
+                continue
+            config = configured.config
+            item: dict[str, Any] = {
+                "model": configured.model_name,
+                "model_id": model_id,
+                "backend": configured.backend,
+                "mode": configured.mode.value,
+                "context-size": config.context_size,
+                "runtime-flags": list(config.runtime_flags),
+                "keep_alive": _keep_alive_text(config.keep_alive),
+            }
+            if config.speculative_draft_model:
+                item["speculative"] = {
+                    "draft_model": config.speculative_draft_model,
+                    "num_tokens": config.speculative_num_tokens,
+                    "min_acceptance_rate": config.speculative_min_acceptance_rate,
+                }
+            item.update({key: dict(value) for key, value in config.engine_options.items()})
+            items.append(item)
+        return items
+
+    # ------------------------------------------------------------------ status
+
+    def ps(self) -> list[dict[str, Any]]:
+        """`GET /engines/ps` items (DMR's fields, plus the memory dmr accounts)."""
+        return [
+            {
+                "backend_name": runner.spec.name,
+                "model_name": runner.handle.model_name,
+                "model_id": runner.key[1],
+                "mode": runner.key[2].value,
+                "last_used": datetime.fromtimestamp(runner.last_used_wall, UTC).isoformat(),
+                "in_use": runner.in_use > 0,
+                "loading": runner.loading,
+                "keep_alive": _keep_alive_text(
+                    runner.keep_alive
+                    if runner.keep_alive is not None
+                    else self.settings.idle_timeout or -1
+                ),
+                "memory": runner.memory,
+                "device": runner.device.name,
+                "pid": runner.process.pid if runner.process else None,
+            }
+            for runner in sorted(self._runners.values(), key=lambda r: -r.last_used)
+        ]
+
+    def runners(self) -> list[RunnerHandle]:
+        """Handles of the ready runners (for metrics and logs)."""
+        return [runner.handle for runner in self._runners.values() if not runner.loading]
+
+    def budget(self, device: AcceleratorInfo) -> int:
+        if self.settings.memory_budget is not None:
+            return self.settings.memory_budget
+        return device.free_memory
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    # ------------------------------------------------------------------ helpers
+
+    def _resolve(self, model: str) -> StoredModel:
+        stored = self.store.get(model)
+        if stored is None:  # a store may answer None rather than raise
+            raise ModelNotFoundError(f"model {model!r} not found")
+        return stored
+
+    def formats(self) -> dict[str, ModelFormat]:
+        if self._formats is None:
+            from dmr import plugins
+
+            self._formats = {fmt.name: fmt for fmt in plugins.model_formats()}
+        return self._formats
+
+    def engine_for(self, stored: StoredModel, mode: Mode, backend: str | None) -> EngineSpec:
+        """`backend` when given, else the engine preferred for the model's format."""
+        model_format = stored.format
+        if backend:
+            spec = self.engines.get(backend)
+            if spec is None:
+                installed = ", ".join(sorted(self.engines)) or "none"
+                raise InvalidRequestError(
+                    f"engine {backend!r} is not installed (installed: {installed})"
+                )
+            if model_format and spec.formats and model_format not in spec.formats:
+                raise InvalidRequestError(
+                    f"engine {backend!r} cannot run {model_format or 'this'} models"
+                )
+        else:
+            preferred = self.formats().get(model_format)
+            spec_or_none = self.engines.get(preferred.preferred_engine) if preferred else None
+            if spec_or_none is None:
+                capable = [s for s in self.engines.values() if model_format in s.formats]
+                if not capable:
+                    wanted = preferred.preferred_engine if preferred else "an engine"
+                    raise InvalidRequestError(
+                        f"{stored.tags[0] if stored.tags else stored.id} is a "
+                        f"{model_format or 'unknown-format'} model and needs {wanted}, "
+                        f"which is not installed (pip install 'dmr[{_extra(wanted)}]')"
+                    )
+                spec_or_none = capable[0]
+            spec = spec_or_none
+        if mode not in spec.modes:
+            modes = ", ".join(sorted(m.value for m in spec.modes))
+            raise InvalidRequestError(
+                f"engine {spec.name!r} cannot serve {mode.value} requests (it serves: {modes})"
+            )
+        return spec
+
+    def _launch(
+        self,
+        model: str,
+        stored: StoredModel,
+        mode: Mode,
+        config: RunnerConfig,
+        device: AcceleratorInfo,
+        socket_path: Path,
+    ) -> RunnerLaunch:
+        draft_dir = None
+        if config.speculative_draft_model:
+            draft_dir = self._resolve(config.speculative_draft_model).bundle_dir
+        block = stored.config.get("config")
+        return RunnerLaunch(
+            model_id=stored.id,
+            model_name=model,
+            bundle_dir=stored.bundle_dir,
+            model_config=block if isinstance(block, Mapping) else {},
+            mode=mode,
+            socket_path=socket_path,
+            config=config,
+            device=device,
+            draft_bundle_dir=draft_dir,
+        )
+
+    def _log_path(self, runner: Runner) -> Path | None:
+        if self.settings.log_dir is None:
+            return None
+        backend, model_id, mode = runner.key
+        short = model_id.removeprefix("sha256:")[:12]
+        return self.settings.log_dir / f"runner-{backend}-{short}-{mode.value}.log"
+
+
+def _describe(runner: Runner) -> str:
+    return f"{runner.spec.name} runner for {runner.handle.model_name} ({runner.key[2].value})"
+
+
+def _keep_alive_text(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return format_duration(seconds)
+
+
+def _extra(engine: str) -> str:
+    return engine.replace(".", "").replace("-", "")

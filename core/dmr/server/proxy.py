@@ -1,0 +1,147 @@
+"""Forward one request to a runner and its bytes back, unchanged.
+
+Server-sent event streams go through chunk by chunk without being parsed; other
+answers are read whole first, so that a runner dying half-way still becomes a
+proper 500 JSON error rather than a truncated body with a 200 status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import weakref
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from typing import Any
+
+from quart import Response
+
+from dmr.errors import DmrError, RunnerError
+from dmr.records import Mode
+from dmr.scheduler import RunnerHandle
+from dmr.scheduler.unix_http import RunnerConnectionError, open_request
+from dmr.server.services import get_services
+
+__all__ = ["proxy_to_runner", "sse_error_event"]
+
+log = logging.getLogger(__name__)
+
+# Headers of the runner's answer worth keeping; hop-by-hop ones are hypercorn's business.
+_KEPT_HEADERS = ("content-type", "cache-control", "x-request-id")
+
+# Clean-ups scheduled from finalizers, kept alive until they finish.
+_pending: set[asyncio.Task[None]] = set()
+
+
+def sse_error_event(error: DmrError) -> bytes:
+    payload = {"error": {"message": error.message, "type": error.error_type, "code": error.code}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _schedule(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, None]) -> None:
+    task = loop.create_task(coroutine)
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+
+
+async def _runner_failure(handle: RunnerHandle, error: Exception) -> RunnerError:
+    reason = await handle.failure()
+    if reason is not None:
+        return RunnerError(reason)
+    return RunnerError(f"{handle.backend} runner for {handle.model_name} failed: {error!r}")
+
+
+async def proxy_to_runner(
+    *,
+    model: str,
+    mode: Mode | str,
+    path: str,
+    body: bytes,
+    backend: str | None = None,
+    keep_alive: float | None = None,
+    method: str = "POST",
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """Acquire `model`'s runner, send `body` to `path` and stream the answer back.
+
+    The runner is released when the answer has been sent, or when the client
+    goes away; closing the upstream request then makes the runner stop the
+    generation and free its slot.
+    """
+    scheduler = get_services().scheduler
+    lease = scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive)
+    handle = await lease.__aenter__()
+    released = False
+
+    async def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            await lease.__aexit__(None, None, None)
+
+    try:
+        upstream = await open_request(
+            handle.socket_path,
+            method,
+            path,
+            body,
+            {
+                "content-type": "application/json",
+                **{k.lower(): v for k, v in (headers or {}).items()},
+            },
+        )
+    except RunnerConnectionError as error:
+        await release()
+        raise await _runner_failure(handle, error) from error
+    except BaseException:
+        await release()
+        raise
+
+    kept = {name: upstream.headers[name] for name in _KEPT_HEADERS if name in upstream.headers}
+    content_type = upstream.headers.get("content-type", "")
+
+    if not content_type.startswith("text/event-stream"):
+        try:
+            content = await upstream.read()
+        except RunnerConnectionError as error:
+            raise await _runner_failure(handle, error) from error
+        finally:
+            await upstream.aclose()
+            await release()
+        return Response(content, status=upstream.status, headers=kept)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.iter_body():
+                yield chunk
+        except RunnerConnectionError as error:
+            failure = await _runner_failure(handle, error)
+            log.error("stream from %s broke: %s", handle.model_name, failure.message)
+            yield sse_error_event(failure)
+        finally:
+            # On a client disconnect this runs in a cancelled task: closing the
+            # upstream connection is what tells the runner to stop generating.
+            with contextlib.suppress(BaseException):
+                await upstream.aclose()
+            await release()
+
+    chunks = stream()
+    loop = asyncio.get_running_loop()
+
+    async def cleanup() -> None:
+        with contextlib.suppress(BaseException):
+            await upstream.aclose()
+        await release()
+
+    def never_iterated() -> None:
+        # A client gone before the first byte: Quart drops the generator unstarted,
+        # so its `finally` never runs; the lease must still be given back.
+        if not released and not loop.is_closed():
+            loop.call_soon_threadsafe(_schedule, loop, cleanup())
+
+    weakref.finalize(chunks, never_iterated)
+    response = Response(chunks, status=upstream.status, headers=kept)
+    # Generations can outlast Quart's default response timeout.
+    response.timeout = None
+    return response

@@ -1,0 +1,211 @@
+"""Content-addressed blobs: resumable verified writers, imports and small puts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from filelock import FileLock
+
+from dmr.errors import StoreError
+from dmr.store.layout import StoreLayout, digest_hex
+
+__all__ = ["CHUNK", "BlobWriter", "copy_into_blobs", "hash_file", "link_or_copy", "put_bytes"]
+
+CHUNK = 1 << 20
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """(`sha256:<hex>`, size) of a file, read in chunks."""
+    hasher = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return "sha256:" + hasher.hexdigest(), size
+
+
+def _publish(layout: StoreLayout, tmp: Path, digest: str) -> None:
+    """Rename a fully written and verified temp file into place (first one wins)."""
+    final = layout.blob(digest)
+    if final.exists():
+        tmp.unlink(missing_ok=True)
+        return
+    os.replace(tmp, final)
+
+
+def copy_into_blobs(layout: StoreLayout, source: BinaryIO) -> tuple[str, int]:
+    """Copy a stream into the blob store while hashing it (one pass)."""
+    layout.tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=layout.tmp_dir, prefix="import-")
+    tmp = Path(tmp_name)
+    hasher = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := source.read(CHUNK):
+                hasher.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        digest = "sha256:" + hasher.hexdigest()
+        _publish(layout, tmp, digest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest, size
+
+
+def put_bytes(layout: StoreLayout, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    if layout.blob(digest).exists():
+        return digest
+    layout.tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=layout.tmp_dir, prefix="put-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        _publish(layout, Path(tmp_name), digest)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+class BlobWriter:
+    """Writes one blob of known digest into `<hex>.incomplete`, resuming what an
+    interrupted download left there; `commit()` verifies and renames it.
+
+    A per-blob file lock keeps two pulls of the same model from appending to the
+    same partial file; the second one waits and then finds the blob complete.
+    """
+
+    def __init__(self, layout: StoreLayout, digest: str, size: int) -> None:
+        digest_hex(digest)  # refuse anything that is not sha256:<hex> before touching disk
+        self.layout = layout
+        self.digest = digest
+        self.size = size
+        self.final_path = layout.blob(digest)
+        self.partial_path = layout.incomplete_blob(digest)
+        self._lock = FileLock(str(self.partial_path) + ".lock")
+        self._lock.acquire()
+        self._hasher = hashlib.sha256()
+        self._handle: BinaryIO | None = None
+        self.committed = False
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self) -> None:
+        if self.final_path.exists():
+            # Another writer finished it while we waited for the lock.
+            self.offset = self.size if self.size >= 0 else self.final_path.stat().st_size
+            self.committed = True
+            return
+        self.layout.blobs_dir.mkdir(parents=True, exist_ok=True)
+        existing = self.partial_path.stat().st_size if self.partial_path.exists() else 0
+        if self.size >= 0 and existing > self.size:
+            existing = 0  # longer than the blob can be: garbage, start again
+        handle = self.partial_path.open("r+b" if existing else "wb")
+        handle.truncate(existing)
+        # Prime the hash with the bytes already there, so the resumed blob is
+        # verified as a whole on commit.
+        handle.seek(0)
+        remaining = existing
+        while remaining:
+            chunk = handle.read(min(CHUNK, remaining))
+            if not chunk:
+                break
+            self._hasher.update(chunk)
+            remaining -= len(chunk)
+        handle.seek(existing)
+        self._handle = handle
+        self.offset = existing
+
+    def write(self, data: bytes) -> None:
+        if self.committed:
+            return
+        if self._handle is None:
+            raise StoreError(f"blob writer for {self.digest} is closed")
+        if self.size >= 0 and self.offset + len(data) > self.size:
+            self.abort()
+            raise StoreError(f"blob {self.digest} is larger than its declared size {self.size}")
+        self._handle.write(data)
+        self._hasher.update(data)
+        self.offset += len(data)
+
+    def commit(self) -> Path:
+        """Verify the digest (and size) and move the blob into place."""
+        if self.committed:
+            self.close()
+            return self.final_path
+        if self._handle is None:
+            raise StoreError(f"blob writer for {self.digest} is closed")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        self._handle = None
+        actual = "sha256:" + self._hasher.hexdigest()
+        if actual != self.digest or (self.size >= 0 and self.offset != self.size):
+            self.partial_path.unlink(missing_ok=True)
+            self.close()
+            raise StoreError(
+                f"digest mismatch for blob {self.digest}: got {actual} "
+                f"({self.offset} of {self.size} bytes); the partial download was removed"
+            )
+        if self.final_path.exists():
+            self.partial_path.unlink(missing_ok=True)
+        else:
+            os.replace(self.partial_path, self.final_path)
+        self.committed = True
+        self.close()
+        return self.final_path
+
+    def abort(self) -> None:
+        """Drop the partial file (a resume would be pointless)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self.partial_path.unlink(missing_ok=True)
+        self.close()
+
+    def close(self) -> None:
+        """Release without committing; the partial file stays for a later resume."""
+        if self._handle is not None:
+            self._handle.flush()
+            self._handle.close()
+            self._handle = None
+        if self._lock.is_locked:
+            # The lock file stays: unlinking it would let a waiter lock a stale inode.
+            self._lock.release()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard link (DMR's bundles do), copying where the filesystem refuses links."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

@@ -1,0 +1,281 @@
+"""Pure translation between Anthropic Messages bodies and OpenAI chat bodies."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from dmr.errors import InvalidRequestError
+
+from dmr_apis._toolcalls import ToolCall, parse_arguments
+
+__all__ = [
+    "anthropic_content",
+    "anthropic_stop_reason",
+    "anthropic_to_openai",
+    "anthropic_usage",
+    "message_id",
+    "openai_messages",
+    "openai_tools",
+]
+
+
+def message_id() -> str:
+    return f"msg_{uuid.uuid4().hex[:24]}"
+
+
+def _text_of(content: Any, where: str) -> str:
+    """Text from a string or an array of text blocks (system prompts, tool results)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"{where} must be a string or an array of content blocks")
+    parts = []
+    for block in content:
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise InvalidRequestError(f"{where}: each content block must be an object with a type")
+        if block["type"] == "text":
+            if not isinstance(block.get("text"), str):
+                raise InvalidRequestError(f"{where}: a text block needs a string 'text'")
+            parts.append(block["text"])
+    return "\n".join(parts)
+
+
+def _image_part(block: Mapping[str, Any], where: str) -> dict[str, Any]:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise InvalidRequestError(f"{where}: an image block needs a 'source' object")
+    if source.get("type") == "base64":
+        media_type = source.get("media_type", "image/png")
+        url = f"data:{media_type};base64,{source.get('data', '')}"
+    elif source.get("type") == "url" and isinstance(source.get("url"), str):
+        url = source["url"]
+    else:
+        raise InvalidRequestError(f"{where}: image source must be base64 or url")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def openai_messages(system: Any, messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("'messages' must be a non-empty array")
+    converted: list[dict[str, Any]] = []
+    system_text = _text_of(system, "'system'")
+    if system_text:
+        converted.append({"role": "system", "content": system_text})
+    for position, message in enumerate(messages):
+        where = f"messages.{position}"
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"{where} must be an object")
+        role = message.get("role")
+        if role not in ("user", "assistant"):
+            raise InvalidRequestError(f"{where}.role must be 'user' or 'assistant'")
+        content = message.get("content")
+        if isinstance(content, str):
+            converted.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise InvalidRequestError(f"{where}.content must be a string or an array of blocks")
+        parts: list[dict[str, Any]] = []
+        tool_calls: list[dict[str, Any]] = []
+        for index, block in enumerate(content):
+            block_where = f"{where}.content.{index}"
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                raise InvalidRequestError(f"{block_where} must be an object with a 'type'")
+            kind = block["type"]
+            if kind == "text":
+                if not isinstance(block.get("text"), str):
+                    raise InvalidRequestError(f"{block_where}.text must be a string")
+                parts.append({"type": "text", "text": block["text"]})
+            elif kind == "image":
+                parts.append(_image_part(block, block_where))
+            elif kind == "tool_use" and role == "assistant":
+                if not isinstance(block.get("name"), str):
+                    raise InvalidRequestError(f"{block_where}.name must be a string")
+                tool_calls.append(
+                    {
+                        "id": block.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
+                        "type": "function",
+                        "function": {
+                            "name": block["name"],
+                            "arguments": json.dumps(block.get("input") or {}),
+                        },
+                    }
+                )
+            elif kind == "tool_result" and role == "user":
+                if not isinstance(block.get("tool_use_id"), str):
+                    raise InvalidRequestError(f"{block_where}.tool_use_id must be a string")
+                text = _text_of(block.get("content"), f"{block_where}.content")
+                if block.get("is_error"):
+                    text = f"Error: {text}"
+                # OpenAI wants tool results as their own messages, before the user's text.
+                converted.append(
+                    {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
+                )
+            elif kind in ("thinking", "redacted_thinking"):
+                continue  # the model's own reasoning is not fed back
+            else:
+                raise InvalidRequestError(f"{block_where}: unsupported block type {kind!r}")
+        if tool_calls:
+            text = "".join(part["text"] for part in parts if part["type"] == "text")
+            converted.append(
+                {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+            )
+        elif parts:
+            if all(part["type"] == "text" for part in parts):
+                converted.append({"role": role, "content": "".join(part["text"] for part in parts)})
+            else:
+                converted.append({"role": role, "content": parts})
+    return converted
+
+
+def openai_tools(tools: Any) -> list[dict[str, Any]] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise InvalidRequestError("'tools' must be an array")
+    converted = []
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise InvalidRequestError(f"tools.{index} must be an object with a string 'name'")
+        schema = tool.get("input_schema", {"type": "object", "properties": {}})
+        if not isinstance(schema, dict):
+            raise InvalidRequestError(f"tools.{index}.input_schema must be an object")
+        if tool.get("type") not in (None, "custom"):
+            raise InvalidRequestError(
+                f"tools.{index}: server tool {tool.get('type')!r} is not supported"
+            )
+        function: dict[str, Any] = {"name": tool["name"], "parameters": schema}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        converted.append({"type": "function", "function": function})
+    return converted or None
+
+
+def _tool_choice(choice: Any) -> Any:
+    if choice is None:
+        return None
+    if not isinstance(choice, dict):
+        raise InvalidRequestError("'tool_choice' must be an object")
+    kind = choice.get("type")
+    if kind == "auto":
+        return "auto"
+    if kind == "any":
+        return "required"
+    if kind == "none":
+        return "none"
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise InvalidRequestError("'tool_choice.type' must be auto, any, tool or none")
+
+
+def _check_number(body: Mapping[str, Any], field: str, *, integer: bool = False) -> Any:
+    value = body.get(field)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise InvalidRequestError(f"'{field}' must be {'an integer' if integer else 'a number'}")
+    return value
+
+
+def anthropic_to_openai(body: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
+    max_tokens = _check_number(body, "max_tokens", integer=True)
+    if max_tokens is None:
+        raise InvalidRequestError("'max_tokens' is required")
+    if max_tokens < 1:
+        raise InvalidRequestError("'max_tokens' must be at least 1")
+    payload: dict[str, Any] = {
+        "model": body["model"],
+        "messages": openai_messages(body.get("system"), body.get("messages")),
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+    for field in ("temperature", "top_p"):
+        value = _check_number(body, field)
+        if value is not None:
+            payload[field] = value
+    top_k = _check_number(body, "top_k", integer=True)
+    if top_k is not None:
+        payload["top_k"] = top_k
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise InvalidRequestError("'stop_sequences' must be an array of strings")
+        if stops:
+            payload["stop"] = stops
+    tools = openai_tools(body.get("tools"))
+    if tools:
+        payload["tools"] = tools
+        choice = _tool_choice(body.get("tool_choice"))
+        if choice is not None:
+            payload["tool_choice"] = choice
+    fmt = _output_format(body.get("output_config"))
+    if fmt is not None:
+        payload["response_format"] = fmt
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    return payload
+
+
+def _output_format(output_config: Any) -> dict[str, Any] | None:
+    """Structured outputs (`output_config.format` JSON schema) as OpenAI `response_format`."""
+    if output_config is None:
+        return None
+    if not isinstance(output_config, dict):
+        raise InvalidRequestError("'output_config' must be an object")
+    fmt = output_config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise InvalidRequestError("'output_config.format' must be a json_schema format")
+    if not isinstance(fmt.get("schema"), dict):
+        raise InvalidRequestError("'output_config.format.schema' must be an object")
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True},
+    }
+
+
+def anthropic_stop_reason(
+    finish_reason: str | None, *, matched_stop: Any, stop_sequences: Any
+) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) from OpenAI's finish_reason."""
+    if finish_reason == "length":
+        return "max_tokens", None
+    if finish_reason in ("tool_calls", "function_call"):
+        return "tool_use", None
+    if (
+        isinstance(matched_stop, str)
+        and isinstance(stop_sequences, list)
+        and matched_stop in stop_sequences
+    ):
+        return "stop_sequence", matched_stop
+    return "end_turn", None
+
+
+def anthropic_usage(usage: Mapping[str, Any] | None) -> dict[str, int]:
+    usage = usage or {}
+    return {
+        "input_tokens": int(usage.get("prompt_tokens") or 0),
+        "output_tokens": int(usage.get("completion_tokens") or 0),
+    }
+
+
+def anthropic_content(text: str, tool_calls: list[ToolCall]) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    if text or not tool_calls:
+        content.append({"type": "text", "text": text})
+    for call in tool_calls:
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call.id if call.id.startswith("toolu_") else f"toolu_{call.id}",
+                "name": call.name,
+                "input": parse_arguments(call.arguments),
+            }
+        )
+    return content

@@ -1,0 +1,170 @@
+"""Calling a runner for dialects that translate (Ollama, Anthropic, Responses).
+
+The OpenAI dialect forwards bytes with `proxy_to_runner`; the others must read
+the runner's OpenAI answer to rewrite it, so they come through here.
+
+A streamed call runs in its own task that owns the scheduler lease from start
+to end: Quart (on Python 3.11) sends a response body from a different task
+than the view, and a lease entered in one task and left in another would break
+any cancel scope inside the scheduler. The view waits for the runner's status
+first, so a failed load or a busy scheduler is still a proper 4xx/5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from dmr.errors import DmrError, RunnerError
+from dmr.records import Mode
+from dmr.server.services import get_services
+
+from dmr_apis._streaming import iter_sse_json
+
+__all__ = ["RunnerCall", "RunnerStream", "call_runner", "runner_error", "stream_runner"]
+
+
+@dataclass
+class RunnerCall:
+    """A non-streamed answer and how long the model took to load."""
+
+    body: dict[str, Any]
+    load_seconds: float
+
+
+def runner_error(status: int, raw: bytes) -> DmrError:
+    """The runner's error answer (OpenAI or llama-server shape) as a `DmrError`."""
+    message = raw.decode(errors="replace").strip() or f"runner answered {status}"
+    with contextlib.suppress(ValueError):
+        body = json.loads(raw)
+        if isinstance(body, dict):
+            error = body.get("error")
+            if isinstance(error, dict) and isinstance(error.get("message"), str):
+                message = error["message"]
+            elif isinstance(error, str):
+                message = error
+            elif isinstance(body.get("message"), str):
+                message = body["message"]
+    error = RunnerError(message) if status >= 500 else DmrError(message)
+    error.status = status
+    if status < 500:
+        error.error_type = "invalid_request_error"
+        error.code = "invalid_request" if status == 400 else "runner_error"
+    return error
+
+
+async def call_runner(
+    model: str,
+    mode: Mode,
+    path: str,
+    payload: dict[str, Any],
+    *,
+    backend: str | None = None,
+    keep_alive: float | None = None,
+) -> RunnerCall:
+    scheduler = get_services().scheduler
+    started = time.monotonic()
+    async with scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive) as handle:
+        load_seconds = time.monotonic() - started
+        response = await handle.client.post(path, json=payload)
+    if response.status_code >= 400:
+        raise runner_error(response.status_code, response.content)
+    try:
+        body = response.json()
+    except ValueError:
+        raise RunnerError(f"runner answered {path} with invalid JSON") from None
+    if not isinstance(body, dict):
+        raise RunnerError(f"runner answered {path} with {type(body).__name__}, not an object")
+    return RunnerCall(body=body, load_seconds=load_seconds)
+
+
+_END = object()
+
+
+@dataclass
+class RunnerStream:
+    """The decoded SSE events of one streamed runner call, in arrival order."""
+
+    load_seconds: float
+    _queue: asyncio.Queue[Any]
+    _task: asyncio.Task[None]
+    _closed: bool = field(default=False)
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+
+
+async def stream_runner(
+    model: str,
+    mode: Mode,
+    path: str,
+    payload: dict[str, Any],
+    *,
+    backend: str | None = None,
+    keep_alive: float | None = None,
+) -> RunnerStream:
+    """Start a streamed runner call; raises the runner's error before any byte is sent."""
+    scheduler = get_services().scheduler
+    # Unbounded on purpose: the pump never waits for the client, so it always
+    # reaches the end of the generation and releases the runner, even for a
+    # client that never reads (a stream is one answer, never large). Python
+    # 3.11's wait_for can also swallow a cancel, which a bounded put would need.
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    async def pump() -> None:
+        started = time.monotonic()
+        try:
+            async with scheduler.acquire(
+                model, mode, backend=backend, keep_alive=keep_alive
+            ) as handle:
+                load_seconds = time.monotonic() - started
+                async with handle.client.stream("POST", path, json=payload) as response:
+                    if response.status_code >= 400:
+                        raise runner_error(response.status_code, await response.aread())
+                    ready.set_result(load_seconds)
+                    async for event in iter_sse_json(response.aiter_lines()):
+                        queue.put_nowait(event)
+            queue.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            if not ready.done():
+                ready.set_exception(error)
+            else:
+                if isinstance(error, httpx.HTTPError):
+                    error = RunnerError(f"runner stream broke: {error}")
+                queue.put_nowait(error)
+
+    task = asyncio.create_task(pump())
+    try:
+        load_seconds = await asyncio.shield(ready)
+    except BaseException:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise
+    return RunnerStream(load_seconds=load_seconds, _queue=queue, _task=task)

@@ -1,0 +1,234 @@
+"""The Anthropic Messages dialect: `/anthropic/v1/messages`, `/v1/messages`, count_tokens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dmr.errors import InvalidRequestError
+from dmr.hookspecs import hookimpl
+from dmr.records import ApiDialect, Mode
+from quart import Blueprint, Response, jsonify
+
+from dmr_apis._anthropic_translate import (
+    anthropic_content,
+    anthropic_stop_reason,
+    anthropic_to_openai,
+    anthropic_usage,
+    message_id,
+    openai_messages,
+    openai_tools,
+)
+from dmr_apis._body import optional_bool, read_json_object, require_model
+from dmr_apis._errors import anthropic_error_body, install_error_handlers
+from dmr_apis._models import resolve_model
+from dmr_apis._runner import call_runner, stream_runner
+from dmr_apis._streaming import encode_event, stream_response
+from dmr_apis._toolcalls import ToolCallAccumulator
+
+__all__ = ["blueprint", "dmr_api_dialects"]
+
+blueprint = Blueprint("dmr_apis_anthropic", __name__)
+install_error_handlers(blueprint, anthropic_error_body)
+
+_PREFIXES = ("/anthropic/v1", "/v1", "/engines/v1", "/engines/<backend>/v1")
+
+
+def _matched_stop(choice: dict[str, Any], body: dict[str, Any]) -> Any:
+    # vLLM reports the matched stop string as `stop_reason`; llama-server as `stopping_word`.
+    return choice.get("stop_reason") or body.get("stopping_word")
+
+
+async def messages(backend: str | None = None) -> Response:
+    _, body = await read_json_object()
+    name, _ = resolve_model(require_model(body))
+    stream = bool(optional_bool(body, "stream"))
+    payload = anthropic_to_openai(body, stream=stream)
+    stop_sequences = body.get("stop_sequences")
+    if not stream:
+        result = await call_runner(
+            name, Mode.COMPLETION, "/v1/chat/completions", payload, backend=backend
+        )
+        choice = (result.body.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        tool_calls = ToolCallAccumulator()
+        tool_calls.add([{"index": i, **c} for i, c in enumerate(message.get("tool_calls") or ())])
+        stop_reason, stop_sequence = anthropic_stop_reason(
+            choice.get("finish_reason"),
+            matched_stop=_matched_stop(choice, result.body),
+            stop_sequences=stop_sequences,
+        )
+        if tool_calls and stop_reason == "end_turn":
+            stop_reason = "tool_use"  # some runners say "stop" after a tool call
+        return jsonify(
+            {
+                "id": message_id(),
+                "type": "message",
+                "role": "assistant",
+                "model": body["model"],
+                "content": anthropic_content(message.get("content") or "", tool_calls.finished()),
+                "stop_reason": stop_reason,
+                "stop_sequence": stop_sequence,
+                "usage": anthropic_usage(result.body.get("usage")),
+            }
+        )
+
+    upstream = await stream_runner(
+        name, Mode.COMPLETION, "/v1/chat/completions", payload, backend=backend
+    )
+
+    async def events() -> AsyncIterator[bytes]:
+        yield encode_event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": message_id(),
+                    "type": "message",
+                    "role": "assistant",
+                    "model": body["model"],
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 0, "output_tokens": 0},
+                },
+            },
+        )
+        yield encode_event("ping", {"type": "ping"})
+        block_index = 0
+        text_open = False
+        tool_calls = ToolCallAccumulator()
+        finish_reason: str | None = None
+        matched_stop: Any = None
+        usage: dict[str, Any] | None = None
+        try:
+            async for event in upstream.events():
+                usage = event.get("usage") or usage
+                matched_stop = event.get("stopping_word") or matched_stop
+                for choice in event.get("choices") or ():
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    matched_stop = choice.get("stop_reason") or matched_stop
+                    delta = choice.get("delta") or {}
+                    tool_calls.add(delta.get("tool_calls"))
+                    text = delta.get("content") or ""
+                    if not text:
+                        continue
+                    if not text_open:
+                        text_open = True
+                        yield encode_event(
+                            "content_block_start",
+                            {
+                                "type": "content_block_start",
+                                "index": block_index,
+                                "content_block": {"type": "text", "text": ""},
+                            },
+                        )
+                    yield encode_event(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": block_index,
+                            "delta": {"type": "text_delta", "text": text},
+                        },
+                    )
+        except Exception as error:  # the stream broke after the 200 went out
+            yield encode_event(
+                "error",
+                {"type": "error", "error": {"type": "api_error", "message": str(error)}},
+            )
+            return
+        if text_open:
+            yield encode_event(
+                "content_block_stop", {"type": "content_block_stop", "index": block_index}
+            )
+            block_index += 1
+        # Tool calls go out whole: fragments are merged before their block starts.
+        for block in anthropic_content("", tool_calls.finished()) if tool_calls else ():
+            arguments = block.pop("input")
+            block["input"] = {}
+            yield encode_event(
+                "content_block_start",
+                {"type": "content_block_start", "index": block_index, "content_block": block},
+            )
+            yield encode_event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": block_index,
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(arguments)},
+                },
+            )
+            yield encode_event(
+                "content_block_stop", {"type": "content_block_stop", "index": block_index}
+            )
+            block_index += 1
+        if block_index == 0:
+            # Anthropic always answers with at least one (possibly empty) text block.
+            yield encode_event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
+            yield encode_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        stop_reason, stop_sequence = anthropic_stop_reason(
+            finish_reason, matched_stop=matched_stop, stop_sequences=stop_sequences
+        )
+        if tool_calls and stop_reason == "end_turn":
+            stop_reason = "tool_use"
+        yield encode_event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                "usage": anthropic_usage(usage),
+            },
+        )
+        yield encode_event("message_stop", {"type": "message_stop"})
+
+    return stream_response(events(), "text/event-stream", on_close=upstream.aclose)
+
+
+async def count_tokens(backend: str | None = None) -> Response:
+    _, body = await read_json_object()
+    name, _ = resolve_model(require_model(body))
+    template_request: dict[str, Any] = {
+        "messages": openai_messages(body.get("system"), body.get("messages"))
+    }
+    tools = openai_tools(body.get("tools"))
+    if tools:
+        template_request["tools"] = tools
+    rendered = await call_runner(
+        name, Mode.COMPLETION, "/apply-template", template_request, backend=backend
+    )
+    prompt = rendered.body.get("prompt")
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("the runner could not render this conversation")
+    tokenized = await call_runner(
+        name,
+        Mode.COMPLETION,
+        "/tokenize",
+        {"content": prompt, "add_special": False},
+        backend=backend,
+    )
+    tokens = tokenized.body.get("tokens") or []
+    return jsonify({"input_tokens": len(tokens)})
+
+
+for _prefix in _PREFIXES:
+    _key = _prefix.strip("/").replace("/", "_").replace("<", "").replace(">", "")
+    blueprint.add_url_rule(f"{_prefix}/messages", f"messages_{_key}", messages, methods=["POST"])
+    blueprint.add_url_rule(
+        f"{_prefix}/messages/count_tokens",
+        f"count_tokens_{_key}",
+        count_tokens,
+        methods=["POST"],
+    )
+
+
+@hookimpl
+def dmr_api_dialects() -> list[ApiDialect]:
+    return [ApiDialect(name="anthropic", blueprint=blueprint)]

@@ -1,0 +1,323 @@
+"""The OpenAI Responses dialect: `/v1/responses` (+ `/responses`, `/engines/v1/responses`).
+
+Each response is answered from the runner's chat completions and kept in
+memory for an hour, so `previous_response_id` continues the conversation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dmr.errors import InvalidRequestError, ModelNotFoundError
+from dmr.hookspecs import hookimpl
+from dmr.records import ApiDialect, Mode
+from dmr.server.services import get_services
+from quart import Blueprint, Response, jsonify, request
+
+from dmr_apis._body import optional_bool, read_json_object, require_model
+from dmr_apis._errors import install_error_handlers, openai_error_body
+from dmr_apis._models import resolve_model
+from dmr_apis._responses_store import ResponseStore, StoredResponse
+from dmr_apis._responses_translate import (
+    chat_payload,
+    check_supported,
+    function_call_item,
+    input_items,
+    items_to_messages,
+    message_item,
+    new_id,
+    output_items,
+    output_messages,
+    response_object,
+    usage_of,
+)
+from dmr_apis._runner import call_runner, stream_runner
+from dmr_apis._streaming import encode_event, stream_response
+from dmr_apis._toolcalls import ToolCallAccumulator
+
+__all__ = ["blueprint", "dmr_api_dialects"]
+
+blueprint = Blueprint("dmr_apis_responses", __name__)
+install_error_handlers(blueprint, openai_error_body)
+
+_PREFIXES = ("/v1/responses", "/responses", "/engines/v1/responses")
+
+
+def response_store() -> ResponseStore:
+    extras = get_services().extras
+    store = extras.get("responses")
+    if store is None:
+        store = extras["responses"] = ResponseStore()
+    return store  # type: ignore[no-any-return]
+
+
+def _stored(response_id: str) -> StoredResponse:
+    stored = response_store().get(response_id)
+    if stored is None:
+        raise ModelNotFoundError(f"response {response_id!r} not found (responses last one hour)")
+    return stored
+
+
+def _finish(
+    finish_reason: str | None, calls: list[Any]
+) -> tuple[str, str | None]:  # (status, incomplete reason)
+    if finish_reason == "length" and not calls:
+        return "incomplete", "max_output_tokens"
+    return "completed", None
+
+
+async def create() -> Response:
+    _, body = await read_json_object()
+    name, _ = resolve_model(require_model(body))
+    check_supported(body)
+    stream = bool(optional_bool(body, "stream"))
+    if body.get("input") is None:
+        raise InvalidRequestError("missing required field 'input'")
+    items = input_items(body["input"])
+    history: list[dict[str, Any]] = []
+    previous_id = body.get("previous_response_id")
+    if previous_id is not None:
+        if not isinstance(previous_id, str):
+            raise InvalidRequestError("'previous_response_id' must be a string")
+        history = list(_stored(previous_id).conversation)
+    conversation = history + items_to_messages(items)
+    payload = chat_payload(body, conversation, stream=stream)
+    response_id = new_id("resp")
+    created_at = int(time.time())
+    keep = body.get("store", True) is not False
+    # Taken now: a streamed body is sent outside the app context.
+    store = response_store()
+
+    def remember(response: dict[str, Any]) -> None:
+        if keep:
+            store.put(
+                response_id,
+                StoredResponse(
+                    response=response,
+                    input_items=items,
+                    conversation=conversation + output_messages(response["output"]),
+                ),
+            )
+
+    if not stream:
+        result = await call_runner(name, Mode.COMPLETION, "/v1/chat/completions", payload)
+        choice = (result.body.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        calls = ToolCallAccumulator()
+        calls.add([{"index": i, **c} for i, c in enumerate(message.get("tool_calls") or ())])
+        status, reason = _finish(choice.get("finish_reason"), calls.finished())
+        response = response_object(
+            body,
+            response_id=response_id,
+            created_at=created_at,
+            status=status,
+            output=output_items(message.get("content") or "", calls.finished()),
+            usage=usage_of(result.body.get("usage")),
+            incomplete_reason=reason,
+        )
+        remember(response)
+        return jsonify(response)
+
+    upstream = await stream_runner(name, Mode.COMPLETION, "/v1/chat/completions", payload)
+
+    async def events() -> AsyncIterator[bytes]:
+        sequence = 0
+
+        def event(kind: str, **fields: Any) -> bytes:
+            nonlocal sequence
+            data = {"type": kind, "sequence_number": sequence, **fields}
+            sequence += 1
+            return encode_event(kind, data)
+
+        pending = response_object(
+            body,
+            response_id=response_id,
+            created_at=created_at,
+            status="in_progress",
+            output=[],
+            usage=None,
+        )
+        yield event("response.created", response=pending)
+        yield event("response.in_progress", response=pending)
+        message_id = new_id("msg")
+        text_parts: list[str] = []
+        calls = ToolCallAccumulator()
+        finish_reason: str | None = None
+        usage: dict[str, Any] | None = None
+        item_open = False
+        try:
+            async for chunk in upstream.events():
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    delta = choice.get("delta") or {}
+                    calls.add(delta.get("tool_calls"))
+                    text = delta.get("content") or ""
+                    if not text:
+                        continue
+                    if not item_open:
+                        item_open = True
+                        yield event(
+                            "response.output_item.added",
+                            output_index=0,
+                            item=message_item(message_id, "", status="in_progress"),
+                        )
+                        yield event(
+                            "response.content_part.added",
+                            item_id=message_id,
+                            output_index=0,
+                            content_index=0,
+                            part={"type": "output_text", "text": "", "annotations": []},
+                        )
+                    text_parts.append(text)
+                    yield event(
+                        "response.output_text.delta",
+                        item_id=message_id,
+                        output_index=0,
+                        content_index=0,
+                        delta=text,
+                        logprobs=[],
+                    )
+        except Exception as error:  # the stream broke after the 200 went out
+            failed = response_object(
+                body,
+                response_id=response_id,
+                created_at=created_at,
+                status="failed",
+                output=[],
+                usage=None,
+            )
+            failed["error"] = {"code": "server_error", "message": str(error)}
+            yield event("response.failed", response=failed)
+            return
+        text = "".join(text_parts)
+        finished_calls = calls.finished()
+        output: list[dict[str, Any]] = []
+        if item_open or not finished_calls:
+            if not item_open:
+                yield event(
+                    "response.output_item.added",
+                    output_index=0,
+                    item=message_item(message_id, "", status="in_progress"),
+                )
+                yield event(
+                    "response.content_part.added",
+                    item_id=message_id,
+                    output_index=0,
+                    content_index=0,
+                    part={"type": "output_text", "text": "", "annotations": []},
+                )
+            part = {"type": "output_text", "text": text, "annotations": []}
+            yield event(
+                "response.output_text.done",
+                item_id=message_id,
+                output_index=0,
+                content_index=0,
+                text=text,
+                logprobs=[],
+            )
+            yield event(
+                "response.content_part.done",
+                item_id=message_id,
+                output_index=0,
+                content_index=0,
+                part=part,
+            )
+            done_item = message_item(message_id, text)
+            yield event("response.output_item.done", output_index=0, item=done_item)
+            output.append(done_item)
+        # Function calls go out whole, once all of their fragments have arrived.
+        for call in finished_calls:
+            index = len(output)
+            item = function_call_item(call)
+            added = {**item, "arguments": "", "status": "in_progress"}
+            yield event("response.output_item.added", output_index=index, item=added)
+            yield event(
+                "response.function_call_arguments.delta",
+                item_id=item["id"],
+                output_index=index,
+                delta=call.arguments,
+            )
+            yield event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                arguments=call.arguments,
+            )
+            yield event("response.output_item.done", output_index=index, item=item)
+            output.append(item)
+        status, reason = _finish(finish_reason, finished_calls)
+        final = response_object(
+            body,
+            response_id=response_id,
+            created_at=created_at,
+            status=status,
+            output=output,
+            usage=usage_of(usage),
+            incomplete_reason=reason,
+        )
+        remember(final)
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        yield event(kind, response=final)
+
+    return stream_response(events(), "text/event-stream", on_close=upstream.aclose)
+
+
+async def get_response(response_id: str) -> Response:
+    return jsonify(_stored(response_id).response)
+
+
+async def delete_response(response_id: str) -> Response:
+    if not response_store().delete(response_id):
+        raise ModelNotFoundError(f"response {response_id!r} not found")
+    return jsonify({"id": response_id, "object": "response", "deleted": True})
+
+
+async def list_input_items(response_id: str) -> Response:
+    items = list(_stored(response_id).input_items)
+    order = request.args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError("'order' must be asc or desc")
+    if order == "desc":
+        items.reverse()
+    after = request.args.get("after")
+    if after:
+        ids = [item.get("id") for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    try:
+        limit = int(request.args.get("limit", "20"))
+    except ValueError:
+        raise InvalidRequestError("'limit' must be an integer") from None
+    limit = min(max(limit, 1), 100)
+    page = items[:limit]
+    return jsonify(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
+
+
+for _prefix in _PREFIXES:
+    _key = _prefix.strip("/").replace("/", "_")
+    blueprint.add_url_rule(_prefix, f"create_{_key}", create, methods=["POST"])
+    blueprint.add_url_rule(f"{_prefix}/<response_id>", f"get_{_key}", get_response, methods=["GET"])
+    blueprint.add_url_rule(
+        f"{_prefix}/<response_id>", f"delete_{_key}", delete_response, methods=["DELETE"]
+    )
+    blueprint.add_url_rule(
+        f"{_prefix}/<response_id>/input_items",
+        f"input_items_{_key}",
+        list_input_items,
+        methods=["GET"],
+    )
+
+
+@hookimpl
+def dmr_api_dialects() -> list[ApiDialect]:
+    return [ApiDialect(name="responses", blueprint=blueprint)]

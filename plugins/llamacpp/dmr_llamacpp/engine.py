@@ -1,0 +1,234 @@
+"""The llama.cpp engine as the scheduler sees it: status, runner command, memory estimate.
+
+This module runs inside `dmr serve`, which must never import llama_cpp: the
+version comes from package metadata and model facts from the GGUF header.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from dmr.records import (
+    EngineState,
+    EngineStatus,
+    MemoryEstimate,
+    Mode,
+    RunnerCommand,
+    RunnerLaunch,
+)
+
+from dmr_llamacpp.bundle import find_gguf_bundle
+from dmr_llamacpp.gguf_header import read_gguf_metadata
+from dmr_llamacpp.settings import (
+    WorkerSettings,
+    apply_flags,
+    parse_llama_args,
+    parse_runtime_flags,
+)
+
+__all__ = ["DEFAULT_CONTEXT_SIZE", "LlamaCppEngine", "worker_settings"]
+
+DEFAULT_CONTEXT_SIZE = 4096
+GPU_ALL_LAYERS = 999
+# Compute buffers and scratch space beside weights and KV cache.
+COMPUTE_MARGIN_BYTES = 256 * 1024 * 1024
+COMPUTE_MARGIN_FRACTION = 0.10
+KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625}
+
+
+def _context_size(launch: RunnerLaunch, settings: WorkerSettings, train_ctx: int | None) -> int:
+    if launch.config.context_size:
+        return launch.config.context_size
+    if settings.ctx_size:
+        return settings.ctx_size
+    from_model = launch.model_config.get("context_size")
+    if isinstance(from_model, int) and from_model > 0:
+        return from_model
+    return min(train_ctx or DEFAULT_CONTEXT_SIZE, DEFAULT_CONTEXT_SIZE)
+
+
+def worker_settings(
+    launch: RunnerLaunch, *, environ: dict[str, str] | None = None, native: bool = False
+) -> WorkerSettings:
+    """Defaults (`-ngl 999` on a GPU, metrics on), then `LLAMA_ARGS`, then `_configure`."""
+    env = os.environ if environ is None else environ
+    settings = WorkerSettings(n_gpu_layers=GPU_ALL_LAYERS if launch.device.is_gpu else 0)
+    llama_args = env.get("LLAMA_ARGS", "").strip()
+    if llama_args:
+        settings = apply_flags(
+            settings, parse_llama_args(llama_args, allow_unknown=native), allow_unknown=native
+        )
+    if launch.config.runtime_flags:
+        settings = apply_flags(settings, parse_runtime_flags(launch.config.runtime_flags))
+    options = launch.config.engine_options.get("llamacpp") or {}
+    if "parallel" in options:
+        settings = apply_flags(settings, ["--parallel", str(int(options["parallel"]))])
+    return settings
+
+
+class LlamaCppEngine:
+    """Starts `python -m dmr_llamacpp.runner` (or a native `llama-server`) per model and mode."""
+
+    def status(self) -> EngineStatus:
+        native = os.environ.get("LLAMA_SERVER_PATH")
+        if native and Path(native).is_file():
+            return EngineStatus(EngineState.RUNNING, f"llama-server at {native}")
+        try:
+            return EngineStatus(
+                EngineState.RUNNING, f"llama-cpp-python {version('llama-cpp-python')}"
+            )
+        except PackageNotFoundError:
+            return EngineStatus(EngineState.NOT_INSTALLED, "llama-cpp-python is not installed")
+
+    def _native_server(self) -> Path | None:
+        configured = os.environ.get("LLAMA_SERVER_PATH")
+        if not configured:
+            return None
+        path = Path(configured)
+        if path.is_dir():
+            path = path / "llama-server"
+        return path if path.is_file() and os.access(path, os.X_OK) else None
+
+    def runner_command(self, launch: RunnerLaunch) -> RunnerCommand:
+        if launch.mode not in (Mode.COMPLETION, Mode.EMBEDDING, Mode.RERANKING):
+            raise ValueError(f"llama.cpp cannot serve mode {launch.mode.value!r}")
+        native = self._native_server()
+        settings = worker_settings(launch, native=native is not None)
+        bundle = find_gguf_bundle(launch.bundle_dir)
+        metadata = read_gguf_metadata(bundle.model)
+        ctx_size = _context_size(launch, settings, _train_context(metadata))
+        if native is not None:
+            return self._native_command(native, launch, settings, ctx_size)
+        chat_template = settings.chat_template_file or (
+            str(bundle.chat_template) if bundle.chat_template else None
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "dmr_llamacpp.runner",
+            "--model",
+            str(bundle.model),
+            "--socket",
+            str(launch.socket_path),
+            "--mode",
+            launch.mode.value,
+            "--served-model-name",
+            launch.model_name,
+        ]
+        argv += _replace_ctx(settings, ctx_size, chat_template).to_argv()
+        # to_argv drops defaults; the runner's own defaults match, but say these outright.
+        for option, value in (
+            ("--ctx-size", ctx_size),
+            ("--parallel", settings.parallel),
+            ("--n-gpu-layers", settings.n_gpu_layers),
+        ):
+            if option not in argv:
+                argv += [option, str(value)]
+        if bundle.mmproj is not None:
+            argv += ["--mmproj", str(bundle.mmproj)]
+        if launch.draft_bundle_dir is not None:
+            argv += ["--model-draft", str(find_gguf_bundle(launch.draft_bundle_dir).model)]
+        return RunnerCommand(argv=tuple(argv), env={}, startup_timeout=120.0)
+
+    def _native_command(
+        self, binary: Path, launch: RunnerLaunch, settings: WorkerSettings, ctx_size: int
+    ) -> RunnerCommand:
+        bundle = find_gguf_bundle(launch.bundle_dir)
+        argv = [
+            str(binary),
+            "--model",
+            str(bundle.model),
+            "--host",
+            f"unix://{launch.socket_path}",
+            "--alias",
+            launch.model_name,
+            "--ctx-size",
+            str(ctx_size * settings.parallel),
+            "--parallel",
+            str(settings.parallel),
+            "-ngl",
+            str(settings.n_gpu_layers),
+            "--jinja",
+        ]
+        if settings.metrics:
+            argv.append("--metrics")
+        if launch.mode is Mode.EMBEDDING:
+            argv.append("--embeddings")
+        elif launch.mode is Mode.RERANKING:
+            argv.append("--reranking")
+        template = settings.chat_template_file or bundle.chat_template
+        if template:
+            argv += ["--chat-template-file", str(template)]
+        if bundle.mmproj is not None:
+            argv += ["--mmproj", str(bundle.mmproj)]
+        if launch.draft_bundle_dir is not None:
+            argv += ["--model-draft", str(find_gguf_bundle(launch.draft_bundle_dir).model)]
+        for option, value in (
+            ("--threads", settings.threads),
+            ("--temp", settings.temperature),
+            ("--top-k", settings.top_k),
+            ("--top-p", settings.top_p),
+            ("--min-p", settings.min_p),
+        ):
+            if value is not None:
+                argv += [option, str(value)]
+        argv += list(settings.extra)
+        return RunnerCommand(argv=tuple(argv), env={}, startup_timeout=120.0)
+
+    def estimate_memory(self, launch: RunnerLaunch) -> MemoryEstimate:
+        """Weights (file size) + f16 KV cache for context x slots + a compute-buffer margin."""
+        settings = worker_settings(launch, native=self._native_server() is not None)
+        bundle = find_gguf_bundle(launch.bundle_dir)
+        metadata = read_gguf_metadata(bundle.model)
+        ctx_total = _context_size(launch, settings, _train_context(metadata)) * settings.parallel
+        if launch.mode is not Mode.COMPLETION:
+            # Pooling runners keep one sequence per input; their context is the batch.
+            ctx_total = _context_size(launch, settings, _train_context(metadata))
+        weights = bundle.weight_bytes + (bundle.mmproj.stat().st_size if bundle.mmproj else 0)
+        kv_cache = kv_cache_bytes(metadata, ctx_total, settings)
+        compute = COMPUTE_MARGIN_BYTES + int(COMPUTE_MARGIN_FRACTION * (weights + kv_cache))
+        if not launch.device.is_gpu or settings.n_gpu_layers == 0:
+            return MemoryEstimate(device_bytes=weights + kv_cache + compute)
+        layers = _arch_int(metadata, "block_count") or 1
+        on_gpu = min(1.0, settings.n_gpu_layers / layers)
+        device = int((weights + kv_cache) * on_gpu) + compute
+        return MemoryEstimate(device_bytes=device, host_bytes=weights + kv_cache - device + compute)
+
+
+def _replace_ctx(
+    settings: WorkerSettings, ctx_size: int, chat_template: str | None
+) -> WorkerSettings:
+    from dataclasses import replace
+
+    return replace(settings, ctx_size=ctx_size, chat_template_file=chat_template)
+
+
+def _arch_int(metadata: dict[str, object], key: str) -> int | None:
+    arch = metadata.get("general.architecture")
+    value = metadata.get(f"{arch}.{key}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and value and isinstance(value[0], int):
+        return int(max(value))  # per-layer head counts
+    return None
+
+
+def _train_context(metadata: dict[str, object]) -> int | None:
+    return _arch_int(metadata, "context_length")
+
+
+def kv_cache_bytes(metadata: dict[str, object], ctx_total: int, settings: WorkerSettings) -> int:
+    """2 (K and V) x layers x tokens x kv heads x head dim x bytes per element."""
+    layers = _arch_int(metadata, "block_count") or 0
+    heads = _arch_int(metadata, "attention.head_count") or 1
+    kv_heads = _arch_int(metadata, "attention.head_count_kv") or heads
+    embedding = _arch_int(metadata, "embedding_length") or 0
+    head_dim_k = _arch_int(metadata, "attention.key_length") or embedding // heads
+    head_dim_v = _arch_int(metadata, "attention.value_length") or embedding // heads
+    k_bytes = KV_BYTES_PER_ELEMENT.get(settings.cache_type_k, 0.5625)
+    v_bytes = KV_BYTES_PER_ELEMENT.get(settings.cache_type_v, 0.5625)
+    per_token = layers * kv_heads * (head_dim_k * k_bytes + head_dim_v * v_bytes)
+    return int(per_token * ctx_total)

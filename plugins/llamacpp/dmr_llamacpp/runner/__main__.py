@@ -1,0 +1,159 @@
+"""`python -m dmr_llamacpp.runner --model M.gguf --socket S --mode completion ...`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from dmr_llamacpp.runner.app import RunnerState, create_app
+from dmr_llamacpp.settings import WorkerSettings, runner_arg_parser, settings_from_namespace
+
+
+def load_into(
+    state: RunnerState, model_path: Path, template_file: str | None, on_failure: Callable[[], None]
+) -> None:
+    """Load the model (in a thread, so /health answers 503 meanwhile)."""
+    import llama_cpp
+
+    from dmr_llamacpp.runner.batching import BatchedGenerator
+    from dmr_llamacpp.runner.chat import ChatTemplate
+    from dmr_llamacpp.runner.model import ContextOptions, LoadedModel, silence_llama_logs
+    from dmr_llamacpp.runner.pooling import Pooler
+
+    settings = state.settings
+    silence_llama_logs()
+    cores = os.cpu_count() or 1
+    # Half the cores, as llama-cpp-python does: on a shared machine a decode thread
+    # per core spends its time waiting at barriers (measured: 2x slower on 2 cores).
+    threads = settings.threads or max(1, cores // 2)
+    ctx_per_slot = settings.ctx_size or 4096
+    flash = {"on": 1, "off": 0, "auto": -1}[settings.flash_attn]
+    cache_types = {
+        "f32": 0,
+        "f16": 1,
+        "q4_0": 2,
+        "q4_1": 3,
+        "q5_0": 6,
+        "q5_1": 7,
+        "q8_0": 8,
+        "iq4_nl": 20,
+        "bf16": 30,
+    }
+    try:
+        if state.mode == "completion":
+            options = ContextOptions(
+                n_ctx=ctx_per_slot * settings.parallel,
+                n_batch=settings.batch_size,
+                n_ubatch=min(settings.ubatch_size, settings.batch_size),
+                n_seq_max=settings.parallel,
+                threads=threads,
+                threads_batch=settings.threads_batch or threads,
+                flash_attn=flash,
+                type_k=cache_types[settings.cache_type_k],
+                type_v=cache_types[settings.cache_type_v],
+            )
+        else:
+            # Pooling needs each input whole in one micro-batch.
+            options = ContextOptions(
+                n_ctx=ctx_per_slot,
+                n_batch=ctx_per_slot,
+                n_ubatch=ctx_per_slot,
+                n_seq_max=min(settings.parallel, 64),
+                threads=threads,
+                threads_batch=settings.threads_batch or threads,
+                embeddings=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                flash_attn=flash,
+            )
+        model = LoadedModel(
+            model_path,
+            options,
+            n_gpu_layers=settings.n_gpu_layers,
+            use_mmap=settings.mmap,
+            use_mlock=settings.mlock,
+        )
+        if state.mode == "reranking" and model.n_cls_out > 0:
+            model.close()
+            options = ContextOptions(
+                **{**options.__dict__, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_RANK}
+            )
+            model = LoadedModel(model_path, options, n_gpu_layers=settings.n_gpu_layers)
+        template_source = Path(template_file).read_text() if template_file else model.chat_template
+        state.template = ChatTemplate(
+            template_source,
+            bos_token=model.token_text(model.bos_token) if model.bos_token >= 0 else "",
+            eos_token=model.token_text(model.eos_token) if model.eos_token >= 0 else "",
+        )
+        if state.mode == "completion":
+            state.generator = BatchedGenerator(
+                model, n_parallel=settings.parallel, ctx_per_slot=ctx_per_slot
+            )
+        else:
+            state.pooler = Pooler(
+                model, rank_head=state.mode == "reranking" and model.n_cls_out > 0
+            )
+        state.created = int(time.time())
+        state.model = model
+    except Exception as error:
+        state.load_error = f"failed to load {model_path.name}: {error}"
+        print(state.load_error, file=sys.stderr, flush=True)
+        on_failure()  # exit, so the scheduler sees a crash with this message on stderr
+
+
+async def main_async(argv: list[str] | None = None) -> None:
+    args = runner_arg_parser().parse_args(argv)
+    settings: WorkerSettings = settings_from_namespace(args)
+    model_path = Path(args.model)
+    state = RunnerState(
+        model_name=args.served_model_name or settings.alias or model_path.stem,
+        mode=args.mode,
+        settings=settings,
+    )
+    app = create_app(state)
+    socket_path = Path(args.socket)
+    socket_path.unlink(missing_ok=True)  # noqa: ASYNC240  (before serving)
+    config = Config()
+    config.bind = [f"unix:{socket_path}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    config.graceful_timeout = 2.0
+    config.keep_alive_timeout = 300.0
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    threading.Thread(
+        target=load_into,
+        args=(
+            state,
+            model_path,
+            settings.chat_template_file,
+            lambda: loop.call_soon_threadsafe(stop.set),
+        ),
+        daemon=True,
+    ).start()
+    try:
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    finally:
+        if state.generator is not None:
+            state.generator.close()
+        socket_path.unlink(missing_ok=True)  # noqa: ASYNC240
+    if state.load_error:
+        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(main_async(argv))
+
+
+if __name__ == "__main__":
+    main()

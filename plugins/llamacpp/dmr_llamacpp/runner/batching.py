@@ -1,0 +1,365 @@
+"""Continuous batching: `n_parallel` slots share one context and one decode per step.
+
+A single decode thread owns the llama context. Each step it puts the next
+token of every generating slot and chunks of pending prompts into one
+`llama_batch`, runs one `llama_decode`, samples per slot, and hands text to the
+waiting request handlers through their asyncio queues. Requests join between
+steps; a finished or cancelled slot's KV cells are dropped at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from dmr_llamacpp.runner.model import Batch, LoadedModel
+from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
+from dmr_llamacpp.runner.text import StreamedText
+
+__all__ = [
+    "BatchedGenerator",
+    "Failed",
+    "Finished",
+    "GenerationJob",
+    "GeneratorStats",
+    "TextDelta",
+    "TokenLogprob",
+]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    logprobs: list[TokenLogprob]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_ms: float
+    predicted_ms: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = TextDelta | Finished | Failed
+
+
+class GenerationJob:
+    """One request's generation; events arrive on `events` in the handler's event loop."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.cancelled = False  # set by the handler, read by the decode thread
+        self.submitted_at = time.perf_counter()
+
+    def emit(self, event: Event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the handler's loop is gone (shutdown)
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class GeneratorStats:
+    prompt_tokens_total: int = 0
+    tokens_predicted_total: int = 0
+    prompt_seconds_total: float = 0.0
+    predicted_seconds_total: float = 0.0
+    requests_processing: int = 0
+    requests_deferred: int = 0
+    kv_cells_used: int = 0
+    kv_cells_total: int = 1
+    decode_steps: int = 0
+    max_batch_sequences: int = 0
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    job: GenerationJob | None = None
+    sampler: Any = None
+    n_past: int = 0
+    pending_prompt: list[int] = field(default_factory=list)
+    next_token: int | None = None  # sampled, not yet decoded
+    output_index: int | None = None
+    completion_tokens: int = 0
+    text: StreamedText | None = None
+    held_logprobs: list[TokenLogprob] = field(default_factory=list)
+    started_at: float = 0.0
+    prompt_done_at: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+
+class BatchedGenerator:
+    """Owns the context through one thread; `submit` from any event loop."""
+
+    def __init__(self, model: LoadedModel, *, n_parallel: int, ctx_per_slot: int) -> None:
+        self.model = model
+        self.ctx_per_slot = ctx_per_slot
+        self.n_batch = model.options.n_batch
+        self.slots = [_Slot(seq_id=index) for index in range(n_parallel)]
+        self.stats = GeneratorStats(kv_cells_total=model.n_ctx)
+        self._incoming: queue.Queue[GenerationJob | None] = queue.Queue()
+        self._waiting: deque[GenerationJob] = deque()
+        self._batch = Batch(self.n_batch)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+
+    def submit(self, job: GenerationJob) -> None:
+        if len(job.prompt) >= self.ctx_per_slot:
+            raise ValueError(
+                f"the prompt has {len(job.prompt)} tokens, more than the context size "
+                f"of {self.ctx_per_slot} tokens allows"
+            )
+        self._incoming.put(job)
+
+    def close(self) -> None:
+        self._stopping = True
+        self._incoming.put(None)
+        self._thread.join(timeout=10)
+        for slot in self.slots:
+            self._release(slot)
+        self._batch.free()
+
+    # ------------------------------------------------------------------ thread
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._take_incoming(block=not any(slot.busy for slot in self.slots))
+            self._drop_cancelled()
+            self._admit_waiting()
+            if not any(slot.busy for slot in self.slots):
+                continue
+            try:
+                self._step()
+            except Exception as error:  # keep serving; fail the slots in this step
+                for slot in self.slots:
+                    if slot.busy:
+                        self._fail(slot, f"generation failed: {error}")
+
+    def _take_incoming(self, *, block: bool) -> None:
+        try:
+            job = self._incoming.get(timeout=0.5) if block else self._incoming.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if job is None:
+                self._stopping = True
+                return
+            self._waiting.append(job)
+            try:
+                job = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = deque(job for job in self._waiting if not job.cancelled)
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled:
+                self._release(slot)
+
+    def _admit_waiting(self) -> None:
+        for slot in self.slots:
+            if not self._waiting:
+                break
+            if slot.busy:
+                continue
+            job = self._waiting.popleft()
+            try:
+                slot.sampler = build_sampler_chain(job.params, self.model.vocab, self.model.n_vocab)
+            except ValueError as error:
+                job.emit(Failed(str(error)))
+                continue
+            slot.job = job
+            slot.n_past = 0
+            slot.pending_prompt = list(job.prompt)
+            slot.next_token = None
+            slot.completion_tokens = 0
+            slot.text = StreamedText(job.params.stop)
+            slot.held_logprobs = []
+            slot.started_at = time.perf_counter()
+            slot.prompt_done_at = 0.0
+        self.stats.requests_deferred = len(self._waiting)
+        self.stats.requests_processing = sum(slot.busy for slot in self.slots)
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        prompt_tokens_in_step = 0
+        for slot in self.slots:
+            slot.output_index = None
+            if slot.busy and slot.next_token is not None:
+                slot.output_index = batch.add(
+                    slot.next_token, slot.n_past, slot.seq_id, wants_logits=True
+                )
+                slot.n_past += 1
+                slot.next_token = None
+        # Prompts fill the rest of the batch, oldest request first, in chunks.
+        prefilling = sorted(
+            (slot for slot in self.slots if slot.busy and slot.pending_prompt),
+            key=lambda slot: slot.started_at,
+        )
+        for slot in prefilling:
+            if batch.room == 0:
+                break
+            chunk = slot.pending_prompt[: batch.room]
+            slot.pending_prompt = slot.pending_prompt[len(chunk) :]
+            for offset, token in enumerate(chunk):
+                last = offset == len(chunk) - 1 and not slot.pending_prompt
+                index = batch.add(token, slot.n_past, slot.seq_id, wants_logits=last)
+                slot.n_past += 1
+                if last:
+                    slot.output_index = index
+            prompt_tokens_in_step += len(chunk)
+        if batch.n_tokens == 0:
+            return
+        started = time.perf_counter()
+        status = batch.decode(self.model)
+        elapsed = time.perf_counter() - started
+        if status != 0:
+            reason = "no room left in the KV cache" if status == 1 else f"llama_decode={status}"
+            for slot in self.slots:
+                if slot.busy and slot.output_index is not None:
+                    self._fail(slot, f"decode failed: {reason}")
+            return
+        sampled = [slot for slot in self.slots if slot.busy and slot.output_index is not None]
+        self.stats.decode_steps += 1
+        self.stats.max_batch_sequences = max(self.stats.max_batch_sequences, len(sampled))
+        self.stats.prompt_tokens_total += prompt_tokens_in_step
+        if batch.n_tokens:
+            share = elapsed * prompt_tokens_in_step / batch.n_tokens
+            self.stats.prompt_seconds_total += share
+            self.stats.predicted_seconds_total += elapsed - share
+        for slot in sampled:
+            self._sample(slot)
+        self.stats.kv_cells_used = sum(slot.n_past for slot in self.slots if slot.busy)
+        self.stats.requests_processing = sum(slot.busy for slot in self.slots)
+
+    def _sample(self, slot: _Slot) -> None:
+        job = slot.job
+        assert job is not None and slot.output_index is not None and slot.text is not None
+        now = time.perf_counter()
+        if not slot.prompt_done_at:
+            slot.prompt_done_at = now
+        params = job.params
+        raw_logits = self.model.logits(slot.output_index) if params.logprobs is not None else None
+        token = int(llama_cpp.llama_sampler_sample(slot.sampler, self.model.ctx, slot.output_index))
+        if self.model.is_end_of_generation(token) and not params.ignore_eos:
+            self._finish(slot, "stop")
+            return
+        slot.completion_tokens += 1
+        self.stats.tokens_predicted_total += 1
+        piece = self.model.piece(token)
+        if raw_logits is not None:
+            slot.held_logprobs.append(
+                self._logprob_entry(raw_logits, token, piece, params.logprobs)
+            )
+        text = slot.text.push(piece)
+        if text:
+            job.emit(TextDelta(text, slot.held_logprobs))
+            slot.held_logprobs = []
+        if slot.text.stopped_by is not None:
+            self._finish(slot, "stop")
+            return
+        if params.max_tokens is not None and slot.completion_tokens >= params.max_tokens:
+            self._finish(slot, "length")
+            return
+        if slot.n_past + 1 >= self.ctx_per_slot:
+            self._finish(slot, "length")
+            return
+        slot.next_token = token
+
+    def _logprob_entry(
+        self, logits: np.ndarray, token: int, piece: bytes, top_n: int | None
+    ) -> TokenLogprob:
+        shifted = logits - logits.max()
+        log_probs = shifted - math.log(float(np.exp(shifted).sum()))
+        top: list[tuple[str, float, list[int]]] = []
+        if top_n:
+            for candidate in np.argpartition(-log_probs, top_n)[:top_n]:
+                candidate_piece = self.model.piece(int(candidate))
+                top.append(
+                    (
+                        candidate_piece.decode("utf-8", errors="replace"),
+                        float(log_probs[candidate]),
+                        list(candidate_piece),
+                    )
+                )
+            top.sort(key=lambda item: -item[1])
+        return TokenLogprob(
+            token=piece.decode("utf-8", errors="replace"),
+            logprob=float(log_probs[token]),
+            bytes=list(piece),
+            top=top,
+        )
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        job = slot.job
+        assert job is not None and slot.text is not None
+        tail = slot.text.finish()
+        if tail or slot.held_logprobs:
+            job.emit(TextDelta(tail, slot.held_logprobs))
+        now = time.perf_counter()
+        prompt_done = slot.prompt_done_at or now
+        job.emit(
+            Finished(
+                reason=reason,
+                prompt_tokens=len(job.prompt),
+                completion_tokens=slot.completion_tokens,
+                prompt_ms=(prompt_done - slot.started_at) * 1000,
+                predicted_ms=(now - prompt_done) * 1000,
+            )
+        )
+        self._release(slot)
+
+    def _fail(self, slot: _Slot, message: str) -> None:
+        if slot.job is not None:
+            slot.job.emit(Failed(message))
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.sampler is not None:
+            llama_cpp.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+        if slot.job is not None or slot.n_past:
+            self.model.forget_sequence(slot.seq_id)
+        slot.job = None
+        slot.n_past = 0
+        slot.pending_prompt = []
+        slot.next_token = None
+        slot.output_index = None

@@ -1,0 +1,65 @@
+"""The `llamacpp:*` Prometheus series, read from the generator's counters at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from dmr_llamacpp.runner.batching import GeneratorStats
+
+__all__ = ["render_metrics"]
+
+
+class _StatsCollector:
+    def __init__(self, stats: Callable[[], GeneratorStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield CounterMetricFamily(
+            "llamacpp:prompt_tokens", "Prompt tokens processed.", value=stats.prompt_tokens_total
+        )
+        yield CounterMetricFamily(
+            "llamacpp:tokens_predicted", "Tokens generated.", value=stats.tokens_predicted_total
+        )
+        prompt_rate = (
+            stats.prompt_tokens_total / stats.prompt_seconds_total
+            if stats.prompt_seconds_total
+            else 0.0
+        )
+        predicted_rate = (
+            stats.tokens_predicted_total / stats.predicted_seconds_total
+            if stats.predicted_seconds_total
+            else 0.0
+        )
+        yield GaugeMetricFamily(
+            "llamacpp:prompt_tokens_seconds",
+            "Average prompt throughput in tokens/s.",
+            value=prompt_rate,
+        )
+        yield GaugeMetricFamily(
+            "llamacpp:predicted_tokens_seconds",
+            "Average generation throughput in tokens/s.",
+            value=predicted_rate,
+        )
+        yield GaugeMetricFamily(
+            "llamacpp:kv_cache_usage_ratio",
+            "KV cache usage (1 = full).",
+            value=stats.kv_cells_used / max(1, stats.kv_cells_total),
+        )
+        yield GaugeMetricFamily(
+            "llamacpp:requests_processing", "Requests in a slot.", value=stats.requests_processing
+        )
+        yield GaugeMetricFamily(
+            "llamacpp:requests_deferred",
+            "Requests waiting for a slot.",
+            value=stats.requests_deferred,
+        )
+
+
+def render_metrics(stats: Callable[[], GeneratorStats]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatsCollector(stats))  # type: ignore[arg-type]
+    return generate_latest(registry)

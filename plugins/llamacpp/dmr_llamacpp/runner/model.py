@@ -1,0 +1,260 @@
+"""A loaded GGUF and one llama context, through llama-cpp-python's low-level API.
+
+The high-level `llama_cpp.Llama` owns one sequence at a time; continuous
+batching needs the context, the vocabulary and `llama_batch` directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+__all__ = ["ContextOptions", "LoadedModel", "silence_llama_logs"]
+
+_LOG_CALLBACK: Any = None
+_GGML_LOG_WARN = 2
+_GGML_LOG_ERROR = 3
+
+
+def silence_llama_logs() -> None:
+    """Keep llama.cpp's warnings and errors on stderr (the scheduler reports them)."""
+    global _LOG_CALLBACK
+    verbose = os.environ.get("LOG_LEVEL", "").lower() == "debug"
+
+    def forward(level: int, text: bytes, _user_data: Any) -> None:
+        if verbose or level in (_GGML_LOG_WARN, _GGML_LOG_ERROR):
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    # The callback must outlive every llama call, so it is kept in a module global.
+    _LOG_CALLBACK = llama_cpp.llama_log_callback(forward)
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_seq_max: int
+    threads: int
+    threads_batch: int
+    embeddings: bool = False
+    pooling_type: int = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
+    flash_attn: int = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    type_k: int = llama_cpp.GGML_TYPE_F16
+    type_v: int = llama_cpp.GGML_TYPE_F16
+
+
+class LoadedModel:
+    """Model weights, vocabulary and a single context shared by every slot."""
+
+    def __init__(
+        self,
+        path: Path,
+        options: ContextOptions,
+        *,
+        n_gpu_layers: int = 0,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+    ) -> None:
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers
+        model_params.load_mode = (
+            llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK
+            if use_mmap and use_mlock
+            else llama_cpp.LLAMA_LOAD_MODE_MLOCK
+            if use_mlock
+            else llama_cpp.LLAMA_LOAD_MODE_MMAP
+            if use_mmap
+            else llama_cpp.LLAMA_LOAD_MODE_NONE
+        )
+        # The AMX/repacked weight buffers of this llama.cpp build crash in
+        # ggml_backend_amx_mul_mat as soon as a batch holds more than one token
+        # (seen on the CI machines), and batching is the point of this runner.
+        model_params.use_extra_bufts = os.environ.get("DMR_LLAMACPP_EXTRA_BUFTS") == "1"
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model:
+            raise RuntimeError(f"failed to load model {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.metadata = self._read_metadata()
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = options.n_ctx
+        params.n_batch = options.n_batch
+        params.n_ubatch = options.n_ubatch
+        params.n_seq_max = options.n_seq_max
+        params.n_threads = options.threads
+        params.n_threads_batch = options.threads_batch
+        params.embeddings = options.embeddings
+        params.pooling_type = options.pooling_type
+        params.flash_attn_type = options.flash_attn
+        params.type_k = options.type_k
+        params.type_v = options.type_v
+        # One KV pool shared by all slots; each slot is held to its own budget by the batcher.
+        params.kv_unified = True
+        params.no_perf = True
+        self.options = options
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RuntimeError("failed to create the llama context (out of memory?)")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self._piece_buffer = ctypes.create_string_buffer(256)
+
+    # ------------------------------------------------------------------ metadata
+
+    def _read_metadata(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        buffer = ctypes.create_string_buffer(1 << 17)
+        for index in range(llama_cpp.llama_model_meta_count(self.model)):
+            if llama_cpp.llama_model_meta_key_by_index(self.model, index, buffer, len(buffer)) < 0:
+                continue
+            key = buffer.value.decode("utf-8", errors="replace")
+            size = llama_cpp.llama_model_meta_val_str_by_index(
+                self.model, index, buffer, len(buffer)
+            )
+            if size < 0:
+                continue
+            found[key] = buffer.value.decode("utf-8", errors="replace")
+        return found
+
+    @property
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    @property
+    def n_cls_out(self) -> int:
+        return int(llama_cpp.llama_model_n_cls_out(self.model))
+
+    def token_text(self, token: int) -> str:
+        return self.detokenize([token], special=True)
+
+    @property
+    def bos_token(self) -> int:
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_token(self) -> int:
+        return int(llama_cpp.llama_vocab_eos(self.vocab))
+
+    @property
+    def sep_token(self) -> int:
+        return int(llama_cpp.llama_vocab_sep(self.vocab))
+
+    @property
+    def adds_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    @property
+    def adds_eos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_eos(self.vocab))
+
+    # ------------------------------------------------------------------ tokens
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), tokens, capacity, add_special, parse_special
+        )
+        if count < 0:
+            capacity = -count
+            tokens = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), tokens, capacity, add_special, parse_special
+            )
+        return list(tokens[:count])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token; may be part of a multi-byte UTF-8 character."""
+        size = llama_cpp.llama_token_to_piece(
+            self.vocab, token, self._piece_buffer, len(self._piece_buffer), 0, special
+        )
+        if size < 0:
+            buffer = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -size, 0, special)
+            return buffer.raw[:size]
+        return self._piece_buffer.raw[:size]
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return b"".join(self.piece(token, special=special) for token in tokens).decode(
+            "utf-8", errors="replace"
+        )
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def logits(self, output_index: int) -> np.ndarray:
+        """A copy of the raw logits of one batch output (before any sampler)."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, output_index)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+
+    def embedding(self, seq_id: int, size: int) -> np.ndarray:
+        pointer = llama_cpp.llama_get_embeddings_seq(self.ctx, seq_id)
+        if not pointer:
+            raise RuntimeError("the context produced no pooled embedding")
+        return np.ctypeslib.as_array(pointer, shape=(size,)).copy()
+
+    # ------------------------------------------------------------------ memory
+
+    def forget_sequence(self, seq_id: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+
+    def forget_all(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+class Batch:
+    """A reusable `llama_batch` filled token by token (one sequence id per token)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+
+    def add(self, token: int, position: int, seq_id: int, *, wants_logits: bool) -> int:
+        """Append a token and return its index in the batch (the output index if it has logits)."""
+        index = self.n_tokens
+        self.raw.token[index] = token
+        self.raw.pos[index] = position
+        self.raw.n_seq_id[index] = 1
+        self.raw.seq_id[index][0] = seq_id
+        self.raw.logits[index] = wants_logits
+        self.n_tokens += 1
+        return index
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.n_tokens
+
+    def decode(self, model: LoadedModel) -> int:
+        self.raw.n_tokens = self.n_tokens
+        return int(llama_cpp.llama_decode(model.ctx, self.raw))
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self.raw)

@@ -1,0 +1,94 @@
+"""Per-request sampling parameters and the llama sampler chain built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+__all__ = ["GrammarError", "SamplingParams", "build_sampler_chain"]
+
+RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+
+
+class GrammarError(ValueError):
+    """llama.cpp refused the GBNF grammar."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    grammar: str | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    # None: no logprobs; N >= 0: the chosen token's logprob plus N alternatives.
+    logprobs: int | None = None
+    ignore_eos: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_sampler_chain(params: SamplingParams, vocab: Any, n_vocab: int) -> Any:
+    """A chain: grammar, penalties, then greedy or top-k/top-p/min-p/temperature/dist(seed)."""
+    chain_params = llama_cpp.llama_sampler_chain_default_params()
+    chain_params.no_perf = True
+    chain = llama_cpp.llama_sampler_chain_init(chain_params)
+    try:
+        if params.grammar:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                vocab, params.grammar.encode("utf-8"), b"root"
+            )
+            if not grammar:
+                raise GrammarError("the grammar could not be parsed")
+            llama_cpp.llama_sampler_chain_add(chain, grammar)
+        penalising = (
+            params.repeat_penalty != 1.0
+            or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0
+        )
+        if penalising:
+            last_n = params.repeat_last_n if params.repeat_last_n >= 0 else n_vocab
+            # llama.cpp dropped the leading n_vocab argument while this binding still
+            # passes five; giving last_n twice is right for either C signature.
+            llama_cpp.llama_sampler_chain_add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    last_n,
+                    last_n,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                ),
+            )
+        if params.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if params.top_k > 0:
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_top_k(params.top_k)
+            )
+        if 0 < params.top_p < 1:
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
+            )
+        if params.min_p > 0:
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1)
+            )
+        llama_cpp.llama_sampler_chain_add(
+            chain, llama_cpp.llama_sampler_init_temp(params.temperature)
+        )
+        seed = RANDOM_SEED if params.seed is None or params.seed < 0 else params.seed & 0xFFFFFFFF
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+    except BaseException:
+        llama_cpp.llama_sampler_free(chain)
+        raise

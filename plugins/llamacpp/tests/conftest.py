@@ -1,0 +1,44 @@
+"""Fixtures for the llama.cpp plugin tests: one real runner subprocess per mode and session."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dmr.records import Mode
+from llamacpp_helpers import RunnerProcess, make_bundle, make_launch
+
+from tests.fixtures.model import smollm2_gguf  # noqa: F401  (re-exported fixture)
+
+
+@pytest.fixture(scope="session")
+def llama_bundle(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    return make_bundle(tmp_path_factory.mktemp("llamacpp"), smollm2_gguf)
+
+
+def _short_socket(name: str) -> Path:
+    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp paths can be longer.
+    return Path(tempfile.mkdtemp(prefix="dmr-llama-")) / f"{name}.sock"
+
+
+@pytest.fixture(scope="session")
+def completion_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
+    runner = RunnerProcess(make_launch(llama_bundle, _short_socket("completion")))
+    yield runner
+    runner.stop()
+
+
+@pytest.fixture(scope="session")
+def embedding_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
+    runner = RunnerProcess(make_launch(llama_bundle, _short_socket("embedding"), Mode.EMBEDDING))
+    yield runner
+    runner.stop()
+
+
+@pytest.fixture(scope="session")
+def reranking_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
+    runner = RunnerProcess(make_launch(llama_bundle, _short_socket("rerank"), Mode.RERANKING))
+    yield runner
+    runner.stop()

@@ -1,0 +1,157 @@
+"""The engine side (runs in `dmr serve`): command line, flags, memory estimate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dmr.plugins import engines
+from dmr.records import AcceleratorInfo, EngineState, Mode
+from dmr_llamacpp.engine import LlamaCppEngine
+from llamacpp_helpers import CPU, make_launch
+
+pytestmark = pytest.mark.llama
+
+GPU = AcceleratorInfo(
+    name="NVIDIA H100", kind="cuda", index=0, total_memory=80 << 30, free_memory=80 << 30
+)
+
+
+def test_plugin_registers_the_engine() -> None:
+    spec = next(spec for spec in engines() if spec.name == "llama.cpp")
+    assert spec.formats == frozenset({"gguf"})
+    assert spec.modes == frozenset({Mode.COMPLETION, Mode.EMBEDDING, Mode.RERANKING})
+    assert "--ctx-size" in spec.allowed_flags and "--model" not in spec.allowed_flags
+    assert spec.engine.status().state is EngineState.RUNNING
+    assert spec.engine.status().render().startswith("Running: llama-cpp-python ")
+
+
+def test_server_side_never_imports_llama_cpp(llama_bundle: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from dmr.plugins import engines\n"
+        "from dmr_llamacpp.engine import LlamaCppEngine\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from llamacpp_helpers import make_launch\n"
+        f"launch = make_launch(Path({str(llama_bundle)!r}), Path('/tmp/x.sock'))\n"
+        "engines(); e = LlamaCppEngine(); e.status(); e.runner_command(launch)\n"
+        "e.estimate_memory(launch)\n"
+        "assert 'llama_cpp' not in sys.modules, 'llama_cpp imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_runner_command_cpu(llama_bundle: Path, tmp_path: Path) -> None:
+    launch = make_launch(llama_bundle, tmp_path / "r.sock", context_size=2048, parallel=4)
+    argv = list(LlamaCppEngine().runner_command(launch).argv)
+    assert argv[:3] == [sys.executable, "-m", "dmr_llamacpp.runner"]
+    assert argv[argv.index("--model") + 1] == str(llama_bundle / "model" / "model.gguf")
+    assert argv[argv.index("--socket") + 1] == str(tmp_path / "r.sock")
+    assert argv[argv.index("--mode") + 1] == "completion"
+    assert argv[argv.index("--ctx-size") + 1] == "2048"
+    assert argv[argv.index("--parallel") + 1] == "4"
+    assert argv[argv.index("--n-gpu-layers") + 1] == "0"
+
+
+def test_runner_command_gpu_offloads_all_layers_and_uses_bundle_template(
+    llama_bundle: Path, tmp_path: Path
+) -> None:
+    template = llama_bundle / "model" / "template.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    try:
+        launch = make_launch(llama_bundle, tmp_path / "r.sock", mode=Mode.EMBEDDING, device=GPU)
+        argv = list(LlamaCppEngine().runner_command(launch).argv)
+    finally:
+        template.unlink()
+    assert argv[argv.index("--n-gpu-layers") + 1] == "999"
+    assert argv[argv.index("--chat-template-file") + 1] == str(template)
+    assert argv[argv.index("--mode") + 1] == "embedding"
+
+
+@pytest.mark.parametrize(
+    "llama_args",
+    ["--model /x.gguf", "-m x", "--host 0.0.0.0", "--port 1", "--embeddings", "--mmproj p"],
+)
+def test_llama_args_forbidden_flags_are_rejected(
+    llama_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama_args: str
+) -> None:
+    monkeypatch.setenv("LLAMA_ARGS", llama_args)
+    flag = llama_args.split()[0]
+    with pytest.raises(ValueError, match=flag):
+        LlamaCppEngine().runner_command(make_launch(llama_bundle, tmp_path / "r.sock"))
+
+
+def test_llama_args_replace_defaults(
+    llama_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMA_ARGS", "-ngl 12 --temp 0.2 --threads 3")
+    launch = make_launch(llama_bundle, tmp_path / "r.sock", device=GPU)
+    argv = list(LlamaCppEngine().runner_command(launch).argv)
+    assert argv[argv.index("--n-gpu-layers") + 1] == "12"
+    assert argv[argv.index("--temperature") + 1] == "0.2"
+    assert argv[argv.index("--threads") + 1] == "3"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--chat-template-file", "x"), "not allowed"),
+        (("--threads", "a/b"), "may not contain"),
+        (("--temp", "0\\1"), "may not contain"),
+        (("--model", "m"), "--model"),
+        (("--frobnicate",), "not allowed"),
+    ],
+)
+def test_runtime_flags_go_through_the_allow_list(
+    llama_bundle: Path, tmp_path: Path, flags: tuple[str, ...], message: str
+) -> None:
+    launch = make_launch(llama_bundle, tmp_path / "r.sock", runtime_flags=flags)
+    with pytest.raises(ValueError, match=message):
+        LlamaCppEngine().runner_command(launch)
+
+
+def test_runtime_flags_allowed_reach_the_runner(llama_bundle: Path, tmp_path: Path) -> None:
+    launch = make_launch(llama_bundle, tmp_path / "r.sock", runtime_flags=("--top-k", "7"))
+    argv = list(LlamaCppEngine().runner_command(launch).argv)
+    assert argv[argv.index("--top-k") + 1] == "7"
+
+
+def test_memory_estimate_grows_with_context_and_slots(llama_bundle: Path, tmp_path: Path) -> None:
+    engine = LlamaCppEngine()
+    sock = tmp_path / "r.sock"
+    weights = (llama_bundle / "model" / "model.gguf").stat().st_size
+    small = engine.estimate_memory(make_launch(llama_bundle, sock, context_size=1024, parallel=1))
+    longer = engine.estimate_memory(make_launch(llama_bundle, sock, context_size=4096, parallel=1))
+    wider = engine.estimate_memory(make_launch(llama_bundle, sock, context_size=1024, parallel=4))
+    assert small.device_bytes > weights
+    # SmolLM2: 30 layers x 3 KV heads x 64 dims x 2 (K, V) x 2 bytes = 23040 bytes a token.
+    assert longer.device_bytes - small.device_bytes >= 3072 * 23040
+    assert wider.device_bytes - small.device_bytes >= 3072 * 23040
+    on_gpu = engine.estimate_memory(
+        make_launch(llama_bundle, sock, context_size=1024, parallel=1, device=GPU)
+    )
+    assert on_gpu.device_bytes >= weights
+    assert CPU.kind == "cpu"
+
+
+def test_runner_exits_with_the_reason_when_the_model_cannot_load(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dmr_llamacpp.runner",
+            "--model",
+            str(broken),
+            "--socket",
+            str(tmp_path / "r.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "failed to load broken.gguf" in result.stderr

@@ -1,0 +1,97 @@
+"""A third-party dmr plugin for tests: the "testfmt" format and the "test-engine" engine.
+
+Its runner (`dmr_test_engine.runner`) is a small real HTTP server on the unix
+socket the scheduler hands it. What a model does is set in its OCI config, under
+`config.testfmt`:
+
+    {"memory": 1048576,          # bytes estimate_memory() reports
+     "load_seconds": 0.0,        # /health answers 503 this long
+     "fail_load": "text",        # print text to stderr and exit 1 while loading
+     "ignore_sigterm": true}     # only SIGKILL stops the runner
+
+What a request does is set in its JSON body, under "test":
+
+    {"sleep": 0.1,               # seconds between streamed chunks
+     "chunks": 5,                # how many chunks a stream has
+     "crash": "text"}            # print text to stderr and exit 1 before answering
+
+A chat message containing "[slow]" streams with 0.4 s between chunks; one
+containing "[die]" makes the runner exit after two streamed chunks.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from dmr.hookspecs import hookimpl
+from dmr.records import (
+    EngineSpec,
+    EngineState,
+    EngineStatus,
+    MemoryEstimate,
+    Mode,
+    ModelFormat,
+    RunnerCommand,
+    RunnerLaunch,
+)
+
+__all__ = ["ENGINE_NAME", "FORMAT_NAME", "MEDIA_TYPE", "TestEngine"]
+
+ENGINE_NAME = "test-engine"
+FORMAT_NAME = "testfmt"
+MEDIA_TYPE = "application/vnd.dmr.test.weights.v1"
+ALLOWED_FLAGS = frozenset({"--temp", "--top-k", "--threads"})
+DEFAULT_MEMORY = 1024 * 1024
+
+
+class TestEngine:
+    def status(self) -> EngineStatus:
+        return EngineStatus(EngineState.RUNNING, "dmr-test-engine 0.1.0")
+
+    def runner_command(self, launch: RunnerLaunch) -> RunnerCommand:
+        settings = launch.model_config.get(FORMAT_NAME) or {}
+        argv = [
+            sys.executable,
+            "-m",
+            "dmr_test_engine.runner",
+            "--socket",
+            str(launch.socket_path),
+            "--model-name",
+            launch.model_name,
+            "--mode",
+            launch.mode.value,
+            "--load-seconds",
+            str(settings.get("load_seconds", 0.0)),
+        ]
+        if settings.get("ignore_sigterm"):
+            argv += ["--ignore-sigterm"]
+        if settings.get("fail_load"):
+            argv += ["--fail-load", str(settings["fail_load"])]
+        if launch.config.context_size:
+            argv += ["--ctx-size", str(launch.config.context_size)]
+        if launch.config.runtime_flags:
+            argv += ["--", *launch.config.runtime_flags]
+        return RunnerCommand(argv=tuple(argv), startup_timeout=30.0)
+
+    def estimate_memory(self, launch: RunnerLaunch) -> MemoryEstimate:
+        settings = launch.model_config.get(FORMAT_NAME) or {}
+        return MemoryEstimate(device_bytes=int(settings.get("memory", DEFAULT_MEMORY)))
+
+
+@hookimpl
+def dmr_model_formats() -> Sequence[ModelFormat]:
+    return [ModelFormat(name=FORMAT_NAME, media_types=(MEDIA_TYPE,), preferred_engine=ENGINE_NAME)]
+
+
+@hookimpl
+def dmr_engines() -> Sequence[EngineSpec]:
+    return [
+        EngineSpec(
+            name=ENGINE_NAME,
+            formats=frozenset({FORMAT_NAME}),
+            modes=frozenset({Mode.COMPLETION, Mode.EMBEDDING}),
+            engine=TestEngine(),
+            allowed_flags=ALLOWED_FLAGS,
+        )
+    ]

@@ -1,0 +1,343 @@
+"""OCI pull and push against a real `docker-registry` on 127.0.0.1 (no server, no CLI)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from dmr.distribution import packaging
+from dmr.distribution.credentials import resolve_credentials
+from dmr.distribution.packaging import PackageOptions
+from dmr.distribution.progress import TransferProgress
+from dmr.distribution.registry_client import RegistryAuthError
+from dmr.distribution.service import pull_model, push_model
+from dmr.errors import DmrError, UnsupportedMediaTypeError
+from dmr.records import ProgressEvent
+from dmr.store import Store, StoredModel
+
+from tests.fixtures.hf_hub import tiny_gguf
+from tests.fixtures.registry import (
+    LocalRegistry,
+    RecordingProxy,
+    upload_artifact,
+)
+
+pytestmark = pytest.mark.registry
+
+CREATED = "2024-01-01T00:00:00Z"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("DOCKER_USERNAME", "DOCKER_PASSWORD", "DEFAULT_REGISTRY", "INSECURE_REGISTRY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MODEL_RUNNER_REGISTRY_MIRRORS", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+
+
+def local_model(store: Store, tmp_path: Path, tag: str, payload: int = 3_000_000) -> StoredModel:
+    path = tmp_path / f"{abs(hash(tag))}.gguf"
+    path.write_bytes(tiny_gguf(tag, payload))
+    artifact = packaging.package_gguf([path], PackageOptions(created=CREATED))
+    return packaging.write_to_store(store, artifact, [tag])
+
+
+def weights_digest(model: StoredModel) -> tuple[str, int]:
+    layer = model.manifest["layers"][0]
+    return layer["digest"], layer["size"]
+
+
+async def test_push_then_pull_gives_the_same_model(
+    oci_registry: LocalRegistry, tmp_path: Path
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/round-trip:v1"
+    model = local_model(source, tmp_path, tag)
+    pushed: list[ProgressEvent] = []
+    await push_model(source, tag, pushed.append)
+    assert all(e.mode == "push" for e in pushed)
+    assert any(e.type == "progress" and e.layer_id for e in pushed)
+
+    target = Store.open(tmp_path / "target")
+    pulled: list[ProgressEvent] = []
+    copy = await pull_model(target, tag, pulled.append)
+    assert copy.id == model.id
+    assert copy.tags == (tag,)
+    digest, size = weights_digest(copy)
+    assert target.blob_path(digest).stat().st_size == size
+    layer_events = [e for e in pulled if e.layer_id == digest]
+    assert layer_events[-1].layer_current == size
+    assert pulled[-1].message.startswith("Downloaded: ")
+
+
+async def test_round_trip_with_htpasswd_credentials(
+    auth_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_USERNAME", auth_registry.username or "")
+    monkeypatch.setenv("DOCKER_PASSWORD", auth_registry.password or "")
+    source = Store.open(tmp_path / "source")
+    tag = f"{auth_registry.host}/tests/private:v1"
+    model = local_model(source, tmp_path, tag)
+    await push_model(source, tag, lambda event: None)
+    copy = await pull_model(Store.open(tmp_path / "target"), tag, lambda event: None)
+    assert copy.id == model.id
+
+
+async def test_credentials_from_docker_config_auths(
+    auth_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_dir = tmp_path / "docker"
+    config_dir.mkdir()
+    secret = base64.b64encode(f"{auth_registry.username}:{auth_registry.password}".encode())
+    (config_dir / "config.json").write_text(
+        json.dumps({"auths": {auth_registry.host: {"auth": secret.decode()}}})
+    )
+    monkeypatch.setenv("DOCKER_CONFIG", str(config_dir))
+    source = Store.open(tmp_path / "source")
+    tag = f"{auth_registry.host}/tests/from-config:v1"
+    local_model(source, tmp_path, tag)
+    await push_model(source, tag, lambda event: None)
+    await pull_model(Store.open(tmp_path / "target"), tag, lambda event: None)
+
+
+def test_credentials_from_a_credential_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-dmrtest"
+    helper.write_text(
+        "#!/bin/sh\n"
+        "read host\n"
+        'if [ "$host" = "registry.example:5000" ]; then\n'
+        '  echo \'{"ServerURL":"registry.example:5000","Username":"helper-user","Secret":"hs"}\'\n'
+        "else\n  echo 'credentials not found' >&2; exit 1\nfi\n"
+    )
+    helper.chmod(helper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config_dir = tmp_path / "docker"
+    config_dir.mkdir()
+    (config_dir / "config.json").write_text(json.dumps({"credsStore": "dmrtest"}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config_dir))
+    found = resolve_credentials("registry.example:5000")
+    assert found is not None
+    assert (found.username, found.password) == ("helper-user", "hs")
+    assert resolve_credentials("other.example") is None
+    # credHelpers beats credsStore for its registry.
+    (config_dir / "config.json").write_text(
+        json.dumps({"credsStore": "missing", "credHelpers": {"registry.example:5000": "dmrtest"}})
+    )
+    found = resolve_credentials("registry.example:5000")
+    assert found is not None and found.username == "helper-user"
+
+
+async def test_wrong_credentials_give_a_clear_error(
+    auth_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_USERNAME", auth_registry.username or "")
+    monkeypatch.setenv("DOCKER_PASSWORD", "not-the-password")
+    store = Store.open(tmp_path / "store")
+    with pytest.raises(RegistryAuthError, match="refused the credentials"):
+        await pull_model(store, f"{auth_registry.host}/tests/anything:v1", lambda event: None)
+    monkeypatch.delenv("DOCKER_USERNAME")
+    monkeypatch.delenv("DOCKER_PASSWORD")
+    with pytest.raises(RegistryAuthError, match="authentication required"):
+        await pull_model(store, f"{auth_registry.host}/tests/anything:v1", lambda event: None)
+    assert store.list_models() == []
+
+
+async def test_unknown_config_media_type_is_refused_before_any_blob(
+    oci_registry: LocalRegistry, registry_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    upload_artifact(
+        oci_registry,
+        "tests/not-a-model",
+        "v1",
+        "application/vnd.example.thing.config.v1+json",
+        b"{}",
+        [("application/vnd.docker.ai.gguf.v3", b"weights")],
+    )
+    store = Store.open(tmp_path / "store")
+    with pytest.raises(UnsupportedMediaTypeError) as caught:
+        await pull_model(store, f"{registry_proxy.host}/tests/not-a-model:v1", lambda e: None)
+    assert caught.value.status == 422
+    assert any("/manifests/" in r.path for r in registry_proxy.requests)
+    assert not [r for r in registry_proxy.requests if "/blobs/" in r.path]
+    assert store.list_models() == []
+
+
+async def test_corrupted_blob_is_rejected_and_store_untouched(
+    oci_registry: LocalRegistry, tmp_path: Path
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/corrupted:v1"
+    model = local_model(source, tmp_path, tag)
+    await push_model(source, tag, lambda event: None)
+    digest, size = weights_digest(model)
+    stored = oci_registry.blob_file(digest)
+    data = bytearray(stored.read_bytes())
+    data[size // 2] ^= 0xFF  # same size, one byte flipped
+    stored.write_bytes(bytes(data))
+
+    target = Store.open(tmp_path / "target")
+    with pytest.raises(DmrError, match="digest"):
+        await pull_model(target, tag, lambda event: None)
+    assert target.list_models() == []
+    assert not target.has_blob(digest)
+    assert not target.layout.incomplete_blob(digest).exists()
+    assert not target.has_blob(model.manifest["config"]["digest"])
+
+
+async def test_partial_blob_resumes_with_range(
+    oci_registry: LocalRegistry, registry_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/resume:v1"
+    model = local_model(source, tmp_path, tag, payload=4_000_000)
+    await push_model(source, tag, lambda event: None)
+    digest, size = weights_digest(model)
+    already = 1_500_000
+
+    target = Store.open(tmp_path / "target")
+    partial = target.layout.incomplete_blob(digest)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(source.blob_path(digest).read_bytes()[:already])
+    copy = await pull_model(target, f"{registry_proxy.host}/tests/resume:v1", lambda event: None)
+    assert copy.id == model.id
+    gets = registry_proxy.blob_gets(digest)
+    assert [g.range for g in gets] == [f"bytes={already}-"]
+    assert gets[0].bytes_sent == size - already
+    assert not partial.exists()
+
+
+async def test_mirror_is_tried_before_docker_hub(
+    oci_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/ai/mirrored-tiny:latest"
+    model = local_model(source, tmp_path, tag)
+    await push_model(source, tag, lambda event: None)
+    # Docker Hub cannot be reached from here: only the mirror can answer.
+    monkeypatch.setenv("MODEL_RUNNER_REGISTRY_MIRRORS", f"http://{oci_registry.host}")
+    copy = await pull_model(Store.open(tmp_path / "target"), "mirrored-tiny", lambda e: None)
+    assert copy.id == model.id
+    assert copy.tags == ("ai/mirrored-tiny:latest",)
+
+
+def test_progress_is_throttled_to_100ms_or_1mb() -> None:
+    now = [0.0]
+    events: list[ProgressEvent] = []
+    tracker = TransferProgress(events.append, mode="pull", total=10_000_000, clock=lambda: now[0])
+    tracker.update("sha256:a", 10_000_000, 0)  # first line always goes out
+    for done in range(1, 100):  # 99 small steps, no time passing, < 1 MB
+        tracker.update("sha256:a", 10_000_000, done * 1000)
+    assert len(events) == 1
+    tracker.update("sha256:a", 10_000_000, 1_100_000)  # over 1 MB since the last line
+    assert len(events) == 2
+    now[0] += 0.15  # over 100 ms
+    tracker.update("sha256:a", 10_000_000, 1_100_001)
+    assert len(events) == 3
+    tracker.update("sha256:a", 10_000_000, 10_000_000)  # the end always goes out
+    assert events[-1].layer_current == 10_000_000
+    assert events[-1].to_json()["layer"] == {
+        "id": "sha256:a",
+        "size": 10_000_000,
+        "current": 10_000_000,
+    }
+    assert events[-1].message == "Downloaded: 10.00 MB"
+
+
+async def test_proxy_environment_variables_are_honoured(
+    oci_registry: LocalRegistry,
+    registry_proxy: RecordingProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/via-proxy:v1"
+    model = local_model(source, tmp_path, tag)
+    await push_model(source, tag, lambda event: None)
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", registry_proxy.url)
+    monkeypatch.setenv("INSECURE_REGISTRY", "true")
+    # registry.test does not resolve: only the proxy can reach "it".
+    copy = await pull_model(
+        Store.open(tmp_path / "target"), "registry.test:5000/tests/via-proxy:v1", lambda e: None
+    )
+    assert copy.id == model.id
+    assert registry_proxy.forwarded > 0
+
+
+async def test_cncf_modelpack_artifact_is_read(oci_registry: LocalRegistry, tmp_path: Path) -> None:
+    weights = tiny_gguf("modelpack", 50_000)
+    config = json.dumps(
+        {
+            "descriptor": {"createdAt": "2025-01-01T00:00:00Z", "name": "tiny"},
+            "config": {"format": "gguf", "paramSize": "1M", "quantization": "Q4_1"},
+            "modelfs": {"type": "layers", "diffIds": []},
+        }
+    ).encode()
+    upload_artifact(
+        oci_registry,
+        "tests/modelpack",
+        "v1",
+        "application/vnd.cncf.model.config.v1+json",
+        config,
+        [("application/vnd.cncf.model.weight.v1.gguf", weights)],
+    )
+    store = Store.open(tmp_path / "store")
+    model = await pull_model(store, f"{oci_registry.host}/tests/modelpack:v1", lambda e: None)
+    assert model.format == "gguf"
+    assert model.model_config["quantization"] == "Q4_1"
+    assert model.model_path().read_bytes() == weights
+
+
+async def test_default_registry_names_where_bare_names_come_from(
+    oci_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/ai/default-tiny:latest"
+    model = local_model(source, tmp_path, tag)
+    await push_model(source, tag, lambda event: None)
+    monkeypatch.setenv("DEFAULT_REGISTRY", oci_registry.host)
+    copy = await pull_model(Store.open(tmp_path / "target"), "default-tiny", lambda e: None)
+    assert copy.id == model.id
+    assert copy.tags == ("ai/default-tiny:latest",)
+
+
+async def test_bearer_token_exchange_and_api_token(
+    oci_registry: LocalRegistry,
+    registry_proxy: RecordingProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/token-auth:v1"
+    model = local_model(source, tmp_path, tag)
+    await push_model(source, tag, lambda event: None)
+    registry_proxy.token_credentials = ("token-user", "token-pass")
+    reference = f"{registry_proxy.host}/tests/token-auth:v1"
+
+    with pytest.raises(RegistryAuthError):
+        await pull_model(Store.open(tmp_path / "anonymous"), reference, lambda e: None)
+    # Basic credentials are traded for a token at the challenge's realm.
+    monkeypatch.setenv("DOCKER_USERNAME", "token-user")
+    monkeypatch.setenv("DOCKER_PASSWORD", "token-pass")
+    copy = await pull_model(Store.open(tmp_path / "exchanged"), reference, lambda e: None)
+    assert copy.id == model.id
+    assert any(r.path.startswith("/token") for r in registry_proxy.requests)
+    # A bearer token handed to the API is used as it is.
+    monkeypatch.delenv("DOCKER_USERNAME")
+    monkeypatch.delenv("DOCKER_PASSWORD")
+    copy = await pull_model(
+        Store.open(tmp_path / "api-token"),
+        reference,
+        lambda e: None,
+        bearer_token=registry_proxy.token,
+    )
+    assert copy.id == model.id

@@ -1,0 +1,197 @@
+"""The store on disk: DMR's layout, shared blobs, tags, resume, concurrency."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
+from dmr.errors import ConflictError, InvalidRequestError, ModelNotFoundError, StoreError
+from dmr.store import Store
+
+from tests.test_packaging import tiny_gguf
+
+CREATED = "2025-01-01T00:00:00Z"
+
+
+def _package(store: Store, gguf: Path, tag: str, **options: object) -> str:
+    artifact = package_gguf([gguf], PackageOptions(created=CREATED, **options))  # type: ignore[arg-type]
+    return write_to_store(store, artifact, [tag]).id
+
+
+def test_layout_matches_dmr(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "models")
+    gguf = tiny_gguf(tmp_path / "m.gguf")
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    mmproj = tiny_gguf(tmp_path / "proj.gguf", arch="clip")
+    model_id = _package(store, gguf, "smollm2", chat_template=template, mmproj=mmproj)
+    root = tmp_path / "models"
+    assert json.loads((root / "layout.json").read_text()) == {"version": "1.0.0"}
+    index = json.loads((root / "models.json").read_text())
+    assert index["models"][0]["id"] == model_id
+    assert index["models"][0]["tags"] == ["ai/smollm2:latest"]
+    hex_id = model_id[7:]
+    assert (root / "manifests" / "sha256" / hex_id).is_file()
+    bundle = root / "bundles" / "sha256" / hex_id
+    assert json.loads((bundle / "config.json").read_text())["format"] == "gguf"
+    model_file = bundle / "model" / "model.gguf"
+    assert model_file.read_bytes() == gguf.read_bytes()
+    assert (bundle / "model" / "template.jinja").read_text() == "{{ messages }}"
+    assert (bundle / "model" / "model.mmproj").is_file()
+    blob = root / "blobs" / "sha256" / hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert blob.stat().st_ino == model_file.stat().st_ino  # a hard link, as DMR
+    model = store.get("ai/smollm2")
+    assert model.model_path() == model_file and model.short_id == hex_id[:12]
+    assert store.get(hex_id[:12]).id == store.get(model_id).id == store.get(hex_id).id
+    # A store written by DMR may have no bundle yet: it is built on first use.
+    shutil.rmtree(bundle)
+    assert store.get("smollm2").model_path().read_bytes() == gguf.read_bytes()
+
+
+def test_delete_keeps_blobs_another_model_uses(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "models")
+    gguf = tiny_gguf(tmp_path / "m.gguf")
+    first = _package(store, gguf, "a/one:v1")
+    second = _package(store, gguf, "a/two:v1", context_size=128)  # same weights, new config
+    assert first != second
+    weights = store.get(first).files[0]
+    assert store.delete("a/one:v1") == [{"Untagged": "a/one:v1"}, {"Deleted": first}]
+    assert store.has_blob(weights)
+    assert store.get("a/two:v1").model_path().read_bytes() == gguf.read_bytes()
+    store.delete("a/two:v1")
+    assert not store.has_blob(weights)
+    assert store.list_models() == []
+    assert not list((tmp_path / "models" / "bundles" / "sha256").iterdir())
+
+
+def test_tags_untag_and_forced_delete(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "models")
+    model_id = _package(store, tiny_gguf(tmp_path / "m.gguf"), "a/one:v1")
+    store.tag("a/one:v1", "b/two")
+    assert store.get("b/two:latest").tags == ("a/one:v1", "b/two:latest")
+    with pytest.raises(ConflictError):
+        store.delete(model_id)
+    assert store.delete("b/two") == [{"Untagged": "b/two:latest"}]
+    store.tag(model_id, "c/three:x")
+    report = store.delete(model_id[7:19], force=True)
+    assert report[-1] == {"Deleted": model_id} and len(report) == 3
+    with pytest.raises(ModelNotFoundError):
+        store.get("a/one:v1")
+    with pytest.raises(InvalidRequestError):
+        store.get("../../etc/passwd")
+    with pytest.raises(InvalidRequestError):
+        store.tag(model_id, "Bad Name")
+
+
+def test_moving_a_tag_drops_the_model_it_leaves_untagged(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "models")
+    gguf = tiny_gguf(tmp_path / "m.gguf")
+    old = _package(store, gguf, "a/m:latest")
+    new = _package(store, gguf, "a/m:latest", context_size=64)
+    assert [m.id for m in store.list_models()] == [new]
+    assert not (tmp_path / "models" / "manifests" / "sha256" / old[7:]).exists()
+
+
+def test_blob_writer_resumes_and_verifies(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "models")
+    data = b"x" * 3_000_000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with store.blob_writer(digest, len(data)) as writer:
+        assert writer.offset == 0
+        writer.write(data[:1_000_000])  # interrupted here
+    with store.blob_writer(digest, len(data)) as writer:
+        assert writer.offset == 1_000_000
+        writer.write(data[writer.offset :])
+        writer.commit()
+    assert store.blob_path(digest).read_bytes() == data
+    bad = "sha256:" + "1" * 64
+    with store.blob_writer(bad, 4) as writer, pytest.raises(StoreError, match="digest mismatch"):
+        writer.write(b"abcd")
+        writer.commit()
+    assert not store.has_blob(bad)
+    assert not (tmp_path / "models" / "blobs" / "sha256" / ("1" * 64 + ".incomplete")).exists()
+    with pytest.raises(InvalidRequestError):
+        store.blob_writer("sha256:../../etc", 1)
+
+
+def test_purge_refuses_a_directory_that_is_no_store(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "models")
+    _package(store, tiny_gguf(tmp_path / "m.gguf"), "a/one:v1")
+    store.purge()
+    assert store.list_models() == [] and store.disk_usage() < 1000
+    precious = tmp_path / "models" / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / "models" / "layout.json").unlink()
+    with pytest.raises(StoreError, match=r"layout\.json"):
+        store.purge()
+    assert precious.read_text() == "keep me"
+
+
+def _add_in_process(root: str, gguf: str, tag: str, rounds: int) -> None:
+    store = Store.open(Path(root))
+    for n in range(rounds):
+        artifact = package_gguf(
+            [Path(gguf)], PackageOptions(created=CREATED, context_size=n % 3 + 1)
+        )
+        try:
+            write_to_store(store, artifact, [tag])
+        except StoreError as error:  # lost a blob to a concurrent delete: clean failure
+            assert "missing" in str(error), error
+
+
+def _check_consistent(store: Store) -> None:
+    index = json.loads(store.layout.index_file.read_text())
+    ids = [entry["id"] for entry in index["models"]]
+    assert len(ids) == len(set(ids))
+    tags = [tag for entry in index["models"] for tag in entry["tags"]]
+    assert len(tags) == len(set(tags))
+    for model in store.list_models():
+        for digest in [*model.files, model.manifest["config"]["digest"]]:
+            assert store.has_blob(digest)
+        assert model.model_path().is_file()
+    assert len(store.list_models()) == len(ids)
+
+
+def test_concurrent_writers_and_deletes_keep_the_index_consistent(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    store = Store.open(root)
+    gguf = tiny_gguf(tmp_path / "m.gguf")
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_add_in_process, args=(str(root), str(gguf), tag, 6))
+        for tag in ("p/one:v1", "p/two:v1")
+    ]
+    for process in processes:
+        process.start()
+    errors: list[BaseException] = []
+
+    def thread_writer() -> None:
+        try:
+            _add_in_process(str(root), str(gguf), "t/same:v1", 6)
+        except BaseException as error:
+            errors.append(error)
+
+    def deleter() -> None:
+        for _ in range(30):
+            for name in ("p/one:v1", "t/same:v1"):
+                with contextlib.suppress(ModelNotFoundError, StoreError):
+                    store.delete(name, force=True)
+
+    threads = [threading.Thread(target=thread_writer), threading.Thread(target=deleter)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    assert errors == []
+    _check_consistent(store)
+    assert store.find("p/two:v1") is not None
