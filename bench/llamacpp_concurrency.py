@@ -102,7 +102,12 @@ async def runner_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncCl
             socket_path=Path(folder) / "runner.sock",
             config=RunnerConfig(
                 context_size=args.ctx_size,
-                runtime_flags=("--threads", str(args.threads)),
+                runtime_flags=(
+                    "--threads",
+                    str(args.threads),
+                    "--threads-batch",
+                    str(args.threads_batch),
+                ),
                 engine_options={"llamacpp": {"parallel": max(args.concurrency)}},
             ),
             device=AcceleratorInfo("cpu", "cpu", 0, 0, 0),
@@ -161,7 +166,7 @@ async def llama_cpp_server_target(args: argparse.Namespace) -> AsyncIterator[htt
         "--n_threads",
         str(args.threads),
         "--n_threads_batch",
-        str(args.threads),
+        str(args.threads_batch),
         "--verbose",
         "False",
     ]
@@ -272,6 +277,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--ctx-size", type=int, default=512, help="tokens per slot")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--threads-batch", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--targets", default="runner,llama-cpp-server")
     parser.add_argument("--model-name", default="ai/smollm2")
     parser.add_argument("--json", type=Path)

@@ -58,7 +58,14 @@ def _register_topic_commands() -> None:
     # Imported for their side effect of adding commands to `app`.
     import importlib
 
-    for module in ("dmr.cli.models", "dmr.cli.runners", "dmr.cli.quickstart", "dmr.cli.transfer"):
+    for module in (
+        "dmr.cli.models",
+        "dmr.cli.runners",
+        "dmr.cli.quickstart",
+        "dmr.cli.transfer",
+        "dmr.cli.bench",
+        "dmr.cli.observe",
+    ):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

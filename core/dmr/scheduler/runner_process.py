@@ -15,13 +15,14 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
+from typing import IO
 
 import httpx
 
 from dmr.errors import RunnerError
 from dmr.records import RunnerCommand
 
-__all__ = ["RunnerProcess", "explain_exit"]
+__all__ = ["RunnerProcess", "explain_exit", "log_timestamp"]
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +139,17 @@ class RunnerProcess:
         pending = b""
         try:
             while chunk := await self._process.stdout.read(65536):
-                if log_file is not None:
-                    log_file.write(chunk)
-                    log_file.flush()
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 if len(pending) > 65536:
                     lines.append(pending)
                     pending = b""
+                if log_file is not None and lines:
+                    _write_stamped(log_file, lines)
                 self._lines.extend(line.decode(errors="replace").rstrip("\r") for line in lines)
             if pending:
+                if log_file is not None:
+                    _write_stamped(log_file, [pending])
                 self._lines.append(pending.decode(errors="replace").rstrip("\r"))
         finally:
             if log_file is not None:
@@ -205,3 +207,16 @@ class RunnerProcess:
         if self._reader is not None:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(self._reader, timeout=2.0)
+
+
+def _write_stamped(log_file: IO[bytes], lines: list[bytes]) -> None:
+    # The server's own log uses the same stamp, so `/logs` can merge both by time.
+    stamp = log_timestamp().encode()
+    log_file.write(b"".join(stamp + b" " + line.rstrip(b"\r") + b"\n" for line in lines))
+    log_file.flush()
+
+
+def log_timestamp(seconds: float | None = None) -> str:
+    """`2026-01-31 12:00:00,123` in UTC, as the server's log lines start."""
+    now = time.time() if seconds is None else seconds
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)) + f",{int(now * 1000) % 1000:03d}"

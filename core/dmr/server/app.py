@@ -9,7 +9,9 @@ from quart import Quart, Response, jsonify
 
 from dmr import plugins
 from dmr.errors import DmrError, PayloadTooLargeError
-from dmr.server import engines_api, models_api, root
+from dmr.server import engines_api, models_api, root, ui
+from dmr.server.observability import install_observability
+from dmr.server.security import install_security
 from dmr.server.services import Services
 from dmr.settings import Settings
 
@@ -37,11 +39,14 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["DMR_SETTINGS"] = settings
     app.config["DMR_PLUGIN_MANAGER"] = pm
+    install_security(app, settings)
 
-    for blueprint in (root.blueprint, models_api.blueprint, engines_api.blueprint):
+    for blueprint in (root.blueprint, models_api.blueprint, engines_api.blueprint, ui.blueprint):
         app.register_blueprint(blueprint)
-    for dialect in plugins.api_dialects(pm):
+    dialects = plugins.api_dialects(pm)
+    for dialect in dialects:
         app.register_blueprint(dialect.blueprint, url_prefix=dialect.url_prefix)
+    install_observability(app, settings, list(dialects))
 
     @app.errorhandler(DmrError)
     async def handle_dmr_error(error: DmrError) -> Response:

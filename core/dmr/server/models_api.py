@@ -17,6 +17,7 @@ from quart.wrappers import Request
 from dmr.errors import DmrError, InvalidRequestError
 from dmr.records import ProgressEvent
 from dmr.reference import InvalidReferenceError, parse_reference
+from dmr.server.metrics import counting_pull_bytes
 from dmr.server.services import get_services
 from dmr.store import Store, StoredModel, normalise_tag
 
@@ -260,6 +261,7 @@ async def create_model() -> Response:
     store = _store()
 
     async def run(progress: Callable[[ProgressEvent], None]) -> str:
+        progress = counting_pull_bytes(progress)
         model = await pull_model(store, reference, progress, bearer_token=token)
         return f"Model pulled successfully: {model.name} ({model.id})"
 

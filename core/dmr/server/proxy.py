@@ -21,6 +21,8 @@ from dmr.errors import DmrError, RunnerError
 from dmr.records import Mode
 from dmr.scheduler import RunnerHandle
 from dmr.scheduler.unix_http import RunnerConnectionError, open_request
+from dmr.server.metrics import note_model
+from dmr.server.recorder import start_capture
 from dmr.server.services import get_services
 
 __all__ = ["proxy_to_runner", "sse_error_event"]
@@ -69,6 +71,7 @@ async def proxy_to_runner(
     goes away; closing the upstream request then makes the runner stop the
     generation and free its slot.
     """
+    note_model(model)
     scheduler = get_services().scheduler
     lease = scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive)
     handle = await lease.__aenter__()
@@ -100,6 +103,14 @@ async def proxy_to_runner(
 
     kept = {name: upstream.headers[name] for name in _KEPT_HEADERS if name in upstream.headers}
     content_type = upstream.headers.get("content-type", "")
+    capture = start_capture(
+        model=model,
+        model_id=handle.model_id,
+        backend=handle.backend,
+        mode=handle.mode.value,
+        path=path,
+        body=body,
+    )
 
     if not content_type.startswith("text/event-stream"):
         try:
@@ -109,17 +120,26 @@ async def proxy_to_runner(
         finally:
             await upstream.aclose()
             await release()
+        if capture is not None:
+            # Decoding the answer for the recorder must not delay sending it.
+            asyncio.get_running_loop().call_soon(capture.finish, upstream.status, content)
         return Response(content, status=upstream.status, headers=kept)
 
     async def stream() -> AsyncIterator[bytes]:
         try:
             async for chunk in upstream.iter_body():
+                if capture is not None:
+                    capture.feed(chunk)  # a bounded copy; parsed once the stream ends
                 yield chunk
         except RunnerConnectionError as error:
             failure = await _runner_failure(handle, error)
             log.error("stream from %s broke: %s", handle.model_name, failure.message)
+            if capture is not None:
+                capture.feed(sse_error_event(failure))
             yield sse_error_event(failure)
         finally:
+            if capture is not None:
+                capture.finish(upstream.status)
             # On a client disconnect this runs in a cancelled task: closing the
             # upstream connection is what tells the runner to stop generating.
             with contextlib.suppress(BaseException):

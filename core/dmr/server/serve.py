@@ -43,6 +43,10 @@ def run_server(settings: Settings | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.log_dir is not None:
+        from dmr.server.logs_api import server_log_handler
+
+        logging.getLogger().addHandler(server_log_handler(settings.log_dir))
     app = create_app(settings)
     config = hypercorn_config(settings)
 

@@ -23,6 +23,9 @@ from typing import Any
 import httpx
 from dmr.errors import DmrError, RunnerError
 from dmr.records import Mode
+from dmr.scheduler import RunnerHandle
+from dmr.server.metrics import note_model
+from dmr.server.recorder import ExchangeCapture, start_capture
 from dmr.server.services import get_services
 
 from dmr_apis._streaming import iter_sse_json
@@ -68,11 +71,15 @@ async def call_runner(
     backend: str | None = None,
     keep_alive: float | None = None,
 ) -> RunnerCall:
+    note_model(model)
     scheduler = get_services().scheduler
     started = time.monotonic()
     async with scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive) as handle:
         load_seconds = time.monotonic() - started
         response = await handle.client.post(path, json=payload)
+    capture = _capture(model, handle, path, payload)
+    if capture is not None:
+        capture.finish(response.status_code, response.content)
     if response.status_code >= 400:
         raise runner_error(response.status_code, response.content)
     try:
@@ -85,6 +92,22 @@ async def call_runner(
 
 
 _END = object()
+# Stream events kept per request for the request recorder (a bound, not a limit
+# any ordinary answer reaches).
+_RECORDED_EVENTS = 100_000
+
+
+def _capture(
+    model: str, handle: RunnerHandle, path: str, payload: dict[str, Any]
+) -> ExchangeCapture | None:
+    return start_capture(
+        model=model,
+        model_id=handle.model_id,
+        backend=handle.backend,
+        mode=handle.mode.value,
+        path=path,
+        body=payload,
+    )
 
 
 @dataclass
@@ -127,6 +150,7 @@ async def stream_runner(
     keep_alive: float | None = None,
 ) -> RunnerStream:
     """Start a streamed runner call; raises the runner's error before any byte is sent."""
+    note_model(model)
     scheduler = get_services().scheduler
     # Unbounded on purpose: the pump never waits for the client, so it always
     # reaches the end of the generation and releases the runner, even for a
@@ -146,8 +170,17 @@ async def stream_runner(
                     if response.status_code >= 400:
                         raise runner_error(response.status_code, await response.aread())
                     ready.set_result(load_seconds)
-                    async for event in iter_sse_json(response.aiter_lines()):
-                        queue.put_nowait(event)
+                    capture = _capture(model, handle, path, payload)
+                    # Kept for the recorder, which folds them once the stream ends.
+                    seen: list[dict[str, Any]] = []
+                    try:
+                        async for event in iter_sse_json(response.aiter_lines()):
+                            if capture is not None and len(seen) < _RECORDED_EVENTS:
+                                seen.append(event)
+                            queue.put_nowait(event)
+                    finally:
+                        if capture is not None:
+                            capture.finish(response.status_code, events=seen)
             queue.put_nowait(_END)
         except asyncio.CancelledError:
             raise

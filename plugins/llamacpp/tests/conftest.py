@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ def completion_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
     runner = RunnerProcess(make_launch(llama_bundle, _short_socket("completion")))
     yield runner
     runner.stop()
+    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,7 @@ def embedding_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
     runner = RunnerProcess(make_launch(llama_bundle, _short_socket("embedding"), Mode.EMBEDDING))
     yield runner
     runner.stop()
+    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +45,4 @@ def reranking_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
     runner = RunnerProcess(make_launch(llama_bundle, _short_socket("rerank"), Mode.RERANKING))
     yield runner
     runner.stop()
+    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)

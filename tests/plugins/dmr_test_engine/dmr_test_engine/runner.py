@@ -89,6 +89,7 @@ class Handler(BaseHTTPRequestHandler):
                 }
             self.send_json(200, info)
         elif self.path == "/metrics":
+            time.sleep(STATE.args.metrics_sleep)  # a runner too busy to answer in time
             data = f"testengine_requests_total {STATE.served}\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fail-load")
     parser.add_argument("--ctx-size", type=int)
     parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--metrics-sleep", type=float, default=0.0)
     parser.add_argument("flags", nargs="*")
     args = parser.parse_args(raw)
     STATE = State(args, raw)
