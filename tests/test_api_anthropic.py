@@ -43,6 +43,27 @@ def test_max_tokens_stop_reason(client: anthropic.Anthropic) -> None:
     assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 1
 
 
+def test_stop_sequence_is_reported(client: anthropic.Anthropic) -> None:
+    # A space turns up in any answer well within 32 tokens, so generation must stop there.
+    story = [{"role": "user", "content": "Write a long story about the sea."}]
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=32,
+        stop_sequences=[" "],
+        messages=story,  # type: ignore[arg-type]
+    )
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == " "
+    assert " " not in "".join(b.text for b in message.content if b.type == "text").strip()
+    with client.messages.stream(
+        model=MODEL,
+        max_tokens=32,
+        stop_sequences=[" "],
+        messages=story,  # type: ignore[arg-type]
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == " "
+
+
 def test_multi_turn_and_blocks(client: anthropic.Anthropic) -> None:
     message = client.messages.create(
         model=MODEL,

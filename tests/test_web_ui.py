@@ -26,13 +26,11 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed"),
-]
-
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():  # scripts/install-test-deps installs it
+        pytest.skip("Debian's chromium is not installed")
     with sync_playwright() as playwright:
         # --no-sandbox: the tests may run as root in a container, where chromium's
         # sandbox cannot start.
@@ -59,12 +57,12 @@ def page(browser: Browser) -> Iterator[Page]:
 
     context.route("**/*", guard)
     new_page = context.new_page()
-    console_errors: list[str] = []
-    new_page.on("pageerror", lambda error: console_errors.append(str(error)))
+    page_errors: list[str] = []
+    new_page.on("pageerror", lambda error: page_errors.append(str(error)))
     yield new_page
     context.close()
     assert not outside, f"the page reached outside 127.0.0.1: {outside}"
-    assert not console_errors, console_errors
+    assert not page_errors, page_errors
 
 
 # Records the assistant answer's length at every DOM change, to see it grow.

@@ -309,6 +309,7 @@ def create_app(state: RunnerState) -> Quart:
                 "choices": [choice],
                 "usage": _usage(done),
                 "timings": _timings(done),
+                "stopping_word": done.stop_word or "",
             }
         )
 
@@ -369,7 +370,9 @@ def create_app(state: RunnerState) -> Quart:
                         )
                     elif content:
                         yield chunk({"content": content}, None)
-                yield chunk({}, finish, timings=_timings(event))
+                yield chunk(
+                    {}, finish, timings=_timings(event), stopping_word=event.stop_word or ""
+                )
                 if include_usage:
                     yield _sse({**chunk_base, "choices": [], "usage": _usage(event)})
         except RuntimeError as error:
@@ -435,6 +438,7 @@ def create_app(state: RunnerState) -> Quart:
                 "choices": [choice],
                 "usage": _usage(done),
                 "timings": _timings(done),
+                "stopping_word": done.stop_word or "",
             }
         )
 
@@ -479,6 +483,7 @@ def create_app(state: RunnerState) -> Quart:
                             }
                         ],
                         "timings": _timings(event),
+                        "stopping_word": event.stop_word or "",
                     }
                 )
                 if include_usage:

@@ -57,6 +57,9 @@ class Finished:
     completion_tokens: int
     prompt_ms: float
     predicted_ms: float
+    # The stop string that ended generation, reported as llama-server's `stopping_word`
+    # so dialects (Anthropic's stop_sequence) can tell it from an end-of-turn token.
+    stop_word: str | None = None
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,7 @@ class BatchedGenerator:
                 completion_tokens=slot.completion_tokens,
                 prompt_ms=(prompt_done - slot.started_at) * 1000,
                 predicted_ms=(now - prompt_done) * 1000,
+                stop_word=slot.text.stopped_by,
             )
         )
         self._release(slot)
