@@ -131,7 +131,8 @@ def test_page_lists_models_and_streams_a_chat(smollm2_server: DmrServer, page: P
     ]
 
     # The runner the chat loaded shows up with its memory and keep-alive.
-    runner = p.locator("#runners tbody tr", has_text="ai/smollm2")
+    # Other tests on this shared server may have loaded an embedding runner too.
+    runner = p.locator("#runners tbody tr", has_text="ai/smollm2").filter(has_text="completion")
     runner.wait_for(timeout=15_000)
     cells = runner.locator("td").all_inner_texts()
     assert cells[1] == "llama.cpp" and cells[2] == "completion"
