@@ -181,12 +181,69 @@ async def llama_cpp_server_target(args: argparse.Namespace) -> AsyncIterator[htt
 
 @contextlib.asynccontextmanager
 async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
-    """dmr through its own server: set DMR_BENCH_SERVER_URL (e.g. http://127.0.0.1:12434/engines)."""
+    """dmr through its own server, so the proxy's overhead shows against `runner`.
+
+    With DMR_BENCH_SERVER_URL (e.g. http://127.0.0.1:12434/engines) it uses that
+    server as it is. Otherwise it starts `dmr serve` on a temporary store, packages
+    the GGUF as ai/smollm2 and configures its runner exactly as `runner_target`'s
+    (threads, context per slot, slots), so the two differ only by the server.
+    """
     url = os.environ.get("DMR_BENCH_SERVER_URL")
-    if not url:
-        raise RuntimeError("set DMR_BENCH_SERVER_URL to a running dmr server's OpenAI base")
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        yield client
+    if url:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            yield client
+        return
+    with tempfile.TemporaryDirectory(prefix="dmr-bench-server-") as folder:
+        port = _free_port()
+        env = dict(
+            os.environ,
+            MODELS_PATH=str(Path(folder) / "models"),
+            MODEL_RUNNER_PORT=str(port),
+            MODEL_RUNNER_HOST=f"http://127.0.0.1:{port}",
+        )
+        server = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "dmr", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(base_url=base, timeout=600) as control:
+                await _wait_healthy(control, "/", server)
+                subprocess.run(  # noqa: ASYNC221
+                    [
+                        sys.executable,
+                        "-m",
+                        "dmr",
+                        "package",
+                        "--gguf",
+                        str(args.gguf),
+                        args.model_name,
+                    ],
+                    env=env,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
+                configured = await control.post(
+                    "/engines/_configure",
+                    json={
+                        "model": args.model_name,
+                        "context-size": args.ctx_size,
+                        "runtime-flags": [
+                            "--threads",
+                            str(args.threads),
+                            "--threads-batch",
+                            str(args.threads_batch),
+                        ],
+                        "llamacpp": {"parallel": max(args.concurrency)},
+                    },
+                )
+                configured.raise_for_status()
+            async with httpx.AsyncClient(base_url=base + "/engines", timeout=600) as client:
+                yield client
+        finally:
+            _stop(server)
 
 
 TARGETS: dict[str, Target] = {
