@@ -130,7 +130,12 @@ class LlamaCppEngine:
         if bundle.mmproj is not None:
             argv += ["--mmproj", str(bundle.mmproj)]
         if launch.draft_bundle_dir is not None:
-            argv += ["--model-draft", str(find_gguf_bundle(launch.draft_bundle_dir).model)]
+            # The batching runner has no draft-model decoding yet; refusing is better
+            # than silently running without the speculation the user configured.
+            raise ValueError(
+                "speculative decoding with a draft model needs a native llama-server "
+                "(set LLAMA_SERVER_PATH); the llama-cpp-python runner does not support it yet"
+            )
         return RunnerCommand(argv=tuple(argv), env={}, startup_timeout=120.0)
 
     def _native_command(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,12 @@ def test_runner_command_cpu(llama_bundle: Path, tmp_path: Path) -> None:
     assert argv[argv.index("--ctx-size") + 1] == "2048"
     assert argv[argv.index("--parallel") + 1] == "4"
     assert argv[argv.index("--n-gpu-layers") + 1] == "0"
+
+
+def test_draft_model_is_refused_by_the_python_runner(llama_bundle: Path, tmp_path: Path) -> None:
+    launch = replace(make_launch(llama_bundle, tmp_path / "r.sock"), draft_bundle_dir=llama_bundle)
+    with pytest.raises(ValueError, match="LLAMA_SERVER_PATH"):
+        LlamaCppEngine().runner_command(launch)
 
 
 def test_runner_command_gpu_offloads_all_layers_and_uses_bundle_template(
