@@ -66,3 +66,20 @@ def test_model_ids() -> None:
     assert is_model_id(HEX)
     assert is_model_id(HEX[:12])
     assert not is_model_id("smollm2")
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("smollm2", "ai/smollm2"),
+        ("ai/smollm2:latest", "ai/smollm2"),
+        ("AI/SmolLM2", "ai/smollm2"),
+        ("ai/smollm2:Q4_K_M", "ai/smollm2:Q4_K_M"),
+        ("localhost:5000/a/b", "localhost:5000/a/b"),
+        (f"sha256:{HEX}", f"sha256:{HEX}"),
+    ],
+)
+def test_display_name_is_one_spelling_per_model(given: str, shown: str) -> None:
+    from dmr.reference import display_name
+
+    assert display_name(given) == shown

@@ -12,6 +12,7 @@ __all__ = [
     "HUGGINGFACE_REGISTRY",
     "InvalidReferenceError",
     "ModelReference",
+    "display_name",
     "is_model_id",
     "normalize_model_id",
     "parse_reference",
@@ -143,3 +144,16 @@ def parse_reference(text: str) -> ModelReference:
             "digits and . _ - separated by /"
         )
     return ModelReference(registry=registry, repository=repository, tag=tag, digest=digest)
+
+
+def display_name(text: str) -> str:
+    """One stable name per model for labels and listings, whatever spelling a client
+    used: `smollm2`, `ai/smollm2:latest` and `ai/smollm2` all give `ai/smollm2`.
+    IDs and names that do not parse are returned as given."""
+    if is_model_id(text):
+        return text
+    try:
+        familiar = parse_reference(text).familiar
+    except InvalidReferenceError:
+        return text
+    return familiar.removesuffix(f":{DEFAULT_TAG}")

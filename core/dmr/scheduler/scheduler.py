@@ -45,6 +45,7 @@ from dmr.records import (
     RunnerConfig,
     RunnerLaunch,
 )
+from dmr.reference import display_name
 from dmr.scheduler.admission import (
     bytes_needed,
     choose_device,
@@ -613,7 +614,8 @@ class Scheduler:
         block = stored.config.get("config")
         return RunnerLaunch(
             model_id=stored.id,
-            model_name=model,
+            # Metrics, ps and logs label a runner by this: one spelling per model.
+            model_name=display_name(model),
             bundle_dir=stored.bundle_dir,
             model_config=block if isinstance(block, Mapping) else {},
             mode=mode,

@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from quart import Blueprint, Response, current_app, has_request_context, request
 
 from dmr.records import ProgressEvent
+from dmr.reference import display_name
 from dmr.scheduler import RunnerHandle
 from dmr.server.recorder import ExchangeCapture
 from dmr.server.services import get_services
@@ -84,7 +85,7 @@ def note_model(model: str) -> None:
         return
     observation = request.scope.get(_SCOPE_KEY)
     if isinstance(observation, RequestObservation):
-        observation.model = model
+        observation.model = display_name(model)
 
 
 class ServerMetrics:
