@@ -214,6 +214,55 @@ async def test_partial_blob_resumes_with_range(
     assert not partial.exists()
 
 
+async def test_transient_registry_errors_are_retried(
+    oci_registry: LocalRegistry, registry_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/flaky:v1"
+    model = local_model(source, tmp_path, tag)
+    await push_model(source, tag, lambda event: None)
+    digest, _ = weights_digest(model)
+
+    registry_proxy.failing_blob_gets = 2
+    target = Store.open(tmp_path / "target")
+    copy = await pull_model(target, f"{registry_proxy.host}/tests/flaky:v1", lambda event: None)
+
+    assert copy.id == model.id
+    assert registry_proxy.failing_blob_gets == 0
+    statuses = [request.status for request in registry_proxy.requests if "/blobs/" in request.path]
+    assert statuses.count(503) == 2 and statuses[-1] is None
+    assert target.blob_path(digest).read_bytes() == source.blob_path(digest).read_bytes()
+
+
+async def test_layers_download_in_parallel(
+    oci_registry: LocalRegistry, registry_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for index in range(3):
+        # A valid safetensors file: 8-byte header length, JSON header, tensor bytes.
+        data = bytes([index]) * 400_000
+        header = json.dumps(
+            {"w": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]}}
+        ).encode()
+        (weights / f"model-0000{index + 1}-of-00003.safetensors").write_bytes(
+            len(header).to_bytes(8, "little") + header + data
+        )
+    (weights / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/parallel:v1"
+    artifact = packaging.package_safetensors_dir(weights, PackageOptions(created=CREATED))
+    model = packaging.write_to_store(source, artifact, [tag])
+    await push_model(source, tag, lambda event: None)
+
+    registry_proxy.bytes_per_second = 1_000_000  # each weight layer takes ~0.4 s
+    target = Store.open(tmp_path / "target")
+    copy = await pull_model(target, f"{registry_proxy.host}/tests/parallel:v1", lambda e: None)
+
+    assert copy.id == model.id
+    assert registry_proxy.most_blob_gets_in_flight >= 2
+
+
 async def test_mirror_is_tried_before_docker_hub(
     oci_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
