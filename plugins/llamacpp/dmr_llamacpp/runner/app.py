@@ -114,6 +114,28 @@ def _sse(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
 
+@dataclass(frozen=True)
+class _Collected:
+    """A whole (non-streamed) answer: its text, logprobs and how it ended."""
+
+    text: str
+    logprobs: list[TokenLogprob]
+    done: Finished
+
+
+async def _collect(job: GenerationJob) -> _Collected:
+    """Run `job` to the end; RuntimeError when the decode loop failed it."""
+    parts: list[str] = []
+    entries: list[TokenLogprob] = []
+    async for event in _events(job):
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+            entries.extend(event.logprobs)
+        else:
+            return _Collected("".join(parts), entries, event)
+    raise RuntimeError("generation ended without finishing")
+
+
 async def _events(job: GenerationJob) -> AsyncIterator[TextDelta | Finished]:
     """The job's events until it finishes; leaving early (disconnect) cancels its slot."""
     try:
@@ -271,20 +293,11 @@ def create_app(state: RunnerState) -> Quart:
                 content_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        text_parts: list[str] = []
-        entries: list[TokenLogprob] = []
-        done: Finished | None = None
         try:
-            async for event in _events(job):
-                if isinstance(event, TextDelta):
-                    text_parts.append(event.text)
-                    entries.extend(event.logprobs)
-                else:
-                    done = event
+            collected = await _collect(job)
         except RuntimeError as error:
             return error_response(str(error), 500)
-        assert done is not None
-        text = "".join(text_parts)
+        text, entries, done = collected.text, collected.logprobs, collected.done
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = done.reason
         if with_tools:
@@ -412,22 +425,14 @@ def create_app(state: RunnerState) -> Quart:
                 content_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        parts: list[str] = []
-        entries: list[TokenLogprob] = []
-        done: Finished | None = None
         try:
-            async for event in _events(job):
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                    entries.extend(event.logprobs)
-                else:
-                    done = event
+            collected = await _collect(job)
         except RuntimeError as error:
             return error_response(str(error), 500)
-        assert done is not None
+        entries, done = collected.logprobs, collected.done
         choice = {
             "index": 0,
-            "text": "".join(parts),
+            "text": collected.text,
             "finish_reason": done.reason,
             "logprobs": _logprobs_completion(entries, 0) if params.logprobs is not None else None,
         }
