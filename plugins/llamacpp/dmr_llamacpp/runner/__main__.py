@@ -134,6 +134,7 @@ async def main_async(argv: list[str] | None = None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    orphan_watch = loop.create_task(_stop_when_orphaned(stop))
     threading.Thread(
         target=load_into,
         args=(
@@ -147,11 +148,25 @@ async def main_async(argv: list[str] | None = None) -> None:
     try:
         await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
+        orphan_watch.cancel()
         if state.generator is not None:
             state.generator.close()
         socket_path.unlink(missing_ok=True)  # noqa: ASYNC240
     if state.load_error:
         raise SystemExit(1)
+
+
+async def _stop_when_orphaned(stop: asyncio.Event, interval: float = 1.0) -> None:
+    """Shut down when the server that started us is gone.
+
+    A server killed with SIGKILL cannot stop its runners; they are re-parented and
+    would keep the model's memory forever. The parent's PID changing says so.
+    """
+    parent = os.getppid()
+    while not stop.is_set():
+        await asyncio.sleep(interval)
+        if os.getppid() != parent:
+            stop.set()
 
 
 def main(argv: list[str] | None = None) -> None:
