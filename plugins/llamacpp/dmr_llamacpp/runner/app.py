@@ -136,6 +136,13 @@ async def _collect(job: GenerationJob) -> _Collected:
     raise RuntimeError("generation ended without finishing")
 
 
+def _sse_error(message: str) -> bytes:
+    """The event that ends a stream whose generation failed (OpenAI's error shape)."""
+    return _sse(
+        {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    )
+
+
 async def _events(job: GenerationJob) -> AsyncIterator[TextDelta | Finished]:
     """The job's events until it finishes; leaving early (disconnect) cancels its slot."""
     try:
@@ -389,16 +396,7 @@ def create_app(state: RunnerState) -> Quart:
                 if include_usage:
                     yield _sse({**chunk_base, "choices": [], "usage": _usage(event)})
         except RuntimeError as error:
-            yield _sse(
-                {
-                    "error": {
-                        "message": str(error),
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                }
-            )
+            yield _sse_error(str(error))
         yield b"data: [DONE]\n\n"
 
     @app.post("/v1/completions")
@@ -494,16 +492,7 @@ def create_app(state: RunnerState) -> Quart:
                 if include_usage:
                     yield _sse({**chunk_base, "choices": [], "usage": _usage(event)})
         except RuntimeError as error:
-            yield _sse(
-                {
-                    "error": {
-                        "message": str(error),
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                }
-            )
+            yield _sse_error(str(error))
         yield b"data: [DONE]\n\n"
 
     def pooler() -> Pooler:
