@@ -309,20 +309,60 @@ async def run_round(
 
 
 async def main_async(args: argparse.Namespace) -> list[Round]:
+    """Every target is started first, then measured in turns: for each round and
+    level, each target once, their order reversed every other round. Neighbours'
+    load on a shared machine then lands on all targets alike, not on whichever
+    happened to run while it lasted."""
     rounds: list[Round] = []
-    for name in args.targets:
-        async with TARGETS[name](args) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {
+            name: await stack.enter_async_context(TARGETS[name](args)) for name in args.targets
+        }
+        for client in clients.values():
             await one_stream(client, "Hello", args, time.perf_counter())  # warm-up
+        for number in range(args.rounds):
+            order = args.targets if number % 2 == 0 else args.targets[::-1]
             for concurrency in args.concurrency:
-                result = await run_round(client, name, concurrency, args)
-                rounds.append(result)
-                print(
-                    f"{name:18} c={concurrency:<2} {result.tokens_per_s:8.2f} tok/s  "
-                    f"TTFT p50 {result.ttft_p50_ms:8.1f} ms  complete {result.complete_streams}/"
-                    f"{concurrency}  tokens/client {result.tokens_per_client}",
-                    flush=True,
-                )
+                for name in order:
+                    result = await run_round(clients[name], name, concurrency, args)
+                    rounds.append(result)
+                    print(
+                        f"round {number + 1} {name:18} c={concurrency:<2} "
+                        f"{result.tokens_per_s:8.2f} tok/s  TTFT p50 {result.ttft_p50_ms:8.1f} ms  "
+                        f"complete {result.complete_streams}/{concurrency}  "
+                        f"tokens/client {result.tokens_per_client}",
+                        flush=True,
+                    )
+    print_summary(rounds, args)
     return rounds
+
+
+def print_summary(rounds: list[Round], args: argparse.Namespace) -> None:
+    """Median tokens/s per target and level over the rounds, and the ratios that
+    the targets in docs/benchmarks.md are stated in."""
+    median: dict[tuple[str, int], float] = {}
+    for name in args.targets:
+        for concurrency in args.concurrency:
+            figures = [
+                r.tokens_per_s for r in rounds if r.target == name and r.concurrency == concurrency
+            ]
+            median[name, concurrency] = statistics.median(figures)
+            incomplete = sum(
+                r.concurrency - r.complete_streams
+                for r in rounds
+                if r.target == name and r.concurrency == concurrency
+            )
+            print(
+                f"median {name:18} c={concurrency:<2} {median[name, concurrency]:8.2f} tok/s"
+                f"  incomplete streams {incomplete}"
+            )
+    if "runner" in args.targets and "dmr-server" in args.targets:
+        for concurrency in args.concurrency:
+            ratio = median["dmr-server", concurrency] / median["runner", concurrency]
+            print(f"dmr-server / runner at c={concurrency}: {ratio:.3f}")
+    low, high = min(args.concurrency), max(args.concurrency)
+    for name in args.targets:
+        print(f"{name}: c={high} / c={low} = {median[name, high] / median[name, low]:.2f}x")
 
 
 def main() -> None:
@@ -337,6 +377,7 @@ def main() -> None:
     parser.add_argument("--threads-batch", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--targets", default="runner,llama-cpp-server")
     parser.add_argument("--model-name", default="ai/smollm2")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every level this often")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.gguf = args.gguf or ensure_smollm2_gguf()
