@@ -129,6 +129,43 @@ def test_create_from_blob(client: ollama.Client, smollm2_gguf: Path) -> None:
     client.delete("pirate")
 
 
+# Not ChatML (SmolLM2's own template), so the prompt only matches if this one is used.
+GO_TEMPLATE = (
+    "{{ if .System }}### System: {{ .System }}\n{{ end }}"
+    "### User: {{ .Prompt }}\n### Assistant: {{ .Response }}"
+)
+
+
+def test_create_with_a_go_template(client: ollama.Client) -> None:
+    """Ollama clients write Go templates; the runner must render what Ollama would."""
+    progress = client.create(model="go-template", from_="smollm2", template=GO_TEMPLATE)
+    assert progress.status == "success"
+    try:
+        assert client.show("go-template").template == GO_TEMPLATE
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+        ]
+        chat = client.chat(model="go-template", messages=messages, options={"num_predict": 1})
+        # What Go's text/template renders for this template and conversation.
+        rendered = "### System: Be brief.\n### User: Name a colour.\n### Assistant: "
+        raw = client.generate(
+            model="go-template", prompt=rendered, raw=True, options={"num_predict": 1}
+        )
+        assert chat.prompt_eval_count == raw.prompt_eval_count
+        base = client.chat(model="smollm2", messages=messages, options={"num_predict": 1})
+        assert base.prompt_eval_count != chat.prompt_eval_count
+    finally:
+        client.delete("go-template")
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.create(model="bad-template", from_="smollm2", template='{{ template "x" }}')
+    assert caught.value.status_code == 400 and "'template' is not supported" in str(caught.value)
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.create(model="bad-jinja", from_="smollm2", template="{% for x in %}")
+    assert caught.value.status_code == 400 and "not a valid chat template" in str(caught.value)
+    assert "bad-template" not in str(client.list()) and "bad-jinja" not in str(client.list())
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status"),
     [

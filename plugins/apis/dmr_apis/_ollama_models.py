@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from dmr.errors import DmrError, InvalidRequestError
 from dmr.records import ProgressEvent
 from dmr.reference import InvalidReferenceError, parse_reference
@@ -22,6 +23,7 @@ from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify, request
 
 from dmr_apis._body import optional_bool, read_json_object
+from dmr_apis._go_template import GoTemplateError, go_to_jinja, looks_like_go_template
 from dmr_apis._models import resolve_model
 from dmr_apis._ollama_translate import iso_time
 from dmr_apis._streaming import ndjson_line, stream_response
@@ -99,6 +101,10 @@ async def tags() -> Response:
 
 
 def _chat_template(model: Any) -> str:
+    """What `/api/show` reports: a Go template as `/api/create` received it, else Jinja."""
+    go_template = ollama_defaults(model).get("template")
+    if isinstance(go_template, str) and go_template:
+        return go_template
     path = model.chat_template_path() if hasattr(model, "chat_template_path") else None
     if path is not None:
         with contextlib.suppress(OSError):
@@ -405,6 +411,14 @@ def _check_parameters(parameters: Any) -> dict[str, Any]:
     return parameters
 
 
+def _check_jinja(template: str) -> None:
+    """A broken template fails here with a 400, not later in every chat with the model."""
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise InvalidRequestError(f"'template' is not a valid chat template: {error}") from None
+
+
 async def create() -> Response:
     _, body = await read_json_object()
     target = _familiar(_model_name(body))
@@ -421,10 +435,16 @@ async def create() -> Response:
     for field, value in (("template", template), ("system", system), ("from", base_name)):
         if value is not None and not isinstance(value, str):
             raise InvalidRequestError(f"'{field}' must be a string")
-    if template and "{{ ." in template:
-        raise InvalidRequestError(
-            "'template' looks like a Go template; dmr runners use Jinja chat templates"
-        )
+    go_template: str | None = None
+    if template and looks_like_go_template(template):
+        # Ollama clients write Go templates; runners apply Jinja. Keep the original for show.
+        go_template = template
+        try:
+            template = go_to_jinja(template)
+        except GoTemplateError as error:
+            raise InvalidRequestError(f"'template': {error}") from None
+    if template:
+        _check_jinja(template)
     store = get_services().store
     layers: list[dict[str, Any]] = []
     config: dict[str, Any]
@@ -453,6 +473,8 @@ async def create() -> Response:
         previous = ollama_defaults(base)
         system = system if system is not None else previous.get("system")
         parameters = {**(previous.get("parameters") or {}), **parameters}
+        if not template and previous.get("template"):
+            go_template = previous["template"]
     else:
         raise InvalidRequestError("'from' or 'files' is required")
     if template:
@@ -461,8 +483,11 @@ async def create() -> Response:
             {"mediaType": TEMPLATE_MEDIA_TYPE, "digest": digest, "size": len(template.encode())}
         )
     block = config.setdefault("config", {})
-    if system or parameters:
+    block.pop("ollama", None)
+    if system or parameters or go_template:
         block["ollama"] = {"system": system or "", "parameters": parameters}
+        if go_template:
+            block["ollama"]["template"] = go_template
     config.setdefault("descriptor", {})["created"] = iso_time()
     config["rootfs"] = {"type": "rootfs", "diff_ids": [layer["digest"] for layer in layers]}
     config_bytes = json.dumps(config, sort_keys=True).encode()
