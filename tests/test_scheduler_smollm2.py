@@ -105,3 +105,36 @@ def test_second_model_evicts_the_first_under_a_small_budget(
 
     assert [r["model_name"] for r in ps(server)] == ["ai/second"]
     assert "evicting idle llama.cpp runner for ai/first" in server.log()
+
+
+def test_speculative_draft_model_through_configure(
+    dmr_server_factory: ServerFactory, smollm2_gguf: Path
+) -> None:
+    """`dmr configure --speculative-draft-model`: the runner drafts, the answer is unchanged."""
+    server = dmr_server_factory()
+    put_smollm2(server, smollm2_gguf, "ai/smollm2", "2024-11-01T00:00:00Z")
+    put_smollm2(server, smollm2_gguf, "ai/smollm2-draft", "2024-11-02T00:00:00Z")
+    greedy = {
+        "model": "ai/smollm2",
+        "messages": [{"role": "user", "content": "List three colours."}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    with server.client() as client:
+        plain = client.post(CHAT, json=greedy).json()["choices"][0]["message"]["content"]
+    configured = server.cli(
+        "configure", "--speculative-draft-model", "ai/smollm2-draft", "ai/smollm2"
+    )
+    assert configured.returncode == 0, configured.stderr
+    shown = json.loads(server.cli("configure", "show", "ai/smollm2").stdout)
+    assert shown[0]["speculative"]["draft_model"] == "ai/smollm2-draft"
+    with server.client() as client:
+        answer = client.post(CHAT, json=greedy).json()["choices"][0]["message"]["content"]
+        metrics = client.get("/metrics").text
+    assert answer == plain
+    accepted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("llamacpp:draft_tokens_accepted_total{") and 'model="ai/smollm2"' in line
+    ]
+    assert accepted and accepted[0] > 0, metrics

@@ -66,6 +66,15 @@ def worker_settings(
     options = launch.config.engine_options.get("llamacpp") or {}
     if "parallel" in options:
         settings = apply_flags(settings, ["--parallel", str(int(options["parallel"]))])
+    # `_configure`'s speculative block, in llama-server's terms.
+    if launch.config.speculative_num_tokens:
+        settings = apply_flags(
+            settings, ["--draft-max", str(int(launch.config.speculative_num_tokens))]
+        )
+    if launch.config.speculative_min_acceptance_rate is not None:
+        settings = apply_flags(
+            settings, ["--draft-p-min", str(float(launch.config.speculative_min_acceptance_rate))]
+        )
     return settings
 
 
@@ -130,12 +139,9 @@ class LlamaCppEngine:
         if bundle.mmproj is not None:
             argv += ["--mmproj", str(bundle.mmproj)]
         if launch.draft_bundle_dir is not None:
-            # The batching runner has no draft-model decoding yet; refusing is better
-            # than silently running without the speculation the user configured.
-            raise ValueError(
-                "speculative decoding with a draft model needs a native llama-server "
-                "(set LLAMA_SERVER_PATH); the llama-cpp-python runner does not support it yet"
-            )
+            if launch.mode is not Mode.COMPLETION:
+                raise ValueError("a speculative draft model only applies to completion runners")
+            argv += ["--model-draft", str(find_gguf_bundle(launch.draft_bundle_dir).model)]
         return RunnerCommand(argv=tuple(argv), env={}, startup_timeout=120.0)
 
     def _native_command(
@@ -194,6 +200,11 @@ class LlamaCppEngine:
             ctx_total = _context_size(launch, settings, _train_context(metadata))
         weights = bundle.weight_bytes + (bundle.mmproj.stat().st_size if bundle.mmproj else 0)
         kv_cache = kv_cache_bytes(metadata, ctx_total, settings)
+        if launch.draft_bundle_dir is not None and launch.mode is Mode.COMPLETION:
+            # The draft model keeps its own weights and a KV cache as large as the model's.
+            draft = find_gguf_bundle(launch.draft_bundle_dir)
+            weights += draft.weight_bytes
+            kv_cache += kv_cache_bytes(read_gguf_metadata(draft.model), ctx_total, settings)
         compute = COMPUTE_MARGIN_BYTES + int(COMPUTE_MARGIN_FRACTION * (weights + kv_cache))
         if not launch.device.is_gpu or settings.n_gpu_layers == 0:
             return MemoryEstimate(device_bytes=weights + kv_cache + compute)

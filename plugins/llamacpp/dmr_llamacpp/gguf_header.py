@@ -7,6 +7,7 @@ straight from the file's key/value header.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,7 +38,19 @@ class GgufHeaderError(ValueError):
     """The file is not a GGUF file dmr can read."""
 
 
+# Reads up to this size need no check: a short read says the file ended.
+_SMALL_READ = 1 << 16
+
+
 def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    if size > _SMALL_READ:
+        # A length field that lies (2^60) would make `read` allocate that much
+        # before finding the file shorter: check what is left first.
+        left = os.fstat(stream.fileno()).st_size - stream.tell()
+        if size > left:
+            raise GgufHeaderError(
+                f"truncated or corrupt GGUF header: a field claims {size} bytes, {left} are left"
+            )
     data = stream.read(size)
     if len(data) != size:
         raise GgufHeaderError("truncated GGUF header")

@@ -86,6 +86,7 @@ _value(("-fa", "--flash-attn"), "flash_attn", str)
 _value(("-ctk", "--cache-type-k"), "cache_type_k", str)
 _value(("-ctv", "--cache-type-v"), "cache_type_v", str)
 _value(("--draft-max", "--draft", "--draft-n"), "draft_max", int)
+_value(("--draft-p-min",), "draft_p_min", float)
 _value(("--chat-template-file",), "chat_template_file", str)
 _value(("-a", "--alias"), "alias", str)
 _switch(("--metrics",), "metrics", True)
@@ -134,6 +135,7 @@ class WorkerSettings:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     draft_max: int = 16
+    draft_p_min: float = 0.75
     chat_template_file: str | None = None
     alias: str | None = None
     metrics: bool = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,21 @@ def embedding_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
 @pytest.fixture(scope="session")
 def reranking_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
     runner = RunnerProcess(make_launch(llama_bundle, _short_socket("rerank"), Mode.RERANKING))
+    yield runner
+    runner.stop()
+    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def speculative_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
+    """SmolLM2 drafting for itself: every greedy draft should be accepted."""
+    launch = make_launch(llama_bundle, _short_socket("speculative"), parallel=4)
+    launch = replace(
+        launch,
+        draft_bundle_dir=llama_bundle,
+        config=replace(launch.config, speculative_num_tokens=4),
+    )
+    runner = RunnerProcess(launch)
     yield runner
     runner.stop()
     shutil.rmtree(runner.socket_path.parent, ignore_errors=True)

@@ -56,10 +56,28 @@ def test_runner_command_cpu(llama_bundle: Path, tmp_path: Path) -> None:
     assert argv[argv.index("--n-gpu-layers") + 1] == "0"
 
 
-def test_draft_model_is_refused_by_the_python_runner(llama_bundle: Path, tmp_path: Path) -> None:
-    launch = replace(make_launch(llama_bundle, tmp_path / "r.sock"), draft_bundle_dir=llama_bundle)
-    with pytest.raises(ValueError, match="LLAMA_SERVER_PATH"):
-        LlamaCppEngine().runner_command(launch)
+def test_draft_model_and_speculative_settings_reach_the_runner(
+    llama_bundle: Path, tmp_path: Path
+) -> None:
+    launch = make_launch(llama_bundle, tmp_path / "r.sock")
+    speculative = replace(
+        launch,
+        draft_bundle_dir=llama_bundle,
+        config=replace(
+            launch.config, speculative_num_tokens=4, speculative_min_acceptance_rate=0.5
+        ),
+    )
+    argv = list(LlamaCppEngine().runner_command(speculative).argv)
+    assert argv[argv.index("--model-draft") + 1] == str(llama_bundle / "model" / "model.gguf")
+    assert argv[argv.index("--draft-max") + 1] == "4"
+    assert argv[argv.index("--draft-p-min") + 1] == "0.5"
+    # The draft's weights and KV cache count for admission.
+    plain = LlamaCppEngine().estimate_memory(launch).total
+    with_draft = LlamaCppEngine().estimate_memory(speculative).total
+    assert with_draft > plain + (llama_bundle / "model" / "model.gguf").stat().st_size * 0.9
+    embedding = replace(speculative, mode=Mode.EMBEDDING)
+    with pytest.raises(ValueError, match="only applies to completion"):
+        LlamaCppEngine().runner_command(embedding)
 
 
 def test_runner_command_gpu_offloads_all_layers_and_uses_bundle_template(

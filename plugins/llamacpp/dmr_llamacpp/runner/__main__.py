@@ -19,7 +19,11 @@ from dmr_llamacpp.settings import WorkerSettings, runner_arg_parser, settings_fr
 
 
 def load_into(
-    state: RunnerState, model_path: Path, template_file: str | None, on_failure: Callable[[], None]
+    state: RunnerState,
+    model_path: Path,
+    template_file: str | None,
+    on_failure: Callable[[], None],
+    draft_path: Path | None = None,
 ) -> None:
     """Load the model (in a thread, so /health answers 503 meanwhile)."""
     import llama_cpp
@@ -28,6 +32,7 @@ def load_into(
     from dmr_llamacpp.runner.chat import ChatTemplate
     from dmr_llamacpp.runner.model import ContextOptions, LoadedModel, silence_llama_logs
     from dmr_llamacpp.runner.pooling import Pooler
+    from dmr_llamacpp.runner.speculative import Drafter
 
     settings = state.settings
     silence_llama_logs()
@@ -97,8 +102,18 @@ def load_into(
             eos_token=model.token_text(model.eos_token) if model.eos_token >= 0 else "",
         )
         if state.mode == "completion":
+            drafter = None
+            if draft_path is not None:
+                draft = LoadedModel(draft_path, options, n_gpu_layers=settings.n_gpu_layers)
+                if draft.n_vocab != model.n_vocab:
+                    draft.close()
+                    raise ValueError(
+                        f"the draft model {draft_path.name} has {draft.n_vocab} tokens in its "
+                        f"vocabulary and the model {model.n_vocab}; they must share one"
+                    )
+                drafter = Drafter(draft, max_tokens=settings.draft_max, p_min=settings.draft_p_min)
             state.generator = BatchedGenerator(
-                model, n_parallel=settings.parallel, ctx_per_slot=ctx_per_slot
+                model, n_parallel=settings.parallel, ctx_per_slot=ctx_per_slot, drafter=drafter
             )
         else:
             state.pooler = Pooler(
@@ -142,6 +157,7 @@ async def main_async(argv: list[str] | None = None) -> None:
             model_path,
             settings.chat_template_file,
             lambda: loop.call_soon_threadsafe(stop.set),
+            Path(args.model_draft) if args.model_draft else None,
         ),
         daemon=True,
     ).start()

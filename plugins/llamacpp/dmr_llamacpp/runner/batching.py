@@ -23,6 +23,7 @@ import numpy as np
 
 from dmr_llamacpp.runner.model import Batch, LoadedModel
 from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
+from dmr_llamacpp.runner.speculative import Drafter
 from dmr_llamacpp.runner.text import StreamedText
 
 __all__ = [
@@ -103,6 +104,8 @@ class GeneratorStats:
     kv_cells_total: int = 1
     decode_steps: int = 0
     max_batch_sequences: int = 0
+    draft_tokens_total: int = 0
+    draft_tokens_accepted_total: int = 0
 
 
 @dataclass
@@ -111,9 +114,12 @@ class _Slot:
     job: GenerationJob | None = None
     sampler: Any = None
     n_past: int = 0
+    tokens: list[int] = field(default_factory=list)  # what the KV cache holds, in order
     pending_prompt: list[int] = field(default_factory=list)
     next_token: int | None = None  # sampled, not yet decoded
     output_index: int | None = None
+    drafted: list[int] = field(default_factory=list)  # draft tokens decoded after next_token
+    draft_indices: list[int] = field(default_factory=list)
     completion_tokens: int = 0
     text: StreamedText | None = None
     held_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -128,8 +134,16 @@ class _Slot:
 class BatchedGenerator:
     """Owns the context through one thread; `submit` from any event loop."""
 
-    def __init__(self, model: LoadedModel, *, n_parallel: int, ctx_per_slot: int) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        n_parallel: int,
+        ctx_per_slot: int,
+        drafter: Drafter | None = None,
+    ) -> None:
         self.model = model
+        self.drafter = drafter
         self.ctx_per_slot = ctx_per_slot
         self.n_batch = model.options.n_batch
         self.slots = [_Slot(seq_id=index) for index in range(n_parallel)]
@@ -158,6 +172,8 @@ class BatchedGenerator:
         for slot in self.slots:
             self._release(slot)
         self._batch.free()
+        if self.drafter is not None:
+            self.drafter.close()
 
     # ------------------------------------------------------------------ thread
 
@@ -210,6 +226,7 @@ class BatchedGenerator:
                 continue
             slot.job = job
             slot.n_past = 0
+            slot.tokens = []
             slot.pending_prompt = list(job.prompt)
             slot.next_token = None
             slot.completion_tokens = 0
@@ -221,17 +238,29 @@ class BatchedGenerator:
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
 
     def _step(self) -> None:
+        drafts = self._propose_drafts()
         batch = self._batch
         batch.clear()
         prompt_tokens_in_step = 0
         for slot in self.slots:
             slot.output_index = None
+            slot.drafted = []
+            slot.draft_indices = []
             if slot.busy and slot.next_token is not None:
                 slot.output_index = batch.add(
                     slot.next_token, slot.n_past, slot.seq_id, wants_logits=True
                 )
+                slot.tokens.append(slot.next_token)
                 slot.n_past += 1
                 slot.next_token = None
+                # The target checks every draft token in this same decode.
+                for token in drafts.get(slot.seq_id, ()):
+                    slot.draft_indices.append(
+                        batch.add(token, slot.n_past, slot.seq_id, wants_logits=True)
+                    )
+                    slot.drafted.append(token)
+                    slot.tokens.append(token)
+                    slot.n_past += 1
         # Prompts fill the rest of the batch, oldest request first, in chunks.
         prefilling = sorted(
             (slot for slot in self.slots if slot.busy and slot.pending_prompt),
@@ -245,6 +274,7 @@ class BatchedGenerator:
             for offset, token in enumerate(chunk):
                 last = offset == len(chunk) - 1 and not slot.pending_prompt
                 index = batch.add(token, slot.n_past, slot.seq_id, wants_logits=last)
+                slot.tokens.append(token)
                 slot.n_past += 1
                 if last:
                     slot.output_index = index
@@ -269,11 +299,71 @@ class BatchedGenerator:
             self.stats.prompt_seconds_total += share
             self.stats.predicted_seconds_total += elapsed - share
         for slot in sampled:
-            self._sample(slot)
+            if slot.drafted:
+                self._verify(slot)
+            else:
+                self._sample(slot)
         self.stats.kv_cells_used = sum(slot.n_past for slot in self.slots if slot.busy)
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
 
-    def _sample(self, slot: _Slot) -> None:
+    def _propose_drafts(self) -> dict[int, list[int]]:
+        """Draft tokens per generating slot, within the batch's room and each slot's limits."""
+        if self.drafter is None:
+            return {}
+        generating = [
+            slot
+            for slot in self.slots
+            if slot.busy and slot.next_token is not None and slot.job is not None
+        ]
+        if not generating:
+            return {}
+        share = self.n_batch // len(generating) - 1
+        requests = {}
+        for slot in generating:
+            assert slot.job is not None and slot.next_token is not None
+            limit = min(self.drafter.max_tokens, share, self.ctx_per_slot - slot.n_past - 2)
+            if slot.job.params.max_tokens is not None:
+                limit = min(limit, slot.job.params.max_tokens - slot.completion_tokens - 1)
+            if limit > 0:
+                requests[slot.seq_id] = ([*slot.tokens, slot.next_token], limit)
+        if not requests:
+            return {}
+        started = time.perf_counter()
+        try:
+            drafts = self.drafter.propose(requests)
+        except RuntimeError:
+            return {}  # the target alone still answers; speculation is only a speed-up
+        finally:
+            # Drafting is part of generating: tokens/s figures must include it.
+            self.stats.predicted_seconds_total += time.perf_counter() - started
+        self.stats.draft_tokens_total = self.drafter.proposed_total
+        return drafts
+
+    def _verify(self, slot: _Slot) -> None:
+        """Sample at each drafted position; keep drafts while the target agrees with them."""
+        drafted = slot.drafted
+        indices = [slot.output_index, *slot.draft_indices]
+        first_position = slot.n_past - len(indices)
+        accepted = 0
+        for position, index in enumerate(indices):
+            slot.output_index = index
+            slot.n_past = first_position + position + 1
+            if not self._sample(slot):
+                return  # finished: the slot's cache is dropped whole
+            if position < len(drafted) and slot.next_token == drafted[position]:
+                accepted += 1
+                slot.next_token = None  # already decoded, as the next position's input
+                continue
+            break
+        if self.drafter is not None:
+            self.drafter.accepted_total += accepted
+            self.stats.draft_tokens_accepted_total = self.drafter.accepted_total
+        # Rejected drafts leave the KV cache; the sampled token is decoded next step.
+        llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, slot.n_past, -1)
+        del slot.tokens[slot.n_past :]
+
+    def _sample(self, slot: _Slot) -> bool:
+        """Sample one token; False when the slot finished (stop, length) instead."""
         job = slot.job
         assert job is not None and slot.output_index is not None and slot.text is not None
         now = time.perf_counter()
@@ -284,7 +374,7 @@ class BatchedGenerator:
         token = int(llama_cpp.llama_sampler_sample(slot.sampler, self.model.ctx, slot.output_index))
         if self.model.is_end_of_generation(token) and not params.ignore_eos:
             self._finish(slot, "stop")
-            return
+            return False
         slot.completion_tokens += 1
         self.stats.tokens_predicted_total += 1
         piece = self.model.piece(token)
@@ -298,14 +388,15 @@ class BatchedGenerator:
             slot.held_logprobs = []
         if slot.text.stopped_by is not None:
             self._finish(slot, "stop")
-            return
+            return False
         if params.max_tokens is not None and slot.completion_tokens >= params.max_tokens:
             self._finish(slot, "length")
-            return
+            return False
         if slot.n_past + 1 >= self.ctx_per_slot:
             self._finish(slot, "length")
-            return
+            return False
         slot.next_token = token
+        return True
 
     def _logprob_entry(
         self, logits: np.ndarray, token: int, piece: bytes, top_n: int | None
@@ -362,8 +453,13 @@ class BatchedGenerator:
             slot.sampler = None
         if slot.job is not None or slot.n_past:
             self.model.forget_sequence(slot.seq_id)
+        if self.drafter is not None:
+            self.drafter.forget(slot.seq_id)
         slot.job = None
         slot.n_past = 0
+        slot.tokens = []
+        slot.drafted = []
+        slot.draft_indices = []
         slot.pending_prompt = []
         slot.next_token = None
         slot.output_index = None

@@ -52,6 +52,16 @@ class _StatsCollector:
         yield GaugeMetricFamily(
             "llamacpp:requests_processing", "Requests in a slot.", value=stats.requests_processing
         )
+        yield CounterMetricFamily(
+            "llamacpp:draft_tokens",
+            "Tokens proposed by the speculative draft model.",
+            value=stats.draft_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "llamacpp:draft_tokens_accepted",
+            "Draft tokens the model accepted.",
+            value=stats.draft_tokens_accepted_total,
+        )
         yield GaugeMetricFamily(
             "llamacpp:requests_deferred",
             "Requests waiting for a slot.",
