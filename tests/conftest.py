@@ -7,4 +7,6 @@ pytest_plugins = [
     "tests.fixtures.model",
     "tests.fixtures.registry",
     "tests.fixtures.test_engine",
+    "tests.fixtures.diffusers_model",
+    "tests.fixtures.vllm_model",
 ]

@@ -162,6 +162,14 @@ def test_runtime_flags_outside_the_allow_list_are_refused(
         ("/engines/_configure", {"model": "test/a", "mode": "dreaming"}, 400),
         ("/engines/no-such-engine/_configure", {"model": "test/a"}, 400),
         ("/engines/_configure", {"model": "test/a", "mode": "image-generation"}, 400),
+        ("/engines/_configure", {"model": "test/a", "vllm": "fast"}, 400),
+        ("/engines/_configure", {"model": "test/a", "speculative": {"num_tokens": "4"}}, 400),
+        (
+            "/engines/_configure",
+            {"model": "test/a", "speculative": {"min_acceptance_rate": 2}},
+            400,
+        ),
+        ("/engines/_configure", {"model": "test/a", "speculative": {"draft_model": 7}}, 400),
     ],
 )
 def test_configure_refuses_bad_requests(

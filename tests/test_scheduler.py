@@ -305,3 +305,28 @@ def test_unknown_model_is_404(test_engine_server: DmrServer, route: str) -> None
     with test_engine_server.client() as client:
         answer = client.post(route, json=chat_body("test/missing"))
     assert answer.status_code == 404
+
+
+def test_a_probed_gpu_is_chosen_and_its_free_memory_bounds_admission(
+    dmr_server_factory: ServerFactory,
+) -> None:
+    """With a FAKE CUDA device from the test plugin's probe (no GPU on CI machines)."""
+    server = dmr_server_factory(DMR_TEST_FAKE_GPU="Fake H100:81559:64")
+    add_test_model(server.models_path, "test/small", memory=8 * MiB)
+    add_test_model(server.models_path, "test/huge", memory=100 * MiB)
+
+    assert chat(server, "test/small").status_code == 200
+    assert [runner["device"] for runner in ps(server)] == ["Fake H100"]
+    refused = chat(server, "test/huge")
+    assert refused.status_code == 507
+    message = refused.json()["error"]["message"]
+    assert "Fake H100" in message and "100.00 MiB" in message
+
+    status = server.cli("status", "--json")
+    devices = {device["kind"]: device for device in json.loads(status.stdout)["devices"]}
+    assert devices["cuda"]["name"] == "Fake H100"
+    assert devices["cuda"]["total_memory"] == 81559 * MiB
+    assert "test-engine" in devices["cuda"]["engines"]
+    assert devices["cpu"]["cores"] and "test-engine" in devices["cpu"]["engines"]
+    plain = server.cli("status").stdout
+    assert "Devices:" in plain and "cuda:0 Fake H100" in plain and "cpu:0" in plain

@@ -14,6 +14,8 @@ def parse_duration(value: str | int | float) -> float:
     """Seconds. A bare number is seconds (Ollama accepts `keep_alive: 300`); "-1" is negative."""
     if isinstance(value, int | float):
         return float(value)
+    if not isinstance(value, str):  # JSON bodies carry lists and objects too
+        raise TypeError(f"a duration is a string or a number, not {type(value).__name__}")
     text = value.strip()
     if not text:
         raise ValueError("empty duration")

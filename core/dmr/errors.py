@@ -6,6 +6,7 @@ __all__ = [
     "ConflictError",
     "DmrError",
     "InsufficientMemoryError",
+    "InsufficientStorageError",
     "InvalidRequestError",
     "ModelNotFoundError",
     "PayloadTooLargeError",
@@ -67,6 +68,13 @@ class RegistryError(DmrError):
 class StoreError(DmrError):
     status = 500
     code = "store_error"
+
+
+class InsufficientStorageError(StoreError):
+    """The disk holding the store is (or would be) full: the operator's problem to fix."""
+
+    status = 507
+    code = "insufficient_storage"
 
 
 class RunnerError(DmrError):

@@ -7,12 +7,14 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
 
 from dmr.cli.client import connect
+from dmr.cli.images import ImageOptions, is_image_model, write_images
 from dmr.cli.main import app
 from dmr.durations import parse_duration
 
@@ -135,6 +137,8 @@ def status(
         with connect(timeout=10) as client:
             client.get("/").raise_for_status()
             engines = _check(client.get("/engines/status")).json()
+            hardware = client.get("/engines/hardware")
+            devices = hardware.json().get("devices", []) if hardware.status_code == 200 else []
     except (httpx.HTTPError, CliError) as error:
         if as_json:
             typer.echo(json.dumps({"running": False, "error": str(error)}))
@@ -142,13 +146,32 @@ def status(
             typer.echo("Docker Model Runner is not running")
         raise typer.Exit(1) from None
     if as_json:
-        typer.echo(json.dumps({"running": True, "engines": engines}, indent=2))
+        typer.echo(json.dumps({"running": True, "engines": engines, "devices": devices}, indent=2))
         return
     typer.echo("Docker Model Runner is running")
     typer.echo("")
     typer.echo("Status:")
     for name, line in engines.items():
         typer.echo(f"{name}: {line}")
+    if devices:
+        typer.echo("")
+        typer.echo("Devices:")
+        for device in devices:
+            typer.echo(_device_line(device))
+
+
+def _device_line(device: dict[str, Any]) -> str:
+    """`cuda:0 NVIDIA H100 80GB HBM3 — 79.1 GiB free of 79.6 GiB — engines: llama.cpp, vllm`."""
+
+    def gib(value: Any) -> str:
+        return f"{int(value or 0) / 1024**3:.1f} GiB"
+
+    name = f"{device.get('kind')}:{device.get('index')} {device.get('name')}"
+    if device.get("cores"):
+        name += f" ({device['cores']} cores)"
+    memory = f"{gib(device.get('free_memory'))} free of {gib(device.get('total_memory'))}"
+    engines = ", ".join(device.get("engines") or []) or "none"
+    return f"{name} — {memory} — engines: {engines}"
 
 
 # --------------------------------------------------------------------------- configure
@@ -206,6 +229,17 @@ def configure(
 
 
 # --------------------------------------------------------------------------- run
+
+
+def _describe_model(client: httpx.Client, model: str) -> dict[str, Any] | None:
+    """The store's `GET /models/{name}` answer (None from a server without that API)."""
+    found = client.get(f"/models/{model}")
+    if found.status_code == 200 and found.headers.get("content-type", "").startswith(
+        "application/json"
+    ):
+        body = found.json()
+        return body if isinstance(body, dict) else None
+    return None
 
 
 def _ensure_model(client: httpx.Client, model: str) -> None:
@@ -343,6 +377,43 @@ def _interactive(client: httpx.Client, model: str) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def _generate_images(client: httpx.Client, model: str, prompt: str, options: ImageOptions) -> None:
+    answer = _check(client.post("/engines/v1/images/generations", json=options.body(model, prompt)))
+    try:
+        paths = write_images(answer.json(), model, options.output_dir)
+    except (ValueError, OSError) as error:
+        raise CliError(str(error)) from error
+    for path in paths:
+        typer.echo(str(path))
+
+
+def _run_image_model(
+    client: httpx.Client, model: str, prompt: str | None, detach: bool, options: ImageOptions
+) -> None:
+    """Image models answer a prompt with PNG files (their paths on stdout), not text."""
+    if detach:
+        _check(
+            client.post(
+                "/engines/v1/images/generations",
+                json={"model": model, "prompt": ""},
+                headers={"X-Preload-Only": "true"},
+            )
+        )
+        return
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip() or None
+    if prompt is not None:
+        _generate_images(client, model, prompt, options)
+        return
+    typer.echo("Image generation mode: each prompt writes images. Type '/bye' to exit.")
+    while (message := _read_message()) is not None and message.strip() != "/bye":
+        if message.strip():
+            try:
+                _generate_images(client, model, message.strip(), options)
+            except CliError as error:
+                typer.echo(f"error: {error}", err=True)
+
+
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="Model to run, e.g. ai/smollm2.")],
@@ -350,10 +421,29 @@ def run(
     detach: Annotated[
         bool, typer.Option("--detach", "-d", help="Load the model in the background and exit.")
     ] = False,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option("--output-dir", help="Image models: where to write the PNG files."),
+    ] = None,
+    size: Annotated[
+        str | None, typer.Option("--size", help="Image models: WIDTHxHEIGHT, e.g. 512x512.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="Image models: denoising steps.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", min=0, help="Image models: seed, same seed same image.")
+    ] = None,
 ) -> None:
-    """Run a model: answer PROMPT, or chat interactively."""
+    """Run a model: answer PROMPT, or chat interactively (image models write PNG files)."""
     with _server(timeout=None) as client:
         _ensure_model(client, model)
+        if is_image_model(_describe_model(client, model)):
+            options = ImageOptions(
+                output_dir=output_dir or Path.cwd(), size=size, steps=steps, seed=seed
+            )
+            _run_image_model(client, model, prompt, detach, options)
+            return
         if detach:
             _check(
                 client.post(

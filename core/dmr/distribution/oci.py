@@ -35,6 +35,10 @@ from dmr.hookspecs import hookimpl
 from dmr.records import ModelSource, ProgressCallback
 from dmr.reference import DOCKER_HUB_ALIASES, ModelReference, is_model_id, parse_reference
 from dmr.settings import Settings
+from dmr.store.artifact import layers_of, parse_manifest
+from dmr.store.blobs import ensure_free_space
+from dmr.store.bundle import bundle_file_names
+from dmr.store.model_store import BlobMissingError
 
 if TYPE_CHECKING:
     from dmr.store import Store
@@ -208,12 +212,43 @@ def _pull_from(
     stop: threading.Event,
 ) -> str:
     config, layers = parse_model_manifest(manifest)
+    # Where each layer would land in the bundle (no `..`, no absolute path): checked
+    # now, as `add_model` will, so a hostile manifest costs no download.
+    bundle_file_names(layers_of(parse_manifest(manifest)))
     # The config is small: fetch and verify it in memory, and only store it once
     # every layer is in, so a failed pull adds nothing a model does not point to.
     config_bytes = client.fetch_small_blob(reference.repository, config.digest, config.size)
     total = sum(layer.size for layer in layers)
     tracker = TransferProgress(emit, mode="pull", total=total)
+    # A concurrent delete of a model sharing a layer can remove a blob this pull
+    # found present (or just wrote) before `add_model` records the new model:
+    # download what went missing again rather than fail the pull.
+    for attempt in range(_ADD_ATTEMPTS):
+        _download_missing(client, reference, store, layers, tracker, stop)
+        store.put_blob_bytes(config_bytes)
+        try:
+            model = store.add_model(manifest, [reference.familiar])
+            break
+        except BlobMissingError:
+            if attempt + 1 == _ADD_ATTEMPTS:
+                raise
+            log.info("a blob of %s was deleted under the pull; fetching it again", reference)
+    return str(model.id)
+
+
+_ADD_ATTEMPTS = 3
+
+
+def _download_missing(
+    client: RegistryClient,
+    reference: ModelReference,
+    store: Store,
+    layers: Sequence[Descriptor],
+    tracker: TransferProgress,
+    stop: threading.Event,
+) -> None:
     missing = [layer for layer in _unique(layers) if not store.has_blob(layer.digest)]
+    ensure_free_space(store.layout, sum(_still_needed(store, layer) for layer in missing))
     for layer in layers:
         if layer not in missing:
             tracker.update(layer.digest, layer.size, layer.size)
@@ -237,9 +272,13 @@ def _pull_from(
             except BaseException:
                 stop.set()  # the others stop at their next chunk; partial files stay
                 raise
-    store.put_blob_bytes(config_bytes)
-    model = store.add_model(manifest, [reference.familiar])
-    return str(model.id)
+
+
+def _still_needed(store: Store, layer: Descriptor) -> int:
+    """Bytes of `layer` not yet on disk (a partial download counts as there)."""
+    partial = store.layout.incomplete_blob(layer.digest)
+    have = partial.stat().st_size if partial.exists() else 0
+    return max(layer.size - have, 0)
 
 
 def _unique(layers: Sequence[Descriptor]) -> list[Descriptor]:

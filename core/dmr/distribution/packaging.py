@@ -49,6 +49,8 @@ __all__ = [
 
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# Marks a diffusers pipeline directory (packaged with --safetensors-dir).
+DIFFUSERS_INDEX = "model_index.json"
 
 
 @dataclass(frozen=True)
@@ -301,7 +303,10 @@ def _safetensors_block(root: Path, weights: list[Path], total_size: int) -> dict
 
 
 def package_safetensors_dir(directory: Path, options: PackageOptions | None = None) -> Artifact:
-    """One layer per file, each annotated with its relative path (config v0.2)."""
+    """One layer per file, each annotated with its relative path (config v0.2).
+
+    A directory with a `model_index.json` is a diffusers pipeline: format "diffusers".
+    """
     options = options or PackageOptions()
     root = Path(directory).expanduser()
     if not root.is_dir():
@@ -328,7 +333,34 @@ def package_safetensors_dir(directory: Path, options: PackageOptions | None = No
         for relative, path in files
     ]
     block = _safetensors_block(root, weights, sum(layer.size for layer in layers))
+    if (root / DIFFUSERS_INDEX).is_file():
+        block = _diffusers_block(root, block)
     return _build(formats.CONFIG_V02, block, [*layers, *_extras(options)], options)
+
+
+def _diffusers_block(root: Path, block: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers directory (model_index.json + component folders) is an image
+    pipeline for the diffusers engine, not a language model for vLLM."""
+    try:
+        index = json.loads((root / DIFFUSERS_INDEX).read_text())
+    except (OSError, ValueError) as error:
+        raise InvalidRequestError(f"{DIFFUSERS_INDEX}: not valid JSON ({error})") from error
+    if not isinstance(index, dict):
+        raise InvalidRequestError(f"{DIFFUSERS_INDEX}: not a JSON object")
+    components = sorted(
+        name
+        for name, value in index.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and value[:1] != [None]
+        and (root / name).is_dir()
+    )
+    diffusers_block = {"components": ",".join(components)} if components else {}
+    block = {**block, "format": "diffusers", "architecture": str(index.get("_class_name") or "")}
+    block.pop("safetensors", None)
+    if diffusers_block:
+        block["diffusers"] = diffusers_block
+    return {k: v for k, v in block.items() if v != ""}
 
 
 # ------------------------------------------------------------------------- DDUF

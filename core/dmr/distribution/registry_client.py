@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 1 << 20
 MANIFEST_MAX_BYTES = 4 << 20
 ATTEMPTS = 4
+# A body cut off mid-way: requests raises ChunkedEncodingError for a short
+# Content-Length body (IncompleteRead), not ConnectionError; both are worth a resume.
+_BODY_BROKEN = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # (connect, read) seconds; a stalled registry fails and is retried rather than hangs.
 TIMEOUT = (10.0, 60.0)
@@ -78,6 +85,12 @@ class BlobSink(Protocol):
 
     def write(self, data: bytes) -> Any: ...
     def commit(self) -> Any: ...
+
+
+def _first_line(error: BaseException) -> str:
+    # requests wraps urllib3's errors in tuples: keep the first readable part.
+    text = str(error.args[0]) if error.args else str(error)
+    return text.splitlines()[0][:200] if text else repr(error)
 
 
 def _backoff(attempt: int) -> float:
@@ -340,11 +353,13 @@ class RegistryClient(oras.provider.Registry):  # type: ignore[misc]
                         sink.write(chunk)
                         offset += len(chunk)
                         on_bytes(offset)
-                except (requests.ConnectionError, requests.Timeout) as error:
+                except _BODY_BROKEN as error:
                     failures += 1
                     if failures >= ATTEMPTS:
                         raise RegistryError(
-                            f"download of {digest} from {self.host} kept failing: {error}"
+                            f"download of {digest} from {self.host} kept failing "
+                            f"({failures} attempts, {offset} of {size} bytes kept for a "
+                            f"resume): {type(error).__name__}: {_first_line(error)}"
                         ) from error
                     time.sleep(_backoff(failures))
                     continue

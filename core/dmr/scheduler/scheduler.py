@@ -461,6 +461,7 @@ class Scheduler:
         validate_runtime_flags(spec, config.runtime_flags)
         if config.speculative_draft_model:
             self._resolve(config.speculative_draft_model)
+        self._check_engine_accepts(model, stored, mode, spec, config)
         mine = [r for r in self._runners.values() if r.key[1] == stored.id]
         busy = [r for r in mine if not r.evictable]
         if busy:
@@ -477,6 +478,30 @@ class Scheduler:
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
             self._signal_capacity()
+
+    def _check_engine_accepts(
+        self,
+        model: str,
+        stored: StoredModel,
+        mode: Mode,
+        spec: EngineSpec,
+        config: RunnerConfig,
+    ) -> None:
+        """Refuse now what the engine would refuse at load time (its own options, such
+        as the `vllm` block), instead of in the background preload `_configure` starts.
+
+        Only ValueError, the engines' "refused" signal, counts here; anything else
+        the estimate raises is reported by admission when the runner is loaded.
+        """
+        launch = self._launch(
+            model, stored, mode, config, choose_device(self.devices), _UNSET_SOCKET
+        )
+        try:
+            spec.engine.estimate_memory(launch)
+        except ValueError as error:
+            raise InvalidRequestError(str(error)) from error
+        except Exception as error:
+            log.debug("%s could not estimate %s while configuring: %r", spec.name, model, error)
 
     def config_for(self, model_id: str) -> RunnerConfig:
         configured = self._configs.get(model_id)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, cast
 
 import pluggy
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from dmr import plugins
 from dmr.errors import DmrError, PayloadTooLargeError
-from dmr.server import engines_api, models_api, root, ui
+from dmr.server import engines_api, models_api, openapi, root, ui
 from dmr.server.observability import install_observability
 from dmr.server.security import install_security
 from dmr.server.services import Services
@@ -41,7 +45,14 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
     app.config["DMR_PLUGIN_MANAGER"] = pm
     install_security(app, settings)
 
-    for blueprint in (root.blueprint, models_api.blueprint, engines_api.blueprint, ui.blueprint):
+    core_blueprints = (
+        root.blueprint,
+        models_api.blueprint,
+        engines_api.blueprint,
+        ui.blueprint,
+        openapi.blueprint,
+    )
+    for blueprint in core_blueprints:
         app.register_blueprint(blueprint)
     dialects = plugins.api_dialects(pm)
     for dialect in dialects:
@@ -64,6 +75,22 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
             PayloadTooLargeError(f"request body larger than the {limit} byte limit")
         )
 
+    @app.errorhandler(HTTPException)
+    async def handle_http_error(error: HTTPException) -> Response:
+        # Routing failures (no such route, wrong method) happen before any
+        # blueprint is chosen, so dialects' own handlers never see them and
+        # werkzeug would answer HTML: hand them to the handler of the
+        # blueprint the path belongs to, else answer in OpenAI's shape.
+        handler = _blueprint_handler(app, request.path, error)
+        if handler is not None:
+            return cast(Response, await app.ensure_async(handler)(error))
+        status = error.code or 500
+        http_error = DmrError(error.description or HTTPStatus(status).phrase)
+        http_error.status = status
+        http_error.code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+        http_error.error_type = "invalid_request_error" if status < 500 else "server_error"
+        return await handle_dmr_error(http_error)
+
     @app.before_serving
     async def start_services() -> None:
         services = await build_services(settings, pm)
@@ -81,6 +108,37 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
             await plugins.resolve(result)
 
     return app
+
+
+def _blueprint_handler(
+    app: Quart, path: str, error: HTTPException
+) -> Callable[[HTTPException], Any] | None:
+    """The error handler the blueprint owning `path` registered for `error`, if any."""
+    owner: str | None = None
+    if isinstance(error, MethodNotAllowed):
+        adapter = app.url_map.bind("localhost")
+        for method in sorted(error.valid_methods or ()):
+            try:
+                endpoint, _ = adapter.match(path, method=method)
+            except HTTPException:
+                continue
+            owner = str(endpoint).rpartition(".")[0] or None
+            break
+    if owner is None:
+        for name, blueprint in app.blueprints.items():
+            prefix = (blueprint.url_prefix or "").rstrip("/")
+            if prefix and (path == prefix or path.startswith(prefix + "/")):
+                owner = name
+                break
+    if owner is None:
+        return None
+    scoped = app.error_handler_spec.get(owner, {})
+    for key in (error.code, None):
+        handlers = scoped.get(key, {})
+        for cls in type(error).__mro__:
+            if cls in handlers:
+                return cast(Callable[[HTTPException], Any], handlers[cls])
+    return None
 
 
 async def build_services(settings: Settings, pm: pluggy.PluginManager) -> Services:

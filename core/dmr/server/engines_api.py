@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -26,12 +27,17 @@ _preloads: set[asyncio.Task[None]] = set()
 
 
 async def _json_object() -> dict[str, Any]:
-    body = await request.get_json(force=True, silent=True)
-    if body is None:
-        raw = await request.get_data()
-        if not raw.strip():
-            return {}
-        raise InvalidRequestError("the request body is not valid JSON")
+    # Parsed here rather than with `get_json(silent=True)`, which lets bytes that
+    # are not UTF-8 and very deep nesting through as exceptions (500s).
+    raw = await request.get_data()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     return body
@@ -45,11 +51,22 @@ async def engines_ps() -> Response:
 @blueprint.post("/engines/unload")
 async def engines_unload() -> dict[str, int]:
     body = await _json_object()
-    models = body.get("models") or []
+    models = body.get("models")
+    if models is None:
+        models = []
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise InvalidRequestError("'models' must be a list of model names")
+    # Typed as DMR's Go struct is: a wrong type is the client's mistake, not "false".
+    unload_all = body.get("all")
+    if unload_all is None:
+        unload_all = False
+    elif not isinstance(unload_all, bool):
+        raise InvalidRequestError("'all' must be a boolean")
+    backend = body.get("backend")
+    if backend is not None and not isinstance(backend, str):
+        raise InvalidRequestError("'backend' must be a string")
     unloaded = await get_services().scheduler.unload(
-        all=bool(body.get("all")), backend=body.get("backend") or None, models=models
+        all=unload_all, backend=backend or None, models=models
     )
     return {"unloaded_runners": unloaded}
 
@@ -92,12 +109,27 @@ def parse_configure_body(body: Mapping[str, Any]) -> tuple[str, Mode, RunnerConf
     speculative = body.get("speculative") or {}
     if not isinstance(speculative, dict):
         raise InvalidRequestError("'speculative' must be an object")
-    engine_options = {
-        key: body[key] for key in ("vllm", "llamacpp") if isinstance(body.get(key), dict)
-    }
+    engine_options: dict[str, Any] = {}
+    for key in ("vllm", "llamacpp"):
+        if body.get(key) is not None:
+            if not isinstance(body[key], dict):
+                raise InvalidRequestError(f"'{key}' must be an object")
+            engine_options[key] = body[key]
     draft = speculative.get("draft_model") or None
+    if draft is not None and not isinstance(draft, str):
+        raise InvalidRequestError("'speculative.draft_model' must be a model name")
     num_tokens = speculative.get("num_tokens")
+    if num_tokens is not None and (
+        not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0
+    ):
+        raise InvalidRequestError("'speculative.num_tokens' must be a non-negative integer")
     acceptance = speculative.get("min_acceptance_rate")
+    if acceptance is not None and (
+        not isinstance(acceptance, int | float)
+        or isinstance(acceptance, bool)
+        or not 0 <= acceptance <= 1
+    ):
+        raise InvalidRequestError("'speculative.min_acceptance_rate' must be between 0 and 1")
     config = RunnerConfig(
         context_size=_positive_int(body, "context-size"),
         runtime_flags=tuple(flags),

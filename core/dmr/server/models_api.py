@@ -63,12 +63,25 @@ async def _json_body(*fields: str) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError as error:
         raise InvalidRequestError(f"request body is not valid JSON: {error}") from error
+    except RecursionError:
+        # `[[[[...` a few thousand deep fits well under the body cap.
+        raise InvalidRequestError("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("request body must be a JSON object")
     missing = [name for name in fields if not body.get(name)]
     if missing:
         raise InvalidRequestError(f"request body misses {', '.join(missing)}")
     return body
+
+
+def _bearer_token(body: dict[str, Any]) -> str | None:
+    token = body.get("bearer-token")
+    if token is not None and not isinstance(token, str):
+        # Caught here: deep in the transfer it would fail as a header-encoding error.
+        raise InvalidRequestError("'bearer-token' must be a string")
+    if token and not (token.isascii() and token.isprintable()):
+        raise InvalidRequestError("'bearer-token' must be printable ASCII")
+    return token or None
 
 
 def _flag(name: str) -> bool:
@@ -257,7 +270,7 @@ async def create_model() -> Response:
         parse_reference(reference)
     except InvalidReferenceError as error:
         raise InvalidRequestError(str(error)) from error
-    token = body.get("bearer-token") or None
+    token = _bearer_token(body)
     store = _store()
 
     async def run(progress: Callable[[ProgressEvent], None]) -> str:
@@ -273,7 +286,7 @@ async def push(name: str) -> Response:
     from dmr.distribution.service import push_model
 
     body = await _json_body()
-    token = body.get("bearer-token") or None
+    token = _bearer_token(body)
     store = _store()
     model_name = _name(name)
     await asyncio.to_thread(store.get, model_name)  # 404 before the stream starts

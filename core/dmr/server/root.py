@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from quart import Blueprint, Response
 
 from dmr import __version__
+from dmr.plugins import probe_hardware
 from dmr.records import EngineState, EngineStatus
 from dmr.server.services import get_services
 
@@ -41,6 +44,36 @@ async def engines_status() -> dict[str, str]:
     for name, hint in KNOWN_ENGINES.items():
         report.setdefault(name, EngineStatus(EngineState.NOT_INSTALLED, hint).render())
     return report
+
+
+@blueprint.get("/engines/hardware")
+async def engines_hardware() -> dict[str, Any]:
+    """dmr's own route: each device the probes find now, and the engines that can use it."""
+    services = get_services()
+    # Probed again: free memory is what a user asking now wants to see.
+    devices = await probe_hardware(services.plugins)
+    return {
+        "devices": [
+            {
+                "name": device.name,
+                "kind": device.kind,
+                "index": device.index,
+                "total_memory": device.total_memory,
+                "free_memory": device.free_memory,
+                "cores": device.cores,
+                "driver": device.driver,
+                "details": dict(device.details),
+                "engines": sorted(
+                    name
+                    for name, spec in services.engines.items()
+                    if device.kind in spec.device_kinds
+                ),
+            }
+            for device in devices
+        ],
+        # What admission uses: the devices probed when the server started.
+        "scheduler_devices": [device.name for device in services.devices],
+    }
 
 
 @blueprint.get("/engines/df")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quart import Blueprint, Response, redirect, send_from_directory
+from quart import Blueprint, Response, jsonify, redirect, send_from_directory
 
 __all__ = ["STATIC_DIR", "blueprint"]
 
@@ -32,3 +32,14 @@ async def page() -> Response:
 async def page_slash() -> Response:
     # Relative links in the page are written for `/ui`; send `/ui/` there.
     return redirect("/ui", 308)  # type: ignore[return-value]
+
+
+@blueprint.errorhandler(OSError)
+async def unreadable(_: OSError) -> Response:
+    # A static file name the file system refuses outright (ENAMETOOLONG, ...)
+    # names no file: 404, not a 500 (Path.is_file lets those errors through).
+    response = jsonify(
+        {"error": {"message": "no such file", "type": "not_found_error", "code": "not_found"}}
+    )
+    response.status_code = 404
+    return response

@@ -100,6 +100,9 @@ def format_for_layers(layers: list[Layer]) -> str:
     media_types = {layer.media_type for layer in layers}
     if media_types & {formats.GGUF, formats.CNCF_GGUF}:
         return "gguf"
+    # A diffusers pipeline's layers are safetensors too; its model_index.json tells.
+    if any(layer.filepath == "model_index.json" for layer in layers):
+        return "diffusers"
     if media_types & {formats.SAFETENSORS, formats.CNCF_SAFETENSORS}:
         return "safetensors"
     if formats.DDUF in media_types:

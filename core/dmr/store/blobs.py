@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -12,7 +14,7 @@ from typing import BinaryIO
 
 from filelock import FileLock
 
-from dmr.errors import StoreError
+from dmr.errors import InsufficientStorageError, StoreError
 from dmr.store.layout import StoreLayout, digest_hex
 
 __all__ = ["CHUNK", "BlobWriter", "copy_into_blobs", "hash_file", "link_or_copy", "put_bytes"]
@@ -141,7 +143,18 @@ class BlobWriter:
         if self.size >= 0 and self.offset + len(data) > self.size:
             self.abort()
             raise StoreError(f"blob {self.digest} is larger than its declared size {self.size}")
-        self._handle.write(data)
+        try:
+            self._handle.write(data)
+        except OSError as error:
+            if error.errno not in _DISK_FULL:
+                raise
+            # A partial blob that filled the disk must not keep it full: the other
+            # models (and the next pull) need that space more than a resume does.
+            self.abort()
+            raise InsufficientStorageError(
+                f"no space left for blob {self.digest} ({self.size} bytes) under "
+                f"{self.layout.root}; the partial download was removed"
+            ) from None
         self._hasher.update(data)
         self.offset += len(data)
 
@@ -175,20 +188,22 @@ class BlobWriter:
     def abort(self) -> None:
         """Drop the partial file (a resume would be pointless)."""
         if self._handle is not None:
-            self._handle.close()
+            with contextlib.suppress(OSError):  # closing flushes: the disk may be full
+                self._handle.close()
             self._handle = None
         self.partial_path.unlink(missing_ok=True)
         self.close()
 
     def close(self) -> None:
         """Release without committing; the partial file stays for a later resume."""
-        if self._handle is not None:
-            self._handle.flush()
-            self._handle.close()
-            self._handle = None
-        if self._lock.is_locked:
-            # The lock file stays: unlinking it would let a waiter lock a stale inode.
-            self._lock.release()
+        try:
+            if self._handle is not None:
+                handle, self._handle = self._handle, None
+                handle.close()  # flushes, which can fail on a full disk
+        finally:
+            if self._lock.is_locked:
+                # The lock file stays: unlinking it would let a waiter lock a stale inode.
+                self._lock.release()
 
     def __enter__(self) -> BlobWriter:
         return self
@@ -200,6 +215,20 @@ class BlobWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def ensure_free_space(layout: StoreLayout, needed: int) -> None:
+    """Refuse a download the disk cannot hold before writing any of it."""
+    layout.blobs_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(layout.blobs_dir).free
+    if needed > free:
+        raise InsufficientStorageError(
+            f"not enough disk space under {layout.root}: the download needs {needed} "
+            f"more bytes and {free} are free"
+        )
 
 
 def link_or_copy(source: Path, target: Path) -> None:

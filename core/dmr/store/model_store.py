@@ -28,7 +28,12 @@ from dmr.store.index import IndexEntry, ModelIndex
 from dmr.store.layout import StoreLayout, atomic_write
 from dmr.store.models import StoredModel, parse_created
 
-__all__ = ["Store", "normalise_tag"]
+__all__ = ["BlobMissingError", "Store", "normalise_tag"]
+
+
+class BlobMissingError(StoreError):
+    """A blob the new model needs is gone: a delete of another model sharing it
+    removed it between the download and `add_model` (the pull downloads again)."""
 
 
 def normalise_tag(name: str) -> str:
@@ -219,7 +224,9 @@ class Store:
             for blob in [descriptor, *layers]:
                 path = self.layout.blob(blob.digest)
                 if not path.exists():
-                    raise StoreError(f"cannot add model {model_id}: blob {blob.digest} is missing")
+                    raise BlobMissingError(
+                        f"cannot add model {model_id}: blob {blob.digest} is missing"
+                    )
                 if path.stat().st_size != blob.size:
                     raise StoreError(
                         f"cannot add model {model_id}: blob {blob.digest} has "

@@ -28,6 +28,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidRequestError(f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        # `[[[[...` a few thousand deep fits well under the body cap.
+        raise InvalidRequestError("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequestError(f"request body must be a JSON object, not {type(body).__name__}")
     return body

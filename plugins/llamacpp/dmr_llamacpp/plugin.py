@@ -24,5 +24,7 @@ def dmr_engines() -> Sequence[EngineSpec]:
             modes=frozenset({Mode.COMPLETION, Mode.EMBEDDING, Mode.RERANKING}),
             engine=LlamaCppEngine(),
             allowed_flags=ALLOWED_RUNTIME_FLAGS,
+            # GPU kinds need a llama-cpp-python built for them (docs/scheduler.md).
+            device_kinds=frozenset({"cpu", "cuda", "rocm", "metal", "vulkan"}),
         )
     ]

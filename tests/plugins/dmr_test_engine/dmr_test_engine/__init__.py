@@ -18,15 +18,21 @@ What a request does is set in its JSON body, under "test":
 
 A chat message containing "[slow]" streams with 0.4 s between chunks; one
 containing "[die]" makes the runner exit after two streamed chunks.
+
+FAKE GPU: with `DMR_TEST_FAKE_GPU="NAME:TOTAL_MIB:FREE_MIB"` in the server's
+environment, the plugin's hardware probe reports one CUDA device of that name
+and memory, so GPU scheduling paths run on machines without one.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 from dmr.hookspecs import hookimpl
 from dmr.records import (
+    AcceleratorInfo,
     EngineSpec,
     EngineState,
     EngineStatus,
@@ -96,5 +102,25 @@ def dmr_engines() -> Sequence[EngineSpec]:
             modes=frozenset({Mode.COMPLETION, Mode.EMBEDDING}),
             engine=TestEngine(),
             allowed_flags=ALLOWED_FLAGS,
+            device_kinds=frozenset({"cpu", "cuda"}),
+        )
+    ]
+
+
+@hookimpl
+def dmr_probe_hardware() -> Sequence[AcceleratorInfo]:
+    """A FAKE CUDA device, only when a test asks for one (see the module docstring)."""
+    fake = os.environ.get("DMR_TEST_FAKE_GPU")
+    if not fake:
+        return []
+    name, total_mib, free_mib = fake.rsplit(":", 2)
+    return [
+        AcceleratorInfo(
+            name=name,
+            kind="cuda",
+            index=0,
+            total_memory=int(total_mib) * 1024 * 1024,
+            free_memory=int(free_mib) * 1024 * 1024,
+            driver="fake",
         )
     ]

@@ -86,7 +86,8 @@ async function* lines(response) {
 let models = [];
 
 function modelName(model) { return model.tags && model.tags.length ? model.tags[0] : model.id; }
-function isImageModel(model) { return (model.config || {}).format === "diffusers"; }
+// Formats the diffusers engine serves (a DDUF archive or a diffusers directory).
+function isImageModel(model) { return ["diffusers", "dduf"].includes((model.config || {}).format); }
 
 async function loadModels() {
   const response = await api("/models");
@@ -285,11 +286,13 @@ function chatBody(model) {
 
 // ------------------------------------------------------------------ images
 
-async function generateImage(model, prompt, size) {
+async function generateImage(model, prompt, size, steps) {
+  const request = { model, prompt, size, n: 1, response_format: "b64_json" };
+  if (steps > 0) request.steps = steps;  // blank: the model's own default
   const response = await api("/engines/v1/images/generations", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ model, prompt, size, n: 1, response_format: "b64_json" }),
+    body: JSON.stringify(request),
   });
   const body = await response.json();
   for (const item of body.data || []) {
@@ -364,7 +367,8 @@ function wire() {
     busy($("#image-generate"), true);
     clearError();
     try {
-      await generateImage($("#image-model").value, $("#image-prompt").value, $("#image-size").value);
+      await generateImage($("#image-model").value, $("#image-prompt").value,
+        $("#image-size").value, parseInt($("#image-steps").value, 10));
     } catch (error) { showError(error); }
     busy($("#image-generate"), false);
   });

@@ -1,0 +1,1 @@
+"""diffusers image-generation engine for dmr (see docs/diffusers.md)."""

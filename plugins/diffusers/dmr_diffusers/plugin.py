@@ -1,0 +1,27 @@
+"""Entry point of the diffusers engine plugin (`[project.entry-points.dmr] diffusers`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dmr.hookspecs import hookimpl
+from dmr.records import EngineSpec, Mode
+
+from dmr_diffusers.engine import DiffusersEngine
+
+__all__ = ["ENGINE_NAME", "dmr_engines"]
+
+ENGINE_NAME = "diffusers"
+
+
+@hookimpl
+def dmr_engines() -> Sequence[EngineSpec]:
+    return [
+        EngineSpec(
+            name=ENGINE_NAME,
+            formats=frozenset({"dduf", "diffusers"}),
+            modes=frozenset({Mode.IMAGE_GENERATION}),
+            engine=DiffusersEngine(),
+            device_kinds=frozenset({"cpu", "cuda"}),
+        )
+    ]

@@ -1,0 +1,1 @@
+"""The vLLM plugin's unit tests need neither vllm nor torch: bundles are written by hand."""
