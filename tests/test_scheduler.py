@@ -188,6 +188,31 @@ def test_full_queue_answers_503_with_retry_after(dmr_server_factory: ServerFacto
     assert [r["model_name"] for r in ps(server)] == ["test/b"]
 
 
+def test_a_runner_holding_its_limit_answers_503_not_an_endless_wait(
+    dmr_server_factory: ServerFactory,
+) -> None:
+    server = dmr_server_factory(DMR_MAX_RUNNER_REQUESTS="2")
+    add_test_model(server.models_path, "test/a")
+    body = chat_body("test/a", stream=True, test={"chunks": 20, "sleep": 0.1})
+    with (
+        server.client() as first_client,
+        server.client() as second_client,
+        first_client.stream("POST", CHAT, json=body) as first,
+        second_client.stream("POST", CHAT, json=body) as second,
+    ):
+        assert first.status_code == second.status_code == 200
+        refused = chat(server, "test/a")
+        assert refused.status_code == 503
+        assert int(refused.headers["Retry-After"]) > 0
+        assert "DMR_MAX_RUNNER_REQUESTS=2" in refused.json()["error"]["message"]
+        for stream in (first, second):  # the requests it holds are unharmed
+            assert "data: [DONE]" in list(stream.iter_lines())
+    assert chat(server, "test/a").status_code == 200  # room again once they ended
+    with server.client() as client:
+        metrics = client.get("/metrics").text
+    assert 'dmr_scheduler_events_total{event="rejected_busy"} 1.0' in metrics
+
+
 def test_runner_killed_mid_stream(test_engine_server: DmrServer) -> None:
     add_test_model(test_engine_server.models_path, "test/victim")
     body = chat_body("test/victim", stream=True, test={"chunks": 50, "sleep": 0.1})

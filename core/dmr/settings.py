@@ -50,6 +50,9 @@ class Settings:
     # Memory budget for runners in bytes; None = the probed free memory.
     memory_budget: int | None = None
     max_queue: int = 64
+    # Requests one runner may hold at once (its slots plus its own queue); beyond
+    # that a request gets 503 with Retry-After instead of waiting without bound.
+    max_runner_requests: int = 128
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -91,6 +94,7 @@ class Settings:
             tls_key=Path(env["MODEL_RUNNER_TLS_KEY"]) if env.get("MODEL_RUNNER_TLS_KEY") else None,
             memory_budget=int(budget) if budget else None,
             max_queue=int(env.get("DMR_MAX_QUEUE", "64")),
+            max_runner_requests=int(env.get("DMR_MAX_RUNNER_REQUESTS", "128")),
         )
 
 

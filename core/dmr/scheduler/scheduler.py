@@ -242,6 +242,13 @@ class Scheduler:
             self._unregister(runner, reason="crashes")  # the watcher has not seen it yet
             runner = None
         if runner is not None:
+            if runner.in_use >= self.settings.max_runner_requests:
+                self.counters["rejected_busy"] += 1
+                raise ServiceBusyError(
+                    f"{model}'s runner already holds {runner.in_use} requests "
+                    f"(DMR_MAX_RUNNER_REQUESTS={self.settings.max_runner_requests}); retry later",
+                    RETRY_AFTER_SECONDS,
+                )
             runner.in_use += 1
             runner.cancel_idle_timer()
             runner.unload_when_idle = False
