@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dmr.runner_support import stop_when_orphaned
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
@@ -149,7 +150,7 @@ async def main_async(argv: list[str] | None = None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    orphan_watch = loop.create_task(_stop_when_orphaned(stop))
+    orphan_watch = loop.create_task(stop_when_orphaned(stop))
     threading.Thread(
         target=load_into,
         args=(
@@ -170,19 +171,6 @@ async def main_async(argv: list[str] | None = None) -> None:
         socket_path.unlink(missing_ok=True)  # noqa: ASYNC240
     if state.load_error:
         raise SystemExit(1)
-
-
-async def _stop_when_orphaned(stop: asyncio.Event, interval: float = 1.0) -> None:
-    """Shut down when the server that started us is gone.
-
-    A server killed with SIGKILL cannot stop its runners; they are re-parented and
-    would keep the model's memory forever. The parent's PID changing says so.
-    """
-    parent = os.getppid()
-    while not stop.is_set():
-        await asyncio.sleep(interval)
-        if os.getppid() != parent:
-            stop.set()
 
 
 def main(argv: list[str] | None = None) -> None:
