@@ -69,6 +69,9 @@ _TENSOR_TYPES = {
 MetadataValue = int | float | bool | str | list["MetadataValue"] | None
 
 
+DEFAULT_ALIGNMENT = 32  # GGUF spec, when general.alignment is absent
+
+
 class GGUFError(ValueError):
     """The file is not a GGUF file dmr can read (truncated, hostile or corrupt)."""
 
@@ -227,6 +230,7 @@ def read_gguf(path: Path, *, max_array: int = 50) -> GGUFFile:
         _check_count(reader, kv_count, MAX_KV, 13, "metadata entries")
         _check_count(reader, tensor_count, MAX_TENSORS, 24, "tensors")
         gguf = GGUFFile(path=path, version=version, size=size)
+        offsets: list[tuple[str, int]] = []
         for _ in range(kv_count):
             key = reader.string("metadata key")
             value_type = reader.u32(f"type of {key!r}")
@@ -241,8 +245,19 @@ def read_gguf(path: Path, *, max_array: int = 50) -> GGUFFile:
                 raise GGUFError(f"{path.name}: tensor {name!r} claims {n_dims} dimensions")
             shape = tuple(reader.u64(f"shape of {name!r}") for _ in range(n_dims))
             tensor_type = reader.u32(f"type of {name!r}")
-            reader.skip(8, f"offset of {name!r}")
+            offsets.append((name, reader.u64(f"offset of {name!r}")))
             gguf.tensors.append(Tensor(name=name, shape=shape, type=tensor_type))
+        # Tensor data starts at the next multiple of the alignment after the header.
+        alignment = gguf.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+            raise GGUFError(f"{path.name}: invalid general.alignment {alignment!r}")
+        data_start = -(-reader.position // alignment) * alignment
+        for name, offset in offsets:
+            if data_start + offset > size:
+                raise GGUFError(
+                    f"{path.name}: corrupt GGUF: tensor {name!r} starts at byte "
+                    f"{data_start + offset}, past the end of the {size}-byte file"
+                )
         return gguf
 
 

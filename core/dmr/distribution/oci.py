@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dmr import formats
 from dmr.distribution.credentials import resolve_credentials
+from dmr.distribution.gguf import GGUFError, read_gguf
 from dmr.distribution.progress import (
     TransferProgress,
     loop_callback,
@@ -225,6 +227,7 @@ def _pull_from(
     # download what went missing again rather than fail the pull.
     for attempt in range(_ADD_ATTEMPTS):
         _download_missing(client, reference, store, layers, tracker, stop)
+        _check_weights(store, layers)
         store.put_blob_bytes(config_bytes)
         try:
             model = store.add_model(manifest, [reference.familiar])
@@ -237,6 +240,29 @@ def _pull_from(
 
 
 _ADD_ATTEMPTS = 3
+_GGUF_MEDIA_TYPES = frozenset({formats.GGUF, formats.CNCF_GGUF})
+
+
+def _check_weights(store: Store, layers: Sequence[Descriptor]) -> None:
+    """Refuse GGUF weights whose header lies (counts, lengths, tensor offsets).
+
+    A digest proves the bytes are the ones pushed, not that they are a model: a
+    lying header would otherwise be found only when a runner tries to load it.
+    The header is read with every length checked against the file's size, so no
+    claim in it causes a large allocation.
+    """
+    for layer in layers:
+        if layer.media_type not in _GGUF_MEDIA_TYPES:
+            continue
+        path = store.blob_path(layer.digest)
+        try:
+            read_gguf(path, max_array=0)
+        except GGUFError as error:
+            store.remove_unused_blobs([layer.digest])
+            reason = str(error).removeprefix(f"{path.name}: ")
+            raise InvalidRequestError(
+                f"the model's GGUF weights (layer {layer.digest[:19]}) are unusable: {reason}"
+            ) from None
 
 
 def _download_missing(
