@@ -153,7 +153,8 @@ class LlamaCppEngine:
             "--model",
             str(bundle.model),
             "--host",
-            f"unix://{launch.socket_path}",
+            # llama-server listens on a unix socket when the host is a path ending in .sock.
+            str(launch.socket_path),
             "--alias",
             launch.model_name,
             "--ctx-size",
@@ -166,6 +167,10 @@ class LlamaCppEngine:
         ]
         if settings.metrics:
             argv.append("--metrics")
+        if os.environ.get("DMR_LLAMACPP_EXTRA_BUFTS") != "1":
+            # As in the Python runner: the repacked (AMX) weight buffers of current
+            # llama.cpp crash on multi-token batches on some CPUs (docs/scheduler.md).
+            argv.append("--no-repack")
         if launch.mode is Mode.EMBEDDING:
             argv.append("--embeddings")
         elif launch.mode is Mode.RERANKING:

@@ -1,0 +1,79 @@
+"""`LLAMA_SERVER_PATH`: the llama.cpp engine runs a native `llama-server` instead of
+the llama-cpp-python runner, behind the same scheduler and proxy.
+
+The binary is built from the llama.cpp sources in the installed llama-cpp-python
+version's sdist by `scripts/build-llama-server` (run by `scripts/install-test-deps`)
+and cached under ~/.cache/dmr.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.fixtures.server import DmrServer
+from tests.fixtures.test_engine import ps
+from tests.test_scheduler_smollm2 import put_smollm2
+
+pytestmark = [pytest.mark.llama, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    """The cached native llama-server; built (once, minutes) if it is missing."""
+    built = subprocess.run(
+        [str(REPO / "scripts" / "build-llama-server")], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    binary = Path(built.stdout.strip().splitlines()[-1])
+    assert binary.name == "llama-server" and version("llama-cpp-python") in str(binary)
+    return binary
+
+
+def test_native_llama_server_serves_through_dmr(
+    dmr_server_factory: Callable[..., DmrServer], smollm2_gguf: Path, llama_server_binary: Path
+) -> None:
+    server = dmr_server_factory(LLAMA_SERVER_PATH=str(llama_server_binary))
+    put_smollm2(server, smollm2_gguf, "ai/smollm2", "2024-11-01T00:00:00Z")
+    with server.client() as client:
+        assert "llama-server at" in client.get("/engines/status").json()["llama.cpp"]
+    api = openai.OpenAI(base_url=f"{server.url}/engines/v1", api_key="unused")
+
+    reply = api.chat.completions.create(
+        model="ai/smollm2",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
+    stream = api.chat.completions.create(
+        model="ai/smollm2",
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=12,
+        stream=True,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text
+
+    [runner] = ps(server)
+    assert runner["backend_name"] == "llama.cpp"
+    assert llama_server_binary.name in " ".join(_cmdline(runner["pid"]))
+    with server.client() as client:
+        metrics = client.get("/metrics").text
+    # llama-server's own series, merged with dmr's labels.
+    assert any(
+        line.startswith("llamacpp:tokens_predicted_total{") and 'backend="llama.cpp"' in line
+        for line in metrics.splitlines()
+    ), metrics
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
