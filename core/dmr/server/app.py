@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
@@ -36,6 +37,10 @@ def error_body(error: DmrError) -> dict[str, object]:
     }
 
 
+_DRAIN_LIMIT_BYTES = 1 << 20
+_DRAIN_TIMEOUT_SECONDS = 5.0
+
+
 def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None = None) -> Quart:
     settings = settings or Settings.from_env()
     pm = pm or plugins.get_plugin_manager()
@@ -58,6 +63,20 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
     for dialect in dialects:
         app.register_blueprint(dialect.blueprint, url_prefix=dialect.url_prefix)
     install_observability(app, settings, list(dialects))
+
+    @app.after_request
+    async def read_the_rest_of_the_body(response: Response) -> Response:
+        # An answer given before the body was read (an unknown backend's 404, a 401)
+        # leaves the body on the connection, and h11 then closes it without saying
+        # so: a client reusing the connection sees "server disconnected". Small
+        # bodies are read first (Quart keeps what a handler already read).
+        length = request.content_length
+        if length and length <= _DRAIN_LIMIT_BYTES:
+            try:
+                await asyncio.wait_for(request.get_data(), _DRAIN_TIMEOUT_SECONDS)
+            except (TimeoutError, HTTPException):
+                response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(DmrError)
     async def handle_dmr_error(error: DmrError) -> Response:
