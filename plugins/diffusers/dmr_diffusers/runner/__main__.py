@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dmr.runner_support import stop_when_orphaned
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
+from dmr.runner_support import serve_runner
 
 from dmr_diffusers.runner.app import RunnerState, create_app
 
@@ -55,29 +51,7 @@ async def main_async(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     state = RunnerState(model_name=args.served_model_name or Path(args.model).stem)
     app = create_app(state)
-    socket_path = Path(args.socket)
-    socket_path.unlink(missing_ok=True)  # noqa: ASYNC240  (before serving)
-    config = Config()
-    config.bind = [f"unix:{socket_path}"]
-    config.accesslog = None
-    config.errorlog = "-"
-    config.graceful_timeout = 2.0
-    config.keep_alive_timeout = 300.0
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    orphan_watch = loop.create_task(stop_when_orphaned(stop))
-    threading.Thread(
-        target=load_into,
-        args=(state, args, lambda: loop.call_soon_threadsafe(stop.set)),
-        daemon=True,
-    ).start()
-    try:
-        await serve(app, config, shutdown_trigger=stop.wait)
-    finally:
-        orphan_watch.cancel()
-        socket_path.unlink(missing_ok=True)  # noqa: ASYNC240
+    await serve_runner(app, Path(args.socket), lambda fail: load_into(state, args, fail))
     if state.load_error:
         raise SystemExit(1)
 

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dmr.runner_support import stop_when_orphaned
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
+from dmr.runner_support import serve_runner
 
 from dmr_llamacpp.runner.app import RunnerState, create_app
 from dmr_llamacpp.settings import WorkerSettings, runner_arg_parser, settings_from_namespace
@@ -138,37 +134,16 @@ async def main_async(argv: list[str] | None = None) -> None:
         settings=settings,
     )
     app = create_app(state)
-    socket_path = Path(args.socket)
-    socket_path.unlink(missing_ok=True)  # noqa: ASYNC240  (before serving)
-    config = Config()
-    config.bind = [f"unix:{socket_path}"]
-    config.accesslog = None
-    config.errorlog = "-"
-    config.graceful_timeout = 2.0
-    config.keep_alive_timeout = 300.0
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    orphan_watch = loop.create_task(stop_when_orphaned(stop))
-    threading.Thread(
-        target=load_into,
-        args=(
-            state,
-            model_path,
-            settings.chat_template_file,
-            lambda: loop.call_soon_threadsafe(stop.set),
-            Path(args.model_draft) if args.model_draft else None,
-        ),
-        daemon=True,
-    ).start()
+
+    def load(fail: Callable[[], None]) -> None:
+        draft = Path(args.model_draft) if args.model_draft else None
+        load_into(state, model_path, settings.chat_template_file, fail, draft)
+
     try:
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await serve_runner(app, Path(args.socket), load)
     finally:
-        orphan_watch.cancel()
         if state.generator is not None:
             state.generator.close()
-        socket_path.unlink(missing_ok=True)  # noqa: ASYNC240
     if state.load_error:
         raise SystemExit(1)
 
