@@ -1,15 +1,34 @@
-"""Concurrent streaming throughput of the llama.cpp runner against `python -m llama_cpp.server`.
+"""dmr's llama.cpp serving against llama.cpp's own `llama-server`, side by side.
 
-    python bench/llamacpp_concurrency.py [--concurrency 1,4,8] [--max-tokens 64]
-           [--targets runner,llama-cpp-server] [--json results.json]
+    python bench/llamacpp_concurrency.py [--targets llama-server,dmr-server]
+           [--concurrency 1,4,8,16] [--cases streams,long,multiturn] [--rounds 5]
+           [--max-tokens 96] [--json results.json]
 
-Every target gets the same GGUF (SmolLM2-135M-Instruct Q4_1), the same prompts
-and the same number of decode threads. For each concurrency level it reports
-aggregate completion tokens/s, TTFT p50 and the tokens each client received.
+Targets (register more in `TARGETS`; each yields an `httpx.AsyncClient` whose base
+URL answers `POST /v1/chat/completions`):
 
-More targets (for example dmr through its own server) register in `TARGETS`:
-a target is an async context manager yielding an `httpx.AsyncClient` whose
-base URL answers `POST /v1/chat/completions` (see `dmr_server_target` below).
+- `llama-server`: the native binary from `scripts/build-llama-server` (or
+  `LLAMA_SERVER_PATH`), the yardstick: Docker Model Runner serves GGUF with it.
+  It gets dmr's default slots and context (`--parallel 8 -c 8*4096`), `--jinja`,
+  `--no-repack` (docs/scheduler.md) and its own thread defaults.
+- `dmr-server`: `dmr serve` on a temporary store with the GGUF packaged as
+  `ai/smollm2`, **default settings** (nothing configured), hit over TCP.
+- `runner`: the dmr runner alone on its unix socket, as the engine starts it.
+- `llama-cpp-server`: `python -m llama_cpp.server`, the weakest peer.
+
+`--threads/--threads-batch` pin every target's threads; by default each keeps its own.
+`--gpu-layers N` offloads layers where a GPU exists (same figure for every target).
+
+Cases, each measured for every target in interleaved rounds (the order of the
+targets reversed every other round) and reported as medians over rounds:
+
+- `streams`: N clients stream a chat answer at once (temperature 0, `--max-tokens`):
+  aggregate tokens/s, TTFT p50 and p95, complete streams.
+- `long`: one request whose prompt has more than 1,500 tokens (a new nonce at its
+  start every round, so no cache can hold it): TTFT and prompt processing
+  tokens/s (prompt tokens ÷ TTFT).
+- `multiturn`: a conversation whose every turn resends the growing history with the
+  previous answer in it; TTFT of turns 2 and later, where prefix reuse shows.
 """
 
 from __future__ import annotations
@@ -18,19 +37,24 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
@@ -43,25 +67,57 @@ PROMPTS = [
     "Explain why the sky is blue to a child.",
 ]
 
+TURNS = [
+    "Tell me about the history of tea.",
+    "How is green tea different from black tea?",
+    "Which countries grow the most tea today?",
+    "How should I brew a good cup of oolong?",
+    "What snacks go well with it?",
+    "Summarise our conversation in three sentences.",
+]
+
 Target = Callable[[argparse.Namespace], contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]
 
 
 @dataclass
-class Round:
+class Measurement:
     target: str
+    case: str  # "streams" | "long" | "multiturn"
     concurrency: int
+    round: int
     wall_s: float
     completion_tokens: int
     tokens_per_s: float
-    ttft_p50_ms: float
-    tokens_per_client: list[int]
-    complete_streams: int
+    ttft_ms: list[float]
+    prompt_tokens: list[int] = field(default_factory=list)
+    cached_tokens: list[int] = field(default_factory=list)
+    complete_streams: int = 0
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def ttft_p50_ms(self) -> float:
+        return statistics.median(self.ttft_ms) if self.ttft_ms else math.nan
+
+    @property
+    def ttft_p95_ms(self) -> float:
+        return _percentile(self.ttft_ms, 95)
+
+
+def _percentile(values: list[float], percent: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(0, math.ceil(percent / 100 * len(ordered)) - 1)
+    return ordered[rank]
+
+
+# ---------------------------------------------------------------------------- targets
 
 
 async def _wait_healthy(
     client: httpx.AsyncClient, path: str, process: subprocess.Popen[bytes]
 ) -> None:
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
@@ -83,6 +139,62 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _thread_flags(args: argparse.Namespace) -> list[str]:
+    flags: list[str] = []
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
+    if args.threads_batch:
+        flags += ["--threads-batch", str(args.threads_batch)]
+    if args.gpu_layers:
+        flags += ["--n-gpu-layers", str(args.gpu_layers)]
+    return flags
+
+
+def llama_server_binary() -> Path:
+    configured = os.environ.get("LLAMA_SERVER_PATH")
+    if configured:
+        return Path(configured)
+    built = subprocess.run(
+        [str(REPO / "scripts" / "build-llama-server")], capture_output=True, text=True, check=True
+    )
+    return Path(built.stdout.strip().splitlines()[-1])
+
+
+@contextlib.asynccontextmanager
+async def llama_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
+    """llama.cpp's native server with dmr's default slots and context per slot."""
+    port = _free_port()
+    argv = [
+        str(llama_server_binary()),
+        "--model",
+        str(args.gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(args.parallel),
+        "--ctx-size",
+        str(args.ctx_size * args.parallel),
+        "--jinja",
+        "--no-repack",
+        *_thread_flags(args),
+    ]
+    process = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+            await _wait_healthy(client, "/health", process)
+            yield client
+    finally:
+        _stop(process)
+
+
 @contextlib.asynccontextmanager
 async def runner_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
     """The dmr llama.cpp runner, started as the engine starts it, hit on its unix socket."""
@@ -95,20 +207,15 @@ async def runner_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncCl
         (bundle / "model" / "model.gguf").symlink_to(args.gguf)
         launch = RunnerLaunch(
             model_id="sha256:" + "0" * 64,
-            model_name="ai/smollm2",
+            model_name=args.model_name,
             bundle_dir=bundle,
             model_config={},
             mode=Mode.COMPLETION,
             socket_path=Path(folder) / "runner.sock",
             config=RunnerConfig(
                 context_size=args.ctx_size,
-                runtime_flags=(
-                    "--threads",
-                    str(args.threads),
-                    "--threads-batch",
-                    str(args.threads_batch),
-                ),
-                engine_options={"llamacpp": {"parallel": max(args.concurrency)}},
+                runtime_flags=tuple(_thread_flags(args)),
+                engine_options={"llamacpp": {"parallel": args.parallel}},
             ),
             device=AcceleratorInfo("cpu", "cpu", 0, 0, 0),
         )
@@ -141,12 +248,6 @@ runpy.run_module("llama_cpp.server", run_name="__main__")
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def llama_cpp_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
     """`python -m llama_cpp.server` (needs the llama-cpp-python[server] extra)."""
@@ -162,14 +263,14 @@ async def llama_cpp_server_target(args: argparse.Namespace) -> AsyncIterator[htt
         "--port",
         str(port),
         "--n_ctx",
-        str(args.ctx_size * max(args.concurrency)),
-        "--n_threads",
-        str(args.threads),
-        "--n_threads_batch",
-        str(args.threads_batch),
+        str(args.ctx_size * args.parallel),
         "--verbose",
         "False",
     ]
+    if args.threads:
+        argv += ["--n_threads", str(args.threads)]
+    if args.threads_batch:
+        argv += ["--n_threads_batch", str(args.threads_batch)]
     process = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
@@ -181,12 +282,11 @@ async def llama_cpp_server_target(args: argparse.Namespace) -> AsyncIterator[htt
 
 @contextlib.asynccontextmanager
 async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
-    """dmr through its own server, so the proxy's overhead shows against `runner`.
+    """`dmr serve` as a user runs it: default settings, the GGUF packaged as a model.
 
     With DMR_BENCH_SERVER_URL (e.g. http://127.0.0.1:12434/engines) it uses that
-    server as it is. Otherwise it starts `dmr serve` on a temporary store, packages
-    the GGUF as ai/smollm2 and configures its runner exactly as `runner_target`'s
-    (threads, context per slot, slots), so the two differ only by the server.
+    server as it is. Only flags given to this bench (threads, GPU layers, a context
+    or slot count other than dmr's defaults) are configured through `_configure`.
     """
     url = os.environ.get("DMR_BENCH_SERVER_URL")
     if url:
@@ -225,50 +325,69 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
                     check=True,
                     stdout=subprocess.DEVNULL,
                 )
-                configured = await control.post(
-                    "/engines/_configure",
-                    json={
-                        "model": args.model_name,
-                        "context-size": args.ctx_size,
-                        "runtime-flags": [
-                            "--threads",
-                            str(args.threads),
-                            "--threads-batch",
-                            str(args.threads_batch),
-                        ],
-                        "llamacpp": {"parallel": max(args.concurrency)},
-                    },
-                )
-                configured.raise_for_status()
+                configure: dict[str, Any] = {}
+                if _thread_flags(args):
+                    configure["runtime-flags"] = _thread_flags(args)
+                if args.ctx_size != DMR_DEFAULT_CTX:
+                    configure["context-size"] = args.ctx_size
+                if args.parallel != DMR_DEFAULT_PARALLEL:
+                    configure["llamacpp"] = {"parallel": args.parallel}
+                if configure:
+                    answer = await control.post(
+                        "/engines/_configure", json={"model": args.model_name, **configure}
+                    )
+                    answer.raise_for_status()
             async with httpx.AsyncClient(base_url=base + "/engines", timeout=600) as client:
                 yield client
         finally:
             _stop(server)
 
 
+DMR_DEFAULT_CTX = 4096  # tokens per slot (dmr_llamacpp.runner)
+DMR_DEFAULT_PARALLEL = 8
+
 TARGETS: dict[str, Target] = {
+    "llama-server": llama_server_target,
+    "dmr-server": dmr_server_target,
     "runner": runner_target,
     "llama-cpp-server": llama_cpp_server_target,
-    "dmr-server": dmr_server_target,
 }
 
 
+# ---------------------------------------------------------------------------- requests
+
+
+@dataclass
+class StreamResult:
+    ttft_s: float | None
+    chunks: int
+    complete: bool
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
 async def one_stream(
-    client: httpx.AsyncClient, prompt: str, args: argparse.Namespace, started: float
-) -> tuple[float | None, int, bool]:
-    """(time to first token, tokens received, whether it ended normally: finish_reason + [DONE])."""
+    client: httpx.AsyncClient,
+    messages: list[dict[str, str]],
+    args: argparse.Namespace,
+    max_tokens: int,
+) -> StreamResult:
+    """Stream one chat answer; TTFT is measured to the first chunk with content."""
     request: dict[str, Any] = {
         "model": args.model_name,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": args.max_tokens,
-        "temperature": 0.7,
-        "seed": 42,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
+    started = time.perf_counter()
     first: float | None = None
-    received = 0
-    done = False
-    finished = False
+    parts: list[str] = []
+    usage: dict[str, Any] = {}
+    done = finished = False
     try:
         async with client.stream("POST", "/v1/chat/completions", json=request) as response:
             async for line in response.aiter_lines():
@@ -276,116 +395,301 @@ async def one_stream(
                     done = True
                 elif line.startswith("data: "):
                     event = json.loads(line[6:])
+                    usage = event.get("usage") or usage
                     choices = event.get("choices") or []
                     finished = finished or bool(choices and choices[0].get("finish_reason"))
-                    if choices and choices[0].get("delta", {}).get("content"):
-                        received += 1
-                        first = first if first is not None else time.perf_counter() - started
+                    content = choices[0].get("delta", {}).get("content") if choices else None
+                    if content:
+                        parts.append(content)
+                        if first is None:
+                            first = time.perf_counter() - started
     except httpx.HTTPError:
         done = False
-    return first, received, done and finished and received > 0
+    details = usage.get("prompt_tokens_details") or {}
+    return StreamResult(
+        ttft_s=first,
+        chunks=len(parts),
+        complete=done and finished and bool(parts),
+        text="".join(parts),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or len(parts)),
+        cached_tokens=int(details.get("cached_tokens") or 0),
+    )
 
 
-async def run_round(
-    client: httpx.AsyncClient, name: str, concurrency: int, args: argparse.Namespace
-) -> Round:
+def _measurement(
+    name: str,
+    case: str,
+    number: int,
+    results: list[StreamResult],
+    wall: float,
+) -> Measurement:
+    tokens = sum(result.completion_tokens for result in results)
+    return Measurement(
+        target=name,
+        case=case,
+        concurrency=len(results),
+        round=number,
+        wall_s=round(wall, 3),
+        completion_tokens=tokens,
+        tokens_per_s=round(tokens / wall, 2),
+        ttft_ms=[round(r.ttft_s * 1000, 1) for r in results if r.ttft_s is not None],
+        prompt_tokens=[r.prompt_tokens for r in results],
+        cached_tokens=[r.cached_tokens for r in results],
+        complete_streams=sum(r.complete for r in results),
+        texts=[r.text for r in results],
+    )
+
+
+async def streams_case(
+    client: httpx.AsyncClient, name: str, number: int, concurrency: int, args: argparse.Namespace
+) -> Measurement:
     started = time.perf_counter()
     results = await asyncio.gather(
-        *(one_stream(client, PROMPTS[i % len(PROMPTS)], args, started) for i in range(concurrency))
+        *(
+            one_stream(
+                client,
+                [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                args,
+                args.max_tokens,
+            )
+            for i in range(concurrency)
+        )
     )
-    wall = time.perf_counter() - started
-    tokens = [received for _, received, _ in results]
-    ttfts = [first * 1000 for first, _, _ in results if first is not None]
-    return Round(
-        target=name,
-        concurrency=concurrency,
-        wall_s=round(wall, 3),
-        completion_tokens=sum(tokens),
-        tokens_per_s=round(sum(tokens) / wall, 2),
-        ttft_p50_ms=round(statistics.median(ttfts), 1) if ttfts else float("nan"),
-        tokens_per_client=tokens,
-        complete_streams=sum(1 for _, _, done in results if done),
-    )
+    return _measurement(name, "streams", number, list(results), time.perf_counter() - started)
 
 
-async def main_async(args: argparse.Namespace) -> list[Round]:
-    """Every target is started first, then measured in turns: for each round and
-    level, each target once, their order reversed every other round. Neighbours'
-    load on a shared machine then lands on all targets alike, not on whichever
-    happened to run while it lasted."""
-    rounds: list[Round] = []
+def long_prompt(nonce: str, sentences: int = 150) -> str:
+    """A prompt of well over 1,500 tokens whose first words differ every call."""
+    colours = ["red", "green", "blue", "amber", "violet", "silver", "golden", "grey"]
+    things = ["lantern", "harbour", "orchard", "bridge", "library", "garden", "tower", "river"]
+    lines = [f"Reference {nonce}. Read these notes, then answer the question at the end."]
+    for index in range(sentences):
+        colour, thing = colours[index % len(colours)], things[(index * 3) % len(things)]
+        lines.append(
+            f"Note {index + 1}: the {colour} {thing} was visited on day {index * 7 % 31 + 1} "
+            f"by {index % 5 + 2} travellers who counted {index * 13 % 97} stones."
+        )
+    lines.append("Question: which colours appear in the notes? Answer briefly.")
+    return "\n".join(lines)
+
+
+async def long_case(
+    client: httpx.AsyncClient, name: str, number: int, args: argparse.Namespace
+) -> Measurement:
+    messages = [{"role": "user", "content": long_prompt(uuid.uuid4().hex)}]
+    started = time.perf_counter()
+    result = await one_stream(client, messages, args, 16)
+    return _measurement(name, "long", number, [result], time.perf_counter() - started)
+
+
+async def multiturn_case(
+    client: httpx.AsyncClient, name: str, number: int, args: argparse.Namespace
+) -> Measurement:
+    """TTFT of turns 2.. of a conversation that resends its history every turn."""
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": f"Conversation {uuid.uuid4().hex}. Be helpful and brief."}
+    ]
+    results: list[StreamResult] = []
+    started = time.perf_counter()
+    for turn in TURNS:
+        messages.append({"role": "user", "content": turn})
+        result = await one_stream(client, messages, args, args.turn_tokens)
+        messages.append({"role": "assistant", "content": result.text})
+        results.append(result)
+    measured = _measurement(name, "multiturn", number, results[1:], time.perf_counter() - started)
+    measured.concurrency = 1
+    return measured
+
+
+# ---------------------------------------------------------------------------- running
+
+
+async def main_async(args: argparse.Namespace) -> list[Measurement]:
+    """Every target is started first, then measured in turns: for each round, case
+    and level, each target once, their order reversed every other round, so a
+    neighbour's load on a shared machine lands on all targets alike."""
+    measurements: list[Measurement] = []
     async with contextlib.AsyncExitStack() as stack:
         clients = {
             name: await stack.enter_async_context(TARGETS[name](args)) for name in args.targets
         }
-        for client in clients.values():
-            await one_stream(client, "Hello", args, time.perf_counter())  # warm-up
-        for number in range(args.rounds):
-            order = args.targets if number % 2 == 0 else args.targets[::-1]
-            for concurrency in args.concurrency:
-                for name in order:
-                    result = await run_round(clients[name], name, concurrency, args)
-                    rounds.append(result)
-                    print(
-                        f"round {number + 1} {name:18} c={concurrency:<2} "
-                        f"{result.tokens_per_s:8.2f} tok/s  TTFT p50 {result.ttft_p50_ms:8.1f} ms  "
-                        f"complete {result.complete_streams}/{concurrency}  "
-                        f"tokens/client {result.tokens_per_client}",
-                        flush=True,
-                    )
-    print_summary(rounds, args)
-    return rounds
+        for client in clients.values():  # warm-up: loads the model, fills caches
+            await one_stream(client, [{"role": "user", "content": "Hello"}], args, 8)
+        for number in range(1, args.rounds + 1):
+            order = args.targets if number % 2 else args.targets[::-1]
+            for case in args.cases:
+                levels = args.concurrency if case == "streams" else [1]
+                for concurrency in levels:
+                    for name in order:
+                        client = clients[name]
+                        if case == "streams":
+                            result = await streams_case(client, name, number, concurrency, args)
+                        elif case == "long":
+                            result = await long_case(client, name, number, args)
+                        else:
+                            result = await multiturn_case(client, name, number, args)
+                        measurements.append(result)
+                        print(_line(result), flush=True)
+    print()
+    print(summary(measurements, args))
+    return measurements
 
 
-def print_summary(rounds: list[Round], args: argparse.Namespace) -> None:
-    """Median tokens/s per target and level over the rounds, and the ratios that
-    the targets in docs/benchmarks.md are stated in."""
-    median: dict[tuple[str, int], float] = {}
-    for name in args.targets:
-        for concurrency in args.concurrency:
-            figures = [
-                r.tokens_per_s for r in rounds if r.target == name and r.concurrency == concurrency
-            ]
-            median[name, concurrency] = statistics.median(figures)
-            incomplete = sum(
-                r.concurrency - r.complete_streams
-                for r in rounds
-                if r.target == name and r.concurrency == concurrency
+def _line(m: Measurement) -> str:
+    extra = ""
+    if m.case != "streams":
+        extra = f"  prompt {m.prompt_tokens}  cached {m.cached_tokens}"
+    return (
+        f"round {m.round} {m.case:9} {m.target:16} c={m.concurrency:<2} "
+        f"{m.tokens_per_s:8.2f} tok/s  TTFT p50 {m.ttft_p50_ms:7.1f} ms "
+        f"p95 {m.ttft_p95_ms:7.1f} ms  complete {m.complete_streams}/{len(m.ttft_ms)}{extra}"
+    )
+
+
+def _median(values: list[float]) -> float:
+    values = [value for value in values if not math.isnan(value)]
+    return statistics.median(values) if values else math.nan
+
+
+def _prompt_rate(m: Measurement) -> float:
+    """Prompt tokens processed per second before the first token (the long case)."""
+    if not m.ttft_ms or not m.prompt_tokens[0]:
+        return math.nan
+    return (m.prompt_tokens[0] - m.cached_tokens[0]) / (m.ttft_ms[0] / 1000)
+
+
+def summary(measurements: list[Measurement], args: argparse.Namespace) -> str:
+    """Medians per target, case and level, then dmr ÷ llama-server with the targets."""
+    rows: dict[tuple[str, str, int], dict[str, float]] = {}
+    for m in measurements:
+        key = (m.target, m.case, m.concurrency)
+        rows.setdefault(key, {})
+    for key in rows:
+        chosen = [m for m in measurements if (m.target, m.case, m.concurrency) == key]
+        rows[key] = {
+            "tokens_per_s": _median([m.tokens_per_s for m in chosen]),
+            "ttft_p50_ms": _median([m.ttft_p50_ms for m in chosen]),
+            "ttft_p95_ms": _median([m.ttft_p95_ms for m in chosen]),
+            "prompt_per_s": _median([_prompt_rate(m) for m in chosen]),
+            "incomplete": sum(len(m.texts) - m.complete_streams for m in chosen),
+            "cached": _median([float(sum(m.cached_tokens)) for m in chosen]),
+        }
+    lines = [
+        "| target | case | streams | tok/s | TTFT p50 ms | TTFT p95 ms | prompt tok/s "
+        "| incomplete |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (target, case, level), row in sorted(rows.items()):
+        lines.append(
+            f"| {target} | {case} | {level} | {row['tokens_per_s']:.1f} | "
+            f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} | "
+            f"{row['prompt_per_s']:.0f} | {int(row['incomplete'])} |"
+        )
+    base, ours = "llama-server", args.compare
+    if base in args.targets and ours in args.targets:
+        lines += ["", f"{ours} ÷ {base} (medians over {args.rounds} rounds):", ""]
+        lines += [
+            "| case | streams | tok/s ratio | TTFT p50 (ours / base) | "
+            "TTFT p95 (ours / base) | prompt tok/s ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (target, case, level), row in sorted(rows.items()):
+            if target != ours or (base, case, level) not in rows:
+                continue
+            ref = rows[base, case, level]
+            lines.append(
+                f"| {case} | {level} | {row['tokens_per_s'] / ref['tokens_per_s']:.2f} | "
+                f"{row['ttft_p50_ms']:.0f} / {ref['ttft_p50_ms']:.0f} ms | "
+                f"{row['ttft_p95_ms']:.0f} / {ref['ttft_p95_ms']:.0f} ms | "
+                f"{row['prompt_per_s'] / ref['prompt_per_s']:.2f} |"
             )
-            print(
-                f"median {name:18} c={concurrency:<2} {median[name, concurrency]:8.2f} tok/s"
-                f"  incomplete streams {incomplete}"
-            )
-    if "runner" in args.targets and "dmr-server" in args.targets:
-        for concurrency in args.concurrency:
-            ratio = median["dmr-server", concurrency] / median["runner", concurrency]
-            print(f"dmr-server / runner at c={concurrency}: {ratio:.3f}")
-    low, high = min(args.concurrency), max(args.concurrency)
-    for name in args.targets:
-        print(f"{name}: c={high} / c={low} = {median[name, high] / median[name, low]:.2f}x")
+        lines += ["", *_target_checks(rows, ours, base)]
+    return "\n".join(lines)
+
+
+def _target_checks(
+    rows: dict[tuple[str, str, int], dict[str, float]], ours: str, base: str
+) -> list[str]:
+    """Issue 12's targets, each as met / missed with the figures behind it."""
+    checks: list[str] = []
+
+    def check(label: str, ok: bool, detail: str) -> None:
+        checks.append(f"- {'met' if ok else 'MISSED'}: {label} ({detail})")
+
+    def pair(case: str, level: int) -> tuple[dict[str, float], dict[str, float]] | None:
+        if (ours, case, level) in rows and (base, case, level) in rows:
+            return rows[ours, case, level], rows[base, case, level]
+        return None
+
+    for level in (1, 8):
+        if found := pair("streams", level):
+            mine, ref = found
+            ratio = mine["tokens_per_s"] / ref["tokens_per_s"]
+            check(f"tokens/s at {level} stream(s) >= 0.95x", ratio >= 0.95, f"{ratio:.2f}x")
+    if found := pair("streams", 1):
+        mine, ref = found
+        gap = mine["ttft_p50_ms"] - ref["ttft_p50_ms"]
+        check("TTFT p50 at 1 stream <= llama-server + 15 ms", gap <= 15, f"{gap:+.0f} ms")
+    if found := pair("streams", 8):
+        mine, ref = found
+        ratio = mine["ttft_p50_ms"] / ref["ttft_p50_ms"]
+        check("TTFT p50 at 8 streams <= 1.5x", ratio <= 1.5, f"{ratio:.2f}x")
+    if found := pair("long", 1):
+        mine, ref = found
+        ratio = mine["prompt_per_s"] / ref["prompt_per_s"]
+        check("long-prompt processing >= 0.95x", ratio >= 0.95, f"{ratio:.2f}x")
+    if found := pair("multiturn", 1):
+        mine, ref = found
+        ratio = mine["ttft_p50_ms"] / ref["ttft_p50_ms"]
+        check("multi-turn TTFT <= 1.2x", ratio <= 1.2, f"{ratio:.2f}x")
+    return checks
 
 
 def main() -> None:
     from dmr.samples import ensure_smollm2_gguf
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--gguf", type=Path, default=None)
-    parser.add_argument("--concurrency", default="1,4,8")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--ctx-size", type=int, default=512, help="tokens per slot")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
-    parser.add_argument("--threads-batch", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--targets", default="runner,llama-cpp-server")
+    parser.add_argument("--targets", default="llama-server,dmr-server")
+    parser.add_argument(
+        "--compare", default="dmr-server", help="the target set against llama-server"
+    )
+    parser.add_argument("--cases", default="streams,long,multiturn")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument(
+        "--turn-tokens", type=int, default=48, help="max tokens per multi-turn answer"
+    )
+    parser.add_argument("--ctx-size", type=int, default=DMR_DEFAULT_CTX, help="tokens per slot")
+    parser.add_argument("--parallel", type=int, default=DMR_DEFAULT_PARALLEL, help="slots")
+    parser.add_argument("--threads", type=int, default=None, help="default: each target's own")
+    parser.add_argument("--threads-batch", type=int, default=None)
+    parser.add_argument("--gpu-layers", type=int, default=0)
     parser.add_argument("--model-name", default="ai/smollm2")
-    parser.add_argument("--rounds", type=int, default=1, help="measure every level this often")
+    parser.add_argument("--rounds", type=int, default=5, help="measure every case this often")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.gguf = args.gguf or ensure_smollm2_gguf()
     args.concurrency = [int(part) for part in args.concurrency.split(",")]
     args.targets = [part for part in args.targets.split(",") if part]
-    rounds = asyncio.run(main_async(args))
+    args.cases = [part for part in args.cases.split(",") if part]
+    unknown = sorted(set(args.targets) - set(TARGETS))
+    if unknown:
+        parser.error(f"unknown targets {unknown}; known: {sorted(TARGETS)}")
+    if "llama-server" in args.targets and not shutil.which(str(llama_server_binary())):
+        parser.error("no llama-server binary: run scripts/build-llama-server")
+    measurements = asyncio.run(main_async(args))
     if args.json:
-        args.json.write_text(json.dumps([asdict(item) for item in rounds], indent=2))
+        args.json.write_text(
+            json.dumps(
+                [
+                    {**asdict(m), "ttft_p50_ms": m.ttft_p50_ms, "ttft_p95_ms": m.ttft_p95_ms}
+                    for m in measurements
+                ],
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

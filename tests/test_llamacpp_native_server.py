@@ -9,14 +9,16 @@ and cached under ~/.cache/dmr.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
-from tests.fixtures.server import DmrServer
+from tests.fixtures.server import DmrServer, free_port
 from tests.fixtures.test_engine import ps
 from tests.test_scheduler_smollm2 import put_smollm2
 
@@ -77,3 +79,80 @@ def test_native_llama_server_serves_through_dmr(
 
 def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+@pytest.fixture(scope="module")
+def native_llama_server(llama_server_binary: Path, smollm2_gguf: Path) -> Iterator[str]:
+    """llama-server on 127.0.0.1 with dmr's default slots and context per slot."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            str(llama_server_binary),
+            "--model",
+            str(smollm2_gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--parallel",
+            "8",
+            "--ctx-size",
+            str(8 * 4096),
+            "--jinja",
+            "--no-repack",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "llama-server exited"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "llama-server did not become healthy"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+GREEDY_PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how bread is made, step by step.",
+    "List three facts about the planet Mars.",
+]
+
+
+@pytest.mark.xdist_group("smollm2")
+def test_greedy_output_matches_native_llama_server(
+    native_llama_server: str, api_server: DmrServer
+) -> None:
+    """dmr's Python runner and llama.cpp's own server, same GGUF, temperature 0: the
+    same prompt tokens and the same answer, token for token."""
+    native = openai.OpenAI(base_url=f"{native_llama_server}/v1", api_key="unused")
+    ours = openai.OpenAI(base_url=f"{api_server.url}/engines/v1", api_key="unused")
+    for prompt in GREEDY_PROMPTS:
+        answers = [
+            client.chat.completions.create(
+                model="ai/smollm2",
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=48,
+                temperature=0,
+            )
+            for client in (native, ours)
+        ]
+        reference, mine = (answer.choices[0].message.content for answer in answers)
+        assert reference and mine == reference, (prompt, reference, mine)
+        assert answers[0].usage is not None and answers[1].usage is not None
+        assert answers[1].usage.prompt_tokens == answers[0].usage.prompt_tokens
+        assert answers[1].usage.completion_tokens == answers[0].usage.completion_tokens

@@ -9,6 +9,7 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
+from dmr_apis._runner import cached_prompt_tokens
 from dmr_apis._toolcalls import ToolCall, parse_arguments
 
 __all__ = [
@@ -258,9 +259,13 @@ def anthropic_stop_reason(
 
 
 def anthropic_usage(usage: Mapping[str, Any] | None) -> dict[str, int]:
+    """Anthropic counts cache reads apart: input_tokens + cache_read_input_tokens is the prompt."""
     usage = usage or {}
+    cached = cached_prompt_tokens(usage)
     return {
-        "input_tokens": int(usage.get("prompt_tokens") or 0),
+        "input_tokens": max(int(usage.get("prompt_tokens") or 0) - cached, 0),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
         "output_tokens": int(usage.get("completion_tokens") or 0),
     }
 

@@ -225,7 +225,13 @@ def final_stats(
     """Ollama's counts and nanosecond durations, from llama-server `timings` or usage."""
     timings = timings or {}
     usage = usage or {}
-    prompt_count = timings.get("prompt_n", usage.get("prompt_tokens", 0)) or 0
+    # llama-server's prompt_n leaves out the tokens reused from its cache (cache_n);
+    # Ollama's prompt_eval_count is the whole prompt, and a cached prompt shows only
+    # as a short prompt_eval_duration (Ollama has no cached-token field).
+    if "prompt_n" in timings:
+        prompt_count = int(timings.get("prompt_n") or 0) + int(timings.get("cache_n") or 0)
+    else:
+        prompt_count = usage.get("prompt_tokens", 0) or 0
     eval_count = timings.get("predicted_n", usage.get("completion_tokens", 0)) or 0
     prompt_ns = int(float(timings.get("prompt_ms", 0) or 0) * 1e6)
     eval_ns = int(float(timings.get("predicted_ms", 0) or 0) * 1e6)

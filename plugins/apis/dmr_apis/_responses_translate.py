@@ -10,6 +10,7 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
+from dmr_apis._runner import cached_prompt_tokens
 from dmr_apis._toolcalls import ToolCall
 
 __all__ = [
@@ -325,7 +326,7 @@ def usage_of(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     completion = int(usage.get("completion_tokens") or 0)
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached_prompt_tokens(usage)},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + completion,

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,14 @@ from dmr.server.services import get_services
 
 from dmr_apis._streaming import iter_sse_json
 
-__all__ = ["RunnerCall", "RunnerStream", "call_runner", "runner_error", "stream_runner"]
+__all__ = [
+    "RunnerCall",
+    "RunnerStream",
+    "cached_prompt_tokens",
+    "call_runner",
+    "runner_error",
+    "stream_runner",
+]
 
 
 @dataclass
@@ -201,3 +208,9 @@ async def stream_runner(
             await task
         raise
     return RunnerStream(load_seconds=load_seconds, _queue=queue, _task=task)
+
+
+def cached_prompt_tokens(usage: Mapping[str, Any]) -> int:
+    """OpenAI's `prompt_tokens_details.cached_tokens`: prompt tokens reused from a cache."""
+    details = usage.get("prompt_tokens_details")
+    return int((details.get("cached_tokens") if isinstance(details, Mapping) else 0) or 0)

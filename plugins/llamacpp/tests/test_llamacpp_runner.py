@@ -54,7 +54,12 @@ def test_chat_non_stream(completion_runner: RunnerProcess) -> None:
     assert choice["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 12
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 12
-    assert body["timings"]["predicted_n"] == 12 and body["timings"]["prompt_n"] > 10
+    timings = body["timings"]
+    assert timings["predicted_n"] == 12
+    # Decoded prompt tokens plus those reused from the slot's cache make the whole prompt.
+    assert timings["prompt_n"] >= 1 and body["usage"]["prompt_tokens"] > 10
+    assert timings["prompt_n"] + timings["cache_n"] == body["usage"]["prompt_tokens"]
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == timings["cache_n"]
 
 
 def test_chat_stream_with_usage(completion_runner: RunnerProcess) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from dmr.runner_support import serve_runner
 
 from dmr_llamacpp.runner.app import RunnerState, create_app
 from dmr_llamacpp.settings import WorkerSettings, runner_arg_parser, settings_from_namespace
+from dmr_llamacpp.threads import default_threads
 
 
 def load_into(
@@ -33,13 +33,10 @@ def load_into(
 
     settings = state.settings
     silence_llama_logs()
-    cores = os.cpu_count() or 1
-    # Half the cores, as llama-cpp-python does: on a shared machine a decode thread
-    # per core spends its time waiting at barriers (measured: 2x slower on 2 cores).
-    threads = settings.threads or max(1, cores // 2)
-    # Multi-token steps (prompts, several slots at once) use every core: measured
-    # 2.4x the aggregate throughput at 8 streams on 2 cores, versus one thread.
-    threads_batch = settings.threads_batch or cores
+    # llama.cpp's own defaults (llama-server's): a thread per physical core for
+    # every step, one-token or batched (docs/benchmarks.md has the measurements).
+    threads = settings.threads or default_threads()
+    threads_batch = settings.threads_batch or threads
     ctx_per_slot = settings.ctx_size or 4096
     flash = {"on": 1, "off": 0, "auto": -1}[settings.flash_attn]
     cache_types = {
@@ -65,6 +62,7 @@ def load_into(
                 flash_attn=flash,
                 type_k=cache_types[settings.cache_type_k],
                 type_v=cache_types[settings.cache_type_v],
+                kv_unified=False,
             )
         else:
             # Pooling needs each input whole in one micro-batch.

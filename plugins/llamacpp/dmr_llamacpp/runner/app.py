@@ -86,13 +86,15 @@ def _logprobs_completion(entries: list[TokenLogprob], offset: int) -> dict[str, 
 
 
 def _timings(done: Finished) -> dict[str, float]:
+    """llama-server's `timings`: `prompt_n` counts the prompt tokens decoded, `cache_n`
+    those reused from the slot's cache."""
+    decoded = done.prompt_tokens - done.cached_tokens
     return {
-        "prompt_n": done.prompt_tokens,
+        "cache_n": done.cached_tokens,
+        "prompt_n": decoded,
         "prompt_ms": done.prompt_ms,
-        "prompt_per_token_ms": done.prompt_ms / max(1, done.prompt_tokens),
-        "prompt_per_second": done.prompt_tokens / (done.prompt_ms / 1000)
-        if done.prompt_ms
-        else 0.0,
+        "prompt_per_token_ms": done.prompt_ms / max(1, decoded),
+        "prompt_per_second": decoded / (done.prompt_ms / 1000) if done.prompt_ms else 0.0,
         "predicted_n": done.completion_tokens,
         "predicted_ms": done.predicted_ms,
         "predicted_per_token_ms": done.predicted_ms / max(1, done.completion_tokens),
@@ -102,11 +104,12 @@ def _timings(done: Finished) -> dict[str, float]:
     }
 
 
-def _usage(done: Finished) -> dict[str, int]:
+def _usage(done: Finished) -> dict[str, Any]:
     return {
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
     }
 
 

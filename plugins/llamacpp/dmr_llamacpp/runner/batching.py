@@ -4,7 +4,15 @@ A single decode thread owns the llama context. Each step it puts the next
 token of every generating slot and chunks of pending prompts into one
 `llama_batch`, runs one `llama_decode`, samples per slot, and hands text to the
 waiting request handlers through their asyncio queues. Requests join between
-steps; a finished or cancelled slot's KV cells are dropped at once.
+steps.
+
+A slot keeps its KV cells after its request ends (prompt caching, as
+llama-server does): the next request goes to the idle slot whose cached tokens
+share the longest prefix with its prompt, and only the rest of the prompt is
+decoded. Multi-turn chats, which resend the whole conversation every turn, then
+pay only for the new turn. Each slot has a KV stream of its own (`ctx_per_slot`
+cells, `kv_unified` off), so the caches idle slots keep take no room and no
+attention time from running requests.
 """
 
 from __future__ import annotations
@@ -34,7 +42,23 @@ __all__ = [
     "GeneratorStats",
     "TextDelta",
     "TokenLogprob",
+    "common_prefix_length",
 ]
+
+
+def common_prefix_length(first: list[int], second: list[int]) -> int:
+    """How many leading tokens the two lists share (binary search on C-speed slices)."""
+    low, high = 0, min(len(first), len(second))
+    if first[:high] == second[:high]:
+        return high
+    high -= 1  # the whole of the shorter list does not match
+    while low < high:  # the longest match has a length in [low, high]
+        middle = (low + high + 1) // 2
+        if first[:middle] == second[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,8 @@ class Finished:
     # The stop string that ended generation, reported as llama-server's `stopping_word`
     # so dialects (Anthropic's stop_sequence) can tell it from an end-of-turn token.
     stop_word: str | None = None
+    # Prompt tokens whose KV cells were reused from the slot's cache, not decoded.
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +151,8 @@ class _Slot:
     held_logprobs: list[TokenLogprob] = field(default_factory=list)
     started_at: float = 0.0
     prompt_done_at: float = 0.0
+    cached_tokens: int = 0  # of this job's prompt, reused from the cache
+    last_used: float = 0.0  # when the slot last finished a job (least recently used goes first)
 
     @property
     def busy(self) -> bool:
@@ -210,14 +238,14 @@ class BatchedGenerator:
         self._waiting = deque(job for job in self._waiting if not job.cancelled)
         for slot in self.slots:
             if slot.job is not None and slot.job.cancelled:
-                self._release(slot)
+                # Between steps every token in `tokens` has been decoded: worth keeping.
+                self._release(slot, keep_cache=True)
 
     def _admit_waiting(self) -> None:
-        for slot in self.slots:
-            if not self._waiting:
+        while self._waiting:
+            slot = self._pick_slot(self._waiting[0].prompt)
+            if slot is None:
                 break
-            if slot.busy:
-                continue
             job = self._waiting.popleft()
             try:
                 slot.sampler = build_sampler_chain(job.params, self.model.vocab, self.model.n_vocab)
@@ -225,9 +253,7 @@ class BatchedGenerator:
                 job.emit(Failed(str(error)))
                 continue
             slot.job = job
-            slot.n_past = 0
-            slot.tokens = []
-            slot.pending_prompt = list(job.prompt)
+            self._reuse_prefix(slot, job.prompt)
             slot.next_token = None
             slot.completion_tokens = 0
             slot.text = StreamedText(job.params.stop)
@@ -237,16 +263,44 @@ class BatchedGenerator:
         self.stats.requests_deferred = len(self._waiting)
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
 
+    def _pick_slot(self, prompt: list[int]) -> _Slot | None:
+        """The idle slot whose cache shares most of `prompt`, else the least recently used.
+
+        As llama-server's slot selection: a cache is worth taking when it holds at
+        least a tenth of the prompt; otherwise an empty or long-idle slot is
+        overwritten, so the caches of other conversations survive longer.
+        """
+        idle = [slot for slot in self.slots if not slot.busy]
+        if not idle:
+            return None
+        best = max(idle, key=lambda slot: common_prefix_length(slot.tokens, prompt))
+        if common_prefix_length(best.tokens, prompt) * 10 >= len(prompt):
+            return best
+        return min(idle, key=lambda slot: (bool(slot.tokens), slot.last_used))
+
+    def _reuse_prefix(self, slot: _Slot, prompt: list[int]) -> None:
+        """Keep the cells the slot's cache shares with `prompt`; queue the rest for decoding."""
+        # At least the prompt's last token is decoded again: its logits pick the first token.
+        common = min(common_prefix_length(slot.tokens, prompt), len(prompt) - 1)
+        if common < len(slot.tokens):
+            llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, common, -1)
+            del slot.tokens[common:]
+        slot.n_past = common
+        slot.cached_tokens = common
+        slot.pending_prompt = list(prompt[common:])
+
     def _step(self) -> None:
         drafts = self._propose_drafts()
         batch = self._batch
         batch.clear()
         prompt_tokens_in_step = 0
+        in_batch: list[_Slot] = []
         for slot in self.slots:
             slot.output_index = None
             slot.drafted = []
             slot.draft_indices = []
             if slot.busy and slot.next_token is not None:
+                in_batch.append(slot)
                 slot.output_index = batch.add(
                     slot.next_token, slot.n_past, slot.seq_id, wants_logits=True
                 )
@@ -270,6 +324,7 @@ class BatchedGenerator:
             if batch.room == 0:
                 break
             chunk = slot.pending_prompt[: batch.room]
+            in_batch.append(slot)
             slot.pending_prompt = slot.pending_prompt[len(chunk) :]
             for offset, token in enumerate(chunk):
                 last = offset == len(chunk) - 1 and not slot.pending_prompt
@@ -286,9 +341,9 @@ class BatchedGenerator:
         elapsed = time.perf_counter() - started
         if status != 0:
             reason = "no room left in the KV cache" if status == 1 else f"llama_decode={status}"
-            for slot in self.slots:
-                if slot.busy and slot.output_index is not None:
-                    self._fail(slot, f"decode failed: {reason}")
+            # The failed decode left the cache as it was; these slots' `tokens` are not in it.
+            for slot in in_batch:
+                self._fail(slot, f"decode failed: {reason}")
             return
         sampled = [slot for slot in self.slots if slot.busy and slot.output_index is not None]
         self.stats.decode_steps += 1
@@ -303,7 +358,7 @@ class BatchedGenerator:
                 self._verify(slot)
             else:
                 self._sample(slot)
-        self.stats.kv_cells_used = sum(slot.n_past for slot in self.slots if slot.busy)
+        self.stats.kv_cells_used = sum(len(slot.tokens) for slot in self.slots)
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
 
     def _propose_drafts(self) -> dict[int, list[int]]:
@@ -438,26 +493,31 @@ class BatchedGenerator:
                 prompt_ms=(prompt_done - slot.started_at) * 1000,
                 predicted_ms=(now - prompt_done) * 1000,
                 stop_word=slot.text.stopped_by,
+                cached_tokens=slot.cached_tokens,
             )
         )
-        self._release(slot)
+        self._release(slot, keep_cache=True)
 
     def _fail(self, slot: _Slot, message: str) -> None:
         if slot.job is not None:
             slot.job.emit(Failed(message))
         self._release(slot)
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: _Slot, *, keep_cache: bool = False) -> None:
+        """End the slot's job. With `keep_cache` its KV cells (all decoded: `tokens`)
+        stay for the next request that shares their prefix."""
         if slot.sampler is not None:
             llama_cpp.llama_sampler_free(slot.sampler)
             slot.sampler = None
-        if slot.job is not None or slot.n_past:
-            self.model.forget_sequence(slot.seq_id)
-        if self.drafter is not None:
-            self.drafter.forget(slot.seq_id)
+        if not keep_cache:
+            if slot.tokens or slot.job is not None or slot.n_past:
+                self.model.forget_sequence(slot.seq_id)
+            slot.tokens = []
+            if self.drafter is not None:
+                self.drafter.forget(slot.seq_id)
+        slot.last_used = time.perf_counter()
         slot.job = None
-        slot.n_past = 0
-        slot.tokens = []
+        slot.n_past = len(slot.tokens)
         slot.drafted = []
         slot.draft_indices = []
         slot.pending_prompt = []

@@ -50,6 +50,11 @@ class ContextOptions:
     flash_attn: int = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
     type_k: int = llama_cpp.GGML_TYPE_F16
     type_v: int = llama_cpp.GGML_TYPE_F16
+    # One KV pool for all sequences (pooling: every input whole in one context), or a
+    # stream of n_ctx / n_seq_max cells per sequence (generation, as llama-server with
+    # --parallel): attention then spans only the sequence's own cells, so the caches
+    # that idle slots keep for later requests cost the running ones nothing.
+    kv_unified: bool = True
 
 
 class LoadedModel:
@@ -101,8 +106,7 @@ class LoadedModel:
         params.flash_attn_type = options.flash_attn
         params.type_k = options.type_k
         params.type_v = options.type_v
-        # One KV pool shared by all slots; each slot is held to its own budget by the batcher.
-        params.kv_unified = True
+        params.kv_unified = options.kv_unified
         params.no_perf = True
         self.options = options
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)

@@ -1,0 +1,89 @@
+"""Prompt caching: a slot keeps its KV cells after a request, and the next request
+that shares their prefix decodes only the rest (as llama-server does)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from dmr_llamacpp.runner.batching import common_prefix_length
+from llamacpp_helpers import RunnerProcess
+
+pytestmark = pytest.mark.llama
+
+
+def chat(runner: RunnerProcess, messages: list[dict[str, str]], max_tokens: int = 12) -> Any:
+    with runner.client() as client:
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"messages": messages, "max_tokens": max_tokens, "temperature": 0},
+        )
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def cached(body: dict[str, Any]) -> int:
+    return int(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def conversation(topic: str) -> list[dict[str, str]]:
+    # A unique system prompt first: nothing cached so far can share more than its frame.
+    return [
+        {"role": "system", "content": f"Session {uuid.uuid4().hex}. You are terse."},
+        {"role": "user", "content": f"Tell me one fact about {topic}."},
+    ]
+
+
+def test_common_prefix_length() -> None:
+    assert common_prefix_length([], [1, 2]) == 0
+    assert common_prefix_length([1, 2, 3], [1, 2, 3]) == 3
+    assert common_prefix_length([1, 2, 3], [1, 2]) == 2
+    assert common_prefix_length([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert common_prefix_length([5], [6]) == 0
+    long = list(range(5000))
+    assert common_prefix_length(long, [*long[:4321], -1]) == 4321
+
+
+def test_repeated_prompt_decodes_only_its_last_token(completion_runner: RunnerProcess) -> None:
+    messages = conversation("owls")
+    first = chat(completion_runner, messages)
+    again = chat(completion_runner, messages)
+    prompt = first["usage"]["prompt_tokens"]
+    assert cached(first) < prompt // 2  # only the template's frame could have been cached
+    # All but the last prompt token come from the cache; its logits pick the first token.
+    assert cached(again) == prompt - 1
+    assert again["timings"]["prompt_n"] == 1 and again["timings"]["cache_n"] == prompt - 1
+    # The cache changes no answer.
+    assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+
+
+def test_multi_turn_reuses_the_conversation_so_far(completion_runner: RunnerProcess) -> None:
+    messages = conversation("rivers")
+    first = chat(completion_runner, messages, max_tokens=16)
+    messages += [
+        {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "And one about lakes?"},
+    ]
+    second = chat(completion_runner, messages)
+    # The whole first prompt is a prefix of the second, and it stayed in the slot.
+    assert cached(second) >= first["usage"]["prompt_tokens"]
+    assert cached(second) < second["usage"]["prompt_tokens"]
+
+
+def test_interleaved_conversations_keep_their_own_slots(completion_runner: RunnerProcess) -> None:
+    first_a = conversation("volcanoes")
+    first_b = conversation("glaciers")
+    a1 = chat(completion_runner, first_a)
+    b1 = chat(completion_runner, first_b)
+    # B went to another slot (LRU), so A's cache survived B's request, and B's survives A's.
+    a2 = chat(
+        completion_runner,
+        [*first_a, {"role": "assistant", "content": "Hot."}, {"role": "user", "content": "More?"}],
+    )
+    b2 = chat(
+        completion_runner,
+        [*first_b, {"role": "assistant", "content": "Cold."}, {"role": "user", "content": "More?"}],
+    )
+    assert cached(a2) >= a1["usage"]["prompt_tokens"] - 1 - 4
+    assert cached(b2) >= b1["usage"]["prompt_tokens"] - 1 - 4
