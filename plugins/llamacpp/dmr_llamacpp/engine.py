@@ -183,6 +183,7 @@ class LlamaCppEngine:
         if launch.draft_bundle_dir is not None:
             argv += ["--model-draft", str(find_gguf_bundle(launch.draft_bundle_dir).model)]
         for option, value in (
+            ("--cache-ram", settings.cache_ram),
             ("--threads", settings.threads),
             ("--temp", settings.temperature),
             ("--top-k", settings.top_k),
@@ -211,12 +212,17 @@ class LlamaCppEngine:
             weights += draft.weight_bytes
             kv_cache += kv_cache_bytes(read_gguf_metadata(draft.model), ctx_total, settings)
         compute = COMPUTE_MARGIN_BYTES + int(COMPUTE_MARGIN_FRACTION * (weights + kv_cache))
+        # Host memory for prompts whose slot was taken (--cache-ram), at most this much.
+        prompt_cache = settings.cache_ram * 1024 * 1024 if launch.mode is Mode.COMPLETION else 0
         if not launch.device.is_gpu or settings.n_gpu_layers == 0:
-            return MemoryEstimate(device_bytes=weights + kv_cache + compute)
+            return MemoryEstimate(device_bytes=weights + kv_cache + compute + prompt_cache)
         layers = _arch_int(metadata, "block_count") or 1
         on_gpu = min(1.0, settings.n_gpu_layers / layers)
         device = int((weights + kv_cache) * on_gpu) + compute
-        return MemoryEstimate(device_bytes=device, host_bytes=weights + kv_cache - device + compute)
+        return MemoryEstimate(
+            device_bytes=device,
+            host_bytes=weights + kv_cache - device + compute + prompt_cache,
+        )
 
 
 def _replace_ctx(

@@ -87,6 +87,7 @@ _value(("-ctk", "--cache-type-k"), "cache_type_k", str)
 _value(("-ctv", "--cache-type-v"), "cache_type_v", str)
 _value(("--draft-max", "--draft", "--draft-n"), "draft_max", int)
 _value(("--draft-p-min",), "draft_p_min", float)
+_value(("-cram", "--cache-ram"), "cache_ram", int)
 _value(("--chat-template-file",), "chat_template_file", str)
 _value(("-a", "--alias"), "alias", str)
 _switch(("--metrics",), "metrics", True)
@@ -136,6 +137,9 @@ class WorkerSettings:
     cache_type_v: str = "f16"
     draft_max: int = 16
     draft_p_min: float = 0.75
+    # MiB of host memory for prompts whose slot was taken (llama-server's --cache-ram);
+    # 0 turns it off. Counted in the memory estimate.
+    cache_ram: int = 256
     chat_template_file: str | None = None
     alias: str | None = None
     metrics: bool = True
@@ -206,6 +210,8 @@ def _convert(name: str, raw: str) -> Any:
         raise ValueError(f"flag {name}: unknown cache type {raw!r}")
     if attr in {"ctx_size", "parallel", "batch_size", "ubatch_size"} and value <= 0:
         raise ValueError(f"flag {name} must be positive, got {raw!r}")
+    if attr == "cache_ram" and value < 0:
+        raise ValueError(f"flag {name} takes MiB, 0 to turn the cache off; got {raw!r}")
     return value
 
 

@@ -87,3 +87,17 @@ def test_interleaved_conversations_keep_their_own_slots(completion_runner: Runne
     )
     assert cached(a2) >= a1["usage"]["prompt_tokens"] - 1 - 4
     assert cached(b2) >= b1["usage"]["prompt_tokens"] - 1 - 4
+
+
+def test_a_prompt_whose_slot_was_taken_comes_back_from_host_memory(
+    completion_runner: RunnerProcess,
+) -> None:
+    """Nine conversations on eight slots: the first one's cells are saved to host
+    memory when its slot is taken, and copied back when it is asked again."""
+    first = conversation("comets")
+    original = chat(completion_runner, first)
+    for topic in ("a", "b", "c", "d", "e", "f", "g", "h"):
+        chat(completion_runner, conversation(f"the letter {topic}"), max_tokens=2)
+    again = chat(completion_runner, first)
+    assert cached(again) == again["usage"]["prompt_tokens"] - 1
+    assert again["choices"][0]["message"]["content"] == original["choices"][0]["message"]["content"]

@@ -108,7 +108,11 @@ def load_into(
                     )
                 drafter = Drafter(draft, max_tokens=settings.draft_max, p_min=settings.draft_p_min)
             state.generator = BatchedGenerator(
-                model, n_parallel=settings.parallel, ctx_per_slot=ctx_per_slot, drafter=drafter
+                model,
+                n_parallel=settings.parallel,
+                ctx_per_slot=ctx_per_slot,
+                drafter=drafter,
+                host_cache_bytes=settings.cache_ram * 1024 * 1024,
             )
         else:
             state.pooler = Pooler(

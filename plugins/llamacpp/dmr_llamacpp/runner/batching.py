@@ -30,6 +30,7 @@ import llama_cpp
 import numpy as np
 
 from dmr_llamacpp.runner.model import Batch, LoadedModel
+from dmr_llamacpp.runner.prompt_cache import HostPromptCache, common_prefix_length
 from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
 from dmr_llamacpp.runner.speculative import Drafter
 from dmr_llamacpp.runner.text import StreamedText
@@ -46,19 +47,8 @@ __all__ = [
 ]
 
 
-def common_prefix_length(first: list[int], second: list[int]) -> int:
-    """How many leading tokens the two lists share (binary search on C-speed slices)."""
-    low, high = 0, min(len(first), len(second))
-    if first[:high] == second[:high]:
-        return high
-    high -= 1  # the whole of the shorter list does not match
-    while low < high:  # the longest match has a length in [low, high]
-        middle = (low + high + 1) // 2
-        if first[:middle] == second[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+# Fewer tokens than this are cheaper to decode again than to copy to host memory and back.
+SAVE_AT_LEAST = 16
 
 
 @dataclass(frozen=True)
@@ -104,18 +94,20 @@ class GenerationJob:
         self.prompt = prompt
         self.params = params
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.cancelled = False  # set by the handler, read by the decode thread
         self.submitted_at = time.perf_counter()
-
-    def emit(self, event: Event) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the handler's loop is gone (shutdown)
-            self.cancelled = True
+        self.outbox: list[Event] = []  # the decode thread's events not yet handed over
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def _deliver(batch: list[tuple[GenerationJob, list[Event]]]) -> None:
+    """Runs in the handlers' event loop: one call per loop and decode step."""
+    for job, events in batch:
+        for event in events:
+            job.events.put_nowait(event)
 
 
 @dataclass
@@ -169,8 +161,14 @@ class BatchedGenerator:
         n_parallel: int,
         ctx_per_slot: int,
         drafter: Drafter | None = None,
+        host_cache_bytes: int = 0,
     ) -> None:
         self.model = model
+        self.host_cache = (
+            HostPromptCache(model.ctx, model.memory, host_cache_bytes)
+            if host_cache_bytes > 0
+            else None
+        )
         self.drafter = drafter
         self.ctx_per_slot = ctx_per_slot
         self.n_batch = model.options.n_batch
@@ -179,6 +177,7 @@ class BatchedGenerator:
         self._incoming: queue.Queue[GenerationJob | None] = queue.Queue()
         self._waiting: deque[GenerationJob] = deque()
         self._batch = Batch(self.n_batch)
+        self._touched: list[GenerationJob] = []  # jobs with events in their outbox
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
         self._thread.start()
@@ -199,6 +198,7 @@ class BatchedGenerator:
         self._thread.join(timeout=10)
         for slot in self.slots:
             self._release(slot)
+        self._flush_events()
         self._batch.free()
         if self.drafter is not None:
             self.drafter.close()
@@ -210,14 +210,41 @@ class BatchedGenerator:
             self._take_incoming(block=not any(slot.busy for slot in self.slots))
             self._drop_cancelled()
             self._admit_waiting()
-            if not any(slot.busy for slot in self.slots):
-                continue
+            if any(slot.busy for slot in self.slots):
+                try:
+                    self._step()
+                except Exception as error:  # keep serving; fail the slots in this step
+                    for slot in self.slots:
+                        if slot.busy:
+                            self._fail(slot, f"generation failed: {error}")
+            self._flush_events()
+
+    def _emit(self, job: GenerationJob, event: Event) -> None:
+        if not job.outbox:
+            self._touched.append(job)
+        job.outbox.append(event)
+
+    def _flush_events(self) -> None:
+        """Hand the step's events over with one wake-up per event loop.
+
+        Waking the handlers' loop once per token would have it take the GIL back
+        while this thread still samples the other slots, and every ctypes call
+        here would then wait for it; after the step, the handlers run while the
+        next `llama_decode` holds no GIL.
+        """
+        if not self._touched:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationJob, list[Event]]]] = {}
+        for job in self._touched:
+            events, job.outbox = job.outbox, []
+            by_loop.setdefault(job.loop, []).append((job, events))
+        self._touched = []
+        for loop, batch in by_loop.items():
             try:
-                self._step()
-            except Exception as error:  # keep serving; fail the slots in this step
-                for slot in self.slots:
-                    if slot.busy:
-                        self._fail(slot, f"generation failed: {error}")
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the handlers' loop is gone (shutdown)
+                for job, _events in batch:
+                    job.cancelled = True
 
     def _take_incoming(self, *, block: bool) -> None:
         try:
@@ -250,7 +277,7 @@ class BatchedGenerator:
             try:
                 slot.sampler = build_sampler_chain(job.params, self.model.vocab, self.model.n_vocab)
             except ValueError as error:
-                job.emit(Failed(str(error)))
+                self._emit(job, Failed(str(error)))
                 continue
             slot.job = job
             self._reuse_prefix(slot, job.prompt)
@@ -264,24 +291,49 @@ class BatchedGenerator:
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
 
     def _pick_slot(self, prompt: list[int]) -> _Slot | None:
-        """The idle slot whose cache shares most of `prompt`, else the least recently used.
+        """The idle slot whose cache serves `prompt` best, weighing what it would destroy.
 
-        As llama-server's slot selection: a cache is worth taking when it holds at
-        least a tenth of the prompt; otherwise an empty or long-idle slot is
-        overwritten, so the caches of other conversations survive longer.
+        The candidates are the slot sharing the longest prefix with the prompt
+        (worth it from a tenth of the prompt, llama-server's similarity rule) and
+        the fresh one: an empty slot, else the least recently used. The best match
+        wins unless the fresh slot keeps much more of the other caches: the tokens
+        the best match would cut beyond the shared prefix count a quarter each,
+        as most of them are a finished answer that only a follow-up turn reuses.
+        Without the weighing, two prompts that share only a system prompt take each
+        other's slots and both lose their caches.
         """
         idle = [slot for slot in self.slots if not slot.busy]
         if not idle:
             return None
-        best = max(idle, key=lambda slot: common_prefix_length(slot.tokens, prompt))
-        if common_prefix_length(best.tokens, prompt) * 10 >= len(prompt):
-            return best
-        return min(idle, key=lambda slot: (bool(slot.tokens), slot.last_used))
+        fresh = min(idle, key=lambda slot: (bool(slot.tokens), slot.last_used))
+        shared = {id(slot): common_prefix_length(slot.tokens, prompt) for slot in idle}
+        best = max(idle, key=lambda slot: (shared[id(slot)], -slot.last_used))
+        if shared[id(best)] * 10 < len(prompt):
+            return fresh
+        gained = shared[id(best)] - shared[id(fresh)]
+        cut = (len(best.tokens) - shared[id(best)]) - (len(fresh.tokens) - shared[id(fresh)])
+        return best if gained * 4 >= cut else fresh
 
     def _reuse_prefix(self, slot: _Slot, prompt: list[int]) -> None:
-        """Keep the cells the slot's cache shares with `prompt`; queue the rest for decoding."""
+        """Keep the cells the slot's cache shares with `prompt`; queue the rest for decoding.
+
+        A cache about to be cut goes to host memory first (when at least
+        `SAVE_AT_LEAST` of its tokens would be lost); a prompt saved there that
+        shares more with `prompt` than the slot does is copied into the slot.
+        """
+        common = common_prefix_length(slot.tokens, prompt)
+        if self.host_cache is not None:
+            saved, shared = self.host_cache.best_match(prompt)
+            if len(slot.tokens) - common >= SAVE_AT_LEAST:
+                self.host_cache.save(slot.seq_id, slot.tokens)
+            if saved is not None and shared > common:
+                if self.host_cache.restore(saved, slot.seq_id):
+                    slot.tokens, common = list(saved.tokens), shared
+                else:  # nothing of the slot's own cache is known to be left
+                    self.model.forget_sequence(slot.seq_id)
+                    slot.tokens, common = [], 0
         # At least the prompt's last token is decoded again: its logits pick the first token.
-        common = min(common_prefix_length(slot.tokens, prompt), len(prompt) - 1)
+        common = min(common, len(prompt) - 1)
         if common < len(slot.tokens):
             llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, common, -1)
             del slot.tokens[common:]
@@ -439,7 +491,7 @@ class BatchedGenerator:
             )
         text = slot.text.push(piece)
         if text:
-            job.emit(TextDelta(text, slot.held_logprobs))
+            self._emit(job, TextDelta(text, slot.held_logprobs))
             slot.held_logprobs = []
         if slot.text.stopped_by is not None:
             self._finish(slot, "stop")
@@ -482,10 +534,11 @@ class BatchedGenerator:
         assert job is not None and slot.text is not None
         tail = slot.text.finish()
         if tail or slot.held_logprobs:
-            job.emit(TextDelta(tail, slot.held_logprobs))
+            self._emit(job, TextDelta(tail, slot.held_logprobs))
         now = time.perf_counter()
         prompt_done = slot.prompt_done_at or now
-        job.emit(
+        self._emit(
+            job,
             Finished(
                 reason=reason,
                 prompt_tokens=len(job.prompt),
@@ -494,13 +547,13 @@ class BatchedGenerator:
                 predicted_ms=(now - prompt_done) * 1000,
                 stop_word=slot.text.stopped_by,
                 cached_tokens=slot.cached_tokens,
-            )
+            ),
         )
         self._release(slot, keep_cache=True)
 
     def _fail(self, slot: _Slot, message: str) -> None:
         if slot.job is not None:
-            slot.job.emit(Failed(message))
+            self._emit(slot.job, Failed(message))
         self._release(slot)
 
     def _release(self, slot: _Slot, *, keep_cache: bool = False) -> None:
