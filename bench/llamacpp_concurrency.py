@@ -408,8 +408,8 @@ async def one_stream(
                         parts.append(content)
                         if first is None:
                             first = time.perf_counter() - started
-    except httpx.HTTPError:
-        done = False
+    except httpx.HTTPError as error:
+        return StreamResult(first, len(parts), False, "".join(parts), 0, 0, 0, repr(error))
     details = usage.get("prompt_tokens_details") or {}
     return StreamResult(
         ttft_s=first,
@@ -578,13 +578,15 @@ def summary(measurements: list[Measurement], args: argparse.Namespace) -> str:
         key = (m.target, m.case, m.concurrency)
         rows.setdefault(key, {})
     for key in rows:
-        chosen = [m for m in measurements if (m.target, m.case, m.concurrency) == key]
+        every = [m for m in measurements if (m.target, m.case, m.concurrency) == key]
+        # A round with a broken stream says nothing about speed; it is counted apart.
+        chosen = [m for m in every if m.complete_streams == len(m.texts)] or every
         rows[key] = {
             "tokens_per_s": _median([m.tokens_per_s for m in chosen]),
             "ttft_p50_ms": _median([m.ttft_p50_ms for m in chosen]),
             "ttft_p95_ms": _median([m.ttft_p95_ms for m in chosen]),
             "prompt_per_s": _median([_prompt_rate(m) for m in chosen]),
-            "incomplete": sum(len(m.texts) - m.complete_streams for m in chosen),
+            "incomplete": sum(len(m.texts) - m.complete_streams for m in every),
             "cached": _median([float(sum(m.cached_tokens)) for m in chosen]),
         }
     lines = [
