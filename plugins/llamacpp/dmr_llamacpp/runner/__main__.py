@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dmr.runner_support import serve_runner
 
-from dmr_llamacpp.runner.app import RunnerState, create_app
+from dmr_llamacpp.runner.app import RunnerState, create_asgi
 from dmr_llamacpp.settings import WorkerSettings, runner_arg_parser, settings_from_namespace
 from dmr_llamacpp.threads import default_threads
 
@@ -135,7 +135,7 @@ async def main_async(argv: list[str] | None = None) -> None:
         mode=args.mode,
         settings=settings,
     )
-    app = create_app(state)
+    app = create_asgi(state)
 
     def load(fail: Callable[[], None]) -> None:
         draft = Path(args.model_draft) if args.model_draft else None

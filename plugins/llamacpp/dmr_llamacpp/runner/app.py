@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +25,10 @@ from dmr_llamacpp.runner.metrics import render_metrics
 from dmr_llamacpp.runner.model import LoadedModel
 from dmr_llamacpp.runner.pooling import Pooler
 from dmr_llamacpp.runner.requests import BadRequest, normalise_messages, sampling_from_body
+from dmr_llamacpp.runner.streaming import StreamingRoutes
 from dmr_llamacpp.settings import WorkerSettings
 
-__all__ = ["RunnerState", "create_app"]
+__all__ = ["RunnerState", "create_app", "create_asgi"]
 
 
 @dataclass
@@ -160,19 +161,51 @@ async def _events(job: GenerationJob) -> AsyncIterator[TextDelta | Finished]:
         job.cancel()
 
 
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def content_chunk_encoder(chunk_base: dict[str, Any]) -> Callable[[str], bytes]:
+    """`text -> SSE event` for the common chunk (content only, no logprobs): the JSON
+    around the text is encoded once per stream, not once per token."""
+    marker = f"dmr-content-{uuid.uuid4().hex}"
+    template = _sse(
+        {
+            **chunk_base,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": marker},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        }
+    )
+    head, tail = template.split(json.dumps(marker).encode(), 1)
+
+    def encode(text: str) -> bytes:
+        return head + json.dumps(text, ensure_ascii=False).encode() + tail
+
+    return encode
+
+
+GenerationAnswer = Response | AsyncIterator[bytes]
+
+
 def create_app(state: RunnerState) -> Quart:
     app = Quart(__name__)
     # Quart cuts responses off after 60 s by default; a long generation is not an error.
     app.config["RESPONSE_TIMEOUT"] = None
 
     async def body_json() -> dict[str, Any]:
-        try:
-            body = json.loads(await request.get_data())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        return body
+        return parse_body(await request.get_data())
 
     def loaded() -> LoadedModel:
         if state.model is None:
@@ -280,10 +313,19 @@ def create_app(state: RunnerState) -> Quart:
             raise BadRequest(str(error)) from None
         return job
 
+    def event_stream(chunks: AsyncIterator[bytes]) -> Response:
+        return Response(
+            chunks, content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions() -> Response:
-        body = await body_json()
+        answer = await chat_answer(await body_json())
+        return answer if isinstance(answer, Response) else event_stream(answer)
+
+    async def chat_answer(body: dict[str, Any]) -> GenerationAnswer:
+        """The whole answer, or for `stream` its SSE events (see `StreamingRoutes`)."""
         messages, tool_grammar, with_tools = normalise_messages(body)
         params = sampling_from_body(body, state.settings, chat=True, grammar=tool_grammar)
         prompt = render_prompt(messages, body)
@@ -298,11 +340,7 @@ def create_app(state: RunnerState) -> Quart:
         }
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return Response(
-                _chat_stream(job, base, with_tools=with_tools, include_usage=include_usage),
-                content_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
+            return _chat_stream(job, base, with_tools=with_tools, include_usage=include_usage)
         try:
             collected = await _collect(job)
         except RuntimeError as error:
@@ -340,6 +378,7 @@ def create_app(state: RunnerState) -> Quart:
         job: GenerationJob, base: dict[str, Any], *, with_tools: bool, include_usage: bool
     ) -> AsyncIterator[bytes]:
         chunk_base = {**base, "object": "chat.completion.chunk"}
+        content_chunk = content_chunk_encoder(chunk_base)
 
         def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
             return _sse(
@@ -364,12 +403,11 @@ def create_app(state: RunnerState) -> Quart:
                 if isinstance(event, TextDelta):
                     if with_tools:
                         held.append(event.text)  # tool calls go out whole, at the end
+                    elif job.params.logprobs is None:
+                        if event.text:
+                            yield content_chunk(event.text)
                     elif event.text or event.logprobs:
-                        logprobs = (
-                            _logprobs_chat(event.logprobs)
-                            if job.params.logprobs is not None
-                            else None
-                        )
+                        logprobs = _logprobs_chat(event.logprobs)
                         yield chunk({"content": event.text}, None, logprobs=logprobs)
                     continue
                 finish = event.reason
@@ -405,7 +443,10 @@ def create_app(state: RunnerState) -> Quart:
     @app.post("/v1/completions")
     @app.post("/completions")
     async def completions() -> Response:
-        body = await body_json()
+        answer = await completion_answer(await body_json())
+        return answer if isinstance(answer, Response) else event_stream(answer)
+
+    async def completion_answer(body: dict[str, Any]) -> GenerationAnswer:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -421,11 +462,7 @@ def create_app(state: RunnerState) -> Quart:
         }
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return Response(
-                _completion_stream(job, base, include_usage),
-                content_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
+            return _completion_stream(job, base, include_usage)
         try:
             collected = await _collect(job)
         except RuntimeError as error:
@@ -628,4 +665,17 @@ def create_app(state: RunnerState) -> Quart:
             }
         )
 
+    # Read by `create_asgi`: streamed answers skip Quart (runner/streaming.py).
+    app.extensions["dmr_streaming_routes"] = {
+        "/v1/chat/completions": chat_answer,
+        "/chat/completions": chat_answer,
+        "/v1/completions": completion_answer,
+        "/completions": completion_answer,
+    }
     return app
+
+
+def create_asgi(state: RunnerState) -> StreamingRoutes:
+    """The runner's ASGI app: the Quart app behind the streaming fast path."""
+    app = create_app(state)
+    return StreamingRoutes(app, app.extensions["dmr_streaming_routes"])
