@@ -555,6 +555,10 @@ def _line(m: Measurement) -> str:
     )
 
 
+def _fmt(value: float, digits: int = 0) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
@@ -566,7 +570,7 @@ def _median(values: list[float]) -> float:
 
 def _prompt_rate(m: Measurement) -> float:
     """Prompt tokens processed per second before the first token (the long case)."""
-    if not m.ttft_ms or not m.prompt_tokens[0]:
+    if m.case != "long" or not m.ttft_ms or not m.prompt_tokens[0]:
         return math.nan
     return (m.prompt_tokens[0] - m.cached_tokens[0]) / (m.ttft_ms[0] / 1000)
 
@@ -598,7 +602,7 @@ def summary(measurements: list[Measurement], args: argparse.Namespace) -> str:
         lines.append(
             f"| {target} | {case} | {level} | {row['tokens_per_s']:.1f} | "
             f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} | "
-            f"{row['prompt_per_s']:.0f} | {int(row['incomplete'])} |"
+            f"{_fmt(row['prompt_per_s'])} | {int(row['incomplete'])} |"
         )
     base, ours = "llama-server", args.compare
     if base in args.targets and ours in args.targets:
@@ -616,7 +620,7 @@ def summary(measurements: list[Measurement], args: argparse.Namespace) -> str:
                 f"| {case} | {level} | {_ratio(row['tokens_per_s'], ref['tokens_per_s']):.2f} | "
                 f"{row['ttft_p50_ms']:.0f} / {ref['ttft_p50_ms']:.0f} ms | "
                 f"{row['ttft_p95_ms']:.0f} / {ref['ttft_p95_ms']:.0f} ms | "
-                f"{_ratio(row['prompt_per_s'], ref['prompt_per_s']):.2f} |"
+                f"{_fmt(_ratio(row['prompt_per_s'], ref['prompt_per_s']), 2)} |"
             )
         lines += ["", *_target_checks(rows, ours, base)]
     return "\n".join(lines)
