@@ -157,6 +157,20 @@ def _thread_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+@contextlib.asynccontextmanager
+async def _served_on_tcp(
+    argv: list[str], port: int, health_path: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Start a server process listening on 127.0.0.1:`port`; a client once it is healthy."""
+    process = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+            await _wait_healthy(client, health_path, process)
+            yield client
+    finally:
+        _stop(process)
+
+
 def llama_server_binary() -> Path:
     configured = os.environ.get("LLAMA_SERVER_PATH")
     if configured:
@@ -187,13 +201,8 @@ async def llama_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.A
         "--no-repack",
         *_thread_flags(args),
     ]
-    process = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-            await _wait_healthy(client, "/health", process)
-            yield client
-    finally:
-        _stop(process)
+    async with _served_on_tcp(argv, port, "/health") as client:
+        yield client
 
 
 @contextlib.asynccontextmanager
@@ -272,13 +281,8 @@ async def llama_cpp_server_target(args: argparse.Namespace) -> AsyncIterator[htt
         argv += ["--n_threads", str(args.threads)]
     if args.threads_batch:
         argv += ["--n_threads_batch", str(args.threads_batch)]
-    process = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-            await _wait_healthy(client, "/v1/models", process)
-            yield client
-    finally:
-        _stop(process)
+    async with _served_on_tcp(argv, port, "/v1/models") as client:
+        yield client
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,4 @@
-"""Control routes: /engines/ps, /engines/unload, /engines/_configure (SPEC §4)."""
+"""Control routes: /engines/ps, /engines/unload, /engines/_configure (docs/compatibility.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model names normalise exactly as Docker Model Runner's (SPEC §1)."""
+"""Model names normalise exactly as Docker Model Runner's (docs/compatibility.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Built-in model formats and the media types that carry them (SPEC §2)."""
+"""Built-in model formats and the media types that carry them (docs/compatibility.md §2)."""
 
 from __future__ import annotations
 

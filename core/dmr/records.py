@@ -72,7 +72,7 @@ class AcceleratorInfo:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One progress line (SPEC §4); serialised as one NDJSON object."""
+    """One progress line (docs/compatibility.md §4); serialised as one NDJSON object."""
 
     type: str  # "progress" | "success" | "warning" | "error"
     message: str

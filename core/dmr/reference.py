@@ -1,4 +1,7 @@
-"""Model reference normalisation exactly as Docker Model Runner does it (SPEC §1)."""
+"""Model reference normalisation exactly as Docker Model Runner does it.
+
+The rules: docs/compatibility.md §1.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Settings read from the environment (SPEC §7), read once per server or CLI process."""
+"""Settings read from the environment, once per server or CLI process.
+
+The variables: docs/compatibility.md §7.
+"""
 
 from __future__ import annotations
 
@@ -107,7 +110,10 @@ def _idle_timeout_seconds(idle: str | None) -> float:
 
 
 def parse_idle_timeout(value: str) -> float:
-    """`MODEL_RUNNER_IDLE_TIMEOUT`: Go duration, 0 = never, else clamped to 1m..24h (SPEC §5)."""
+    """`MODEL_RUNNER_IDLE_TIMEOUT`: Go duration, 0 = never, else clamped to 1m..24h.
+
+    As DMR does (docs/compatibility.md §5).
+    """
     seconds = parse_duration(value)
     if seconds <= 0:
         return 0.0

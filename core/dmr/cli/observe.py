@@ -1,4 +1,4 @@
-"""Observability commands: `logs` and `requests` (SPEC §8)."""
+"""Observability commands: `logs` and `requests` (docs/compatibility.md §8)."""
 
 from __future__ import annotations
 

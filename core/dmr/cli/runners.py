@@ -1,4 +1,7 @@
-"""Runner commands: `run`, `ps`, `unload`/`stop`, `configure`, `status` (SPEC §8)."""
+"""Runner commands: `run`, `ps`, `unload`/`stop`, `configure`, `status`.
+
+As `docker model` has them (docs/compatibility.md §8).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Models on the Hugging Face Hub (built-in plugin): `hf.co/org/repo[:QUANT]` (SPEC §1).
+"""Models on the Hugging Face Hub (built-in plugin): `hf.co/org/repo[:QUANT]`.
+
+Names and file choice as DMR's (docs/compatibility.md §1).
 
 huggingface_hub lists the repository and names the URLs; the files are streamed
 straight into the store's blobs (resumable, verified against the Hub's sha256
@@ -153,7 +155,7 @@ def _shard_set(chosen: RepoFile, ggufs: Sequence[RepoFile]) -> tuple[RepoFile, .
 
 
 def plan_repository(files: Sequence[RepoFile], quant: str | None) -> RepoPlan:
-    """Choose the files to pull, as DMR does (SPEC §1)."""
+    """Choose the files to pull, as DMR does (docs/compatibility.md §1)."""
     files = sorted(files, key=lambda f: f.path)
     ggufs = [f for f in files if _name(f).lower().endswith(".gguf")]
     mmprojs = [f for f in ggufs if "mmproj" in _name(f).lower()]

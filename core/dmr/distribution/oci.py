@@ -1,4 +1,6 @@
-"""Models in OCI registries (built-in plugin): pull and push DMR artifacts (SPEC §2).
+"""Models in OCI registries (built-in plugin): pull and push DMR artifacts.
+
+The artifact format: docs/compatibility.md §2.
 
 The transfers are blocking (requests, through oras) and run in worker threads;
 layers download in parallel. Progress crosses back to the event loop through an

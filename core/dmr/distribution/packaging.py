@@ -1,4 +1,4 @@
-"""Deterministic OCI model artifacts from local files (`dmr package`, SPEC §2).
+"""Deterministic OCI model artifacts from local files (`dmr package`, docs/compatibility.md §2).
 
 The artifact is described by bytes alone (manifest + config) plus the files its
 layers come from, so the same files and the same `created` time always give the

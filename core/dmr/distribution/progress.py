@@ -1,4 +1,4 @@
-"""Throttled transfer progress (SPEC §4): one line per layer every ~100 ms or 1 MB.
+"""Throttled transfer progress (docs/compatibility.md §4): one line per layer every ~100 ms or 1 MB.
 
 Transfers run in worker threads while the progress callback belongs to the event
 loop (the route streams it as NDJSON), so `TransferProgress` is thread-safe and

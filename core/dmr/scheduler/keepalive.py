@@ -1,4 +1,4 @@
-"""How long an idle runner stays loaded (SPEC §5)."""
+"""How long an idle runner stays loaded (docs/compatibility.md §5)."""
 
 from __future__ import annotations
 

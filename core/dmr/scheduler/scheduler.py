@@ -73,7 +73,7 @@ RETRY_AFTER_SECONDS = 5
 
 
 def validate_runtime_flags(spec: EngineSpec, flags: Sequence[str]) -> tuple[str, ...]:
-    """Flags through the engine's allow-list; no value may name a path (SPEC §5).
+    """Flags through the engine's allow-list; no value may name a path (docs/compatibility.md §5).
 
     `--flag=value` and `--flag value` are both accepted; a bare value must
     follow an allowed flag.

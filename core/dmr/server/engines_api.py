@@ -1,4 +1,7 @@
-"""Runner control routes (SPEC §4): `/engines/ps`, `/engines/unload`, `/engines/_configure`."""
+"""Runner control routes: `/engines/ps`, `/engines/unload`, `/engines/_configure`.
+
+Their shapes: docs/compatibility.md §4.
+"""
 
 from __future__ import annotations
 
@@ -90,7 +93,7 @@ def _positive_int(body: Mapping[str, Any], key: str) -> int | None:
 
 
 def parse_configure_body(body: Mapping[str, Any]) -> tuple[str, Mode, RunnerConfig]:
-    """(model, mode, config) from a `_configure` body (SPEC §4)."""
+    """(model, mode, config) from a `_configure` body (docs/compatibility.md §4)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("'model' is required")

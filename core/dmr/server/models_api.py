@@ -1,4 +1,4 @@
-"""Model management routes (SPEC §4): list, inspect, delete, tag, load, export,
+"""Model management routes (docs/compatibility.md §4): list, inspect, delete, tag, load, export,
 repackage, purge, and the NDJSON-streamed create (pull) and push."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`/`, `/version`, `/engines/status`, `/engines/df` (SPEC §4 control routes)."""
+"""`/`, `/version`, `/engines/status`, `/engines/df` (docs/compatibility.md §4 control routes)."""
 
 from __future__ import annotations
 

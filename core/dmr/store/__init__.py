@@ -1,4 +1,4 @@
-"""The local model store (SPEC §3): blobs, manifests, `models.json`, bundles."""
+"""The local model store (docs/compatibility.md §3): blobs, manifests, `models.json`, bundles."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Where things live inside a store directory (SPEC §3), shared with DMR's layout."""
+"""Where things live inside a store directory, shared with DMR's layout.
+
+The layout: docs/compatibility.md §3.
+"""
 
 from __future__ import annotations
 

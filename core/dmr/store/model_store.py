@@ -1,4 +1,4 @@
-"""`Store`: the local model store (SPEC §3), readable and writable beside DMR."""
+"""`Store`: the local model store (docs/compatibility.md §3), readable and writable beside DMR."""
 
 from __future__ import annotations
 

@@ -515,7 +515,7 @@ async def create() -> Response:
 
 
 def _gguf_config(path: Path) -> dict[str, Any]:
-    """The OCI config (SPEC §2) the packaging module writes for this GGUF."""
+    """The OCI config (docs/compatibility.md §2) the packaging module writes for this GGUF."""
     from dmr.distribution.packaging import package_gguf
 
     config = json.loads(package_gguf([path]).config)

@@ -1,4 +1,6 @@
-"""Worker settings: defaults, `LLAMA_ARGS` and `_configure` runtime flags (SPEC §6).
+"""Worker settings: defaults, `LLAMA_ARGS` and `_configure` runtime flags.
+
+As DMR launches llama.cpp: docs/compatibility.md §6.
 
 Everything a runner is started with goes through `WorkerSettings`, so the
 engine can check flags in the server process and turn them into the runner's

@@ -211,7 +211,8 @@ class VllmEngine:
             # The server already resolved the model: any spelling a client used
             # (`ai/x`, `ai/x:latest`, the ID) names this runner's one model.
             "VLLM_SKIP_MODEL_NAME_VALIDATION": "1",
-            # dmr sends no telemetry (SPEC §7); vLLM reports usage unless told not to.
+            # dmr sends no telemetry (docs/compatibility.md §7); vLLM reports usage
+            # unless told not to.
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             # The model is a local folder; nothing may be fetched at start-up.

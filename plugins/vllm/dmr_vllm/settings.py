@@ -1,6 +1,6 @@
 """vLLM runner settings from `_configure`: the `vllm` block and the runtime flags.
 
-Both arrive as untrusted client input. The `vllm` block (SPEC §4) carries the
+Both arrive as untrusted client input. The `vllm` block (docs/compatibility.md §4) carries the
 structured options; runtime flags go through an allow-list of vLLM options
 that change how the model runs, never what is served or where (model, socket,
 tokenizer, API key, chat template files and remote code are dmr's to decide).
