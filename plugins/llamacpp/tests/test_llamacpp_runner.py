@@ -370,3 +370,20 @@ def test_rerank_and_score_shapes(reranking_runner: RunnerProcess) -> None:
     by_index = {item["index"]: item["score"] for item in scored["data"]}
     assert by_index[results[0]["index"]] == pytest.approx(results[0]["relevance_score"])
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "documents"
+
+
+def test_streamed_bad_request_gets_the_openai_error(completion_runner: RunnerProcess) -> None:
+    """Streamed requests skip Quart (runner/streaming.py); their errors keep the shape."""
+    with completion_runner.client() as client:
+        answer = client.post(
+            "/v1/chat/completions", json={"messages": HELLO, "temperature": "hot", "stream": True}
+        )
+    assert answer.status_code == 400
+    assert answer.json() == {
+        "error": {
+            "message": "'temperature' must be a number",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": None,
+        }
+    }

@@ -24,7 +24,12 @@ from dmr_llamacpp.runner.chat import ChatTemplate, parse_tool_output
 from dmr_llamacpp.runner.metrics import render_metrics
 from dmr_llamacpp.runner.model import LoadedModel
 from dmr_llamacpp.runner.pooling import Pooler
-from dmr_llamacpp.runner.requests import BadRequest, normalise_messages, sampling_from_body
+from dmr_llamacpp.runner.requests import (
+    BadRequest,
+    error_body,
+    normalise_messages,
+    sampling_from_body,
+)
 from dmr_llamacpp.runner.streaming import StreamingRoutes
 from dmr_llamacpp.settings import WorkerSettings
 
@@ -47,9 +52,8 @@ class RunnerState:
 
 
 def error_response(message: str, status: int = 400, *, param: str | None = None) -> Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return Response(json.dumps(body), status=status, content_type="application/json")
+    body = error_body(message, status, param=param)
+    return Response(body, status=status, content_type="application/json")
 
 
 def json_response(body: Any) -> Response:

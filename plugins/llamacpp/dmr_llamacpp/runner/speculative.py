@@ -15,6 +15,7 @@ import llama_cpp
 import numpy as np
 
 from dmr_llamacpp.runner.model import Batch, LoadedModel
+from dmr_llamacpp.runner.prompt_cache import common_prefix_length
 
 __all__ = ["DraftRequest", "Drafter"]
 
@@ -79,12 +80,8 @@ class Drafter:
     def _catch_up(self, seq_id: int, tokens: list[int]) -> list[int]:
         """Trim the draft's cache to what it shares with `tokens`; return the rest to feed."""
         cached = self._cached.setdefault(seq_id, [])
-        common = 0
-        for mine, theirs in zip(cached, tokens, strict=False):
-            if mine != theirs:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)  # feed at least the last token, for its logits
+        # Feed at least the last token, for its logits.
+        common = min(common_prefix_length(cached, tokens), len(tokens) - 1)
         if common < len(cached):
             llama_cpp.llama_memory_seq_rm(self.model.memory, seq_id, common, -1)
             del cached[common:]

@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from dmr_llamacpp.runner.requests import BadRequest
+from dmr_llamacpp.runner.requests import BadRequest, error_body
 
 __all__ = ["StreamingRoutes"]
 
@@ -55,15 +55,7 @@ class StreamingRoutes:
         try:
             chunks = await answer(body)
         except BadRequest as error:
-            payload = {
-                "error": {
-                    "message": error.message,
-                    "type": "invalid_request_error",
-                    "param": error.param,
-                    "code": None,
-                }
-            }
-            await _send_whole(send, 400, json.dumps(payload).encode())
+            await _send_whole(send, 400, error_body(error.message, param=error.param))
             return
         await _stream(chunks, receive, send)
 
