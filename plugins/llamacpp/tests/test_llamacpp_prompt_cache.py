@@ -118,3 +118,25 @@ def test_a_prompt_whose_slot_was_taken_comes_back_from_host_memory(
     again, restored = first_token_logprobs(completion_runner, first)
     assert cached(again) == again["usage"]["prompt_tokens"] - 1
     assert_same_logits(fresh, restored)
+
+
+def test_cache_prompt_false_decodes_the_whole_prompt(completion_runner: RunnerProcess) -> None:
+    """llama-server's `cache_prompt: false`: the answer cannot depend on earlier requests."""
+    messages = conversation("glaciers")
+    chat(completion_runner, messages)
+    again = chat(completion_runner, messages, cache_prompt=False)
+    assert cached(again) == 0
+    assert again["timings"]["prompt_n"] == again["usage"]["prompt_tokens"]
+    # It did not take the slot it would have matched: that cache is still there.
+    third = chat(completion_runner, messages)
+    assert cached(third) == third["usage"]["prompt_tokens"] - 1
+
+
+def test_cache_prompt_must_be_a_boolean(completion_runner: RunnerProcess) -> None:
+    with completion_runner.client() as client:
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"messages": conversation("moss"), "max_tokens": 2, "cache_prompt": "no"},
+        )
+    assert answer.status_code == 400
+    assert "cache_prompt" in answer.json()["error"]["message"]

@@ -270,7 +270,10 @@ class BatchedGenerator:
 
     def _admit_waiting(self) -> None:
         while self._waiting:
-            slot = self._pick_slot(self._waiting[0].prompt)
+            waiting = self._waiting[0]
+            # A prompt that must not use the cache should not take a slot whose cache it
+            # would destroy for nothing: it goes to the fresh slot, as an unmatched prompt.
+            slot = self._pick_slot(waiting.prompt if waiting.params.cache_prompt else [])
             if slot is None:
                 break
             job = self._waiting.popleft()
@@ -280,7 +283,7 @@ class BatchedGenerator:
                 self._emit(job, Failed(str(error)))
                 continue
             slot.job = job
-            self._reuse_prefix(slot, job.prompt)
+            self._reuse_prefix(slot, job.prompt, use_cache=job.params.cache_prompt)
             slot.next_token = None
             slot.completion_tokens = 0
             slot.text = StreamedText(job.params.stop)
@@ -314,16 +317,17 @@ class BatchedGenerator:
         cut = (len(best.tokens) - shared[id(best)]) - (len(fresh.tokens) - shared[id(fresh)])
         return best if gained * 4 >= cut else fresh
 
-    def _reuse_prefix(self, slot: _Slot, prompt: list[int]) -> None:
+    def _reuse_prefix(self, slot: _Slot, prompt: list[int], *, use_cache: bool = True) -> None:
         """Keep the cells the slot's cache shares with `prompt`; queue the rest for decoding.
 
         A cache about to be cut goes to host memory first (when at least
         `SAVE_AT_LEAST` of its tokens would be lost); a prompt saved there that
         shares more with `prompt` than the slot does is copied into the slot.
+        Without `use_cache` (the request's `cache_prompt: false`) nothing is reused.
         """
-        common = common_prefix_length(slot.tokens, prompt)
+        common = common_prefix_length(slot.tokens, prompt) if use_cache else 0
         if self.host_cache is not None:
-            saved, shared = self.host_cache.best_match(prompt)
+            saved, shared = self.host_cache.best_match(prompt) if use_cache else (None, 0)
             if len(slot.tokens) - common >= SAVE_AT_LEAST:
                 self.host_cache.save(slot.seq_id, slot.tokens)
             if saved is not None and shared > common:

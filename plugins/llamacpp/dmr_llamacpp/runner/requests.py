@@ -47,6 +47,15 @@ def _integer(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def _flag(body: dict[str, Any], name: str, *, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be true or false", name)
+    return value
+
+
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -128,6 +137,7 @@ def sampling_from_body(
         stop=_stops(body),
         logprobs=logprobs,
         ignore_eos=bool(body.get("ignore_eos", False)),
+        cache_prompt=_flag(body, "cache_prompt", default=True),
     )
 
 

@@ -33,6 +33,9 @@ class SamplingParams:
     # None: no logprobs; N >= 0: the chosen token's logprob plus N alternatives.
     logprobs: int | None = None
     ignore_eos: bool = False
+    # llama-server's `cache_prompt`: False decodes the whole prompt afresh, as a server
+    # that never served it would (results then do not depend on earlier requests).
+    cache_prompt: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
