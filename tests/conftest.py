@@ -1,3 +1,10 @@
+import os
+
+# The CLI starts `dmr serve` itself when no server answers (dmr.cli.autostart). Every
+# test that runs it with no server must get the error instead of leaving a server
+# behind; the tests of auto-start remove this from the environment they give the CLI.
+os.environ["DMR_NO_AUTOSTART"] = "1"
+
 pytest_plugins = [
     # First: the other fixture modules import it.
     "tests.fixtures.server",

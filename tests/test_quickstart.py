@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -13,49 +17,79 @@ import pytest
 from tests.fixtures.server import DmrServer
 
 
-def _quickstart_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MODEL_RUNNER_HOST"}
+def _quickstart_env(tmp_path: Path, socket_dir: Path) -> dict[str, str]:
+    # No server answers on this socket, so quickstart must start one (auto-start is
+    # off for the other tests: tests/conftest.py).
+    elsewhere = {"MODEL_RUNNER_HOST", "MODEL_RUNNER_PORT", "DMR_NO_AUTOSTART"}
+    env = {k: v for k, v in os.environ.items() if k not in elsewhere}
     env.update(
         MODELS_PATH=str(tmp_path / "models"),
-        XDG_RUNTIME_DIR=str(tmp_path),  # no default socket: quickstart must start its own server
-        MODEL_RUNNER_PORT="1",  # nothing listens there, so no running server is mistaken for ours
+        MODEL_RUNNER_SOCK=str(socket_dir / "dmr.sock"),
         COLUMNS="200",
     )
     return env
 
 
-def _processes_using(models_path: Path) -> list[list[str]]:
-    """Processes (the server and its runners) started with this test's store."""
+def _processes_using(models_path: Path) -> list[psutil.Process]:
+    """Live processes (the server and its runners) started with this test's store."""
     found = []
     for process in psutil.process_iter():
         try:
-            if process.environ().get("MODELS_PATH") == str(models_path):
-                found.append(process.cmdline())
+            if (
+                process.environ().get("MODELS_PATH") == str(models_path)
+                and process.status() != psutil.STATUS_ZOMBIE
+            ):
+                found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
 
 
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    # Short: a unix socket's path must fit in about 100 bytes.
+    path = Path(tempfile.mkdtemp(prefix="dmr-qs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.llama
 @pytest.mark.slow
 def test_quickstart_starts_a_server_packages_smollm2_and_answers(
-    tmp_path: Path, smollm2_gguf: Path
+    tmp_path: Path, smollm2_gguf: Path, socket_dir: Path
 ) -> None:
-    env = _quickstart_env(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "dmr", "quickstart", "Say hello."],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "packaging it into the store as ai/smollm2" in result.stdout
-    answer = result.stdout.split("dmr run ai/smollm2", 1)[1].split("\n", 1)[1]
-    assert len(answer.strip()) > 5, result.stdout
-    assert (tmp_path / "models" / "models.json").read_text().count("ai/smollm2:latest") == 1
-    leftovers = _processes_using(tmp_path / "models")
-    assert not leftovers, f"quickstart left processes behind: {leftovers}"
+    env = _quickstart_env(tmp_path, socket_dir)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "dmr", "quickstart", "Say hello."],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Started the dmr server" in result.stderr
+        assert "packaging it into the store as ai/smollm2" in result.stdout
+        answer = result.stdout.split("dmr run ai/smollm2", 1)[1].split("\n", 1)[1]
+        assert len(answer.strip()) > 5, result.stdout
+        assert "`dmr stop-runner` stops it" in result.stdout
+        assert (tmp_path / "models" / "models.json").read_text().count("ai/smollm2:latest") == 1
+        # The server stays up, as Docker Model Runner's does, until stop-runner.
+        assert _processes_using(tmp_path / "models")
+        stopped = subprocess.run(
+            [sys.executable, "-m", "dmr", "stop-runner"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert stopped.returncode == 0, stopped.stderr
+        leftovers = [p.cmdline() for p in _processes_using(tmp_path / "models")]
+        assert not leftovers, f"stop-runner left processes behind: {leftovers}"
+    finally:
+        for process in _processes_using(tmp_path / "models"):  # safety net for a failure
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 @pytest.mark.llama
@@ -65,4 +99,4 @@ def test_quickstart_reuses_a_running_server_and_the_stored_model(
     result = smollm2_server.cli("quickstart", "Say hello.")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "already in the store" in result.stdout
-    assert "started dmr serve" not in result.stdout
+    assert "Started the dmr server" not in result.stderr

@@ -22,7 +22,6 @@ import pluggy
 from dmr.records import (
     AcceleratorInfo,
     ApiDialect,
-    CliCommand,
     EngineSpec,
     ModelFormat,
     ModelSource,
@@ -129,22 +128,12 @@ class DmrSpec:
         """
         raise NotImplementedError
 
-    # ----------------------------------------------------------------------- CLI
-
-    @hookspec
-    def dmr_cli_commands(self) -> Sequence[CliCommand]:
-        """Commands added to the `dmr` CLI.
-
-        Example::
-
-            def hello(name: str) -> None:
-                print(f"hello {name}")
-
-            @hookimpl
-            def dmr_cli_commands():
-                return [CliCommand(name="hello", callback=hello, help="Say hello")]
-        """
-        raise NotImplementedError
+    # CLI commands are not a hook: loading every plugin costs a `dmr` command a second.
+    # A plugin declares each command in the `dmr.cli` entry-point group instead, which
+    # the CLI reads without importing anything (`dmr.cli.main`):
+    #
+    #     [project.entry-points."dmr.cli"]
+    #     hello = "my_plugin.cli:hello"      # a click command or group
 
     # ----------------------------------------------------------------------- lifecycle
 

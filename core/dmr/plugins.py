@@ -17,7 +17,6 @@ from dmr import hookspecs
 from dmr.records import (
     AcceleratorInfo,
     ApiDialect,
-    CliCommand,
     EngineSpec,
     ModelFormat,
     ModelSource,
@@ -28,7 +27,6 @@ __all__ = [
     "DuplicatePluginNameError",
     "PluginInfo",
     "api_dialects",
-    "cli_commands",
     "engines",
     "get_plugin_manager",
     "list_plugins",
@@ -123,10 +121,6 @@ def model_formats(pm: pluggy.PluginManager | None = None) -> list[ModelFormat]:
 
 def api_dialects(pm: pluggy.PluginManager | None = None) -> list[ApiDialect]:
     return _unique("API dialect", (pm or get_plugin_manager()).hook.dmr_api_dialects())
-
-
-def cli_commands(pm: pluggy.PluginManager | None = None) -> list[CliCommand]:
-    return _unique("CLI command", (pm or get_plugin_manager()).hook.dmr_cli_commands())
 
 
 async def probe_hardware(pm: pluggy.PluginManager | None = None) -> list[AcceleratorInfo]:

@@ -14,12 +14,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import quart
-    import typer
 
 __all__ = [
     "AcceleratorInfo",
     "ApiDialect",
-    "CliCommand",
     "Engine",
     "EngineSpec",
     "EngineState",
@@ -254,13 +252,3 @@ class ApiDialect:
     name: str
     blueprint: quart.Blueprint
     url_prefix: str | None = None
-
-
-@dataclass(frozen=True)
-class CliCommand:
-    """A command a plugin adds to the `dmr` CLI: a function or a Typer group."""
-
-    name: str
-    callback: Callable[..., Any] | None = None
-    group: typer.Typer | None = None
-    help: str | None = None

@@ -7,15 +7,17 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-import httpx
-import typer
+import click
 
 from dmr.cli.client import server_url
-from dmr.cli.main import app, console
+from dmr.cli.errors import fail
+from dmr.cli.main import console
 from dmr.durations import parse_duration
+
+if TYPE_CHECKING:  # imported when a benchmark runs: the CLI's start-up stays light
+    import httpx
 
 __all__ = ["LevelResult", "bench", "percentile", "run_level"]
 
@@ -99,6 +101,9 @@ async def run_level(
 ) -> LevelResult:
     """`concurrency` workers send requests back to back until `duration` has passed;
     requests in flight then are waited for and counted."""
+    import anyio
+    import httpx
+
     samples: list[RequestSample] = []
     errors: list[str] = []
     started = time.perf_counter()
@@ -138,6 +143,8 @@ async def run_level(
 
 
 def _async_client(max_connections: int) -> httpx.AsyncClient:
+    import httpx
+
     base_url, socket_path = server_url()
     transport = httpx.AsyncHTTPTransport(
         uds=str(socket_path) if socket_path else None,
@@ -169,9 +176,9 @@ def _parse_levels(text: str) -> list[int]:
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter("expected a comma list of integers, e.g. 1,2,4,8") from None
+        raise click.BadParameter("expected a comma list of integers, e.g. 1,2,4,8") from None
     if not levels or any(level < 1 for level in levels):
-        raise typer.BadParameter("concurrency levels must be positive integers")
+        raise click.BadParameter("concurrency levels must be positive integers")
     return levels
 
 
@@ -205,27 +212,30 @@ def _print_table(model: str, results: list[LevelResult]) -> None:
             console.print(f"[red]concurrency {r.concurrency}: {r.first_error}[/red]")
 
 
-@app.command()
+@click.command()
+@click.argument("model")
+@click.option(
+    "--concurrency", default="1,2,4,8", show_default=True,
+    help="Comma list of concurrent clients per level.",
+)  # fmt: skip
+@click.option(
+    "--duration", default="30s", show_default=True,
+    help="How long each level runs (e.g. 30s, 2m).",
+)  # fmt: skip
+@click.option("--max-tokens", default=128, show_default=True, help="max_tokens of each request.")
+@click.option("--prompt", default=DEFAULT_PROMPT, help="The user message each request sends.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(
-    model: Annotated[str, typer.Argument(help="Model to benchmark (must be in the store).")],
-    concurrency: Annotated[
-        str, typer.Option(help="Comma list of concurrent clients per level.")
-    ] = "1,2,4,8",
-    duration: Annotated[str, typer.Option(help="How long each level runs (e.g. 30s, 2m).")] = "30s",
-    max_tokens: Annotated[int, typer.Option(help="max_tokens of each request.")] = 128,
-    prompt: Annotated[str, typer.Option(help="The user message each request sends.")] = (
-        DEFAULT_PROMPT
-    ),
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    model: str, concurrency: str, duration: str, max_tokens: int, prompt: str, as_json: bool
 ) -> None:
-    """Measure tokens/s, time to first token and latency at several concurrency levels."""
+    """Measure tokens/s, time to first token and latency of MODEL at concurrency levels."""
     levels = _parse_levels(concurrency)
     try:
         seconds = parse_duration(duration)
     except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+        raise click.BadParameter(str(error)) from None
     if seconds <= 0:
-        raise typer.BadParameter("duration must be positive")
+        raise click.BadParameter("duration must be positive")
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -233,14 +243,23 @@ def bench(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    import anyio
+    import httpx
+
+    from dmr.cli.autostart import ensure_server
+    from dmr.cli.http import TransportError
+
+    try:
+        ensure_server()  # started here when none answers, as for every other command
+    except TransportError as error:
+        fail(str(error))
     try:
         results = anyio.run(_bench, model, levels, seconds, body)
     except (RuntimeError, httpx.HTTPError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(error))
     if as_json:
-        typer.echo(json.dumps({"model": model, "levels": [asdict(r) for r in results]}, indent=2))
+        click.echo(json.dumps({"model": model, "levels": [asdict(r) for r in results]}, indent=2))
     else:
         _print_table(model, results)
     if any(r.errors for r in results):
-        raise typer.Exit(1)
+        raise SystemExit(1)

@@ -1,48 +1,38 @@
-"""The HTTP client the CLI uses to reach a running `dmr serve`."""
+"""The client the CLI uses to reach `dmr serve`, which it starts first when none answers."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import httpx
-
-from dmr.settings import DEFAULT_PORT, Settings
+from dmr.cli.autostart import ServerUnavailableError, client_address, ensure_server
+from dmr.cli.http import ServerClient
 
 __all__ = ["ServerUnavailableError", "connect", "server_url"]
 
 
-class ServerUnavailableError(RuntimeError):
-    pass
-
-
 def server_url() -> tuple[str, Path | None]:
-    """(base URL, unix socket or None): `MODEL_RUNNER_HOST`, else the default socket
-    when a server listens there, else `http://127.0.0.1:12434`."""
-    host = os.environ.get("MODEL_RUNNER_HOST")
-    if host:
-        if host.startswith("unix://"):
-            return "http://dmr", Path(host.removeprefix("unix://"))
-        if "://" not in host:
-            host = f"http://{host}"
-        return host.rstrip("/"), None
-    socket_path = Settings.from_env().socket_path
-    if socket_path.exists():
-        return "http://dmr", socket_path
-    port = os.environ.get("MODEL_RUNNER_PORT") or str(DEFAULT_PORT)
-    return f"http://127.0.0.1:{port}", None
+    """(base URL, unix socket or None): `MODEL_RUNNER_HOST`; else where `dmr serve` in
+    this environment listens (`MODEL_RUNNER_PORT`, or the socket when it exists); else
+    `http://127.0.0.1:12434`."""
+    address = client_address()
+    return address.base_url, address.socket_path
 
 
-def connect(timeout: float | None = 30.0) -> httpx.Client:
-    base_url, socket_path = server_url()
-    transport = httpx.HTTPTransport(uds=str(socket_path)) if socket_path else None
+def connect(timeout: float | None = 30.0, *, autostart: bool = True) -> ServerClient:
+    """A client for the server.
+
+    With `autostart`, first make sure one answers: a connect probe (about a
+    millisecond), and `dmr serve` started in the background when nothing answers
+    (dmr.cli.autostart). When none may be started (`MODEL_RUNNER_HOST`,
+    `DMR_NO_AUTOSTART`) this raises ServerUnavailableError, a TransportError saying
+    why. Without `autostart` nothing is probed or started (`dmr version`, which only
+    reports).
+    """
+    address = ensure_server().address if autostart else client_address()
     headers = {}
     api_key = os.environ.get("DMR_API_KEY")
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    return httpx.Client(
-        base_url=base_url,
-        transport=transport,
-        timeout=httpx.Timeout(timeout, connect=5.0),
-        headers=headers,
-    )
+    socket_path = str(address.socket_path) if address.socket_path else None
+    return ServerClient(address.base_url, socket_path=socket_path, timeout=timeout, headers=headers)

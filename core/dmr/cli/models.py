@@ -10,39 +10,20 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
-import typer
-from rich.console import Console
-from rich.table import Table
+import click
 
 from dmr.cli.client import connect
-from dmr.cli.main import app, console, err_console
+from dmr.cli.errors import error_message, fail
+from dmr.cli.http import HTTPError
+from dmr.cli.main import console
 
-__all__ = ["df", "inspect", "list_models", "package", "purge", "rm", "show", "tag"]
+if TYPE_CHECKING:
+    from rich.table import Table
 
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[red]Error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _error_message(response: httpx.Response) -> str:
-    text = response.text.strip()
-    try:
-        body = json.loads(text)
-    except ValueError:
-        if not text or text.startswith("<"):  # an HTML error page: say it in one line
-            return f"HTTP {response.status_code} {response.reason_phrase}"
-        return text
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict):
-            return str(error.get("message") or error)
-        return str(error)
-    return text
+__all__ = ["df", "inspect", "list_models", "ls", "package", "purge", "rm", "show", "tag"]
 
 
 def _path(name: str) -> str:
@@ -54,7 +35,7 @@ def _path(name: str) -> str:
         try:
             parse_reference(name)
         except InvalidReferenceError as error:
-            _fail(str(error))
+            fail(str(error))
     return quote(name, safe="/:@")
 
 
@@ -63,10 +44,10 @@ def _request(method: str, path: str, **kwargs: Any) -> Any:
     try:
         with connect(timeout=kwargs.pop("timeout", 300.0)) as client:
             response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as error:
-        _fail(f"cannot reach the dmr server: {error} (start it with `dmr serve`)")
+    except HTTPError as error:
+        fail(str(error))
     if response.status_code >= 400:
-        _fail(_error_message(response))
+        fail(error_message(response))
     return response.json() if response.content else None
 
 
@@ -80,6 +61,8 @@ def _print_table(table: Table) -> None:
     if console.is_terminal:
         console.print(table)
     else:
+        from rich.console import Console
+
         Console(width=250).print(table)
 
 
@@ -99,13 +82,13 @@ def _short(model_id: str) -> str:
     return model_id.removeprefix("sha256:")[:12]
 
 
-@app.command(name="list")
-def list_models(
-    as_json: bool = typer.Option(False, "--json", help="The server's JSON"),
-    openai: bool = typer.Option(False, "--openai", help="OpenAI's /v1/models shape"),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only model IDs"),
-) -> None:
-    """List the models in the store."""
+def _list_options(function: Any) -> Any:
+    function = click.option("-q", "--quiet", is_flag=True, help="Only model IDs")(function)
+    function = click.option("--openai", is_flag=True, help="OpenAI's /v1/models shape")(function)
+    return click.option("--json", "as_json", is_flag=True, help="The server's JSON")(function)
+
+
+def _list(as_json: bool, openai: bool, quiet: bool) -> None:
     models: list[dict[str, Any]] = _request("GET", "/models")
     if as_json:
         _print_json(models)
@@ -122,6 +105,8 @@ def list_models(
         for model in models:
             print(_short(model["id"]))
         return
+    from rich.table import Table
+
     table = Table("MODEL NAME", "PARAMETERS", "QUANTIZATION", "ARCHITECTURE", "MODEL ID",
                   "CREATED", "SIZE", box=None)  # fmt: skip
     for model in models:
@@ -139,15 +124,25 @@ def list_models(
     _print_table(table)
 
 
-app.command(name="ls", help="List the models in the store (alias of list).")(list_models)
+@click.command(name="list")
+@_list_options
+def list_models(as_json: bool, openai: bool, quiet: bool) -> None:
+    """List the models in the store."""
+    _list(as_json, openai, quiet)
 
 
-@app.command()
-def rm(
-    models: Annotated[list[str], typer.Argument(help="Names or IDs")],
-    force: bool = typer.Option(False, "-f", "--force", help="Delete even with several tags"),
-) -> None:
-    """Remove models (by tag: untag, deleting the model once no tag is left)."""
+@click.command(name="ls")
+@_list_options
+def ls(as_json: bool, openai: bool, quiet: bool) -> None:
+    """List the models in the store (alias of list)."""
+    _list(as_json, openai, quiet)
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Delete even with several tags")
+def rm(models: tuple[str, ...], force: bool) -> None:
+    """Remove MODELS, by name or ID (by tag: untag, deleting the model once no tag is left)."""
     for name in models:
         report = _request("DELETE", f"/models/{_path(name)}", params={"force": str(force).lower()})
         for line in report or []:
@@ -155,13 +150,12 @@ def rm(
                 console.print(f"{key}: {value}", highlight=False)
 
 
-@app.command()
-def inspect(
-    model: str = typer.Argument(..., help="Name or ID"),
-    openai: bool = typer.Option(False, "--openai", help="OpenAI's model shape"),
-    remote: bool = typer.Option(False, "-r", "--remote", help="Inspect the registry's copy"),
-) -> None:
-    """Show a model's details as JSON."""
+@click.command()
+@click.argument("model")
+@click.option("--openai", is_flag=True, help="OpenAI's model shape")
+@click.option("-r", "--remote", is_flag=True, help="Inspect the registry's copy")
+def inspect(model: str, openai: bool, remote: bool) -> None:
+    """Show the details of MODEL (name or ID) as JSON."""
     params = {"remote": "true"} if remote else None
     info: dict[str, Any] = _request("GET", f"/models/{_path(model)}", params=params)
     if openai:
@@ -178,11 +172,14 @@ def inspect(
     _print_json(info)
 
 
-@app.command()
-def show(model: str = typer.Argument(..., help="Name or ID")) -> None:
-    """Show a model's configuration in a readable form."""
+@click.command()
+@click.argument("model")
+def show(model: str) -> None:
+    """Show the configuration of MODEL (name or ID) in a readable form."""
     info: dict[str, Any] = _request("GET", f"/models/{_path(model)}")
     config = info.get("config") or {}
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     table.add_row("ID", info["id"])
     table.add_row("Tags", ", ".join(info.get("tags") or []))
@@ -196,12 +193,11 @@ def show(model: str = typer.Argument(..., help="Name or ID")) -> None:
     _print_table(table)
 
 
-@app.command()
-def tag(
-    source: str = typer.Argument(..., help="Existing model name or ID"),
-    target: str = typer.Argument(..., help="New name, repo[:tag]"),
-) -> None:
-    """Give a model another name."""
+@click.command()
+@click.argument("source")
+@click.argument("target")
+def tag(source: str, target: str) -> None:
+    """Give a model (SOURCE: name or ID) another name (TARGET: repo[:tag])."""
     repo, tag_name = target, ""
     slash, colon = target.rfind("/"), target.rfind(":")
     if colon > slash:
@@ -211,11 +207,13 @@ def tag(
     console.print(f"Model {source} tagged as {answer.get('target', target)}", highlight=False)
 
 
-@app.command()
+@click.command()
 def df() -> None:
     """Disk used by models and engines."""
     usage = _request("GET", "/engines/df")
-    from dmr.distribution.packaging import human_size
+    from rich.table import Table
+
+    from dmr.sizes import human_size
 
     table = Table("TYPE", "SIZE", box=None)
     table.add_row("Models", human_size(int(usage.get("models_disk_usage", 0))))
@@ -223,34 +221,45 @@ def df() -> None:
     _print_table(table)
 
 
-@app.command()
-def purge(force: bool = typer.Option(False, "-f", "--force", help="Do not ask")) -> None:
+@click.command()
+@click.option("-f", "--force", is_flag=True, help="Do not ask")
+def purge(force: bool) -> None:
     """Remove every model from the store."""
-    if not force and not typer.confirm("Remove every model from the store?"):
-        _fail("purge cancelled")
+    if not force and not click.confirm("Remove every model from the store?"):
+        fail("purge cancelled")
     _request("DELETE", "/models/purge")
     console.print("Model store purged.")
 
 
-@app.command()
+_FILE = click.Path(path_type=Path)
+
+
+@click.command()
+@click.argument("target")
+@click.option(
+    "--gguf", multiple=True, type=_FILE, help="GGUF file; repeat for shards, or give the first"
+)
+@click.option("--safetensors-dir", type=_FILE, help="Directory of safetensors and configs")
+@click.option("--dduf", type=_FILE, help="DDUF archive")
+@click.option("--from", "from_model", help="Repackage a stored model")
+@click.option("--chat-template", type=_FILE, help="Jinja chat template file")
+@click.option("-l", "--license", "licenses", multiple=True, type=_FILE, help="License file")
+@click.option("--mmproj", type=_FILE, help="Multimodal projector")
+@click.option("--context-size", type=click.IntRange(min=1), help="Context size in tokens")
+@click.option("--push", is_flag=True, help="Push to the registry afterwards")
 def package(
-    target: str = typer.Argument(..., help="Name for the packaged model (org/model:tag)"),
-    gguf: Annotated[
-        list[Path] | None,
-        typer.Option("--gguf", help="GGUF file; repeat for shards, or give the first shard"),
-    ] = None,
-    safetensors_dir: Annotated[Path | None, typer.Option("--safetensors-dir")] = None,
-    dduf: Annotated[Path | None, typer.Option("--dduf", help="DDUF archive")] = None,
-    from_model: str | None = typer.Option(None, "--from", help="Repackage a stored model"),
-    chat_template: Annotated[Path | None, typer.Option("--chat-template")] = None,
-    licenses: Annotated[
-        list[Path] | None, typer.Option("-l", "--license", help="License file (repeatable)")
-    ] = None,
-    mmproj: Annotated[Path | None, typer.Option("--mmproj", help="Multimodal projector")] = None,
-    context_size: int | None = typer.Option(None, "--context-size", min=1),
-    push: bool = typer.Option(False, "--push", help="Push to the registry afterwards"),
+    target: str,
+    gguf: tuple[Path, ...],
+    safetensors_dir: Path | None,
+    dduf: Path | None,
+    from_model: str | None,
+    chat_template: Path | None,
+    licenses: tuple[Path, ...],
+    mmproj: Path | None,
+    context_size: int | None,
+    push: bool,
 ) -> None:
-    """Package local model files as an OCI model artifact in the store."""
+    """Package local model files as an OCI model artifact named TARGET (org/model:tag)."""
     from dmr.distribution.packaging import (
         PackageOptions,
         package_dduf,
@@ -260,18 +269,16 @@ def package(
     from dmr.errors import DmrError
     from dmr.reference import InvalidReferenceError, parse_reference
 
-    gguf = gguf or []
-    licenses = licenses or []
     try:
         parse_reference(target)
     except InvalidReferenceError as error:
-        _fail(str(error))
+        fail(str(error))
     sources = sum(bool(s) for s in (gguf, safetensors_dir, dduf, from_model))
     if sources != 1:
-        _fail("give exactly one of --gguf, --safetensors-dir, --dduf or --from")
+        fail("give exactly one of --gguf, --safetensors-dir, --dduf or --from")
     if from_model:
         if licenses or chat_template or mmproj:
-            _fail("--from only changes --context-size")
+            fail("--from only changes --context-size")
         _request(
             "POST",
             f"/models/{_path(from_model)}/repackage",
@@ -280,24 +287,27 @@ def package(
         console.print(f"Model repackaged as {target}", highlight=False)
     else:
         options = PackageOptions(
-            licenses=licenses, chat_template=chat_template, mmproj=mmproj, context_size=context_size
+            licenses=list(licenses),
+            chat_template=chat_template,
+            mmproj=mmproj,
+            context_size=context_size,
         )
         try:
             if gguf:
-                artifact = package_gguf(gguf, options)
+                artifact = package_gguf(list(gguf), options)
             elif safetensors_dir:
                 artifact = package_safetensors_dir(safetensors_dir, options)
             else:
                 assert dduf is not None
                 artifact = package_dduf(dduf, options)
         except (DmrError, OSError) as error:
-            _fail(getattr(error, "message", None) or str(error))
+            fail(getattr(error, "message", None) or str(error))
         _upload(artifact, target)
         console.print(f"Model packaged as {target} ({artifact.digest})", highlight=False)
     if push:
-        from dmr.cli.transfer import push as push_command
+        from dmr.cli.transfer import push_model
 
-        push_command(target)
+        push_model(target)
 
 
 def _upload(artifact: Any, target: str) -> None:

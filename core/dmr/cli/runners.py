@@ -11,17 +11,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Any
 
-import httpx
-import typer
+import click
 
 from dmr.cli.client import connect
+from dmr.cli.errors import CliError, error_message, fail
+from dmr.cli.http import HTTPError, ServerClient, ServerResponse, TransportError
 from dmr.cli.images import ImageOptions, is_image_model, write_images
-from dmr.cli.main import app
 from dmr.durations import parse_duration
 
-__all__ = ["chat_stream", "fail"]
+__all__ = ["chat_stream", "configure", "ps", "run", "status", "stop", "unload"]
 
 INTERACTIVE_HELP = """Commands:
   /bye                 leave the chat
@@ -31,55 +31,30 @@ INTERACTIVE_HELP = """Commands:
   \"\"\"                 start or end a multi-line message"""
 
 
-class CliError(Exception):
-    """One line for the user, then exit 1."""
-
-
-def fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = json.loads(response.read() or b"{}")
-    except ValueError:
-        # An HTML error page (a route this server lacks) is no message for a terminal.
-        return f"server answered {response.status_code} {response.reason_phrase}"
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])
-    if isinstance(error, str):
-        return error
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return str(body["message"])
-    return f"server answered {response.status_code}"
-
-
 @contextmanager
-def _server(timeout: float | None = 30.0) -> Iterator[httpx.Client]:
+def _server(timeout: float | None = 30.0) -> Iterator[ServerClient]:
     """A client for the server; connection and HTTP errors become one clear line."""
     try:
         with connect(timeout=timeout) as client:
             yield client
-    except httpx.ConnectError:
-        fail("cannot reach the dmr server: is `dmr serve` running? (MODEL_RUNNER_HOST)")
+    except TransportError as error:
+        fail(str(error))
     except CliError as error:
         fail(str(error))
-    except httpx.HTTPError as error:
+    except HTTPError as error:
         fail(f"talking to the dmr server failed: {error}")
 
 
-def _check(response: httpx.Response) -> httpx.Response:
+def _check(response: ServerResponse) -> ServerResponse:
     if response.status_code >= 400:
-        raise CliError(_error_message(response))
+        raise CliError(error_message(response))
     return response
 
 
 # --------------------------------------------------------------------------- status
 
 
-@app.command()
+@click.command()
 def ps() -> None:
     """List running models."""
     with _server() as client:
@@ -98,7 +73,7 @@ def ps() -> None:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 def _unload(models: list[str] | None, all_models: bool, backend: str | None) -> None:
@@ -107,34 +82,34 @@ def _unload(models: list[str] | None, all_models: bool, backend: str | None) -> 
     body = {"all": all_models, "backend": backend or "", "models": models or []}
     with _server() as client:
         count = _check(client.post("/engines/unload", json=body)).json()["unloaded_runners"]
-    typer.echo(f"Unloaded {count} model(s).")
+    click.echo(f"Unloaded {count} model(s).")
 
 
-ModelsArgument = Annotated[list[str] | None, typer.Argument(help="Models to unload.")]
-AllOption = Annotated[bool, typer.Option("--all", help="Unload every model.")]
-BackendOption = Annotated[str | None, typer.Option("--backend", help="Only this engine.")]
+def _unload_options(function: Any) -> Any:
+    function = click.option("--backend", help="Only this engine.")(function)
+    function = click.option("--all", "all_models", is_flag=True, help="Unload every model.")(
+        function
+    )
+    return click.argument("models", nargs=-1)(function)
 
 
-@app.command()
-def unload(
-    models: ModelsArgument = None, all_models: AllOption = False, backend: BackendOption = None
-) -> None:
-    """Unload running models."""
-    _unload(models, all_models, backend)
+@click.command()
+@_unload_options
+def unload(models: tuple[str, ...], all_models: bool, backend: str | None) -> None:
+    """Unload running MODELS."""
+    _unload(list(models), all_models, backend)
 
 
-@app.command()
-def stop(
-    models: ModelsArgument = None, all_models: AllOption = False, backend: BackendOption = None
-) -> None:
-    """Unload running models (alias of unload)."""
-    _unload(models, all_models, backend)
+@click.command()
+@_unload_options
+def stop(models: tuple[str, ...], all_models: bool, backend: str | None) -> None:
+    """Unload running MODELS (alias of unload)."""
+    _unload(list(models), all_models, backend)
 
 
-@app.command()
-def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(as_json: bool) -> None:
     """Whether the server runs, and the state of each engine."""
     try:
         with connect(timeout=10) as client:
@@ -142,25 +117,25 @@ def status(
             engines = _check(client.get("/engines/status")).json()
             hardware = client.get("/engines/hardware")
             devices = hardware.json().get("devices", []) if hardware.status_code == 200 else []
-    except (httpx.HTTPError, CliError) as error:
+    except (HTTPError, CliError) as error:
         if as_json:
-            typer.echo(json.dumps({"running": False, "error": str(error)}))
+            click.echo(json.dumps({"running": False, "error": str(error)}))
         else:
-            typer.echo("Docker Model Runner is not running")
-        raise typer.Exit(1) from None
+            click.echo("Docker Model Runner is not running")
+        raise SystemExit(1) from None
     if as_json:
-        typer.echo(json.dumps({"running": True, "engines": engines, "devices": devices}, indent=2))
+        click.echo(json.dumps({"running": True, "engines": engines, "devices": devices}, indent=2))
         return
-    typer.echo("Docker Model Runner is running")
-    typer.echo("")
-    typer.echo("Status:")
+    click.echo("Docker Model Runner is running")
+    click.echo("")
+    click.echo("Status:")
     for name, line in engines.items():
-        typer.echo(f"{name}: {line}")
+        click.echo(f"{name}: {line}")
     if devices:
-        typer.echo("")
-        typer.echo("Devices:")
+        click.echo("")
+        click.echo("Devices:")
         for device in devices:
-            typer.echo(_device_line(device))
+            click.echo(_device_line(device))
 
 
 def _device_line(device: dict[str, Any]) -> str:
@@ -180,35 +155,34 @@ def _device_line(device: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- configure
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("model")
+@click.argument("flags", nargs=-1, type=click.UNPROCESSED)
+@click.option("--context-size", type=int, help="Context size in tokens.")
+@click.option("--keep-alive", help="Idle time before unload: 5m, 0, -1.")
+@click.option("--mode", help="completion, embedding, reranking, ...")
+@click.option(
+    "--speculative-draft-model", "draft_model", help="Draft model for speculative decoding."
 )
+@click.option("--backend", help="Engine to configure.")
 def configure(
-    model: Annotated[str, typer.Argument(help="Model to configure, or `show [MODEL]`.")],
-    flags: Annotated[
-        list[str] | None, typer.Argument(help="Runtime flags for the engine, after `--`.")
-    ] = None,
-    context_size: Annotated[
-        int | None, typer.Option("--context-size", help="Context size in tokens.")
-    ] = None,
-    keep_alive: Annotated[
-        str | None, typer.Option("--keep-alive", help="Idle time before unload: 5m, 0, -1.")
-    ] = None,
-    mode: Annotated[
-        str | None, typer.Option("--mode", help="completion, embedding, reranking, ...")
-    ] = None,
-    draft_model: Annotated[
-        str | None,
-        typer.Option("--speculative-draft-model", help="Draft model for speculative decoding."),
-    ] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="Engine to configure.")] = None,
+    model: str,
+    flags: tuple[str, ...],
+    context_size: int | None,
+    keep_alive: str | None,
+    mode: str | None,
+    draft_model: str | None,
+    backend: str | None,
 ) -> None:
-    """Configure a model's runner (`dmr configure show [MODEL]` lists configurations)."""
+    """Configure MODEL's runner; engine FLAGS go after `--`.
+
+    `dmr configure show [MODEL]` lists the configurations.
+    """
     if model == "show":
         query = {"model": flags[0]} if flags else {}
         with _server() as client:
             configs = _check(client.get("/engines/_configure", params=query)).json()
-        typer.echo(json.dumps(configs, indent=2))
+        click.echo(json.dumps(configs, indent=2))
         return
     body: dict[str, Any] = {"model": model}
     if context_size is not None:
@@ -228,13 +202,13 @@ def configure(
     path = f"/engines/{backend}/_configure" if backend else "/engines/_configure"
     with _server() as client:
         _check(client.post(path, json=body))
-    typer.echo(f"Configured {model}.")
+    click.echo(f"Configured {model}.")
 
 
 # --------------------------------------------------------------------------- run
 
 
-def _describe_model(client: httpx.Client, model: str) -> dict[str, Any] | None:
+def _describe_model(client: ServerClient, model: str) -> dict[str, Any] | None:
     """The store's `GET /models/{name}` answer (None from a server without that API)."""
     found = client.get(f"/models/{model}")
     if found.status_code == 200 and found.headers.get("content-type", "").startswith(
@@ -245,7 +219,7 @@ def _describe_model(client: httpx.Client, model: str) -> dict[str, Any] | None:
     return None
 
 
-def _ensure_model(client: httpx.Client, model: str) -> None:
+def _ensure_model(client: ServerClient, model: str) -> None:
     """Pull `model` when the store lacks it, as `docker model run` does."""
     found = client.get(f"/models/{model}")
     if found.status_code == 200:
@@ -254,7 +228,7 @@ def _ensure_model(client: httpx.Client, model: str) -> None:
         _check(found)
     if not found.headers.get("content-type", "").startswith("application/json"):
         return  # a server without the models API: let the chat request answer
-    typer.echo(f"Unable to find model '{model}' locally. Pulling from the server.", err=True)
+    click.echo(f"Unable to find model '{model}' locally. Pulling from the server.", err=True)
     with client.stream("POST", "/models/create", json={"from": model}, timeout=None) as response:
         _check(response)
         for line in response.iter_lines():
@@ -267,10 +241,10 @@ def _ensure_model(client: httpx.Client, model: str) -> None:
             if event.get("type") == "error":
                 raise CliError(f"pulling {model} failed: {event.get('message')}")
             if event.get("type") == "success":
-                typer.echo(str(event.get("message", "Model pulled successfully")), err=True)
+                click.echo(str(event.get("message", "Model pulled successfully")), err=True)
 
 
-def chat_stream(client: httpx.Client, body: dict[str, Any]) -> Iterator[str]:
+def chat_stream(client: ServerClient, body: dict[str, Any]) -> Iterator[str]:
     """The content pieces of a streamed chat completion, as they arrive."""
     with client.stream("POST", "/engines/v1/chat/completions", json=body, timeout=None) as answer:
         _check(answer)
@@ -294,7 +268,7 @@ def chat_stream(client: httpx.Client, body: dict[str, Any]) -> Iterator[str]:
                     yield piece
 
 
-def _answer(client: httpx.Client, model: str, messages: list[dict[str, str]]) -> str:
+def _answer(client: ServerClient, model: str, messages: list[dict[str, str]]) -> str:
     pieces: list[str] = []
     completed = False
     try:
@@ -334,10 +308,10 @@ def _read_message() -> str | None:
         lines.append(more)
 
 
-def _interactive(client: httpx.Client, model: str) -> None:
+def _interactive(client: ServerClient, model: str) -> None:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - gives input() line editing and history
-    typer.echo("Interactive chat mode started. Type '/bye' to exit, '/?' for help.")
+    click.echo("Interactive chat mode started. Type '/bye' to exit, '/?' for help.")
     system: str | None = None
     history: list[dict[str, str]] = []
     while True:
@@ -348,26 +322,26 @@ def _interactive(client: httpx.Client, model: str) -> None:
         if not text:
             continue
         if text in ("/?", "/help"):
-            typer.echo(INTERACTIVE_HELP)
+            click.echo(INTERACTIVE_HELP)
             continue
         if text.startswith("/set system"):
             system = text.removeprefix("/set system").strip() or None
-            typer.echo("Set system message." if system else "Cleared system message.")
+            click.echo("Set system message." if system else "Cleared system message.")
             continue
         if text.startswith("/set num_ctx"):
             value = text.removeprefix("/set num_ctx").strip()
             if not value.isdigit() or int(value) <= 0:
-                typer.echo("usage: /set num_ctx N (a positive number of tokens)")
+                click.echo("usage: /set num_ctx N (a positive number of tokens)")
                 continue
             _check(
                 client.post(
                     "/engines/_configure", json={"model": model, "context-size": int(value)}
                 )
             )
-            typer.echo(f"Set context size to {value}.")
+            click.echo(f"Set context size to {value}.")
             continue
         if text.startswith("/"):
-            typer.echo(f"Unknown command {text.split()[0]!r}; type '/?' for help.")
+            click.echo(f"Unknown command {text.split()[0]!r}; type '/?' for help.")
             continue
         history.append({"role": "user", "content": message})
         messages = ([{"role": "system", "content": system}] if system else []) + history
@@ -375,23 +349,23 @@ def _interactive(client: httpx.Client, model: str) -> None:
             reply = _answer(client, model, messages)
         except CliError as error:
             history.pop()
-            typer.echo(f"error: {error}", err=True)
+            click.echo(f"error: {error}", err=True)
             continue
         history.append({"role": "assistant", "content": reply})
 
 
-def _generate_images(client: httpx.Client, model: str, prompt: str, options: ImageOptions) -> None:
+def _generate_images(client: ServerClient, model: str, prompt: str, options: ImageOptions) -> None:
     answer = _check(client.post("/engines/v1/images/generations", json=options.body(model, prompt)))
     try:
         paths = write_images(answer.json(), model, options.output_dir)
     except (ValueError, OSError) as error:
         raise CliError(str(error)) from error
     for path in paths:
-        typer.echo(str(path))
+        click.echo(str(path))
 
 
 def _run_image_model(
-    client: httpx.Client, model: str, prompt: str | None, detach: bool, options: ImageOptions
+    client: ServerClient, model: str, prompt: str | None, detach: bool, options: ImageOptions
 ) -> None:
     """Image models answer a prompt with PNG files (their paths on stdout), not text."""
     if detach:
@@ -408,37 +382,41 @@ def _run_image_model(
     if prompt is not None:
         _generate_images(client, model, prompt, options)
         return
-    typer.echo("Image generation mode: each prompt writes images. Type '/bye' to exit.")
+    click.echo("Image generation mode: each prompt writes images. Type '/bye' to exit.")
     while (message := _read_message()) is not None and message.strip() != "/bye":
         if message.strip():
             try:
                 _generate_images(client, model, message.strip(), options)
             except CliError as error:
-                typer.echo(f"error: {error}", err=True)
+                click.echo(f"error: {error}", err=True)
 
 
-@app.command()
+@click.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@click.option("-d", "--detach", is_flag=True, help="Load the model in the background and exit.")
+@click.option(
+    "--output-dir", type=click.Path(path_type=Path),
+    help="Image models: where to write the PNG files.",
+)  # fmt: skip
+@click.option("--size", help="Image models: WIDTHxHEIGHT, e.g. 512x512.")
+@click.option("--steps", type=click.IntRange(min=1), help="Image models: denoising steps.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), help="Image models: seed, same seed same image."
+)
 def run(
-    model: Annotated[str, typer.Argument(help="Model to run, e.g. ai/smollm2.")],
-    prompt: Annotated[str | None, typer.Argument(help="Prompt; without one, start a chat.")] = None,
-    detach: Annotated[
-        bool, typer.Option("--detach", "-d", help="Load the model in the background and exit.")
-    ] = False,
-    output_dir: Annotated[
-        Path | None,
-        typer.Option("--output-dir", help="Image models: where to write the PNG files."),
-    ] = None,
-    size: Annotated[
-        str | None, typer.Option("--size", help="Image models: WIDTHxHEIGHT, e.g. 512x512.")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option("--steps", min=1, help="Image models: denoising steps.")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option("--seed", min=0, help="Image models: seed, same seed same image.")
-    ] = None,
+    model: str,
+    prompt: str | None,
+    detach: bool,
+    output_dir: Path | None,
+    size: str | None,
+    steps: int | None,
+    seed: int | None,
 ) -> None:
-    """Run a model: answer PROMPT, or chat interactively (image models write PNG files)."""
+    """Run MODEL (e.g. ai/smollm2): answer PROMPT, or chat interactively without one.
+
+    Image models write PNG files and print their paths.
+    """
     with _server(timeout=None) as client:
         _ensure_model(client, model)
         if is_image_model(_describe_model(client, model)):

@@ -9,48 +9,20 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
-import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+import click
 
-from dmr.cli.client import connect, server_url
-from dmr.cli.main import app, console, err_console
+from dmr.cli.client import connect
+from dmr.cli.errors import error_message, fail
+from dmr.cli.http import HTTPError, TransportError
+from dmr.cli.main import console
 
-__all__ = ["pull", "push"]
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[red]Error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _error_message(response: httpx.Response) -> str:
-    """The server's error text, whatever shape it came in."""
-    text = response.read().decode(errors="replace").strip()
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return text or f"HTTP {response.status_code}"
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict):
-            return str(error.get("message") or error)
-        if isinstance(error, str):
-            return error
-        if isinstance(body.get("message"), str):
-            return str(body["message"])
-    return text
+__all__ = ["pull", "push", "push_model"]
 
 
 class _Bars:
@@ -74,13 +46,21 @@ class _Bars:
 
 
 def _stream(path: str, body: dict[str, Any], *, verb: str, retry_hint: str) -> None:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=console,
         transient=False,
     )
     bars = _Bars(progress, verb)
@@ -93,7 +73,7 @@ def _stream(path: str, body: dict[str, Any], *, verb: str, retry_hint: str) -> N
             ) as response,
         ):
             if response.status_code >= 400:
-                _fail(_error_message(response))
+                fail(error_message(response))
             with progress:
                 for line in response.iter_lines():
                     if not line.strip():
@@ -105,32 +85,29 @@ def _stream(path: str, body: dict[str, Any], *, verb: str, retry_hint: str) -> N
                     kind = event.get("type")
                     if kind == "error":
                         progress.stop()
-                        _fail(str(event.get("message") or "transfer failed"))
+                        fail(str(event.get("message") or "transfer failed"))
                     if kind == "warning":
-                        progress.console.print(f"[yellow]Warning:[/yellow] {event.get('message')}")
+                        progress.console.print(f"warning: {event.get('message')}", markup=False)
                     elif kind == "success":
                         final = str(event.get("message") or "")
                     elif isinstance(event.get("layer"), dict):
                         bars.update(event["layer"])
-    except httpx.ConnectError as error:
-        base, socket = server_url()
-        where = f"unix socket {socket}" if socket else base
-        _fail(f"cannot reach the dmr server at {where} ({error}); start it with `dmr serve`")
-    except httpx.HTTPError as error:
-        _fail(f"connection to the dmr server failed: {error}")
+    except TransportError as error:
+        fail(str(error))
+    except HTTPError as error:
+        fail(f"connection to the dmr server failed: {error}")
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: {retry_hint}")
+        print(f"interrupted: {retry_hint}", file=sys.stderr)
         sys.exit(130)
     if final is None:
-        _fail("the server closed the progress stream before the transfer finished")
+        fail("the server closed the progress stream before the transfer finished")
     console.print(final, highlight=False)
 
 
-@app.command()
-def pull(
-    model: str = typer.Argument(..., help="ai/smollm2, registry/org/model:tag or hf.co/org/repo"),
-) -> None:
-    """Pull a model from an OCI registry or Hugging Face into the store."""
+@click.command()
+@click.argument("model")
+def pull(model: str) -> None:
+    """Pull MODEL (ai/smollm2, registry/org/model:tag or hf.co/org/repo) into the store."""
     _stream(
         "/models/create",
         {"from": model},
@@ -139,9 +116,14 @@ def pull(
     )
 
 
-@app.command()
-def push(model: str = typer.Argument(..., help="registry/org/model:tag of a stored model")) -> None:
-    """Push a stored model to the registry its name points at."""
+@click.command()
+@click.argument("model")
+def push(model: str) -> None:
+    """Push a stored MODEL (registry/org/model:tag) to the registry its name points at."""
+    push_model(model)
+
+
+def push_model(model: str) -> None:
     _stream(
         f"/models/{quote(model, safe='/:@')}/push",
         {},

@@ -28,6 +28,7 @@ from dmr.distribution.gguf import (
     read_gguf,
 )
 from dmr.errors import InvalidRequestError, StoreError
+from dmr.sizes import human_parameters, human_size
 from dmr.store import Store, StoredModel
 from dmr.store.artifact import OCI_MANIFEST, layers_of
 from dmr.store.blobs import hash_file
@@ -117,20 +118,6 @@ def rfc3339(created: datetime | str | None) -> str:
     if created.tzinfo is None:
         created = created.replace(tzinfo=UTC)
     return created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def human_size(size: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{size} B"
-
-
-def human_parameters(count: int) -> str:
-    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if count >= scale:
-            return f"{count / scale:.2f} {unit}"
-    return str(count)
 
 
 def _require_file(path: Path, what: str) -> Path:

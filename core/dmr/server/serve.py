@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from dmr.cli.autostart import ServerProcess
 from dmr.server.app import create_app
 from dmr.settings import Settings
 
@@ -47,14 +49,31 @@ def run_server(settings: Settings | None = None) -> None:
         from dmr.server.logs_api import server_log_handler
 
         logging.getLogger().addHandler(server_log_handler(settings.log_dir))
-    app = create_app(settings)
-    config = hypercorn_config(settings)
+    pid_file = _write_pid_file(settings)
+    try:
+        app = create_app(settings)
+        config = hypercorn_config(settings)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
-    asyncio.run(main())
+        asyncio.run(main())
+    finally:
+        if pid_file is not None:
+            pid_file.remove(os.getpid())  # only while it names this process
+
+
+def _write_pid_file(settings: Settings) -> ServerProcess | None:
+    """Record this server's pid for `dmr stop-runner` and the CLI's auto-start
+    (docs/operations.md), whoever started it; None when it cannot be written."""
+    pid_file = ServerProcess.for_settings(settings)
+    try:
+        pid_file.write(os.getpid())
+    except OSError as error:  # a read-only store must not keep the server from serving
+        logging.getLogger(__name__).warning("cannot write %s: %s", pid_file.pid_file, error)
+        return None
+    return pid_file

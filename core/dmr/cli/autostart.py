@@ -1,0 +1,450 @@
+"""The CLI starts `dmr serve` itself when a command needs a server and none answers.
+
+As Docker Model Runner's standalone mode starts its runner for `docker model`
+commands. The server is started detached (its own session, stdin from /dev/null)
+with the CLI's environment, so it serves the same `MODELS_PATH` on the same
+`MODEL_RUNNER_SOCK` or `MODEL_RUNNER_PORT`, and it keeps running after the command:
+`dmr stop-runner` stops it. Nothing is started when `MODEL_RUNNER_HOST` points
+somewhere (that server is someone else's) or `DMR_NO_AUTOSTART=1`.
+
+Files, keyed by the address the server listens on (one server per address):
+- pid file: `<MODEL_RUNNER_SOCK>.pid` beside the unix socket, or
+  `<MODELS_PATH>/dmr-serve-<port>.pid` with `MODEL_RUNNER_PORT`. `dmr serve` writes
+  it at start and removes it at a clean exit, so a server started by hand is known
+  to `dmr stop-runner` too.
+- lock: the pid file's path + `.lock`, held around "probe again, start, wait until
+  it answers", so that commands racing to start a server leave exactly one.
+- log: the started server's stdout and stderr, appended to
+  `<MODELS_PATH>/logs/server.log`; with `MODEL_RUNNER_LOG_DIR` set, to
+  `<MODEL_RUNNER_LOG_DIR>/server-output.log` (the server writes its own `server.log`
+  there, which `dmr logs` reads).
+
+Every command comes through `ensure_server`, so the path where a server already
+answers is one connect() and the imports here stay light: psutil, filelock and
+subprocess (tens of milliseconds together) are imported only to start or stop one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+from urllib.parse import urlsplit
+
+from dmr.cli.http import TransportError
+from dmr.settings import DEFAULT_PORT, Settings
+
+if TYPE_CHECKING:
+    import subprocess
+
+    import psutil
+
+__all__ = [
+    "AUTOSTART_OFF_VARIABLE",
+    "ServerAddress",
+    "ServerProcess",
+    "ServerStart",
+    "ServerUnavailableError",
+    "client_address",
+    "ensure_server",
+    "explicit_address",
+    "served_address",
+    "server_log_path",
+    "start_server",
+    "stop_server",
+]
+
+AUTOSTART_OFF_VARIABLE = "DMR_NO_AUTOSTART"
+START_TIMEOUT_SECONDS = 60.0
+# SIGTERM first: the server stops its runners (hypercorn's graceful timeout is 5 s).
+STOP_TIMEOUT_SECONDS = 20.0
+_PROBE_TIMEOUT_SECONDS = 1.0
+_POLL_SECONDS = 0.1
+_LOG_TAIL_LINES = 20
+_WILDCARD_BINDS = frozenset({"", "0.0.0.0", "::"})
+
+
+class ServerUnavailableError(TransportError):
+    """Nothing answers and no server may be started here.
+
+    A TransportError, so every command reports it where it reports a server it
+    cannot reach (`dmr status` says "not running"); the message says why nothing
+    was started.
+    """
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """Where a server listens: a base URL, carried over a unix socket when one is set."""
+
+    base_url: str
+    socket_path: Path | None = None
+
+    def __str__(self) -> str:
+        return f"unix socket {self.socket_path}" if self.socket_path else self.base_url
+
+    def answers(self, timeout: float = _PROBE_TIMEOUT_SECONDS) -> bool:
+        """Whether something accepts a connection there: a connect, no request (~1 ms)."""
+        try:
+            if self.socket_path is not None:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(timeout)
+                    sock.connect(str(self.socket_path))
+            else:
+                parts = urlsplit(self.base_url)
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+                with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout):
+                    pass
+        except (OSError, ValueError):
+            return False
+        return True
+
+
+def explicit_address() -> ServerAddress | None:
+    """`MODEL_RUNNER_HOST`: a URL, `host:port`, or `unix:///path`."""
+    host = os.environ.get("MODEL_RUNNER_HOST")
+    if not host:
+        return None
+    if host.startswith("unix://"):
+        return ServerAddress("http://dmr", Path(host.removeprefix("unix://")))
+    if "://" not in host:
+        host = f"http://{host}"
+    return ServerAddress(host.rstrip("/"))
+
+
+def served_address(settings: Settings) -> ServerAddress:
+    """Where `dmr serve` with these settings listens."""
+    if settings.port is None:
+        return ServerAddress("http://dmr", settings.socket_path)
+    host = "127.0.0.1" if settings.host in _WILDCARD_BINDS else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return ServerAddress(f"http://{host}:{settings.port}")
+
+
+def client_address(settings: Settings | None = None) -> ServerAddress:
+    """Where the CLI looks for the server: `MODEL_RUNNER_HOST`; else where `dmr serve`
+    in this environment listens (`MODEL_RUNNER_PORT`, or the socket); but with neither
+    set and no socket file at the default path, Docker Model Runner's TCP port on
+    loopback, where a Docker Model Runner may answer."""
+    explicit = explicit_address()
+    if explicit is not None:
+        return explicit
+    settings = settings or Settings.from_env()
+    served = served_address(settings)
+    if served.socket_path is None or served.socket_path.exists():
+        return served
+    if os.environ.get("MODEL_RUNNER_SOCK"):  # a socket named on purpose: only that one
+        return served
+    return ServerAddress(f"http://127.0.0.1:{DEFAULT_PORT}")
+
+
+def server_log_path(settings: Settings) -> Path:
+    """Where a server started by the CLI writes its stdout and stderr."""
+    if settings.log_dir is not None:
+        # server.log there is the server's own stamped log (`dmr logs`); keep it single.
+        return settings.log_dir / "server-output.log"
+    return settings.models_path / "logs" / "server.log"
+
+
+def autostart_disabled() -> bool:
+    value = os.environ.get(AUTOSTART_OFF_VARIABLE, "").strip().lower()
+    return value in {"1", "true", "yes", "on"}
+
+
+# --------------------------------------------------------------------------- pid file
+
+
+def _is_dmr_serve(cmdline: list[str]) -> bool:
+    """`python -m dmr serve` or `.../dmr serve`, whatever the interpreter."""
+    if "serve" not in cmdline:
+        return False
+    before = cmdline[: cmdline.index("serve")]
+    return ("-m" in before and "dmr" in before) or any(Path(arg).name == "dmr" for arg in before)
+
+
+def _exited(process: psutil.Process) -> bool:
+    """Gone, or a zombie: a detached server's exit is reaped by whoever adopted it."""
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _pid_exited(pid: int) -> bool:
+    import psutil
+
+    try:
+        return _exited(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return True
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """The pid file of the `dmr serve` for one address, and the process it names."""
+
+    pid_file: Path
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ServerProcess:
+        if settings.port is None:
+            socket_path = settings.socket_path
+            return cls(socket_path.with_name(socket_path.name + ".pid"))
+        return cls(settings.models_path / f"dmr-serve-{settings.port}.pid")
+
+    @property
+    def lock_file(self) -> Path:
+        return self.pid_file.with_name(self.pid_file.name + ".lock")
+
+    def write(self, pid: int) -> None:
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole, then renamed: a reader never sees a half-written pid.
+        partial = self.pid_file.with_name(f"{self.pid_file.name}.{os.getpid()}.tmp")
+        partial.write_text(f"{pid}\n")
+        partial.replace(self.pid_file)
+
+    def recorded_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def remove(self, pid: int | None = None) -> None:
+        """Remove the pid file; with `pid`, only while it still names that process
+        (a server started since must keep its own)."""
+        if pid is not None and self.recorded_pid() != pid:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+
+    def running_pid(self) -> int | None:
+        """The recorded pid while it is a live `dmr serve` that was started before the
+        pid file was written; None for a stale file (dead pid, or one reused since)."""
+        import psutil
+
+        pid = self.recorded_pid()
+        if pid is None:
+            return None
+        try:
+            process = psutil.Process(pid)
+            written = self.pid_file.stat().st_mtime
+            if _exited(process) or not _is_dmr_serve(process.cmdline()):
+                return None
+            # A pid reused by a later `dmr serve` for another address: not this one's.
+            if process.create_time() > written + 1.0:
+                return None
+        except (psutil.Error, OSError):
+            return None
+        return pid
+
+
+# --------------------------------------------------------------------------- start
+
+
+@dataclass(frozen=True)
+class ServerStart:
+    """The server a command will talk to, and whether this command started it."""
+
+    address: ServerAddress
+    pid: int | None
+    started_here: bool
+    log_path: Path | None = None
+
+
+def _fail(message: str) -> NoReturn:
+    from dmr.cli.errors import fail
+
+    fail(message)
+
+
+@contextlib.contextmanager
+def _start_lock(server: ServerProcess) -> Iterator[None]:
+    """Held while a server starts or stops at this address; waits for another holder."""
+    import filelock
+
+    server.lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(server.lock_file), timeout=START_TIMEOUT_SECONDS + 15)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        _fail(f"another dmr command has held {server.lock_file} for too long; try again")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def ensure_server() -> ServerStart:
+    """A server that answers: the one running, else one started here (said on stderr).
+
+    Raises ServerUnavailableError when none answers and none may be started; exits
+    with `error: ...` when a start was tried and failed.
+    """
+    explicit = explicit_address()
+    if explicit is not None:
+        if explicit.answers():
+            return ServerStart(explicit, None, started_here=False)
+        raise ServerUnavailableError(
+            f"cannot reach the dmr server at {explicit}: MODEL_RUNNER_HOST is set, so none"
+            " was started (unset it to have dmr start one)"
+        )
+    settings = Settings.from_env()
+    address = client_address(settings)
+    if address.answers():
+        return ServerStart(address, None, started_here=False)
+    if autostart_disabled():
+        where = served_address(settings)
+        also = f" (nor at {address})" if address != where else ""
+        raise ServerUnavailableError(
+            f"cannot reach the dmr server at {where}{also}: {AUTOSTART_OFF_VARIABLE} is set,"
+            " so none was started (`dmr start-runner` starts one)"
+        )
+    return start_server(settings)
+
+
+def start_server(settings: Settings) -> ServerStart:
+    """Start `dmr serve` for these settings unless one answers or is starting there."""
+    address = served_address(settings)
+    server = ServerProcess.for_settings(settings)
+    with _start_lock(server):
+        if address.answers():  # another command started it while this one waited
+            return ServerStart(address, server.running_pid(), started_here=False)
+        pid = server.running_pid()
+        if pid is not None:
+            # Still starting (by hand, or before this lock existed): wait for it rather
+            # than start a second server that would take over its socket.
+            _wait_until_answers(address, server, pid, None, server_log_path(settings))
+            return ServerStart(address, pid, started_here=False)
+        server.remove()  # stale: its process died, or the pid is some other program's now
+        started = _spawn(settings, address, server)
+    print(
+        f"Started the dmr server (pid {started.pid}, log: {started.log_path});"
+        " `dmr stop-runner` stops it.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return started
+
+
+def _spawn(settings: Settings, address: ServerAddress, server: ServerProcess) -> ServerStart:
+    import subprocess
+
+    log_path = server_log_path(settings)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"--- {stamp} dmr serve, started by the dmr CLI\n".encode())
+        log.flush()
+        log_offset = log.tell()  # where this start's lines begin, for an error's tail
+        # The same environment, so the same store and address; its own session, so
+        # the terminal's Ctrl-C and hang-up stay with this command.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dmr", "serve"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server.write(process.pid)  # `dmr serve` writes it too; this covers its start-up
+    _wait_until_answers(address, server, process.pid, process, log_path, log_offset)
+    return ServerStart(address, process.pid, started_here=True, log_path=log_path)
+
+
+def _wait_until_answers(
+    address: ServerAddress,
+    server: ServerProcess,
+    pid: int,
+    process: subprocess.Popen[bytes] | None,
+    log_path: Path,
+    log_offset: int = 0,
+) -> None:
+    """Poll until the server answers; exit with its log's last lines if it dies or hangs."""
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while not address.answers():
+        code = process.poll() if process is not None else None
+        if code is not None or (process is None and _pid_exited(pid)):
+            server.remove(pid)
+            why = f"exited with code {code}" if code is not None else "exited"
+            tail = _log_tail(log_path, log_offset)
+            _fail(f"the dmr server (pid {pid}) {why} while starting{tail}")
+        if time.monotonic() > deadline:
+            if process is not None:  # ours: leave no half-started server behind
+                _kill_group(pid)
+                server.remove(pid)
+            _fail(
+                f"the dmr server (pid {pid}) did not answer at {address} within"
+                f" {START_TIMEOUT_SECONDS:.0f} s{_log_tail(log_path, log_offset)}"
+            )
+        time.sleep(_POLL_SECONDS)
+
+
+def _log_tail(log_path: Path, offset: int) -> str:
+    try:
+        with log_path.open("rb") as log:
+            log.seek(offset)
+            lines = log.read().decode(errors="replace").splitlines()[-_LOG_TAIL_LINES:]
+    except OSError:
+        return f"; see {log_path}"
+    if not lines:
+        return f"; its log {log_path} is empty"
+    return f"; the last lines of {log_path}:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# --------------------------------------------------------------------------- stop
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the server and, when it leads its own process group, its runners."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _wait_exited(process: psutil.Process, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _exited(process):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(_POLL_SECONDS)
+    return True
+
+
+def stop_server(settings: Settings) -> int | None:
+    """Stop the server the pid file names: SIGTERM, then SIGKILL after a timeout.
+
+    Returns the pid stopped, or None when no server was running (a stale pid file is
+    removed). The server stops its runners itself; after a SIGKILL its process group
+    (the runners) is killed with it.
+    """
+    import psutil
+
+    server = ServerProcess.for_settings(settings)
+    with _start_lock(server):
+        pid = server.running_pid()
+        if pid is None:
+            server.remove()
+            return None
+        process = psutil.Process(pid)
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.AccessDenied:
+            _fail(f"the dmr server (pid {pid}) is not yours to stop")
+        if not _wait_exited(process, STOP_TIMEOUT_SECONDS):
+            _kill_group(pid)
+            if not _wait_exited(process, 5.0):
+                _fail(f"the dmr server (pid {pid}) did not exit, even after SIGKILL")
+        server.remove(pid)
+    return pid
