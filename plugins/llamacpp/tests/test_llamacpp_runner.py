@@ -304,6 +304,36 @@ async def test_eight_concurrent_streams_are_interleaved(completion_runner: Runne
     assert max(first for first, *_ in results) < min(done for _, done, *_ in results)
 
 
+async def test_requests_sent_together_share_their_first_step(
+    completion_runner: RunnerProcess,
+) -> None:
+    """An idle runner waits a moment for the rest of a burst (BURST_GAP_S): four prompts
+    sent at once are decoded in one step, not the first alone and the rest a step later."""
+
+    def steps() -> float:
+        with completion_runner.client() as client:
+            return metric(client, "llamacpp:decode_steps_total")
+
+    before = steps()
+    async with completion_runner.async_client() as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "messages": [{"role": "user", "content": f"Name a colour, {index}."}],
+                        "max_tokens": 1,
+                        "cache_prompt": False,
+                    },
+                )
+                for index in range(4)
+            )
+        )
+    assert all(answer.status_code == 200 for answer in answers)
+    # One token each: the step that decodes the four prompts samples all four answers.
+    assert steps() - before == 1
+
+
 async def test_disconnect_frees_the_slot(completion_runner: RunnerProcess) -> None:
     request = {
         "prompt": "Write a very long essay about the sea.",

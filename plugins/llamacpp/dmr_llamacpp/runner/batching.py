@@ -50,6 +50,15 @@ __all__ = [
 # Fewer tokens than this are cheaper to decode again than to copy to host memory and back.
 SAVE_AT_LEAST = 16
 
+# An idle runner that gets a request waits this long for another before its first
+# step, and again after each one that comes, up to BURST_WINDOW_S in all. Requests
+# sent together reach the decode thread some milliseconds apart (each is parsed,
+# templated and tokenized in Python first); without the wait the first prompt gets a
+# step of its own and the others wait for it, then share the next: their first
+# token comes a whole prompt step later than llama-server's (docs/benchmarks.md).
+BURST_GAP_S = 0.008
+BURST_WINDOW_S = 0.06
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -247,10 +256,13 @@ class BatchedGenerator:
                     job.cancelled = True
 
     def _take_incoming(self, *, block: bool) -> None:
+        """Move submitted jobs to `_waiting`; when idle (`block`), wait for the first one
+        and then for the burst it may open (BURST_GAP_S)."""
         try:
             job = self._incoming.get(timeout=0.5) if block else self._incoming.get_nowait()
         except queue.Empty:
             return
+        deadline = time.perf_counter() + BURST_WINDOW_S
         while True:
             if job is None:
                 self._stopping = True
@@ -258,6 +270,14 @@ class BatchedGenerator:
             self._waiting.append(job)
             try:
                 job = self._incoming.get_nowait()
+                continue
+            except queue.Empty:
+                pass
+            left = deadline - time.perf_counter()
+            if not block or left <= 0 or len(self._waiting) >= len(self.slots):
+                return
+            try:
+                job = self._incoming.get(timeout=min(BURST_GAP_S, left))
             except queue.Empty:
                 return
 

@@ -62,6 +62,11 @@ class _StatsCollector:
             "Draft tokens the model accepted.",
             value=stats.draft_tokens_accepted_total,
         )
+        yield CounterMetricFamily(
+            "llamacpp:decode_steps",
+            "Batches decoded: each holds every busy slot's next tokens and pending prompts.",
+            value=stats.decode_steps,
+        )
         yield GaugeMetricFamily(
             "llamacpp:requests_deferred",
             "Requests waiting for a slot.",
