@@ -25,6 +25,10 @@ LEGACY_DIR_TAR = MEDIA_PREFIX + "dir.tar"
 CNCF_GGUF = "application/vnd.cncf.model.weight.v1.gguf"
 CNCF_SAFETENSORS = "application/vnd.cncf.model.weight.v1.safetensors"
 FILEPATH_ANNOTATION = "org.cncf.model.filepath"
+# The largest manifest (or model config) read from a registry: the OCI distribution
+# spec's 4 MiB. Here, not in the registry client, so the built-in OCI plugin can
+# check configs without importing oras at server start.
+MANIFEST_MAX_BYTES = 4 << 20
 
 BUILTIN_FORMATS: tuple[ModelFormat, ...] = (
     ModelFormat(name="gguf", media_types=(GGUF, CNCF_GGUF), preferred_engine="llama.cpp"),

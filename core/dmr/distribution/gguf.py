@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
 __all__ = [
     "GGUFError",
     "GGUFFile",
@@ -281,6 +279,10 @@ def _go_float(value: float, bits: int) -> str:
         return "NaN"
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
+    # numpy (about 12 MB resident) prints the shortest float32 that reads back the same, as Go
+    # does; imported here, as only packaging formats floats, not the idle server.
+    import numpy as np
+
     number = np.float32(value) if bits == 32 else np.float64(value)
     scientific = np.format_float_scientific(number, unique=True, trim="-")
     mantissa, _, exponent_text = scientific.partition("e")

@@ -6,6 +6,10 @@ huggingface_hub lists the repository and names the URLs; the files are streamed
 straight into the store's blobs (resumable, verified against the Hub's sha256
 for LFS files and the git blob id for small ones) and packaged as a DMR artifact
 tagged with the normalised reference.
+
+This module is registered at server start, so huggingface_hub (with its own HTTP
+stack, tqdm and yaml: about 11 MB resident), httpx, packaging and the progress
+helpers are imported by the first Hub pull, not here.
 """
 
 from __future__ import annotations
@@ -23,25 +27,6 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import httpx
-from huggingface_hub import HfApi, hf_hub_url
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.hf_api import RepoFile
-
-from dmr.distribution import packaging
-from dmr.distribution.packaging import PackageOptions
-from dmr.distribution.progress import (
-    TransferProgress,
-    loop_callback,
-    run_transfer,
-    transfer_pool,
-)
-from dmr.distribution.registry_client import TransferCancelledError
 from dmr.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -54,6 +39,10 @@ from dmr.store.artifact import safe_relative_path
 from dmr.store.blobs import link_or_copy
 
 if TYPE_CHECKING:
+    import httpx
+    from huggingface_hub.hf_api import RepoFile
+
+    from dmr.distribution.progress import TransferProgress
     from dmr.store import Store
 
 __all__ = [
@@ -224,6 +213,8 @@ class _HubDownloader:
         tracker: TransferProgress,
         stop: threading.Event,
     ) -> None:
+        import httpx
+
         self.repo_id = repo_id
         self.commit = commit
         self.endpoint = endpoint
@@ -241,10 +232,14 @@ class _HubDownloader:
         self.client.close()
 
     def url(self, file: RepoFile) -> str:
+        from huggingface_hub import hf_hub_url
+
         return hf_hub_url(self.repo_id, file.path, revision=self.commit, endpoint=self.endpoint)
 
     def fetch(self, file: RepoFile) -> tuple[str, bytes | None]:
         """(sha256 digest, bytes for small files) after storing the file as a blob."""
+        from dmr.distribution.progress import TransferCancelledError
+
         if self.stop.is_set():
             raise TransferCancelledError("pull cancelled")
         if file.lfs is not None:
@@ -271,6 +266,8 @@ class _HubDownloader:
         return data
 
     def _get(self, file: RepoFile, headers: dict[str, str], stream: bool = False) -> httpx.Response:
+        import httpx
+
         last: Exception | None = None
         for attempt in range(ATTEMPTS):
             try:
@@ -297,6 +294,10 @@ class _HubDownloader:
         raise RegistryError(f"cannot reach the Hub for {file.path}: {last}")
 
     def _stream(self, file: RepoFile, digest: str, size: int) -> None:
+        import httpx
+
+        from dmr.distribution.progress import TransferCancelledError
+
         with self.store.blob_writer(digest, size) as writer:
             offset = writer.offset
             failures = 0
@@ -343,6 +344,18 @@ def _pull_blocking(
     bearer_token: str | None,
     stop: threading.Event,
 ) -> str:
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.hf_api import RepoFile
+
+    from dmr.distribution.progress import TransferProgress, transfer_pool
+
     repo_id, quant = split_hf_reference(reference)
     familiar = parse_reference(reference).familiar
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
@@ -404,6 +417,9 @@ def _package(
     inside the store (packaging reads shard names and relative paths from there);
     `created` is the repository's last change, so a re-pull gives the same ID.
     """
+    from dmr.distribution import packaging
+    from dmr.distribution.packaging import PackageOptions
+
     store.layout.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.layout.tmp_dir, prefix="hf-") as scratch:
         root = Path(scratch)
@@ -444,6 +460,8 @@ class HuggingFacePuller:
         *,
         bearer_token: str | None = None,
     ) -> str:
+        from dmr.distribution.progress import loop_callback, run_transfer
+
         emit = loop_callback(progress)
         return await run_transfer(
             lambda stop: _pull_blocking(reference, store, emit, bearer_token, stop)

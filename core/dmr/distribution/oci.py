@@ -6,6 +6,10 @@ The transfers are blocking (requests, through oras) and run in worker threads;
 layers download in parallel. Progress crosses back to the event loop through an
 anyio token, and a cancelled pull stops its threads at the next chunk, leaving
 each partial blob as `<hex>.incomplete` for the next pull to resume.
+
+This module is registered at server start, so the registry client (oras, requests,
+jsonschema: about 10 MB resident) and the progress helpers are imported by the
+first pull or push, not here.
 """
 
 from __future__ import annotations
@@ -21,20 +25,13 @@ from typing import TYPE_CHECKING, Any
 from dmr import formats
 from dmr.distribution.credentials import resolve_credentials
 from dmr.distribution.gguf import GGUFError, read_gguf
-from dmr.distribution.progress import (
-    TransferProgress,
-    loop_callback,
-    run_transfer,
-    transfer_pool,
-)
-from dmr.distribution.registry_client import MANIFEST_MAX_BYTES, RegistryClient
 from dmr.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     RegistryError,
     UnsupportedMediaTypeError,
 )
-from dmr.formats import KNOWN_CONFIG_MEDIA_TYPES
+from dmr.formats import KNOWN_CONFIG_MEDIA_TYPES, MANIFEST_MAX_BYTES
 from dmr.hookspecs import hookimpl
 from dmr.records import ModelSource, ProgressCallback
 from dmr.reference import DOCKER_HUB_ALIASES, ModelReference, is_model_id, parse_reference
@@ -45,6 +42,8 @@ from dmr.store.bundle import bundle_file_names
 from dmr.store.model_store import BlobMissingError
 
 if TYPE_CHECKING:
+    from dmr.distribution.progress import TransferProgress
+    from dmr.distribution.registry_client import RegistryClient
     from dmr.store import Store
 
 __all__ = [
@@ -123,6 +122,8 @@ def registry_endpoints(reference: ModelReference, settings: Settings) -> list[En
 def _client(
     endpoint: Endpoint, settings: Settings, bearer_token: str | None, stop: threading.Event
 ) -> RegistryClient:
+    from dmr.distribution.registry_client import RegistryClient
+
     credentials = resolve_credentials(endpoint.credentials_host, bearer_token=bearer_token)
     return RegistryClient(
         endpoint.host,
@@ -215,6 +216,8 @@ def _pull_from(
     emit: ProgressCallback,
     stop: threading.Event,
 ) -> str:
+    from dmr.distribution.progress import TransferProgress
+
     config, layers = parse_model_manifest(manifest)
     # Where each layer would land in the bundle (no `..`, no absolute path): checked
     # now, as `add_model` will, so a hostile manifest costs no download.
@@ -275,6 +278,8 @@ def _download_missing(
     tracker: TransferProgress,
     stop: threading.Event,
 ) -> None:
+    from dmr.distribution.progress import transfer_pool
+
     missing = [layer for layer in _unique(layers) if not store.has_blob(layer.digest)]
     ensure_free_space(store.layout, sum(_still_needed(store, layer) for layer in missing))
     for layer in layers:
@@ -324,6 +329,8 @@ class OciPuller:
         *,
         bearer_token: str | None = None,
     ) -> str:
+        from dmr.distribution.progress import loop_callback, run_transfer
+
         parsed = parse_reference(reference)
         emit = loop_callback(progress)
         return await run_transfer(
@@ -342,6 +349,8 @@ def _push_blocking(
     bearer_token: str | None,
     stop: threading.Event,
 ) -> None:
+    from dmr.distribution.progress import TransferProgress, transfer_pool
+
     if reference.digest:
         raise InvalidRequestError(f"cannot push to a digest reference {reference.familiar!r}")
     config, layers = parse_model_manifest(manifest)
@@ -386,6 +395,8 @@ async def push_to_registry(
     bearer_token: str | None = None,
 ) -> None:
     """Push the stored model `name` to the registry its reference names."""
+    from dmr.distribution.progress import loop_callback, run_transfer
+
     model = store.get(name)
     if is_model_id(name):  # an ID names no registry: push to the model's first tag
         if not model.tags:

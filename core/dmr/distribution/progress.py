@@ -2,7 +2,8 @@
 
 Transfers run in worker threads while the progress callback belongs to the event
 loop (the route streams it as NDJSON), so `TransferProgress` is thread-safe and
-hands each event to an `emit` function that crosses back to the loop.
+hands each event to an `emit` function that crosses back to the loop. A cancelled
+transfer is told to stop through an event its threads check between chunks.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
+from dmr.errors import DmrError
 from dmr.records import ProgressCallback, ProgressEvent
 
 __all__ = [
     "MIN_BYTES",
     "MIN_INTERVAL",
+    "TransferCancelledError",
     "TransferProgress",
     "format_megabytes",
     "loop_callback",
@@ -35,6 +38,13 @@ T = TypeVar("T")
 
 MIN_INTERVAL = 0.1  # seconds between two lines for one layer
 MIN_BYTES = 1 << 20  # or this many new bytes, whichever comes first
+
+
+class TransferCancelledError(DmrError):
+    """The pull or push was cancelled (client went away); partial blobs stay for resume."""
+
+    status = 499
+    code = "cancelled"
 
 
 def format_megabytes(count: int) -> str:

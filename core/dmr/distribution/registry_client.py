@@ -27,7 +27,9 @@ import oras.utils
 import requests
 
 from dmr.distribution.credentials import RegistryCredentials
-from dmr.errors import DmrError, ModelNotFoundError, RegistryError
+from dmr.distribution.progress import TransferCancelledError
+from dmr.errors import ModelNotFoundError, RegistryError
+from dmr.formats import MANIFEST_MAX_BYTES
 
 __all__ = [
     "CHUNK_SIZE",
@@ -41,7 +43,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
-MANIFEST_MAX_BYTES = 4 << 20
 ATTEMPTS = 4
 # A body cut off mid-way: requests raises ChunkedEncodingError for a short
 # Content-Length body (IncompleteRead), not ConnectionError; both are worth a resume.
@@ -69,13 +70,6 @@ class RegistryAuthError(RegistryError):
     status = 401
     code = "unauthorized"
     error_type = "authentication_error"
-
-
-class TransferCancelledError(DmrError):
-    """The pull or push was cancelled (client went away); partial blobs stay for resume."""
-
-    status = 499
-    code = "cancelled"
 
 
 class BlobSink(Protocol):

@@ -125,7 +125,7 @@ class _BlobSink:
         self.handle = os.fdopen(fd, "wb")
         self.hasher = hashlib.sha256()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.handle.write(data)
         self.hasher.update(data)
 
@@ -194,7 +194,7 @@ class TarLoader:
         while view:
             if self._remaining:
                 take = min(self._remaining, len(view))
-                chunk = bytes(view[:take])
+                chunk = view[:take]  # no copy: the file and the hash take a view
                 if self._sink is not None:
                     self._sink.write(chunk)
                 elif self._manifest is not None:

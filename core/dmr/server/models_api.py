@@ -19,6 +19,7 @@ from dmr.records import ProgressEvent
 from dmr.reference import InvalidReferenceError, parse_reference
 from dmr.server.metrics import counting_pull_bytes
 from dmr.server.services import get_services
+from dmr.server.uploads import BackpressureHTTPConnection, BoundedBody
 from dmr.store import Store, StoredModel, normalise_tag
 
 __all__ = ["blueprint"]
@@ -32,13 +33,17 @@ NDJSON = "application/x-ndjson"
 
 def _large_upload_request(base: type[Request]) -> type[Request]:
     """The app's request class, minus the body cap for `POST /models/load`: a model
-    tarball is gigabytes, and the route streams it to disk chunk by chunk."""
+    tarball is gigabytes, and the route streams it to disk chunk by chunk, its body
+    bounded in memory (dmr.server.uploads)."""
 
     class LargeUploadRequest(base):  # type: ignore[valid-type,misc]
         def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any):
-            if method == "POST" and path.rstrip("/") == LOAD_PATH:
+            upload = method == "POST" and path.rstrip("/") == LOAD_PATH
+            if upload:
                 kwargs["max_content_length"] = None
             super().__init__(method, scheme, path, *args, **kwargs)
+            if upload:
+                self.body = BoundedBody(self.content_length, None)
 
     return LargeUploadRequest
 
@@ -47,6 +52,7 @@ def _large_upload_request(base: type[Request]) -> type[Request]:
 def _allow_large_load(state: BlueprintSetupState) -> None:
     app = cast(Quart, state.app)
     app.request_class = _large_upload_request(app.request_class)
+    app.asgi_http_class = BackpressureHTTPConnection
 
 
 def _store() -> Store:

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from dmr.errors import DmrError, InvalidRequestError
 from dmr.records import ProgressEvent
 from dmr.reference import InvalidReferenceError, parse_reference
@@ -23,7 +22,6 @@ from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify, request
 
 from dmr_apis._body import optional_bool, read_json_object
-from dmr_apis._go_template import GoTemplateError, go_to_jinja, looks_like_go_template
 from dmr_apis._models import resolve_model
 from dmr_apis._ollama_translate import iso_time
 from dmr_apis._streaming import ndjson_line, stream_response
@@ -373,7 +371,8 @@ async def upload_blob(digest_hex: str) -> Response:
     digest = f"sha256:{digest_hex}"
     store = get_services().store
     if store.has_blob(digest):
-        await request.get_data()  # drain
+        async for _ in request.body:  # drain chunk by chunk: get_data() would hold it whole
+            pass
         return Response(status=201)
     # Ollama's client uploads with chunked encoding (no size known up front), so
     # the body is spooled beside the store, checked, then linked into the blobs.
@@ -413,6 +412,8 @@ def _check_parameters(parameters: Any) -> dict[str, Any]:
 
 def _check_jinja(template: str) -> None:
     """A broken template fails here with a 400, not later in every chat with the model."""
+    import jinja2
+
     try:
         jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
     except jinja2.TemplateSyntaxError as error:
@@ -435,6 +436,10 @@ async def create() -> Response:
     for field, value in (("template", template), ("system", system), ("from", base_name)):
         if value is not None and not isinstance(value, str):
             raise InvalidRequestError(f"'{field}' must be a string")
+    # Only `/api/create` translates templates: the translator is imported here, not
+    # with the dialect at server start.
+    from dmr_apis._go_template import GoTemplateError, go_to_jinja, looks_like_go_template
+
     go_template: str | None = None
     if template and looks_like_go_template(template):
         # Ollama clients write Go templates; runners apply Jinja. Keep the original for show.
