@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:
     from dmr.cli.http import ServerResponse
 
-__all__ = ["EXIT_FAILURE", "CliError", "error_message", "fail", "warn"]
+__all__ = ["EXIT_FAILURE", "CliError", "error_message", "fail", "report", "warn"]
 
 EXIT_FAILURE = 1
 
@@ -22,9 +22,14 @@ class CliError(Exception):
     """Raised inside a command for `fail` to print: one line for the user, then exit 1."""
 
 
-def fail(message: str, *, code: int = EXIT_FAILURE) -> NoReturn:
+def report(message: str) -> None:
+    """Say what failed without ending the command (a turn of an interactive chat)."""
     # Plain text, not rich markup: a model name like `[org/model]` must print as typed.
     print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str, *, code: int = EXIT_FAILURE) -> NoReturn:
+    report(message)
     sys.exit(code)
 
 

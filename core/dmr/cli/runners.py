@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from dmr.cli.client import connect
-from dmr.cli.errors import CliError, error_message, fail
+from dmr.cli.errors import CliError, error_message, fail, report
 from dmr.cli.http import HTTPError, ServerClient, ServerResponse, TransportError
 from dmr.cli.images import ImageOptions, is_image_model, write_images
 from dmr.durations import parse_duration
@@ -349,7 +349,7 @@ def _interactive(client: ServerClient, model: str) -> None:
             reply = _answer(client, model, messages)
         except CliError as error:
             history.pop()
-            click.echo(f"error: {error}", err=True)
+            report(str(error))
             continue
         history.append({"role": "assistant", "content": reply})
 
@@ -388,7 +388,7 @@ def _run_image_model(
             try:
                 _generate_images(client, model, message.strip(), options)
             except CliError as error:
-                click.echo(f"error: {error}", err=True)
+                report(str(error))
 
 
 @click.command()

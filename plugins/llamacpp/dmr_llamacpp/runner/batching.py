@@ -56,7 +56,7 @@ SAVE_AT_LEAST = 16
 # templated and tokenized in Python first); without the wait the first prompt gets a
 # step of its own and the others wait for it, then share the next: their first
 # token comes a whole prompt step later than llama-server's (docs/benchmarks.md).
-BURST_GAP_S = 0.008
+BURST_GAP_S = 0.003
 BURST_WINDOW_S = 0.06
 
 
