@@ -90,6 +90,7 @@ _value(("-ctv", "--cache-type-v"), "cache_type_v", str)
 _value(("--draft-max", "--draft", "--draft-n"), "draft_max", int)
 _value(("--draft-p-min",), "draft_p_min", float)
 _value(("-cram", "--cache-ram"), "cache_ram", int)
+_value(("--burst-gap-ms",), "burst_gap_ms", float)
 _value(("--chat-template-file",), "chat_template_file", str)
 _value(("-a", "--alias"), "alias", str)
 _switch(("--metrics",), "metrics", True)
@@ -142,6 +143,9 @@ class WorkerSettings:
     # MiB of host memory for prompts whose slot was taken (llama-server's --cache-ram);
     # 0 turns it off. Counted in the memory estimate.
     cache_ram: int = 256
+    # dmr's own: how long an idle runner waits for the next request of a burst
+    # before its first step (runner/batching.py); 0 starts at once.
+    burst_gap_ms: float = 3.0
     chat_template_file: str | None = None
     alias: str | None = None
     metrics: bool = True
@@ -212,6 +216,8 @@ def _convert(name: str, raw: str) -> Any:
         raise ValueError(f"flag {name}: unknown cache type {raw!r}")
     if attr in {"ctx_size", "parallel", "batch_size", "ubatch_size"} and value <= 0:
         raise ValueError(f"flag {name} must be positive, got {raw!r}")
+    if attr == "burst_gap_ms" and not 0 <= value <= 1000:
+        raise ValueError(f"flag {name} takes 0 to 1000 ms, got {raw!r}")
     if attr == "cache_ram" and value < 0:
         raise ValueError(f"flag {name} takes MiB, 0 to turn the cache off; got {raw!r}")
     return value

@@ -62,3 +62,15 @@ def speculative_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
     yield runner
     runner.stop()
     shutil.rmtree(runner.socket_path.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def burst_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
+    """A runner that waits 50 ms for the rest of a burst: long enough on a loaded machine."""
+    launch = make_launch(
+        llama_bundle, _short_socket("burst"), parallel=4, runtime_flags=("--burst-gap-ms", "50")
+    )
+    runner = RunnerProcess(launch)
+    yield runner
+    runner.stop()
+    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)

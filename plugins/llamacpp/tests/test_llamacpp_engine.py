@@ -127,6 +127,7 @@ def test_llama_args_replace_defaults(
         (("--temp", "0\\1"), "may not contain"),
         (("--model", "m"), "--model"),
         (("--frobnicate",), "not allowed"),
+        (("--burst-gap-ms", "-5"), "0 to 1000 ms"),
     ],
 )
 def test_runtime_flags_go_through_the_allow_list(

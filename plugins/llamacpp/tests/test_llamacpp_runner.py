@@ -304,18 +304,17 @@ async def test_eight_concurrent_streams_are_interleaved(completion_runner: Runne
     assert max(first for first, *_ in results) < min(done for _, done, *_ in results)
 
 
-async def test_requests_sent_together_share_their_first_step(
-    completion_runner: RunnerProcess,
-) -> None:
-    """An idle runner waits a moment for the rest of a burst (BURST_GAP_S): four prompts
-    sent at once are decoded in one step, not the first alone and the rest a step later."""
+async def test_requests_sent_together_share_their_first_step(burst_runner: RunnerProcess) -> None:
+    """An idle runner waits a moment for the rest of a burst (`--burst-gap-ms`, 50 here so
+    a loaded machine cannot split it): four prompts sent at once are decoded in one step,
+    not the first alone and the rest a step later."""
 
     def steps() -> float:
-        with completion_runner.client() as client:
+        with burst_runner.client() as client:
             return metric(client, "llamacpp:decode_steps_total")
 
     before = steps()
-    async with completion_runner.async_client() as client:
+    async with burst_runner.async_client() as client:
         answers = await asyncio.gather(
             *(
                 client.post(

@@ -113,6 +113,7 @@ def load_into(
                 ctx_per_slot=ctx_per_slot,
                 drafter=drafter,
                 host_cache_bytes=settings.cache_ram * 1024 * 1024,
+                burst_gap_s=settings.burst_gap_ms / 1000,
             )
         else:
             state.pooler = Pooler(

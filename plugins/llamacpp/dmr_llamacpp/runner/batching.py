@@ -50,12 +50,13 @@ __all__ = [
 # Fewer tokens than this are cheaper to decode again than to copy to host memory and back.
 SAVE_AT_LEAST = 16
 
-# An idle runner that gets a request waits this long for another before its first
-# step, and again after each one that comes, up to BURST_WINDOW_S in all. Requests
-# sent together reach the decode thread some milliseconds apart (each is parsed,
-# templated and tokenized in Python first); without the wait the first prompt gets a
-# step of its own and the others wait for it, then share the next: their first
-# token comes a whole prompt step later than llama-server's (docs/benchmarks.md).
+# An idle runner that gets a request waits `burst_gap_s` (`--burst-gap-ms`, default
+# BURST_GAP_S) for another before its first step, and again after each one that
+# comes, up to BURST_WINDOW_S in all. Requests sent together reach the decode thread
+# about a millisecond apart (each is parsed, templated and tokenized in Python first);
+# without the wait the first prompt gets a step of its own and the others wait for
+# it, then share the next: their first token comes a whole prompt step later than
+# llama-server's (docs/benchmarks.md has the A/B that chose 3 ms).
 BURST_GAP_S = 0.003
 BURST_WINDOW_S = 0.06
 
@@ -171,8 +172,10 @@ class BatchedGenerator:
         ctx_per_slot: int,
         drafter: Drafter | None = None,
         host_cache_bytes: int = 0,
+        burst_gap_s: float = BURST_GAP_S,
     ) -> None:
         self.model = model
+        self.burst_gap_s = burst_gap_s
         self.host_cache = (
             HostPromptCache(model.ctx, model.memory, host_cache_bytes)
             if host_cache_bytes > 0
@@ -276,8 +279,10 @@ class BatchedGenerator:
             left = deadline - time.perf_counter()
             if not block or left <= 0 or len(self._waiting) >= len(self.slots):
                 return
+            if self.burst_gap_s <= 0:
+                return
             try:
-                job = self._incoming.get(timeout=min(BURST_GAP_S, left))
+                job = self._incoming.get(timeout=min(self.burst_gap_s, left))
             except queue.Empty:
                 return
 
