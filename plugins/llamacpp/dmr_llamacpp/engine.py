@@ -6,6 +6,7 @@ version comes from package metadata and model facts from the GGUF header.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -27,9 +28,12 @@ from dmr_llamacpp.settings import (
     apply_flags,
     parse_llama_args,
     parse_runtime_flags,
+    split_known_flags,
 )
 
 __all__ = ["DEFAULT_CONTEXT_SIZE", "LlamaCppEngine", "worker_settings"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_SIZE = 4096
 GPU_ALL_LAYERS = 999
@@ -58,9 +62,11 @@ def worker_settings(
     settings = WorkerSettings(n_gpu_layers=GPU_ALL_LAYERS if launch.device.is_gpu else 0)
     llama_args = env.get("LLAMA_ARGS", "").strip()
     if llama_args:
-        settings = apply_flags(
-            settings, parse_llama_args(llama_args, allow_unknown=native), allow_unknown=native
-        )
+        flags = parse_llama_args(llama_args, allow_unknown=True)  # refuses dmr's own flags
+        if not native:
+            flags, ignored = split_known_flags(flags)
+            _warn_ignored(ignored)
+        settings = apply_flags(settings, flags, allow_unknown=native)
     if launch.config.runtime_flags:
         settings = apply_flags(settings, parse_runtime_flags(launch.config.runtime_flags))
     options = launch.config.engine_options.get("llamacpp") or {}
@@ -76,6 +82,21 @@ def worker_settings(
             settings, ["--draft-p-min", str(float(launch.config.speculative_min_acceptance_rate))]
         )
     return settings
+
+
+_warned_flags: set[str] = set()
+
+
+def _warn_ignored(flags: list[str]) -> None:
+    """One log line per flag and server process: the runner starts again for every load."""
+    for flag in flags:
+        if flag not in _warned_flags:
+            _warned_flags.add(flag)
+            logger.warning(
+                "LLAMA_ARGS: %s has no effect in the llama-cpp-python runner and is ignored"
+                " (LLAMA_SERVER_PATH runs llama.cpp's own llama-server, which honours it)",
+                flag,
+            )
 
 
 class LlamaCppEngine:

@@ -23,6 +23,7 @@ __all__ = [
     "apply_flags",
     "parse_llama_args",
     "parse_runtime_flags",
+    "split_known_flags",
 ]
 
 # Flags that would change what the runner serves or where: the engine decides those.
@@ -49,6 +50,19 @@ FORBIDDEN_LLAMA_ARGS = frozenset(
         "--mmproj-url",
         "-mm",
         "-mmu",
+        # Paths to read or write outside the model's bundle.
+        "-md",
+        "--model-draft",
+        "--lora",
+        "--lora-scaled",
+        "--control-vector",
+        "--control-vector-scaled",
+        "--log-file",
+        "--slot-save-path",
+        "--api-key-file",
+        "--ssl-key-file",
+        "--ssl-cert-file",
+        "--static-path",
     }
 )
 
@@ -258,6 +272,20 @@ def parse_llama_args(text: str, *, allow_unknown: bool = False) -> list[str]:
     if not allow_unknown:
         apply_flags(WorkerSettings(), flags)
     return flags
+
+
+def split_known_flags(flags: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(flags the Python runner honours, llama-server flags it has no use for).
+
+    DMR users write `LLAMA_ARGS` for llama-server (`--verbose --jinja -ngl 999`); a
+    flag the Python runner cannot honour is no reason to refuse the model.
+    """
+    known: list[str] = []
+    unknown: list[str] = []
+    for name, raw in _split_flags(flags):
+        where = known if name in _VALUE_FLAGS or name in _SWITCHES else unknown
+        where.extend([name] if raw is None else [f"{name}={raw}"])
+    return known, unknown
 
 
 def parse_runtime_flags(flags: Sequence[str]) -> list[str]:
