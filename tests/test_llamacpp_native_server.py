@@ -77,6 +77,31 @@ def test_native_llama_server_serves_through_dmr(
     ), metrics
 
 
+def test_docker_model_runner_folder_layout(
+    dmr_server_factory: Callable[..., DmrServer], smollm2_gguf: Path, llama_server_binary: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """`LLAMA_SERVER_PATH` as Docker Model Runner's builds lay it out: a folder holding
+    `com.docker.llama-server.native.<os>.<accel>.<arch>/bin/com.docker.llama-server`."""
+    native = tmp_path / "inference" / "com.docker.llama-server.native.linux.cpu.amd64" / "bin"
+    native.mkdir(parents=True)
+    (native / "com.docker.llama-server").symlink_to(llama_server_binary)
+    server = dmr_server_factory(LLAMA_SERVER_PATH=str(tmp_path / "inference"))
+    put_smollm2(server, smollm2_gguf, "ai/smollm2", "2024-11-01T00:00:00Z")
+    with server.client() as client:
+        assert "com.docker.llama-server" in client.get("/engines/status").json()["llama.cpp"]
+    api = openai.OpenAI(base_url=f"{server.url}/engines/v1", api_key="unused")
+    reply = api.chat.completions.create(
+        model="ai/smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert reply.choices[0].message.content
+    [runner] = ps(server)
+    assert str(native / "com.docker.llama-server") in _cmdline(runner["pid"])
+
+
 def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 

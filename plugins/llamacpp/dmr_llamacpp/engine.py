@@ -31,7 +31,7 @@ from dmr_llamacpp.settings import (
     split_known_flags,
 )
 
-__all__ = ["DEFAULT_CONTEXT_SIZE", "LlamaCppEngine", "worker_settings"]
+__all__ = ["DEFAULT_CONTEXT_SIZE", "LlamaCppEngine", "find_llama_server", "worker_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,31 @@ def worker_settings(
     return settings
 
 
+# What Docker Model Runner finds in its LLAMA_SERVER_PATH folder: the upstream name
+# first, then its own (macOS and Docker Desktop builds).
+LLAMA_SERVER_NAMES = ("llama-server", "com.docker.llama-server")
+
+
+def find_llama_server(configured: Path) -> Path | None:
+    """The native binary `LLAMA_SERVER_PATH` names: the executable itself, or a folder
+    laid out as llama.cpp's or Docker Model Runner's builds install it - the binary in
+    the folder or its `bin/`, or in one `com.docker.llama-server.native.<os>.<accel>.<arch>`
+    folder inside it (DMR's build output)."""
+    if configured.is_file():
+        return configured if os.access(configured, os.X_OK) else None
+    if not configured.is_dir():
+        return None
+    folders = [configured, configured / "bin"]
+    for native in sorted(configured.glob("com.docker.llama-server.native.*")):
+        folders += [native, native / "bin"]
+    for folder in folders:
+        for name in LLAMA_SERVER_NAMES:
+            binary = folder / name
+            if binary.is_file() and os.access(binary, os.X_OK):
+                return binary
+    return None
+
+
 _warned_flags: set[str] = set()
 
 
@@ -103,8 +128,8 @@ class LlamaCppEngine:
     """Starts `python -m dmr_llamacpp.runner` (or a native `llama-server`) per model and mode."""
 
     def status(self) -> EngineStatus:
-        native = os.environ.get("LLAMA_SERVER_PATH")
-        if native and Path(native).is_file():
+        native = self._native_server()
+        if native is not None:
             return EngineStatus(EngineState.RUNNING, f"llama-server at {native}")
         try:
             return EngineStatus(
@@ -115,12 +140,7 @@ class LlamaCppEngine:
 
     def _native_server(self) -> Path | None:
         configured = os.environ.get("LLAMA_SERVER_PATH")
-        if not configured:
-            return None
-        path = Path(configured)
-        if path.is_dir():
-            path = path / "llama-server"
-        return path if path.is_file() and os.access(path, os.X_OK) else None
+        return find_llama_server(Path(configured)) if configured else None
 
     def runner_command(self, launch: RunnerLaunch) -> RunnerCommand:
         if launch.mode not in (Mode.COMPLETION, Mode.EMBEDDING, Mode.RERANKING):

@@ -181,3 +181,33 @@ def test_runner_exits_with_the_reason_when_the_model_cannot_load(tmp_path: Path)
     )
     assert result.returncode == 1
     assert "failed to load broken.gguf" in result.stderr
+
+
+def test_llama_server_path_finds_upstream_and_docker_names(tmp_path: Path) -> None:
+    from dmr_llamacpp.engine import find_llama_server
+
+    def executable(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+        return path
+
+    assert find_llama_server(tmp_path / "missing") is None
+    assert find_llama_server(tmp_path) is None
+    docker = executable(tmp_path / "a" / "com.docker.llama-server")
+    assert find_llama_server(tmp_path / "a") == docker
+    upstream = executable(tmp_path / "a" / "llama-server")
+    assert find_llama_server(tmp_path / "a") == upstream  # DMR prefers the upstream name
+    in_bin = executable(tmp_path / "b" / "bin" / "llama-server")
+    assert find_llama_server(tmp_path / "b") == in_bin
+    built = executable(
+        tmp_path / "c" / "com.docker.llama-server.native.linux.cuda12.amd64" / "bin"
+        / "com.docker.llama-server"
+    )  # fmt: skip
+    assert find_llama_server(tmp_path / "c") == built
+    assert find_llama_server(built) == built
+    not_executable = tmp_path / "d" / "llama-server"
+    not_executable.parent.mkdir()
+    not_executable.write_text("")
+    assert find_llama_server(tmp_path / "d") is None
+
