@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,6 +61,20 @@ def test_push_rm_pull_inspect_round_trip(
     with server.client() as client:
         assert client.delete(model_path(tag)).status_code == 200
         assert client.get(model_path(tag)).status_code == 404
+
+    # The registry's copy, read from its manifest and config without pulling.
+    remote = server.cli("inspect", "--remote", tag)
+    assert remote.returncode == 0, remote.stderr
+    described = json.loads(remote.stdout)
+    assert described["id"] == model.id and described["tags"] == [tag]
+    assert described["config"]["format"] == model.config["config"]["format"]
+    assert sum(layer["size"] for layer in described["layers"]) >= 3_000_000
+    with server.client() as client:
+        assert client.get(model_path(tag), params={"remote": "true"}).json()["id"] == model.id
+        assert client.get(model_path(tag)).status_code == 404  # nothing was stored
+        absent = model_path(f"{registry.host}/tests/absent:v1")
+        missing = client.get(absent, params={"remote": "true"})
+    assert missing.status_code == 404
 
     pulled = server.cli("pull", tag)
     assert pulled.returncode == 0, pulled.stderr + pulled.stdout

@@ -39,7 +39,8 @@ def test_smollm2_server_fixture_lists_the_model(smollm2_server: DmrServer) -> No
         assert one["id"] == models[0]["id"] and one["config"]["format"] == "gguf"
         assert client.get(f"/models/{one['id'][7:19]}").json()["id"] == one["id"]
         assert client.get(f"/models/{one['id']}").json()["id"] == one["id"]
-        assert client.get("/models/smollm2?remote=true").status_code == 501
+        hub = client.get("/models/hf.co/org/repo?remote=true")  # reads OCI registries only
+        assert hub.status_code == 400 and "Hugging Face" in hub.json()["error"]["message"]
         assert client.get("/engines/df").json()["models_disk_usage"] > 90_000_000
 
 

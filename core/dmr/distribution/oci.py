@@ -14,6 +14,7 @@ first pull or push, not here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -36,10 +37,11 @@ from dmr.hookspecs import hookimpl
 from dmr.records import ModelSource, ProgressCallback
 from dmr.reference import DOCKER_HUB_ALIASES, ModelReference, is_model_id, parse_reference
 from dmr.settings import Settings
-from dmr.store.artifact import layers_of, parse_manifest
+from dmr.store.artifact import layers_of, normalise_config, parse_manifest
 from dmr.store.blobs import ensure_free_space
 from dmr.store.bundle import bundle_file_names
 from dmr.store.model_store import BlobMissingError
+from dmr.store.models import parse_created
 
 if TYPE_CHECKING:
     from dmr.distribution.progress import TransferProgress
@@ -51,6 +53,7 @@ __all__ = [
     "Descriptor",
     "OciPuller",
     "dmr_model_sources",
+    "inspect_remote_blocking",
     "push_to_registry",
     "registry_endpoints",
 ]
@@ -191,6 +194,14 @@ def _pull_blocking(
     bearer_token: str | None,
     stop: threading.Event,
 ) -> str:
+    client, body = _fetch_manifest(reference, bearer_token, stop)
+    return _pull_from(client, reference, body, store, emit, stop)
+
+
+def _fetch_manifest(
+    reference: ModelReference, bearer_token: str | None, stop: threading.Event
+) -> tuple[RegistryClient, bytes]:
+    """The manifest from the first endpoint that has it (mirrors, then the registry)."""
     settings = Settings.from_env()
     manifest_ref = reference.digest or reference.tag
     failures: list[str] = []
@@ -204,8 +215,31 @@ def _pull_blocking(
             failures.append(f"{endpoint.host}: {error.message}")
             log.info("mirror %s failed (%s); trying the next", endpoint.host, error.message)
             continue
-        return _pull_from(client, reference, body, store, emit, stop)
+        return client, body
     raise RegistryError("no registry could serve the model: " + "; ".join(failures))
+
+
+def inspect_remote_blocking(
+    reference: ModelReference, bearer_token: str | None = None
+) -> dict[str, Any]:
+    """The registry's copy of a model in `GET /models/{name}`'s shape, read from its
+    manifest and config only: nothing is downloaded into the store."""
+    client, body = _fetch_manifest(reference, bearer_token, threading.Event())
+    config, layers = parse_model_manifest(body)
+    config_bytes = client.fetch_small_blob(reference.repository, config.digest, config.size)
+    normalised = normalise_config(config.media_type, config_bytes, layers_of(parse_manifest(body)))
+    descriptor = normalised.get("descriptor")
+    created = descriptor.get("created") if isinstance(descriptor, dict) else None
+    return {
+        "id": "sha256:" + hashlib.sha256(body).hexdigest(),
+        "tags": [reference.familiar],
+        "created": parse_created(created),
+        "config": normalised.get("config") or {},
+        "layers": [
+            {"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}
+            for layer in layers
+        ],
+    }
 
 
 def _pull_from(

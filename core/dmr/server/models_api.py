@@ -111,17 +111,24 @@ async def list_models() -> Response:
 @blueprint.get("/models/<path:name>")
 async def inspect_model(name: str) -> Response:
     if _flag("remote"):
-        return _json(
-            {
-                "error": {
-                    "message": "remote inspection is not implemented",
-                    "code": "not_implemented",
-                }
-            },
-            501,
-        )
+        return _json(await _inspect_remote(_name(name)))
     model = await asyncio.to_thread(_store().get, _name(name))
     return _json(model.api_json())
+
+
+async def _inspect_remote(name: str) -> dict[str, Any]:
+    """The registry's manifest and config of `name`, without pulling (`?remote=true`)."""
+    from dmr.distribution.oci import inspect_remote_blocking
+
+    try:
+        reference = parse_reference(name)
+    except InvalidReferenceError as error:
+        raise InvalidRequestError(str(error)) from error
+    if reference.is_huggingface:
+        raise InvalidRequestError(
+            f"{name} is a Hugging Face repository: remote inspection reads OCI registries"
+        )
+    return await asyncio.to_thread(inspect_remote_blocking, reference)
 
 
 # --------------------------------------------------------------------------- changing
