@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import click
@@ -18,10 +18,7 @@ import click
 from dmr.cli.client import connect
 from dmr.cli.errors import error_message, fail
 from dmr.cli.http import HTTPError
-from dmr.cli.main import console
-
-if TYPE_CHECKING:
-    from rich.table import Table
+from dmr.cli.main import console, print_table
 
 __all__ = ["df", "inspect", "list_models", "ls", "package", "purge", "rm", "show", "tag"]
 
@@ -56,14 +53,6 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-def _print_table(table: Table) -> None:
-    # Piped output is 80 columns to rich; names must never be cut for `grep`/scripts.
-    if console.is_terminal:
-        console.print(table)
-    else:
-        from rich.console import Console
-
-        Console(width=250).print(table)
 
 
 def _ago(created: int) -> str:
@@ -121,7 +110,7 @@ def _list(as_json: bool, openai: bool, quiet: bool) -> None:
                 _ago(int(model.get("created") or 0)),
                 str(config.get("size", "")),
             )
-    _print_table(table)
+    print_table(table)
 
 
 @click.command(name="list")
@@ -190,7 +179,7 @@ def show(model: str) -> None:
     template = gguf.get("tokenizer.chat_template")
     if template:
         table.add_row("Chat template", template if len(template) < 400 else template[:400] + "…")
-    _print_table(table)
+    print_table(table)
 
 
 @click.command()
@@ -218,7 +207,7 @@ def df() -> None:
     table = Table("TYPE", "SIZE", box=None)
     table.add_row("Models", human_size(int(usage.get("models_disk_usage", 0))))
     table.add_row("Inference engine", human_size(int(usage.get("default_backend_disk_usage", 0))))
-    _print_table(table)
+    print_table(table)
 
 
 @click.command()
