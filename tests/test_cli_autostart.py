@@ -7,6 +7,7 @@ every server it caused to start (`dmr stop-runner`, then a kill as a safety net)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -150,7 +151,7 @@ def test_run_starts_the_server_and_the_next_command_reuses_it(
     pid = _started_pid(ran.stderr)
     assert "`dmr stop-runner` stops it" in ran.stderr
     log_path = Path(STARTED.findall(ran.stderr)[0][1])
-    assert log_path == sandbox.models_path / "logs" / "server.log"
+    assert log_path == sandbox.models_path / "logs" / "server-output.log"
     assert log_path.exists()
     assert sandbox.pid_file.read_text().split() == [str(pid)]
     assert sandbox.servers() == [pid]
@@ -297,3 +298,12 @@ def test_model_runner_host_elsewhere_starts_nothing(sandbox: Sandbox) -> None:
         refused = sandbox.cli(command)
         _assert_refused(refused, sandbox)
         assert f"cannot reach the dmr server at {url}: MODEL_RUNNER_HOST is set" in refused.stderr
+
+
+def test_a_json_call_starts_the_server_quietly(sandbox: Sandbox) -> None:
+    """Docker Compose parses `ls --json` with stderr and stdout together: no message."""
+    listed = sandbox.cli("ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr == "" and json.loads(listed.stdout) == []
+    [pid] = sandbox.servers()
+    _assert_stopped(sandbox, pid)

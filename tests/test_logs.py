@@ -121,9 +121,21 @@ def test_prompts_never_reach_the_logs(
             assert "zebra-quartz" not in text
 
 
-def test_logs_need_a_log_directory(dmr_server_factory: Callable[..., DmrServer]) -> None:
-    server = dmr_server_factory(MODEL_RUNNER_LOG_DIR="")
+def test_logs_work_without_a_log_directory_setting(
+    dmr_server_factory: Callable[..., DmrServer],
+) -> None:
+    """Without MODEL_RUNNER_LOG_DIR the logs go to `<MODELS_PATH>/logs`, read as usual."""
+    server = dmr_server_factory(MODEL_RUNNER_LOG_DIR="", DMR_MEMORY_BUDGET=str(20 * 1024**2))
+    add_test_model(server.models_path, "test/default-dir")
     with server.client() as client:
-        answer = client.get("/logs")
-    assert answer.status_code == 404
-    assert "MODEL_RUNNER_LOG_DIR" in answer.json()["error"]["message"]
+        assert client.post(CHAT, json=chat_body("test/default-dir")).status_code == 200
+
+    merged = server.cli("logs")
+
+    assert merged.returncode == 0, merged.stderr
+    assert "starting test-engine runner for test/default-dir" in merged.stdout
+    assert "test runner ready: test/default-dir" in merged.stdout
+    log_dir = server.models_path / "logs"
+    assert (log_dir / "server.log").is_file()
+    assert list(log_dir.glob("runner-test-engine-*.log"))
+    assert "test runner ready" not in get_logs(server, **{"no-engines": "true"})

@@ -6,11 +6,14 @@ import inspect
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 from dmr import hookspecs, plugins
 from dmr.hookspecs import hookimpl
 from dmr.records import ModelFormat
+
+from tests.fixtures.server import DmrServer
 
 HOOK_NAMES = [name for name in dir(hookspecs.DmrSpec) if name.startswith("dmr_")]
 
@@ -79,3 +82,21 @@ def test_dmr_plugins_command_lists_builtins_and_honours_disabling() -> None:
     )
     assert blocked.returncode == 0, blocked.stderr
     assert "dmr.formats" not in blocked.stdout
+
+
+def test_a_probe_that_raises_is_skipped_and_reported(
+    dmr_server_factory: Callable[..., DmrServer],
+) -> None:
+    """A broken third-party probe costs its own devices, not the server's start."""
+    server = dmr_server_factory(DMR_TEST_BROKEN_PROBE="no driver for the frobnicator")
+    with server.client() as client:
+        hardware = client.get("/engines/hardware").json()
+    assert [d["kind"] for d in hardware["devices"]] == ["cpu"]  # the other probes still ran
+    assert hardware["probe_errors"] == [
+        {"plugin": "test-engine", "error": "RuntimeError: no driver for the frobnicator"}
+    ]
+    assert "hardware probe test-engine failed" in server.log()
+    status = server.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert "test-engine: RuntimeError: no driver for the frobnicator" in status.stdout
+

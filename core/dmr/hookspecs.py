@@ -96,7 +96,9 @@ class DmrSpec:
     def dmr_probe_hardware(
         self,
     ) -> Sequence[AcceleratorInfo] | Awaitable[Sequence[AcceleratorInfo]]:
-        """Devices found on this machine (every probe's results are kept).
+        """Devices found on this machine (every probe's results are kept). A probe
+        that raises is logged and skipped, its error shown by `dmr status` and
+        `GET /engines/hardware` (`probe_errors`); the other probes still count.
 
         Example::
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "BUILTIN_PLUGINS",
     "DuplicatePluginNameError",
     "PluginInfo",
+    "ProbeFailure",
     "api_dialects",
     "engines",
     "get_plugin_manager",
@@ -34,6 +36,7 @@ __all__ = [
     "model_sources",
     "new_plugin_manager",
     "probe_hardware",
+    "probe_hardware_report",
     "resolve",
 ]
 
@@ -47,6 +50,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class DuplicatePluginNameError(RuntimeError):
@@ -123,12 +127,35 @@ def api_dialects(pm: pluggy.PluginManager | None = None) -> list[ApiDialect]:
     return _unique("API dialect", (pm or get_plugin_manager()).hook.dmr_api_dialects())
 
 
-async def probe_hardware(pm: pluggy.PluginManager | None = None) -> list[AcceleratorInfo]:
-    """Every probe's devices; a probe that fails is skipped rather than fatal."""
+@dataclass(frozen=True)
+class ProbeFailure:
+    """A hardware probe that raised: logged, skipped, and shown by `dmr status`."""
+
+    plugin: str
+    error: str
+
+
+async def probe_hardware_report(
+    pm: pluggy.PluginManager | None = None,
+) -> tuple[list[AcceleratorInfo], list[ProbeFailure]]:
+    """Every probe's devices, and the probes that failed. Each probe is called on its
+    own (not through one hook call, which the first exception would end), so one broken
+    probe costs only its own devices, never the server's start."""
     found: list[AcceleratorInfo] = []
-    for result in (pm or get_plugin_manager()).hook.dmr_probe_hardware():
-        found.extend(await resolve(result))
-    return found
+    failed: list[ProbeFailure] = []
+    for impl in (pm or get_plugin_manager()).hook.dmr_probe_hardware.get_hookimpls():
+        try:
+            found.extend(await resolve(impl.function()))
+        except Exception as error:  # a third-party probe may fail in any way
+            log.warning("hardware probe %s failed and is skipped: %s", impl.plugin_name, error)
+            failed.append(ProbeFailure(impl.plugin_name, f"{type(error).__name__}: {error}"))
+    return found, failed
+
+
+async def probe_hardware(pm: pluggy.PluginManager | None = None) -> list[AcceleratorInfo]:
+    """Every probe's devices; a probe that fails is logged and skipped, never fatal."""
+    devices, _failed = await probe_hardware_report(pm)
+    return devices
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dmr.durations import parse_duration
 
-__all__ = ["DEFAULT_PORT", "Settings"]
+__all__ = ["DEFAULT_PORT", "Settings", "default_log_dir"]
 
 DEFAULT_PORT = 12434
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -23,6 +23,12 @@ def _flag(name: str) -> bool:
 
 def _default_models_path() -> Path:
     return Path.home() / ".docker" / "models"
+
+
+def default_log_dir(models_path: Path) -> Path:
+    """Where the server's and runners' logs go without `MODEL_RUNNER_LOG_DIR`: beside
+    the models, so `dmr logs` works out of the box (docs/operations.md)."""
+    return models_path / "logs"
 
 
 def _default_socket() -> Path:
@@ -41,6 +47,8 @@ class Settings:
     llama_args: str | None = None
     llama_server_path: str | None = None
     log_level: str = "INFO"
+    # `from_env` always sets one (default_log_dir); None, for settings built in
+    # code (tests, embedders), writes no log files.
     log_dir: Path | None = None
     origins: tuple[str, ...] = ()
     default_registry: str = "index.docker.io"
@@ -67,10 +75,13 @@ class Settings:
         if not api_key and api_key_file:
             api_key = Path(api_key_file).read_text().strip()
         budget = env.get("DMR_MEMORY_BUDGET")
-        return cls(
-            models_path=Path(env["MODELS_PATH"]).expanduser()
+        models_path = (
+            Path(env["MODELS_PATH"]).expanduser()
             if env.get("MODELS_PATH")
-            else _default_models_path(),
+            else _default_models_path()
+        )
+        return cls(
+            models_path=models_path,
             port=int(port) if port else None,
             host=env.get("MODEL_RUNNER_BIND", "127.0.0.1"),
             socket_path=Path(env["MODEL_RUNNER_SOCK"])
@@ -81,7 +92,9 @@ class Settings:
             llama_args=env.get("LLAMA_ARGS") or None,
             llama_server_path=env.get("LLAMA_SERVER_PATH") or None,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
-            log_dir=Path(env["MODEL_RUNNER_LOG_DIR"]) if env.get("MODEL_RUNNER_LOG_DIR") else None,
+            log_dir=Path(env["MODEL_RUNNER_LOG_DIR"]).expanduser()
+            if env.get("MODEL_RUNNER_LOG_DIR")
+            else default_log_dir(models_path),
             origins=tuple(o.strip() for o in env.get("DMR_ORIGINS", "").split(",") if o.strip()),
             default_registry=env.get("DEFAULT_REGISTRY", "index.docker.io"),
             insecure_registry=_flag("INSECURE_REGISTRY"),

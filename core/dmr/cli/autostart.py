@@ -14,10 +14,9 @@ Files, keyed by the address the server listens on (one server per address):
   to `dmr stop-runner` too.
 - lock: the pid file's path + `.lock`, held around "probe again, start, wait until
   it answers", so that commands racing to start a server leave exactly one.
-- log: the started server's stdout and stderr, appended to
-  `<MODELS_PATH>/logs/server.log`; with `MODEL_RUNNER_LOG_DIR` set, to
-  `<MODEL_RUNNER_LOG_DIR>/server-output.log` (the server writes its own `server.log`
-  there, which `dmr logs` reads).
+- log: the started server's stdout and stderr, appended to `server-output.log` in
+  the server's log folder (`MODEL_RUNNER_LOG_DIR`, by default `<MODELS_PATH>/logs`);
+  `server.log` there is the server's own stamped log, which `dmr logs` reads.
 
 Every command comes through `ensure_server`, so the path where a server already
 answers is one connect() and the imports here stay light: psutil, filelock and
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlsplit
 
 from dmr.cli.http import TransportError
-from dmr.settings import DEFAULT_PORT, Settings
+from dmr.settings import DEFAULT_PORT, Settings, default_log_dir
 
 if TYPE_CHECKING:
     import subprocess
@@ -147,10 +146,9 @@ def client_address(settings: Settings | None = None) -> ServerAddress:
 
 def server_log_path(settings: Settings) -> Path:
     """Where a server started by the CLI writes its stdout and stderr."""
-    if settings.log_dir is not None:
-        # server.log there is the server's own stamped log (`dmr logs`); keep it single.
-        return settings.log_dir / "server-output.log"
-    return settings.models_path / "logs" / "server.log"
+    # Not server.log: that is the server's own stamped log (`dmr logs`); keep it single.
+    log_dir = settings.log_dir or default_log_dir(settings.models_path)
+    return log_dir / "server-output.log"
 
 
 def autostart_disabled() -> bool:
@@ -326,12 +324,15 @@ def start_server(settings: Settings) -> ServerStart:
             return ServerStart(address, pid, started_here=False)
         server.remove()  # stale: its process died, or the pid is some other program's now
         started = _spawn(settings, address, server)
-    print(
-        f"Started the dmr server (pid {started.pid}, log: {started.log_path});"
-        " `dmr stop-runner` stops it.",
-        file=sys.stderr,
-        flush=True,
-    )
+    # A `--json` call is read by a program: Docker Compose parses `ls --json` and
+    # `status --json` with stderr and stdout together, so the start is only logged.
+    if "--json" not in sys.argv[1:]:
+        print(
+            f"Started the dmr server (pid {started.pid}, log: {started.log_path});"
+            " `dmr stop-runner` stops it.",
+            file=sys.stderr,
+            flush=True,
+        )
     return started
 
 

@@ -24,7 +24,15 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-__all__ = ["COMMANDS", "PLUGIN_COMMAND_GROUP", "cli", "console", "err_console", "main"]
+__all__ = [
+    "COMMANDS",
+    "PLUGIN_COMMAND_GROUP",
+    "cli",
+    "console",
+    "err_console",
+    "main",
+    "print_table",
+]
 
 PLUGIN_COMMAND_GROUP = "dmr.cli"
 
@@ -37,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "version": "dmr.cli.server:version",
     "status": "dmr.cli.runners:status",
     "quickstart": "dmr.cli.quickstart:quickstart",
+    "search": "dmr.cli.search:search",
     "pull": "dmr.cli.transfer:pull",
     "push": "dmr.cli.transfer:push",
     "package": "dmr.cli.models:package",
@@ -57,6 +66,7 @@ COMMANDS: dict[str, str] = {
     "requests": "dmr.cli.observe:requests",
     "bench": "dmr.cli.bench:bench",
     "plugins": "dmr.cli.server:list_plugins",
+    "docker-plugin": "dmr.cli.docker_plugin:docker_plugin",
 }
 
 
@@ -77,6 +87,17 @@ class _LazyConsole:
 
 console: Console = _LazyConsole()  # type: ignore[assignment]
 err_console: Console = _LazyConsole(stderr=True)  # type: ignore[assignment]
+
+
+def print_table(table: Any) -> None:
+    """A rich table on stdout; piped, 250 columns wide (rich would assume 80 and cut
+    names that `grep` and scripts need whole)."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        from rich.console import Console
+
+        Console(width=250).print(table)
 
 
 def plugin_command_entries() -> list[EntryPoint]:

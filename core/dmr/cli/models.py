@@ -53,8 +53,6 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-
-
 def _ago(created: int) -> str:
     if not created:
         return ""

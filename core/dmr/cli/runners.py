@@ -15,13 +15,23 @@ from typing import Any
 
 import click
 
+from dmr.cli.autostart import ServerAddress, ensure_server
 from dmr.cli.client import connect
 from dmr.cli.errors import CliError, error_message, fail, report
 from dmr.cli.http import HTTPError, ServerClient, ServerResponse, TransportError
 from dmr.cli.images import ImageOptions, is_image_model, write_images
 from dmr.durations import parse_duration
 
-__all__ = ["chat_stream", "configure", "ps", "run", "status", "stop", "unload"]
+__all__ = [
+    "chat_stream",
+    "configure",
+    "openai_endpoint",
+    "ps",
+    "run",
+    "status",
+    "stop",
+    "unload",
+]
 
 INTERACTIVE_HELP = """Commands:
   /bye                 leave the chat
@@ -107,16 +117,44 @@ def stop(models: tuple[str, ...], all_models: bool, backend: str | None) -> None
     _unload(list(models), all_models, backend)
 
 
+def openai_endpoint(address: ServerAddress) -> str:
+    """The OpenAI base URL clients of this server use, `http://127.0.0.1:12434/engines/v1/`;
+    "" for a server on a unix socket, which no HTTP client can be given a URL for."""
+    return "" if address.socket_path is not None else f"{address.base_url}/engines/v1/"
+
+
+def _status_json(
+    address: ServerAddress, engines: Any, devices: Any, probe_errors: Any
+) -> dict[str, Any]:
+    """`docker model status --json`'s fields, which Docker Compose reads (`endpoint`),
+    then dmr's own (`engines`, `devices`)."""
+    endpoint = openai_endpoint(address)
+    answer: dict[str, Any] = {
+        "running": True,
+        "backends": engines,
+        "kind": "dmr",
+        "endpoint": endpoint,
+        # DMR's URL for the host when `endpoint` is the one for containers: the same here.
+        "endpointHost": endpoint,
+    }
+    if address.socket_path is not None:
+        answer["socket"] = str(address.socket_path)
+    return {**answer, "engines": engines, "devices": devices, "probe_errors": probe_errors}
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(as_json: bool) -> None:
     """Whether the server runs, and the state of each engine."""
     try:
+        address = ensure_server().address  # for the endpoint; connect() finds the same one
         with connect(timeout=10) as client:
             client.get("/").raise_for_status()
             engines = _check(client.get("/engines/status")).json()
             hardware = client.get("/engines/hardware")
-            devices = hardware.json().get("devices", []) if hardware.status_code == 200 else []
+            described = hardware.json() if hardware.status_code == 200 else {}
+            devices = described.get("devices", [])
+            probe_errors = described.get("probe_errors", [])
     except (HTTPError, CliError) as error:
         if as_json:
             click.echo(json.dumps({"running": False, "error": str(error)}))
@@ -124,7 +162,7 @@ def status(as_json: bool) -> None:
             click.echo("Docker Model Runner is not running")
         raise SystemExit(1) from None
     if as_json:
-        click.echo(json.dumps({"running": True, "engines": engines, "devices": devices}, indent=2))
+        click.echo(json.dumps(_status_json(address, engines, devices, probe_errors), indent=2))
         return
     click.echo("Docker Model Runner is running")
     click.echo("")
@@ -136,6 +174,11 @@ def status(as_json: bool) -> None:
         click.echo("Devices:")
         for device in devices:
             click.echo(_device_line(device))
+    if probe_errors:
+        click.echo("")
+        click.echo("Hardware probes that failed (their devices are not used):")
+        for failure in probe_errors:
+            click.echo(f"{failure.get('plugin')}: {failure.get('error')}")
 
 
 def _device_line(device: dict[str, Any]) -> str:

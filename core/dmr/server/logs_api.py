@@ -1,6 +1,7 @@
 """`GET /logs?follow=&no-engines=`: the server's log and the runners', merged by time.
 
-Both come from `MODEL_RUNNER_LOG_DIR`: the server writes `server.log` there
+Both come from the log folder, `MODEL_RUNNER_LOG_DIR` or by default
+`<MODELS_PATH>/logs` (`Settings.log_dir`): the server writes `server.log` there
 (`server_log_handler`), the scheduler writes `runner-<engine>-<id>-<mode>.log`,
 and every line of both starts with the same UTC stamp, so a merge is a stable
 sort on it. Lines without a stamp (tracebacks) keep the stamp of the line
@@ -111,7 +112,8 @@ blueprint = Blueprint("dmr_logs_api", __name__)
 async def logs() -> Response:
     log_dir = get_services().settings.log_dir
     if log_dir is None:
-        error = DmrError("no logs: the server runs without MODEL_RUNNER_LOG_DIR")
+        # Only settings built in code have none; `dmr serve` always has a folder.
+        error = DmrError("no logs: this server writes no log files (its settings have no log_dir)")
         error.status, error.code = 404, "not_found"
         raise error
     follow = _flag("follow")

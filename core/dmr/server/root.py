@@ -7,7 +7,7 @@ from typing import Any
 from quart import Blueprint, Response
 
 from dmr import __version__
-from dmr.plugins import probe_hardware
+from dmr.plugins import probe_hardware_report
 from dmr.records import EngineState, EngineStatus
 from dmr.server.services import get_services
 
@@ -51,8 +51,9 @@ async def engines_hardware() -> dict[str, Any]:
     """dmr's own route: each device the probes find now, and the engines that can use it."""
     services = get_services()
     # Probed again: free memory is what a user asking now wants to see.
-    devices = await probe_hardware(services.plugins)
+    devices, failed = await probe_hardware_report(services.plugins)
     return {
+        "probe_errors": [{"plugin": f.plugin, "error": f.error} for f in failed],
         "devices": [
             {
                 "name": device.name,

@@ -48,7 +48,14 @@ def run_server(settings: Settings | None = None) -> None:
     if settings.log_dir is not None:
         from dmr.server.logs_api import server_log_handler
 
-        logging.getLogger().addHandler(server_log_handler(settings.log_dir))
+        try:
+            logging.getLogger().addHandler(server_log_handler(settings.log_dir))
+        except OSError as error:  # a read-only store must not keep the server from serving
+            logging.getLogger(__name__).warning(
+                "cannot write the server log in %s (`dmr logs` will show none): %s",
+                settings.log_dir,
+                error,
+            )
     pid_file = _write_pid_file(settings)
     try:
         app = create_app(settings)

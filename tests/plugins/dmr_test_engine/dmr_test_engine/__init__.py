@@ -21,7 +21,8 @@ containing "[die]" makes the runner exit after two streamed chunks.
 
 FAKE GPU: with `DMR_TEST_FAKE_GPU="NAME:TOTAL_MIB:FREE_MIB"` in the server's
 environment, the plugin's hardware probe reports one CUDA device of that name
-and memory, so GPU scheduling paths run on machines without one.
+and memory, so GPU scheduling paths run on machines without one. With
+`DMR_TEST_BROKEN_PROBE=message` the probe raises RuntimeError(message) instead.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def dmr_engines() -> Sequence[EngineSpec]:
 @hookimpl
 def dmr_probe_hardware() -> Sequence[AcceleratorInfo]:
     """A FAKE CUDA device, only when a test asks for one (see the module docstring)."""
+    broken = os.environ.get("DMR_TEST_BROKEN_PROBE")
+    if broken:
+        raise RuntimeError(broken)
     fake = os.environ.get("DMR_TEST_FAKE_GPU")
     if not fake:
         return []
