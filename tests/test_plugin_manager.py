@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from dmr import hookspecs, plugins
@@ -100,3 +101,59 @@ def test_a_probe_that_raises_is_skipped_and_reported(
     assert status.returncode == 0, status.stderr
     assert "test-engine: RuntimeError: no driver for the frobnicator" in status.stdout
 
+
+
+class _AsyncEngines:
+    @hookimpl
+    async def dmr_engines(self) -> list[object]:
+        return []
+
+
+class _NotAList:
+    @hookimpl
+    def dmr_model_formats(self) -> object:
+        return ModelFormat(name="bare", media_types=("x/y",), preferred_engine="x")
+
+
+def test_registration_hooks_refuse_awaitables_and_name_the_plugin() -> None:
+    """Registration hooks are read where nothing is awaited: an `async def dmr_engines`
+    gets a clear error naming it, not "'coroutine' object is not iterable"."""
+    pm = plugins.new_plugin_manager(load_entry_points=False)
+    pm.register(_AsyncEngines(), name="async-engines")
+    expected = r"'async-engines'.*dmr_engines.*awaitable"
+    with pytest.raises(plugins.PluginContractError, match=expected):
+        plugins.engines(pm)
+    pm = plugins.new_plugin_manager(load_entry_points=False)
+    pm.register(_NotAList(), name="not-a-list")
+    with pytest.raises(plugins.PluginContractError, match=r"'not-a-list'.*ModelFormat"):
+        plugins.model_formats(pm)
+
+
+def test_async_probes_are_awaited() -> None:
+    import asyncio
+
+    from dmr.records import AcceleratorInfo
+
+    class AsyncProbe:
+        @hookimpl
+        async def dmr_probe_hardware(self) -> list[AcceleratorInfo]:
+            await asyncio.sleep(0)
+            return [AcceleratorInfo(name="npu", kind="npu", index=0, total_memory=1, free_memory=1)]
+
+    pm = plugins.new_plugin_manager(load_entry_points=False)
+    pm.register(AsyncProbe(), name="async-probe")
+    assert "npu" in {device.kind for device in asyncio.run(plugins.probe_hardware(pm))}
+
+
+def test_the_scheduler_uses_the_formats_of_the_app_s_plugin_manager(tmp_path: Path) -> None:
+    """Not the process-wide manager's: an app built on its own manager sees its formats."""
+    import asyncio
+
+    from dmr.server.app import build_services
+    from dmr.settings import Settings
+
+    pm = plugins.new_plugin_manager(load_entry_points=False)
+    pm.register(_FormatPlugin("only-here"), name="only-here")
+    services = asyncio.run(build_services(Settings(models_path=tmp_path / "models"), pm))
+    assert "only-here" in services.scheduler.formats()
+    assert "only-here" not in {fmt.name for fmt in plugins.model_formats()}

@@ -1,9 +1,12 @@
 """The hooks dmr plugins implement (pluggy project name and entry-point group: `dmr`).
 
-Every hook is prefixed `dmr_`. Registration hooks return typed, frozen records
-from `dmr.records`; the core rejects two records with the same name. A hook may
-return its value or an awaitable of it; the core awaits through
-`dmr.plugins.resolve`.
+Every hook is prefixed `dmr_`. Registration hooks (`dmr_model_sources`,
+`dmr_model_formats`, `dmr_engines`, `dmr_api_dialects`) return typed, frozen
+records from `dmr.records`, directly: they are read where nothing can be awaited,
+and an awaitable is refused with `PluginContractError` naming the plugin. The core
+rejects two records with the same name. `dmr_probe_hardware`, `dmr_server_startup`
+and `dmr_server_shutdown` may return their value or an awaitable of it; the core
+awaits through `dmr.plugins.resolve`.
 
 A plugin is a module with `@hookimpl` functions, declared in its distribution's
 `pyproject.toml`::

@@ -26,6 +26,7 @@ from dmr.records import (
 __all__ = [
     "BUILTIN_PLUGINS",
     "DuplicatePluginNameError",
+    "PluginContractError",
     "PluginInfo",
     "ProbeFailure",
     "api_dialects",
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 
 class DuplicatePluginNameError(RuntimeError):
     """Two plugins registered records with the same name."""
+
+
+class PluginContractError(RuntimeError):
+    """A plugin's hook returned something the hook's contract does not allow."""
 
 
 def disabled_plugin_names() -> set[str]:
@@ -111,20 +116,43 @@ def _unique(kind: str, results: Iterable[Sequence[N] | None]) -> list[N]:
     return list(seen.values())
 
 
+def _registered(pm: pluggy.PluginManager | None, hook_name: str) -> Iterable[Sequence[Any]]:
+    """Each implementation's records of a registration hook, called one by one so that
+    a plugin breaking the contract is named. Registration hooks are read where no
+    event loop may be awaited (the CLI, app construction): an awaitable is refused."""
+    hook = getattr((pm or get_plugin_manager()).hook, hook_name)
+    for impl in hook.get_hookimpls():
+        result = impl.function()
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited: no "was never awaited" warning
+            raise PluginContractError(
+                f"plugin {impl.plugin_name!r}: {hook_name} returned an awaitable; registration"
+                " hooks return their records (only dmr_probe_hardware, dmr_server_startup and"
+                " dmr_server_shutdown may be async)"
+            )
+        if result is not None and not isinstance(result, Sequence):
+            raise PluginContractError(
+                f"plugin {impl.plugin_name!r}: {hook_name} returned {type(result).__name__},"
+                " not a list of records"
+            )
+        yield result or ()
+
+
 def engines(pm: pluggy.PluginManager | None = None) -> list[EngineSpec]:
-    return _unique("engine", (pm or get_plugin_manager()).hook.dmr_engines())
+    return _unique("engine", _registered(pm, "dmr_engines"))
 
 
 def model_sources(pm: pluggy.PluginManager | None = None) -> list[ModelSource]:
-    return _unique("model source", (pm or get_plugin_manager()).hook.dmr_model_sources())
+    return _unique("model source", _registered(pm, "dmr_model_sources"))
 
 
 def model_formats(pm: pluggy.PluginManager | None = None) -> list[ModelFormat]:
-    return _unique("model format", (pm or get_plugin_manager()).hook.dmr_model_formats())
+    return _unique("model format", _registered(pm, "dmr_model_formats"))
 
 
 def api_dialects(pm: pluggy.PluginManager | None = None) -> list[ApiDialect]:
-    return _unique("API dialect", (pm or get_plugin_manager()).hook.dmr_api_dialects())
+    return _unique("API dialect", _registered(pm, "dmr_api_dialects"))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import quart
 
+    from dmr.store import Store
+
 __all__ = [
     "AcceleratorInfo",
     "ApiDialect",
@@ -106,7 +108,7 @@ class ModelPuller(Protocol):
     async def pull(
         self,
         reference: str,
-        store: Any,
+        store: Store,
         progress: ProgressCallback,
         *,
         bearer_token: str | None = None,

@@ -167,7 +167,10 @@ async def build_services(settings: Settings, pm: pluggy.PluginManager) -> Servic
     store = Store.open(settings.models_path)
     engines = {spec.name: spec for spec in plugins.engines(pm)}
     devices = await plugins.probe_hardware(pm)
-    scheduler = Scheduler(settings=settings, store=store, engines=engines, devices=devices)
+    formats = plugins.model_formats(pm)  # this manager's, not the process-wide one
+    scheduler = Scheduler(
+        settings=settings, store=store, engines=engines, devices=devices, formats=formats
+    )
     return Services(
         settings=settings,
         plugins=pm,
