@@ -355,3 +355,29 @@ def test_a_probed_gpu_is_chosen_and_its_free_memory_bounds_admission(
     assert devices["cpu"]["cores"] and "test-engine" in devices["cpu"]["engines"]
     plain = server.cli("status").stdout
     assert "Devices:" in plain and "cuda:0 Fake H100" in plain and "cpu:0" in plain
+
+
+def test_an_engine_gets_only_the_devices_it_declares(dmr_server_factory: ServerFactory) -> None:
+    """A CPU-only engine is never handed the GPU (`EngineSpec.device_kinds`)."""
+    server = dmr_server_factory(
+        DMR_TEST_FAKE_GPU="Fake H100:81559:64", DMR_TEST_ENGINE_DEVICE_KINDS="cpu"
+    )
+    add_test_model(server.models_path, "test/small", memory=8 * MiB)
+    assert chat(server, "test/small").status_code == 200
+    [runner] = ps(server)
+    assert runner["device"] != "Fake H100"
+    with server.client() as client:
+        hardware = client.get("/engines/hardware").json()
+    cpu_name = next(d["name"] for d in hardware["devices"] if d["kind"] == "cpu")
+    assert runner["device"] == cpu_name
+
+
+def test_an_engine_with_no_device_here_is_refused_clearly(
+    dmr_server_factory: ServerFactory,
+) -> None:
+    server = dmr_server_factory(DMR_TEST_ENGINE_DEVICE_KINDS="rocm")
+    add_test_model(server.models_path, "test/small", memory=8 * MiB)
+    refused = chat(server, "test/small")
+    assert refused.status_code == 400
+    assert "runs on rocm devices; this machine has cpu" in refused.json()["error"]["message"]
+

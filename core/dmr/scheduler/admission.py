@@ -9,10 +9,11 @@ first.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from dmr.errors import InvalidRequestError
 from dmr.records import AcceleratorInfo, MemoryEstimate
 
 __all__ = [
@@ -36,15 +37,24 @@ def format_bytes(count: int) -> str:
     return f"{value:.2f} GiB"
 
 
-def choose_device(devices: Sequence[AcceleratorInfo]) -> AcceleratorInfo:
-    """The GPU with the most free memory when there is one, else the CPU."""
-    gpus = [device for device in devices if device.is_gpu]
+def choose_device(
+    devices: Sequence[AcceleratorInfo], device_kinds: Collection[str] | None = None
+) -> AcceleratorInfo:
+    """Of the devices the engine runs on (`EngineSpec.device_kinds`; any when None),
+    the GPU with the most free memory when there is one, else the CPU."""
+    if not devices:
+        raise RuntimeError("the hardware probe found no device, not even the CPU")
+    usable = [d for d in devices if device_kinds is None or d.kind in device_kinds]
+    if not usable:
+        found = ", ".join(sorted({device.kind for device in devices}))
+        raise InvalidRequestError(
+            f"the engine runs on {', '.join(sorted(device_kinds or ()))} devices;"
+            f" this machine has {found}"
+        )
+    gpus = [device for device in usable if device.is_gpu]
     if gpus:
         return max(gpus, key=lambda device: device.free_memory)
-    cpus = [device for device in devices if not device.is_gpu]
-    if cpus:
-        return cpus[0]
-    raise RuntimeError("the hardware probe found no device, not even the CPU")
+    return usable[0]
 
 
 def device_key(device: AcceleratorInfo) -> tuple[str, int]:

@@ -257,7 +257,7 @@ class Scheduler:
             return runner
 
         config = self.config_for(stored.id)
-        device = choose_device(self.devices)
+        device = choose_device(self.devices, spec.device_kinds)
         # The socket directory is made only once the runner is admitted: queued
         # requests run this again at every release.
         launch = self._launch(model, stored, key[2], config, device, _UNSET_SOCKET)
@@ -501,8 +501,9 @@ class Scheduler:
         the estimate raises is reported by admission when the runner is loaded.
         """
         launch = self._launch(
-            model, stored, mode, config, choose_device(self.devices), _UNSET_SOCKET
-        )
+            model, stored, mode, config, choose_device(self.devices, spec.device_kinds),
+            _UNSET_SOCKET,
+        )  # fmt: skip
         try:
             spec.engine.estimate_memory(launch)
         except ValueError as error:

@@ -23,6 +23,7 @@ FAKE GPU: with `DMR_TEST_FAKE_GPU="NAME:TOTAL_MIB:FREE_MIB"` in the server's
 environment, the plugin's hardware probe reports one CUDA device of that name
 and memory, so GPU scheduling paths run on machines without one. With
 `DMR_TEST_BROKEN_PROBE=message` the probe raises RuntimeError(message) instead.
+`DMR_TEST_ENGINE_DEVICE_KINDS=cpu` (default `cpu,cuda`) sets the engine's device kinds.
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def dmr_engines() -> Sequence[EngineSpec]:
             modes=frozenset({Mode.COMPLETION, Mode.EMBEDDING}),
             engine=TestEngine(),
             allowed_flags=ALLOWED_FLAGS,
-            device_kinds=frozenset({"cpu", "cuda"}),
+            device_kinds=frozenset(
+                os.environ.get("DMR_TEST_ENGINE_DEVICE_KINDS", "cpu,cuda").split(",")
+            ),
         )
     ]
 
