@@ -381,3 +381,14 @@ def test_an_engine_with_no_device_here_is_refused_clearly(
     assert refused.status_code == 400
     assert "runs on rocm devices; this machine has cpu" in refused.json()["error"]["message"]
 
+
+def test_a_plugin_format_is_known_by_its_layers_media_type(
+    test_engine_server: DmrServer,
+) -> None:
+    """`ModelFormat.media_types` counts: a model whose config does not name its format
+    is served by the engine of the format its layer's media type belongs to."""
+    add_test_model(test_engine_server.models_path, "test/unnamed", name_format=False)
+    answer = chat(test_engine_server, "test/unnamed")
+    assert answer.status_code == 200, answer.text
+    assert any(r["model_name"].startswith("test/unnamed") for r in ps(test_engine_server))
+

@@ -133,6 +133,8 @@ class ModelFormat:
     """A weight format, the media types that carry it and the engine that runs it."""
 
     name: str  # "gguf", "safetensors", "dduf", "diffusers"
+    # Layer media types of this format: a model whose config names no format is
+    # given the one whose media types its layers carry (Scheduler.model_format).
     media_types: tuple[str, ...]
     preferred_engine: str  # EngineSpec.name
 

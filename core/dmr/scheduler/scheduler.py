@@ -597,9 +597,25 @@ class Scheduler:
             self._formats = {fmt.name: fmt for fmt in plugins.model_formats()}
         return self._formats
 
+    def model_format(self, stored: StoredModel) -> str:
+        """The format the model's config names, else the plugin format whose media types
+        its layers carry (`ModelFormat.media_types`): the store knows only the built-in
+        ones, so a third-party format's model need not name itself in its config."""
+        if stored.format:
+            return stored.format
+        layer_types = {
+            str(layer.get("mediaType"))
+            for layer in stored.manifest.get("layers") or []
+            if isinstance(layer, dict)
+        }
+        for fmt in self.formats().values():
+            if layer_types & set(fmt.media_types):
+                return fmt.name
+        return ""
+
     def engine_for(self, stored: StoredModel, mode: Mode, backend: str | None) -> EngineSpec:
         """`backend` when given, else the engine preferred for the model's format."""
-        model_format = stored.format
+        model_format = self.model_format(stored)
         if backend:
             spec = self.engines.get(backend)
             if spec is None:
