@@ -157,3 +157,24 @@ def test_the_scheduler_uses_the_formats_of_the_app_s_plugin_manager(tmp_path: Pa
     services = asyncio.run(build_services(Settings(models_path=tmp_path / "models"), pm))
     assert "only-here" in services.scheduler.formats()
     assert "only-here" not in {fmt.name for fmt in plugins.model_formats()}
+
+
+def test_a_model_source_with_its_own_scheme_is_reachable(
+    dmr_server_factory: Callable[..., DmrServer],
+) -> None:
+    """The test plugin's `test://NAME` source: such a reference is no OCI name, and is
+    routed to its source instead of being refused as an invalid registry."""
+    server = dmr_server_factory()
+    pulled = server.cli("pull", "test://hello")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "pulled successfully" in pulled.stdout
+    with server.client() as client:
+        assert client.get("/models/test/hello").json()["config"]["format"] == "testfmt"
+        chat = client.post(
+            "/engines/v1/chat/completions",
+            json={"model": "test/hello", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert chat.status_code == 200, chat.text
+        # Without a source claiming the scheme it stays an invalid name, refused at once.
+        refused = client.post("/models/create", json={"from": "nosuch://x"})
+    assert refused.status_code == 400

@@ -19,14 +19,20 @@ __all__ = ["pull_model", "push_model", "source_for"]
 
 
 def source_for(reference: str, pm: pluggy.PluginManager | None = None) -> ModelSource:
-    """The source whose prefix matches the normalised reference; the prefix-less one
-    (OCI registries) otherwise."""
+    """The source whose prefix matches the reference; the prefix-less one (OCI
+    registries) otherwise. A prefix with a URL scheme (`s3://`) is matched against
+    the reference as typed, since such a reference is no OCI name; the others
+    against the normalised name (`hf.co/x` is `huggingface.co/x`)."""
+    sources = plugins.model_sources(pm)
+    for source in sources:
+        if any("://" in p and reference.startswith(p) for p in source.prefixes):
+            return source
     try:
         full = parse_reference(reference).full
     except InvalidReferenceError as error:
         raise InvalidRequestError(str(error)) from error
     fallback: ModelSource | None = None
-    for source in plugins.model_sources(pm):
+    for source in sources:
         if not source.prefixes:
             fallback = fallback or source
         elif any(full.startswith(prefix) for prefix in source.prefixes):

@@ -273,22 +273,22 @@ async def _ndjson_transfer(
 
 @blueprint.post("/models/create")
 async def create_model() -> Response:
-    from dmr.distribution.service import pull_model
+    from dmr.distribution.service import pull_model, source_for
 
     body = await _json_body("from")
     reference = body["from"]
     if not isinstance(reference, str):
         raise InvalidRequestError("'from' must be a model reference")
-    try:  # refuse a bad name with a plain 400 before the progress stream starts
-        parse_reference(reference)
-    except InvalidReferenceError as error:
-        raise InvalidRequestError(str(error)) from error
+    pm = get_services().plugins
+    # A bad name gets a plain 400 before the progress stream starts; a plugin's own
+    # scheme (`s3://...`) is that source's to judge.
+    source_for(reference, pm)
     token = _bearer_token(body)
     store = _store()
 
     async def run(progress: Callable[[ProgressEvent], None]) -> str:
         progress = counting_pull_bytes(progress)
-        model = await pull_model(store, reference, progress, bearer_token=token)
+        model = await pull_model(store, reference, progress, bearer_token=token, pm=pm)
         return f"Model pulled successfully: {model.name} ({model.id})"
 
     return await _ndjson_transfer("pull", run)

@@ -28,10 +28,13 @@ and memory, so GPU scheduling paths run on machines without one. With
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+from dmr.formats import CONFIG_V01
 from dmr.hookspecs import hookimpl
 from dmr.records import (
     AcceleratorInfo,
@@ -41,15 +44,30 @@ from dmr.records import (
     MemoryEstimate,
     Mode,
     ModelFormat,
+    ModelSource,
+    ProgressCallback,
+    ProgressEvent,
     RunnerCommand,
     RunnerLaunch,
 )
 
-__all__ = ["ENGINE_NAME", "FORMAT_NAME", "MEDIA_TYPE", "TestEngine"]
+if TYPE_CHECKING:
+    from dmr.store import Store, StoredModel
+
+__all__ = [
+    "ENGINE_NAME",
+    "FORMAT_NAME",
+    "MEDIA_TYPE",
+    "SOURCE_PREFIX",
+    "TestEngine",
+    "TestPuller",
+    "write_test_model",
+]
 
 ENGINE_NAME = "test-engine"
 FORMAT_NAME = "testfmt"
 MEDIA_TYPE = "application/vnd.dmr.test.weights.v1"
+SOURCE_PREFIX = "test://"
 ALLOWED_FLAGS = frozenset({"--temp", "--top-k", "--threads"})
 DEFAULT_MEMORY = 1024 * 1024
 
@@ -88,6 +106,59 @@ class TestEngine:
     def estimate_memory(self, launch: RunnerLaunch) -> MemoryEstimate:
         settings = launch.model_config.get(FORMAT_NAME) or {}
         return MemoryEstimate(device_bytes=int(settings.get("memory", DEFAULT_MEMORY)))
+
+
+def write_test_model(
+    store: Store, tag: str, *, name_format: bool = True, **behaviour: Any
+) -> StoredModel:
+    """Put a tiny "testfmt" model in `store` under `tag`.
+
+    `behaviour` goes to the model config's `testfmt` block: `memory` (bytes the
+    engine estimates), `load_seconds`, `fail_load` (stderr text, then exit 1).
+    Without `name_format` the config does not say "testfmt": only the layer's
+    media type does.
+    """
+    weights = f"test weights for {tag}".encode()
+    weights_digest = store.put_blob_bytes(weights)
+    block: dict[str, Any] = {"size": f"{len(weights)} B", FORMAT_NAME: behaviour}
+    if name_format:
+        block["format"] = FORMAT_NAME
+    config = {
+        "config": block,
+        "descriptor": {"created": "2026-01-01T00:00:00Z"},
+        "rootfs": {"type": "rootfs", "diff_ids": [weights_digest]},
+    }
+    config_bytes = json.dumps(config, sort_keys=True).encode()
+    config_digest = store.put_blob_bytes(config_bytes)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": CONFIG_V01, "digest": config_digest, "size": len(config_bytes)},
+        "layers": [{"mediaType": MEDIA_TYPE, "digest": weights_digest, "size": len(weights)}],
+    }
+    return store.add_model(json.dumps(manifest).encode(), [tag])
+
+
+class TestPuller:
+    """The `test://NAME` source: "pulls" a tiny test model as `test/NAME`, so a model
+    source with its own URL scheme is exercised end to end."""
+
+    async def pull(
+        self,
+        reference: str,
+        store: Store,
+        progress: ProgressCallback,
+        *,
+        bearer_token: str | None = None,
+    ) -> str:
+        name = reference.removeprefix(SOURCE_PREFIX)
+        progress(ProgressEvent(type="progress", message=f"making {name}"))
+        return write_test_model(store, f"test/{name}").id
+
+
+@hookimpl
+def dmr_model_sources() -> Sequence[ModelSource]:
+    return [ModelSource(name="test-source", prefixes=(SOURCE_PREFIX,), puller=TestPuller())]
 
 
 @hookimpl
