@@ -178,3 +178,18 @@ def test_a_model_source_with_its_own_scheme_is_reachable(
         # Without a source claiming the scheme it stays an invalid name, refused at once.
         refused = client.post("/models/create", json={"from": "nosuch://x"})
     assert refused.status_code == 400
+
+
+def test_the_plugin_guide_documents_every_hook_and_every_public_name() -> None:
+    """docs/plugins.md must cover each hook and each name `dmr.sdk` exports (as
+    datasette checks its plugin hooks page)."""
+    from dmr import sdk
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    missing = [f"`{name}" for name in HOOK_NAMES if f"`{name}" not in guide]
+    missing += [f"`{name}`" for name in sdk.__all__ if f"`{name}`" not in guide]
+    assert not missing, f"docs/plugins.md does not mention {missing}"
+    # The SDK is the import place: every record a hook returns is exported there.
+    from dmr import records
+
+    assert set(records.__all__) <= set(sdk.__all__)

@@ -242,7 +242,8 @@ class EngineSpec:
     allowed_flags: frozenset[str] = frozenset()
     # Disk used by the engine's own files, for /engines/df.
     disk_usage: Callable[[], int] | None = None
-    # Kinds of device (AcceleratorInfo.kind) the engine can run on, for `dmr status`.
+    # Kinds of device (AcceleratorInfo.kind) the engine runs on: admission picks among
+    # these only, and `dmr status` lists them.
     device_kinds: frozenset[str] = frozenset({"cpu"})
 
 

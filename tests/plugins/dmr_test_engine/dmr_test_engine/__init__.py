@@ -32,11 +32,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dmr.formats import CONFIG_V01
-from dmr.hookspecs import hookimpl
-from dmr.records import (
+from dmr.sdk import (
     AcceleratorInfo,
     EngineSpec,
     EngineState,
@@ -49,10 +48,10 @@ from dmr.records import (
     ProgressEvent,
     RunnerCommand,
     RunnerLaunch,
+    Store,
+    StoredModel,
+    hookimpl,
 )
-
-if TYPE_CHECKING:
-    from dmr.store import Store, StoredModel
 
 __all__ = [
     "ENGINE_NAME",
