@@ -9,7 +9,6 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar
 
 import pluggy
@@ -215,5 +214,3 @@ def list_plugins(pm: pluggy.PluginManager | None = None) -> list[PluginInfo]:
     return infos
 
 
-def entry_point_names() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=hookspecs.PROJECT_NAME))

@@ -32,7 +32,6 @@ from dmr.errors import (
     DmrError,
     InsufficientMemoryError,
     InvalidRequestError,
-    ModelNotFoundError,
     RunnerError,
     ServiceBusyError,
 )
@@ -585,10 +584,7 @@ class Scheduler:
     # ------------------------------------------------------------------ helpers
 
     def _resolve(self, model: str) -> StoredModel:
-        stored = self.store.get(model)
-        if stored is None:  # a store may answer None rather than raise
-            raise ModelNotFoundError(f"model {model!r} not found")
-        return stored
+        return self.store.get(model)  # raises ModelNotFoundError (404) for an unknown name
 
     def formats(self) -> dict[str, ModelFormat]:
         if self._formats is None:

@@ -7,7 +7,7 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import Any
 
 from dmr.errors import (
     ConflictError,
@@ -168,12 +168,6 @@ class Store:
     def blob_path(self, digest: str) -> Path:
         return self.layout.blob(digest)
 
-    def read_blob(self, digest: str) -> bytes:
-        try:
-            return self.layout.blob(digest).read_bytes()
-        except FileNotFoundError as error:
-            raise StoreError(f"blob {digest} is missing from the store") from error
-
     def manifest_bytes(self, model_id: str) -> bytes:
         try:
             return self.layout.manifest(model_id).read_bytes()
@@ -203,9 +197,6 @@ class Store:
         """Copy a file into the blobs (a copy, so editing the source cannot corrupt it)."""
         with Path(path).open("rb") as source:
             return copy_into_blobs(self.layout, source)
-
-    def import_stream(self, source: BinaryIO) -> tuple[str, int]:
-        return copy_into_blobs(self.layout, source)
 
     def put_blob_bytes(self, data: bytes) -> str:
         return put_bytes(self.layout, data)
@@ -363,21 +354,6 @@ class Store:
             self._cache.clear()
             self.index.write([])
             self.layout.initialise()
-
-    # ------------------------------------------------------------------ tarballs
-
-    def export_tar(self, name: str, fileobj: IO[bytes]) -> None:
-        from dmr.distribution.tarball import write_model_tar
-
-        write_model_tar(self, self.get(name), fileobj)
-
-    def load_tar(self, fileobj: IO[bytes], tags: Iterable[str] = ()) -> StoredModel:
-        from dmr.distribution.tarball import TarLoader
-
-        loader = TarLoader(self, tags=tags)
-        while chunk := fileobj.read(1 << 20):
-            loader.feed(chunk)
-        return loader.finish()
 
 
 def _sha256(data: bytes) -> str:
