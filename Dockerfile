@@ -17,6 +17,8 @@ ARG RUNTIME_IMAGE=python:3.11-slim-bookworm
 # --------------------------------------------------------------------------- builder
 FROM ${BUILD_IMAGE} AS builder
 ARG LLAMA_VARIANT=cpu
+# A llama-cpp-python release (its llama.cpp is what the image runs), or latest.
+ARG LLAMA_SERVER_VERSION=latest
 ARG VLLM=none
 
 # The CUDA/ROCm base images carry no Python 3.11+: take the distribution's python3
@@ -48,7 +50,12 @@ RUN set -eux; \
       vulkan) cmake_args="-DGGML_NATIVE=OFF -DGGML_VULKAN=on" ;; \
       *) echo "LLAMA_VARIANT must be cpu, cuda, rocm or vulkan (got $LLAMA_VARIANT)" >&2; exit 2 ;; \
     esac; \
-    CMAKE_ARGS="$cmake_args" pip install ./ ./plugins/apis ./plugins/llamacpp
+    case "${LLAMA_SERVER_VERSION:-latest}" in \
+      latest) llama_pin="" ;; \
+      [0-9]*.[0-9]*.[0-9]*) llama_pin="llama-cpp-python==${LLAMA_SERVER_VERSION}" ;; \
+      *) echo "LLAMA_SERVER_VERSION must be latest or a llama-cpp-python version such as 0.3.36 (got $LLAMA_SERVER_VERSION)" >&2; exit 2 ;; \
+    esac; \
+    CMAKE_ARGS="$cmake_args" pip install ./ ./plugins/apis ./plugins/llamacpp $llama_pin
 
 RUN set -eux; \
     case "$VLLM" in \

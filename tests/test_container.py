@@ -247,10 +247,54 @@ def test_make_targets_are_thin_wrappers() -> None:
     ]
     assert make_dry_run("run") == ["dmr serve"]
     assert make_dry_run("docker-build", "LLAMA_VARIANT=cuda", "VLLM=cuda") == [
-        "docker build --build-arg LLAMA_VARIANT=cuda --build-arg VLLM=cuda -t dmr ."
+        "docker build --build-arg LLAMA_VARIANT=cuda --build-arg LLAMA_SERVER_VERSION=latest"
+        " --build-arg VLLM=cuda -t dmr ."
     ]
     assert make_dry_run("docker-run", "PORT=9000", "MODELS_PATH=/srv/models") == [
-        "docker run --rm -p 9000:12434 -v /srv/models:/models dmr"
+        "mkdir -p /srv/models",
+        "docker run --rm -p 9000:9000 -e MODEL_RUNNER_PORT=9000 -v /srv/models:/models dmr",
     ]
     for target in ("help", "clean"):
         make_dry_run(target)
+
+
+@needs_make
+def test_docker_run_defaults_are_docker_model_runner_s() -> None:
+    """Port 8080 and a `models` folder in the current directory, as DMR's Makefile."""
+    assert make_dry_run("docker-run") == [
+        f"mkdir -p {ROOT}/models",
+        f"docker run --rm -p 8080:8080 -e MODEL_RUNNER_PORT=8080 -v {ROOT}/models:/models dmr",
+    ]
+
+
+@needs_make
+def test_llama_server_version_and_variant_reach_the_build() -> None:
+    """DMR's names: LLAMA_SERVER_VARIANT picks the llama.cpp build, LLAMA_SERVER_VERSION
+    the llama-cpp-python release."""
+    [command] = make_dry_run(
+        "docker-build", "LLAMA_SERVER_VARIANT=cuda", "LLAMA_SERVER_VERSION=0.3.36"
+    )
+    assert "--build-arg LLAMA_VARIANT=cuda" in command
+    assert "--build-arg LLAMA_SERVER_VERSION=0.3.36" in command
+
+
+@pytest.mark.parametrize(
+    ("version", "pin"), [("latest", None), ("0.3.36", "llama-cpp-python==0.3.36")]
+)
+def test_llama_server_version_pins_llama_cpp_python(
+    version: str, pin: str | None, fake_pip: Path
+) -> None:
+    script = run_instruction('case "$LLAMA_VARIANT"')
+    result = run_script(script, fake_pip, LLAMA_VARIANT="cpu", LLAMA_SERVER_VERSION=version)
+    assert result.returncode == 0, result.stderr
+    if pin is None:
+        assert "llama-cpp-python" not in result.stdout
+    else:
+        assert pin in result.stdout.split()
+
+
+def test_a_bad_llama_server_version_fails_the_build(fake_pip: Path) -> None:
+    script = run_instruction('case "$LLAMA_VARIANT"')
+    result = run_script(script, fake_pip, LLAMA_VARIANT="cpu", LLAMA_SERVER_VERSION="v0.0.4-cpu")
+    assert result.returncode != 0 and "LLAMA_SERVER_VERSION must be" in result.stderr
+
