@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dmr.durations import format_duration
+from dmr.engines_known import install_hint
 from dmr.errors import (
     ConflictError,
     DmrError,
@@ -633,7 +634,7 @@ class Scheduler:
                     raise InvalidRequestError(
                         f"{stored.tags[0] if stored.tags else stored.id} is a "
                         f"{model_format or 'unknown-format'} model and needs {wanted}, "
-                        f"which is not installed (pip install 'dmr[{_extra(wanted)}]')"
+                        f"which is not installed ({install_hint(wanted)})"
                     )
                 spec_or_none = capable[0]
             spec = spec_or_none
@@ -688,5 +689,3 @@ def _keep_alive_text(seconds: float | None) -> str | None:
     return format_duration(seconds)
 
 
-def _extra(engine: str) -> str:
-    return engine.replace(".", "").replace("-", "")

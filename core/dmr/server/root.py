@@ -7,6 +7,7 @@ from typing import Any
 from quart import Blueprint, Response
 
 from dmr import __version__
+from dmr.engines_known import INSTALL_HINTS
 from dmr.plugins import probe_hardware_report
 from dmr.records import EngineState, EngineStatus
 from dmr.server.services import get_services
@@ -14,11 +15,7 @@ from dmr.server.services import get_services
 blueprint = Blueprint("dmr_root", __name__)
 
 # Engines DMR reports even when no plugin provides them, so clients see "Not Installed".
-KNOWN_ENGINES = {
-    "llama.cpp": "pip install 'dmr[llamacpp]'",
-    "vllm": "pip install 'dmr[vllm]'",
-    "diffusers": "pip install 'dmr[diffusers]'",
-}
+KNOWN_ENGINES = INSTALL_HINTS
 
 
 @blueprint.get("/")
