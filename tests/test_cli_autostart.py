@@ -143,6 +143,9 @@ def test_run_starts_the_server_and_the_next_command_reuses_it(
 ) -> None:
     package_smollm2(sandbox.models_path, smollm2_gguf)
     assert sandbox.servers() == []
+    # The server started here inherits this: a sampled answer stops at 64 tokens, not
+    # at the context size (minutes on a loaded machine).
+    sandbox.env["LLAMA_ARGS"] = "-n 64"
 
     ran = sandbox.cli("run", "ai/smollm2", "What is the capital of France?")
 

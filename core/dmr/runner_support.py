@@ -1,12 +1,14 @@
 """Helpers for runner subprocesses written in Python (engine plugins' workers).
 
-Runners import this module, never the server's modules: it needs only asyncio
-and hypercorn.
+Runners import this module, never the server's modules: it needs only asyncio,
+hypercorn and Quart. It holds what every runner needs: serving on its socket,
+refusing a bad request (`BadRequest`) and answering in OpenAI's shapes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -16,8 +18,42 @@ from typing import Any
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from quart import Response
 
-__all__ = ["serve_runner", "stop_when_orphaned"]
+from dmr.error_bodies import openai_error
+
+__all__ = [
+    "BadRequest",
+    "error_bytes",
+    "error_response",
+    "json_response",
+    "serve_runner",
+    "stop_when_orphaned",
+]
+
+
+class BadRequest(ValueError):
+    """A request the runner refuses with a 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def error_bytes(message: str, status: int = 400, *, param: str | None = None) -> bytes:
+    """OpenAI's error body, encoded, as a runner answers every failed request."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return json.dumps(openai_error(message, kind, param=param)).encode()
+
+
+def error_response(message: str, status: int = 400, *, param: str | None = None) -> Response:
+    body = error_bytes(message, status, param=param)
+    return Response(body, status=status, content_type="application/json")
+
+
+def json_response(body: Any) -> Response:
+    return Response(json.dumps(body), content_type="application/json")
 
 
 async def stop_when_orphaned(stop: asyncio.Event, interval: float = 1.0) -> None:

@@ -13,6 +13,7 @@ from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from dmr import plugins
+from dmr.error_bodies import openai_error_body
 from dmr.errors import DmrError, PayloadTooLargeError
 from dmr.server import engines_api, models_api, openapi, root, ui
 from dmr.server.observability import install_observability
@@ -20,21 +21,9 @@ from dmr.server.security import install_security
 from dmr.server.services import Services
 from dmr.settings import Settings
 
-__all__ = ["create_app", "error_body"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
-
-
-def error_body(error: DmrError) -> dict[str, object]:
-    """OpenAI's error shape, which DMR's clients and the OpenAI SDK both read."""
-    return {
-        "error": {
-            "message": error.message,
-            "type": error.error_type,
-            "param": None,
-            "code": error.code,
-        }
-    }
 
 
 _DRAIN_LIMIT_BYTES = 1 << 20
@@ -80,7 +69,7 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
 
     @app.errorhandler(DmrError)
     async def handle_dmr_error(error: DmrError) -> Response:
-        response = jsonify(error_body(error))
+        response = jsonify(openai_error_body(error))
         response.status_code = error.status
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:

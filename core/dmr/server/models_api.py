@@ -12,14 +12,14 @@ from urllib.parse import unquote
 
 from quart import Blueprint, Quart, Response, request
 from quart.blueprints import BlueprintSetupState
-from quart.wrappers import Request
 
 from dmr.errors import DmrError, InvalidRequestError
 from dmr.records import ProgressEvent
 from dmr.reference import InvalidReferenceError, parse_reference
+from dmr.server.body_limit import lift_body_limit
 from dmr.server.metrics import counting_pull_bytes
 from dmr.server.services import get_services
-from dmr.server.uploads import BackpressureHTTPConnection, BoundedBody
+from dmr.server.uploads import BackpressureHTTPConnection
 from dmr.store import Store, StoredModel, normalise_tag
 
 __all__ = ["blueprint"]
@@ -31,27 +31,16 @@ LOAD_PATH = "/models/load"
 NDJSON = "application/x-ndjson"
 
 
-def _large_upload_request(base: type[Request]) -> type[Request]:
-    """The app's request class, minus the body cap for `POST /models/load`: a model
-    tarball is gigabytes, and the route streams it to disk chunk by chunk, its body
-    bounded in memory (dmr.server.uploads)."""
-
-    class LargeUploadRequest(base):  # type: ignore[valid-type,misc]
-        def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any):
-            upload = method == "POST" and path.rstrip("/") == LOAD_PATH
-            if upload:
-                kwargs["max_content_length"] = None
-            super().__init__(method, scheme, path, *args, **kwargs)
-            if upload:
-                self.body = BoundedBody(self.content_length, None)
-
-    return LargeUploadRequest
+def _is_model_upload(method: str, path: str) -> bool:
+    """`POST /models/load`: a model tarball is gigabytes, and the route streams it to
+    disk chunk by chunk, its body bounded in memory (dmr.server.uploads)."""
+    return method == "POST" and path.rstrip("/") == LOAD_PATH
 
 
 @blueprint.record_once
 def _allow_large_load(state: BlueprintSetupState) -> None:
     app = cast(Quart, state.app)
-    app.request_class = _large_upload_request(app.request_class)
+    lift_body_limit(app, "model_load", _is_model_upload, bounded=True)
     app.asgi_http_class = BackpressureHTTPConnection
 
 

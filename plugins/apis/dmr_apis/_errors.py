@@ -12,6 +12,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+from dmr.error_bodies import openai_error_body
 from dmr.errors import DmrError, InvalidRequestError, PayloadTooLargeError
 from quart import Blueprint, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
@@ -28,17 +29,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ErrorRenderer = Callable[[DmrError], dict[str, Any]]
-
-
-def openai_error_body(error: DmrError) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": error.message,
-            "type": error.error_type,
-            "param": None,
-            "code": error.code,
-        }
-    }
 
 
 def ollama_error_body(error: DmrError) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 from dmr.errors import DmrError, InvalidRequestError
 from dmr.records import ProgressEvent
 from dmr.reference import InvalidReferenceError, parse_reference
+from dmr.server.body_limit import lift_body_limit
 from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify, request
 
@@ -342,24 +343,12 @@ async def push() -> Response:
 
 
 def allow_large_blob_uploads(app: Quart) -> None:
-    """GGUF uploads to `/api/blobs/...` are far above the 10 MiB JSON cap.
+    """GGUF uploads to `/api/blobs/...` are far above the 10 MiB JSON cap."""
+    lift_body_limit(app, "ollama_blobs", _is_blob_upload)
 
-    Quart sizes a request's body limit when it builds the request, before any
-    route runs, so the limit is lifted for that one path in the request class.
-    """
-    base = app.request_class
-    if getattr(base, "_dmr_blob_uploads", False):
-        return
 
-    class BlobUploadRequest(base):  # type: ignore[misc,valid-type]
-        _dmr_blob_uploads = True
-
-        def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any):
-            if method == "POST" and _BLOB_PATH.match(path):
-                kwargs["max_content_length"] = None
-            super().__init__(method, scheme, path, *args, **kwargs)
-
-    app.request_class = BlobUploadRequest
+def _is_blob_upload(method: str, path: str) -> bool:
+    return method == "POST" and _BLOB_PATH.match(path) is not None
 
 
 async def head_blob(digest_hex: str) -> Response:

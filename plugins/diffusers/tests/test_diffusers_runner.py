@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 from diffusers_helpers import RunnerProcess, make_launch, short_socket
+from dmr.testing import wait_for_health
 from PIL import Image
 
 pytestmark = pytest.mark.diffusers
@@ -155,17 +156,7 @@ def test_runner_exits_when_its_parent_dies(dir_bundle: Path) -> None:
         assert parent.stdout is not None
         runner_pid = int(parent.stdout.readline())
         runner = psutil.Process(runner_pid)
-        transport = httpx.HTTPTransport(uds=str(launch.socket_path))
-        with httpx.Client(transport=transport, base_url="http://runner", timeout=5) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                assert time.monotonic() < deadline, "the runner never became healthy"
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+        wait_for_health(launch.socket_path, 120)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
         deadline = time.monotonic() + 20

@@ -12,6 +12,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from dmr.distribution.gguf import read_gguf
 from dmr.records import (
     EngineState,
     EngineStatus,
@@ -22,7 +23,6 @@ from dmr.records import (
 )
 
 from dmr_llamacpp.bundle import find_gguf_bundle
-from dmr_llamacpp.gguf_header import read_gguf_metadata
 from dmr_llamacpp.settings import (
     WorkerSettings,
     apply_flags,
@@ -148,7 +148,7 @@ class LlamaCppEngine:
         native = self._native_server()
         settings = worker_settings(launch, native=native is not None)
         bundle = find_gguf_bundle(launch.bundle_dir)
-        metadata = read_gguf_metadata(bundle.model)
+        metadata = _gguf_metadata(bundle.model)
         ctx_size = _context_size(launch, settings, _train_context(metadata))
         if native is not None:
             return self._native_command(native, launch, settings, ctx_size)
@@ -240,7 +240,7 @@ class LlamaCppEngine:
         """Weights (file size) + f16 KV cache for context x slots + a compute-buffer margin."""
         settings = worker_settings(launch, native=self._native_server() is not None)
         bundle = find_gguf_bundle(launch.bundle_dir)
-        metadata = read_gguf_metadata(bundle.model)
+        metadata = _gguf_metadata(bundle.model)
         ctx_total = _context_size(launch, settings, _train_context(metadata)) * settings.parallel
         if launch.mode is not Mode.COMPLETION:
             # Pooling runners keep one sequence per input; their context is the batch.
@@ -251,7 +251,7 @@ class LlamaCppEngine:
             # The draft model keeps its own weights and a KV cache as large as the model's.
             draft = find_gguf_bundle(launch.draft_bundle_dir)
             weights += draft.weight_bytes
-            kv_cache += kv_cache_bytes(read_gguf_metadata(draft.model), ctx_total, settings)
+            kv_cache += kv_cache_bytes(_gguf_metadata(draft.model), ctx_total, settings)
         compute = COMPUTE_MARGIN_BYTES + int(COMPUTE_MARGIN_FRACTION * (weights + kv_cache))
         # Host memory for prompts whose slot was taken (--cache-ram), at most this much.
         prompt_cache = settings.cache_ram * 1024 * 1024 if launch.mode is Mode.COMPLETION else 0
@@ -272,6 +272,15 @@ def _replace_ctx(
     from dataclasses import replace
 
     return replace(settings, ctx_size=ctx_size, chat_template_file=chat_template)
+
+
+# Per-layer arrays (head counts) are this short; token tables, far longer, are skipped.
+_MAX_LAYER_ARRAY = 1024
+
+
+def _gguf_metadata(path: Path) -> dict[str, object]:
+    """The header's key/value pairs, read by core's checked reader (no llama_cpp here)."""
+    return dict(read_gguf(path, max_array=_MAX_LAYER_ARRAY).metadata)
 
 
 def _arch_int(metadata: dict[str, object], key: str) -> int | None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from dmr.records import Mode
-from llamacpp_helpers import RunnerProcess, make_bundle, make_launch
+from llamacpp_helpers import RunnerProcess, make_bundle, make_launch, short_socket
 
 from tests.fixtures.model import smollm2_gguf  # noqa: F401  (re-exported fixture)
 
@@ -20,39 +18,31 @@ def llama_bundle(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -
     return make_bundle(tmp_path_factory.mktemp("llamacpp"), smollm2_gguf)
 
 
-def _short_socket(name: str) -> Path:
-    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp paths can be longer.
-    return Path(tempfile.mkdtemp(prefix="dmr-llama-")) / f"{name}.sock"
-
-
 @pytest.fixture(scope="session")
 def completion_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
-    runner = RunnerProcess(make_launch(llama_bundle, _short_socket("completion")))
+    runner = RunnerProcess(make_launch(llama_bundle, short_socket("completion")))
     yield runner
     runner.stop()
-    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def embedding_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
-    runner = RunnerProcess(make_launch(llama_bundle, _short_socket("embedding"), Mode.EMBEDDING))
+    runner = RunnerProcess(make_launch(llama_bundle, short_socket("embedding"), Mode.EMBEDDING))
     yield runner
     runner.stop()
-    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def reranking_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
-    runner = RunnerProcess(make_launch(llama_bundle, _short_socket("rerank"), Mode.RERANKING))
+    runner = RunnerProcess(make_launch(llama_bundle, short_socket("rerank"), Mode.RERANKING))
     yield runner
     runner.stop()
-    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def speculative_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
     """SmolLM2 drafting for itself: every greedy draft should be accepted."""
-    launch = make_launch(llama_bundle, _short_socket("speculative"), parallel=4)
+    launch = make_launch(llama_bundle, short_socket("speculative"), parallel=4)
     launch = replace(
         launch,
         draft_bundle_dir=llama_bundle,
@@ -61,16 +51,14 @@ def speculative_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
     runner = RunnerProcess(launch)
     yield runner
     runner.stop()
-    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def burst_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
     """A runner that waits 50 ms for the rest of a burst: long enough on a loaded machine."""
     launch = make_launch(
-        llama_bundle, _short_socket("burst"), parallel=4, runtime_flags=("--burst-gap-ms", "50")
+        llama_bundle, short_socket("burst"), parallel=4, runtime_flags=("--burst-gap-ms", "50")
     )
     runner = RunnerProcess(launch)
     yield runner
     runner.stop()
-    shutil.rmtree(runner.socket_path.parent, ignore_errors=True)

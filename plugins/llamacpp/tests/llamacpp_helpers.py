@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
-from dmr.records import AcceleratorInfo, Mode, RunnerConfig, RunnerLaunch
+from dmr import testing
+from dmr.records import AcceleratorInfo, Mode, RunnerLaunch
+from dmr.testing import CPU, short_socket
 from dmr_llamacpp.engine import LlamaCppEngine
 
-CPU = AcceleratorInfo(name="cpu", kind="cpu", index=0, total_memory=8 << 30, free_memory=8 << 30)
+__all__ = ["CPU", "RunnerProcess", "make_bundle", "make_launch", "short_socket"]
 
 
 def make_bundle(root: Path, gguf: Path) -> Path:
@@ -35,59 +32,20 @@ def make_launch(
     runtime_flags: tuple[str, ...] = (),
     device: AcceleratorInfo = CPU,
 ) -> RunnerLaunch:
-    return RunnerLaunch(
-        model_id="sha256:" + "0" * 64,
-        model_name="ai/smollm2:latest",
-        bundle_dir=bundle,
-        model_config={},
+    return testing.make_launch(
+        bundle,
+        socket_path,
         mode=mode,
-        socket_path=socket_path,
-        config=RunnerConfig(
-            context_size=context_size,
-            runtime_flags=runtime_flags,
-            engine_options={"llamacpp": {"parallel": parallel}},
-        ),
+        model_name="ai/smollm2:latest",
         device=device,
+        context_size=context_size,
+        runtime_flags=runtime_flags,
+        engine_options={"llamacpp": {"parallel": parallel}},
     )
 
 
-class RunnerProcess:
-    def __init__(self, launch: RunnerLaunch) -> None:
-        command = LlamaCppEngine().runner_command(launch)
-        self.argv = command.argv
-        self.socket_path = launch.socket_path
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in stop())
-        self.process = subprocess.Popen(
-            list(command.argv), env={**os.environ, **command.env}, stdout=self.log, stderr=self.log
-        )
-        deadline = time.monotonic() + command.startup_timeout
-        with self.client() as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    self.log.seek(0)
-                    raise RuntimeError(f"runner exited: {self.log.read()[-2000:]!r}")
-                try:
-                    if client.get("/health").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("runner did not become healthy")
+class RunnerProcess(testing.RunnerProcess):
+    """The llama.cpp runner subprocess, started as the scheduler starts it."""
 
-    def client(self, timeout: float = 120.0) -> httpx.Client:
-        transport = httpx.HTTPTransport(uds=str(self.socket_path))
-        return httpx.Client(transport=transport, base_url="http://runner", timeout=timeout)
-
-    def async_client(self, timeout: float = 120.0) -> httpx.AsyncClient:
-        transport = httpx.AsyncHTTPTransport(uds=str(self.socket_path))
-        return httpx.AsyncClient(transport=transport, base_url="http://runner", timeout=timeout)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+    def __init__(self, launch: RunnerLaunch, *, wait: bool = True) -> None:
+        super().__init__(LlamaCppEngine(), launch, wait=wait)

@@ -210,4 +210,3 @@ def test_llama_server_path_finds_upstream_and_docker_names(tmp_path: Path) -> No
     not_executable.parent.mkdir()
     not_executable.write_text("")
     assert find_llama_server(tmp_path / "d") is None
-

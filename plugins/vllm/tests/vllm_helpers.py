@@ -7,7 +7,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from dmr.records import AcceleratorInfo, Mode, RunnerConfig, RunnerLaunch
+from dmr import testing
+from dmr.records import AcceleratorInfo, Mode, RunnerLaunch
 
 GiB = 1 << 30
 CPU = AcceleratorInfo(
@@ -61,16 +62,15 @@ def make_launch(
     draft: Path | None = None,
     **config: Any,
 ) -> RunnerLaunch:
-    return RunnerLaunch(
-        model_id="sha256:" + "ab" * 32,
-        model_name="ai/tiny",
-        bundle_dir=bundle,
-        model_config=model_config or {"format": "safetensors"},
+    return testing.make_launch(
+        bundle,
+        socket,
         mode=mode,
-        socket_path=socket,
-        config=RunnerConfig(**config),
+        model_name="ai/tiny",
+        model_config=model_config or {"format": "safetensors"},
         device=device,
         draft_bundle_dir=draft,
+        **config,
     )
 
 

@@ -6,11 +6,12 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from dmr.runner_support import BadRequest, error_response, json_response
 from quart import Quart, Response, request
 
-from dmr_diffusers.runner.requests import BadRequest, parse_image_request
+from dmr_diffusers.runner.requests import parse_image_request
 
 if TYPE_CHECKING:
     from dmr_diffusers.runner.pipeline import LoadedPipeline
@@ -34,16 +35,6 @@ class RunnerState:
     images_total: int = 0
     failures_total: int = 0
     generation_seconds: float = 0.0
-
-
-def error_response(message: str, status: int = 400, *, param: str | None = None) -> Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return Response(json.dumps(body), status=status, content_type="application/json")
-
-
-def _json(body: Any) -> Response:
-    return Response(json.dumps(body), content_type="application/json")
 
 
 def _metrics_text(state: RunnerState) -> str:
@@ -71,12 +62,12 @@ def create_app(state: RunnerState) -> Quart:
     async def health() -> Response:
         if state.pipeline is None:
             return error_response(state.load_error or "loading the pipeline", 503)
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     @app.get("/v1/models")
     async def models() -> Response:
         item = {"id": state.model_name, "object": "model", "created": state.created}
-        return _json({"object": "list", "data": [{**item, "owned_by": "docker"}]})
+        return json_response({"object": "list", "data": [{**item, "owned_by": "docker"}]})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -111,7 +102,9 @@ def create_app(state: RunnerState) -> Quart:
                 state.generation_seconds += time.monotonic() - started
         state.requests_total += 1
         state.images_total += len(images)
-        return _json({"created": int(time.time()), "data": [{"b64_json": b} for b in images]})
+        return json_response(
+            {"created": int(time.time()), "data": [{"b64_json": b} for b in images]}
+        )
 
     @app.errorhandler(413)
     async def too_large(_error: Exception) -> Response:

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from dmr.runner_support import BadRequest
+
 __all__ = ["MAX_IMAGES", "BadRequest", "ImageRequest", "parse_image_request"]
 
 MAX_IMAGES = 10  # OpenAI's limit for `n`
@@ -18,15 +20,6 @@ MAX_STEPS = 500
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any unsigned 64-bit value
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-
-
-class BadRequest(ValueError):
-    """A request the runner refuses; `param` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from dmr.runner_support import BadRequest, error_response, json_response
 from quart import Quart, Response, request
 
 from dmr_llamacpp.runner.batching import (
@@ -24,12 +25,7 @@ from dmr_llamacpp.runner.chat import ChatTemplate, parse_tool_output
 from dmr_llamacpp.runner.metrics import render_metrics
 from dmr_llamacpp.runner.model import LoadedModel
 from dmr_llamacpp.runner.pooling import Pooler
-from dmr_llamacpp.runner.requests import (
-    BadRequest,
-    error_body,
-    normalise_messages,
-    sampling_from_body,
-)
+from dmr_llamacpp.runner.requests import normalise_messages, sampling_from_body
 from dmr_llamacpp.runner.streaming import StreamingRoutes
 from dmr_llamacpp.settings import WorkerSettings
 
@@ -49,15 +45,6 @@ class RunnerState:
     template: ChatTemplate | None = None
     created: int = 0
     load_error: str | None = None
-
-
-def error_response(message: str, status: int = 400, *, param: str | None = None) -> Response:
-    body = error_body(message, status, param=param)
-    return Response(body, status=status, content_type="application/json")
-
-
-def json_response(body: Any) -> Response:
-    return Response(json.dumps(body), content_type="application/json")
 
 
 def _logprobs_chat(entries: list[TokenLogprob]) -> dict[str, Any]:

@@ -5,26 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dmr.runner_support import BadRequest
+
 from dmr_llamacpp.runner.chat import add_instruction, plan_tools, schema_grammar
 from dmr_llamacpp.runner.sampling import SamplingParams
 from dmr_llamacpp.settings import WorkerSettings
 
-__all__ = ["BadRequest", "error_body", "normalise_messages", "sampling_from_body"]
-
-
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-def error_body(message: str, status: int = 400, *, param: str | None = None) -> bytes:
-    """OpenAI's error shape, as the runner answers every failed request."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return json.dumps(
-        {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    ).encode()
+__all__ = ["normalise_messages", "sampling_from_body"]
 
 
 def _number(body: dict[str, Any], name: str, default: float, *, low: float | None = None) -> float:

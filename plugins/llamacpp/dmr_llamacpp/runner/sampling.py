@@ -18,15 +18,19 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
+    """One request's sampling. The sampler fields have no defaults of their own:
+    `WorkerSettings` (the runner's `--temp`, `--top-k`, ...) holds them, and
+    `sampling_from_body` fills each from the request or from there."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int | None  # None: a random seed
     grammar: str | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()

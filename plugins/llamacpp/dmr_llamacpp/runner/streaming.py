@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from dmr_llamacpp.runner.requests import BadRequest, error_body
+from dmr.runner_support import BadRequest, error_bytes
 
 __all__ = ["StreamingRoutes"]
 
@@ -55,7 +55,7 @@ class StreamingRoutes:
         try:
             chunks = await answer(body)
         except BadRequest as error:
-            await _send_whole(send, 400, error_body(error.message, param=error.param))
+            await _send_whole(send, 400, error_bytes(error.message, param=error.param))
             return
         await _stream(chunks, receive, send)
 
