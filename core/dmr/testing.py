@@ -27,7 +27,14 @@ import httpx
 
 from dmr.records import AcceleratorInfo, Engine, Mode, RunnerConfig, RunnerLaunch
 
-__all__ = ["CPU", "RunnerProcess", "make_launch", "short_socket", "wait_for_health"]
+__all__ = [
+    "CPU",
+    "RunnerProcess",
+    "make_launch",
+    "short_socket",
+    "stop_process",
+    "wait_for_health",
+]
 
 CPU = AcceleratorInfo(name="cpu", kind="cpu", index=0, total_memory=8 << 30, free_memory=8 << 30)
 
@@ -91,6 +98,17 @@ def wait_for_health(
     raise RuntimeError(f"runner did not become healthy in {timeout:.0f} s")
 
 
+def stop_process(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM `process`, SIGKILL it after `grace` seconds, and reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class RunnerProcess:
     """An engine's real runner subprocess for `launch`, its output kept for failures."""
 
@@ -133,13 +151,7 @@ class RunnerProcess:
 
     def stop(self) -> None:
         """Terminate the runner (kill it after 10 s), and remove a `short_socket` directory."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.log.close()
         if self.socket_path.parent.name.startswith(_SOCKET_DIR_PREFIX):
             shutil.rmtree(self.socket_path.parent, ignore_errors=True)

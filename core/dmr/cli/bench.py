@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from dmr.cli.client import server_url
+from dmr.cli.client import auth_headers, server_url
 from dmr.cli.errors import fail
 from dmr.cli.main import console
 from dmr.durations import parse_duration
@@ -150,10 +149,7 @@ def _async_client(max_connections: int) -> httpx.AsyncClient:
         uds=str(socket_path) if socket_path else None,
         limits=httpx.Limits(max_connections=max_connections),
     )
-    headers = {}
-    api_key = os.environ.get("DMR_API_KEY")
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+    headers = auth_headers()
     # No read timeout: a loaded CPU may take long before the first token.
     timeout = httpx.Timeout(None, connect=10.0)
     return httpx.AsyncClient(

@@ -8,7 +8,7 @@ from pathlib import Path
 from dmr.cli.autostart import ServerUnavailableError, client_address, ensure_server
 from dmr.cli.http import ServerClient
 
-__all__ = ["ServerUnavailableError", "connect", "server_url"]
+__all__ = ["ServerUnavailableError", "auth_headers", "connect", "server_url"]
 
 
 def server_url() -> tuple[str, Path | None]:
@@ -17,6 +17,12 @@ def server_url() -> tuple[str, Path | None]:
     `http://127.0.0.1:12434`."""
     address = client_address()
     return address.base_url, address.socket_path
+
+
+def auth_headers() -> dict[str, str]:
+    """`Authorization: Bearer $DMR_API_KEY` when the server requires a key."""
+    api_key = os.environ.get("DMR_API_KEY")
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def connect(timeout: float | None = 30.0, *, autostart: bool = True) -> ServerClient:
@@ -30,9 +36,6 @@ def connect(timeout: float | None = 30.0, *, autostart: bool = True) -> ServerCl
     reports).
     """
     address = ensure_server().address if autostart else client_address()
-    headers = {}
-    api_key = os.environ.get("DMR_API_KEY")
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+    headers = auth_headers()
     socket_path = str(address.socket_path) if address.socket_path else None
     return ServerClient(address.base_url, socket_path=socket_path, timeout=timeout, headers=headers)
