@@ -8,7 +8,7 @@ import pluggy
 
 from dmr import plugins
 from dmr.distribution.oci import push_to_registry
-from dmr.errors import InvalidRequestError
+from dmr.errors import InvalidRequestError, ModelNotFoundError
 from dmr.records import ModelSource, ProgressCallback
 from dmr.reference import InvalidReferenceError, parse_reference
 
@@ -52,8 +52,19 @@ async def pull_model(
 ) -> StoredModel:
     """Pull `reference` into `store`, reporting `ProgressEvent`s, and return the model."""
     source = source_for(reference, pm)
-    model_id = await source.puller.pull(reference, store, progress, bearer_token=bearer_token)
-    return store.get(model_id)
+    for attempt in range(_PULL_ATTEMPTS):
+        model_id = await source.puller.pull(reference, store, progress, bearer_token=bearer_token)
+        try:
+            return store.get(model_id)
+        except ModelNotFoundError:
+            # A delete racing this pull removed the model just after it was added:
+            # pull again (its blobs are mostly still there) rather than fail the pull.
+            if attempt + 1 == _PULL_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+_PULL_ATTEMPTS = 3
 
 
 async def push_model(
