@@ -251,9 +251,31 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class ProxyRoute:
+    """A route whose requests go to a runner as they are, answered past Quart.
+
+    `paths` may hold one `{backend}` segment (`/engines/{backend}/v1/completions`),
+    which names the engine. The server forwards a `POST` to one of them to the
+    model's runner at `runner_path`, in `mode`, straight from the ASGI server (no
+    per-request or per-chunk work of Quart's). A request it cannot forward plainly
+    (an `Origin` header, an `X-Preload-Only` one, a missing or wrong API key, a
+    body that is not a JSON object naming a stored model, an unknown backend)
+    goes to the dialect's blueprint, which must serve the same paths and gives
+    the answer.
+    """
+
+    paths: tuple[str, ...]
+    runner_path: str
+    mode: Mode
+    default_backend: str | None = None
+
+
+@dataclass(frozen=True)
 class ApiDialect:
     """An HTTP API dialect mounted into the server (OpenAI, Ollama, ...)."""
 
     name: str
     blueprint: quart.Blueprint
     url_prefix: str | None = None
+    # Routes that only forward bytes to a runner; see `ProxyRoute`.
+    proxy_routes: tuple[ProxyRoute, ...] = ()

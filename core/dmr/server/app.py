@@ -51,6 +51,11 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
     dialects = plugins.api_dialects(pm)
     for dialect in dialects:
         app.register_blueprint(dialect.blueprint, url_prefix=dialect.url_prefix)
+    if any(dialect.proxy_routes for dialect in dialects):
+        # Inside the observing middleware, so forwarded requests are measured too.
+        from dmr.server.proxy_routes import ProxyRoutes
+
+        app.asgi_app = ProxyRoutes(app, app.asgi_app, dialects, settings)  # type: ignore[method-assign,assignment]
     install_observability(app, settings, list(dialects))
 
     @app.after_request

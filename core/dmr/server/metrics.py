@@ -42,7 +42,9 @@ from dmr.server.services import get_services
 
 __all__ = [
     "METRICS_KEY",
+    "SCOPE_KEY",
     "ObservingMiddleware",
+    "RequestObservation",
     "ServerMetrics",
     "blueprint",
     "counting_pull_bytes",
@@ -53,7 +55,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METRICS_KEY = "dmr_metrics"
-_SCOPE_KEY = "dmr.observation"
+SCOPE_KEY = "dmr.observation"
 # A runner busy generating still answers /metrics within milliseconds; one
 # that takes longer must not hold up the whole scrape.
 RUNNER_SCRAPE_TIMEOUT = 2.0
@@ -83,7 +85,7 @@ def note_model(model: str) -> None:
     the translating dialects once the model name is known)."""
     if not has_request_context():
         return
-    observation = request.scope.get(_SCOPE_KEY)
+    observation = request.scope.get(SCOPE_KEY)
     if isinstance(observation, RequestObservation):
         observation.model = display_name(model)
 
@@ -151,7 +153,7 @@ class ServerMetrics:
             self.generated_tokens.labels(capture.model).inc(max(generated, 0))
 
     async def before_request(self) -> None:
-        observation = request.scope.get(_SCOPE_KEY)
+        observation = request.scope.get(SCOPE_KEY)
         if not isinstance(observation, RequestObservation):
             return
         if request.url_rule is not None:
@@ -195,7 +197,7 @@ class ObservingMiddleware:
             return
         observation = RequestObservation(started=time.perf_counter())
         # The scope is the dict Quart's `request.scope` is: views find it there.
-        scope[_SCOPE_KEY] = observation  # type: ignore[literal-required]
+        scope[SCOPE_KEY] = observation  # type: ignore[literal-required]
         metrics = self.metrics
 
         async def observed_send(message: Any) -> None:

@@ -12,7 +12,8 @@ import contextlib
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from quart import Response
@@ -23,9 +24,9 @@ from dmr.scheduler import RunnerHandle
 from dmr.scheduler.unix_http import RunnerConnectionError, open_request
 from dmr.server.metrics import note_model
 from dmr.server.recorder import start_capture
-from dmr.server.services import get_services
+from dmr.server.services import Services, get_services
 
-__all__ = ["proxy_to_runner", "sse_error_event"]
+__all__ = ["Exchange", "open_exchange", "proxy_to_runner", "sse_error_event"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,32 @@ async def _runner_failure(handle: RunnerHandle, error: Exception) -> RunnerError
     return RunnerError(f"{handle.backend} runner for {handle.model_name} failed: {error!r}")
 
 
-async def proxy_to_runner(
+@dataclass
+class Exchange:
+    """A runner's answer on its way to the client: whole (`content`) or streamed
+    (`chunks`). The runner's lease is given back once the answer has been read,
+    or by `aclose` when it never will be."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes | None
+    chunks: AsyncIterator[bytes] | None
+    _cleanup: Callable[[], Coroutine[Any, Any, None]]
+    _released: Callable[[], bool]
+
+    @property
+    def released(self) -> bool:
+        return self._released()
+
+    async def aclose(self) -> None:
+        if self.chunks is not None:
+            with contextlib.suppress(BaseException):
+                await self.chunks.aclose()  # type: ignore[attr-defined]
+        await self._cleanup()
+
+
+async def open_exchange(
+    services: Services,
     *,
     model: str,
     mode: Mode | str,
@@ -64,16 +90,16 @@ async def proxy_to_runner(
     keep_alive: float | None = None,
     method: str = "POST",
     headers: Mapping[str, str] | None = None,
-) -> Response:
-    """Acquire `model`'s runner, send `body` to `path` and stream the answer back.
+    extensions: Mapping[str, Any] | None = None,
+) -> Exchange:
+    """Acquire `model`'s runner, send `body` to `path` and start reading the answer.
 
-    The runner is released when the answer has been sent, or when the client
-    goes away; closing the upstream request then makes the runner stop the
-    generation and free its slot.
+    A `DmrError` (no such model, no capacity, a runner that failed) comes before
+    any byte of the answer. Closing the upstream request, when the stream is
+    closed or the client goes away, makes the runner stop the generation and
+    free its slot.
     """
-    note_model(model)
-    scheduler = get_services().scheduler
-    lease = scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive)
+    lease = services.scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive)
     handle = await lease.__aenter__()
     released = False
 
@@ -101,6 +127,11 @@ async def proxy_to_runner(
         await release()
         raise
 
+    async def cleanup() -> None:
+        with contextlib.suppress(BaseException):
+            await upstream.aclose()
+        await release()
+
     kept = {name: upstream.headers[name] for name in _KEPT_HEADERS if name in upstream.headers}
     content_type = upstream.headers.get("content-type", "")
     capture = start_capture(
@@ -110,6 +141,7 @@ async def proxy_to_runner(
         mode=handle.mode.value,
         path=path,
         body=body,
+        extensions=extensions,
     )
 
     if not content_type.startswith("text/event-stream"):
@@ -118,12 +150,11 @@ async def proxy_to_runner(
         except RunnerConnectionError as error:
             raise await _runner_failure(handle, error) from error
         finally:
-            await upstream.aclose()
-            await release()
+            await cleanup()
         if capture is not None:
             # Decoding the answer for the recorder must not delay sending it.
             asyncio.get_running_loop().call_soon(capture.finish, upstream.status, content)
-        return Response(content, status=upstream.status, headers=kept)
+        return Exchange(upstream.status, kept, content, None, cleanup, lambda: released)
 
     async def stream() -> AsyncIterator[bytes]:
         try:
@@ -146,22 +177,50 @@ async def proxy_to_runner(
                 await upstream.aclose()
             await release()
 
-    chunks = stream()
-    loop = asyncio.get_running_loop()
+    return Exchange(upstream.status, kept, None, stream(), cleanup, lambda: released)
 
-    async def cleanup() -> None:
-        with contextlib.suppress(BaseException):
-            await upstream.aclose()
-        await release()
+
+async def proxy_to_runner(
+    *,
+    model: str,
+    mode: Mode | str,
+    path: str,
+    body: bytes,
+    backend: str | None = None,
+    keep_alive: float | None = None,
+    method: str = "POST",
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """`open_exchange` as a Quart response, for views; the lease is given back when
+    the answer has been sent or the client has gone away."""
+    note_model(model)
+    exchange = await open_exchange(
+        get_services(),
+        model=model,
+        mode=mode,
+        path=path,
+        body=body,
+        backend=backend,
+        keep_alive=keep_alive,
+        method=method,
+        headers=headers,
+    )
+    if exchange.chunks is None:
+        return Response(exchange.content, status=exchange.status, headers=exchange.headers)
+    chunks = exchange.chunks
+    loop = asyncio.get_running_loop()
+    # The finalizer must not hold the exchange: it holds the generator, which would
+    # then never be collected.
+    cleanup, released = exchange._cleanup, exchange._released
 
     def never_iterated() -> None:
         # A client gone before the first byte: Quart drops the generator unstarted,
         # so its `finally` never runs; the lease must still be given back.
-        if not released and not loop.is_closed():
+        if not released() and not loop.is_closed():
             loop.call_soon_threadsafe(_schedule, loop, cleanup())
 
     weakref.finalize(chunks, never_iterated)
-    response = Response(chunks, status=upstream.status, headers=kept)
+    response = Response(chunks, status=exchange.status, headers=exchange.headers)
     # Generations can outlast Quart's default response timeout.
     response.timeout = None
     return response

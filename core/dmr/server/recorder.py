@@ -276,14 +276,19 @@ def start_capture(
     mode: str,
     path: str,
     body: bytes | Mapping[str, Any],
+    extensions: Mapping[str, Any] | None = None,
 ) -> ExchangeCapture | None:
     """A capture for an exchange the proxy is about to forward; None when nobody
-    observes exchanges (an app built without the recorder)."""
-    if not has_app_context():
-        return None
-    observers: list[Callable[[ExchangeCapture], None]] = current_app.extensions.get(
-        OBSERVERS_KEY, []
-    )
+    observes exchanges (an app built without the recorder).
+
+    `extensions` is the app's, for callers outside a Quart app context (the
+    server's raw ASGI proxy routes); by default the current app's.
+    """
+    if extensions is None:
+        if not has_app_context():
+            return None
+        extensions = current_app.extensions
+    observers: list[Callable[[ExchangeCapture], None]] = extensions.get(OBSERVERS_KEY, [])
     if not observers:
         return None
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dmr.errors import ModelNotFoundError
-from dmr.reference import InvalidReferenceError, parse_reference
+from dmr.server.model_names import resolve_model as resolve_in_store
 from dmr.server.services import get_services
 
 if TYPE_CHECKING:
@@ -15,26 +14,9 @@ __all__ = ["display_name", "resolve_model"]
 
 
 def resolve_model(name: str) -> tuple[str, StoredModel]:
-    """(the name to hand the scheduler, the stored model) for a client's model name.
-
-    The store resolves tags, bare names and IDs; Ollama clients also send
-    `smollm2:latest`, which only its normalised form (`ai/smollm2:latest`) finds.
-    """
-    store = get_services().store
-    try:
-        return name, store.get(name)
-    except ModelNotFoundError:
-        pass
-    try:
-        familiar = parse_reference(name).familiar
-    except (InvalidReferenceError, ValueError):
-        raise ModelNotFoundError(f"model {name!r} not found") from None
-    if familiar != name:
-        try:
-            return familiar, store.get(familiar)
-        except ModelNotFoundError:
-            pass
-    raise ModelNotFoundError(f"model {name!r} not found")
+    """(the name to hand the scheduler, the stored model) for a client's model name
+    (see `dmr.server.model_names.resolve_model`)."""
+    return resolve_in_store(get_services().store, name)
 
 
 def display_name(model: StoredModel) -> str:

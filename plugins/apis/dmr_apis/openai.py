@@ -10,7 +10,7 @@ from typing import Any
 
 from dmr.errors import ModelNotFoundError
 from dmr.hookspecs import hookimpl
-from dmr.records import ApiDialect, Mode
+from dmr.records import ApiDialect, Mode, ProxyRoute
 from dmr.server.services import get_services
 from quart import Blueprint, Response, jsonify, request
 
@@ -94,19 +94,32 @@ def _make_inference_view(runner_path: str, mode: Mode, default_backend: str | No
     return inference
 
 
+def _route_paths(suffix: str) -> tuple[str, ...]:
+    paths = [f"/engines{suffix}", f"/engines/{{backend}}{suffix}"]
+    if suffix.startswith("/v1/") or suffix in ("/rerank", "/score"):
+        paths.append(suffix)
+    return tuple(paths)
+
+
 for _suffix, _runner_path, _mode, _default_backend in _INFERENCE_ROUTES:
     _view = _make_inference_view(_runner_path, _mode, _default_backend)
     _name = _suffix.strip("/").replace("/", "_")
-    rules = [f"/engines{_suffix}", f"/engines/<backend>{_suffix}"]
-    if _suffix.startswith("/v1/") or _suffix in ("/rerank", "/score"):
-        rules.append(_suffix)
-    for _rule in rules:
+    for _path in _route_paths(_suffix):
+        _rule = _path.replace("{backend}", "<backend>")
         _endpoint = f"{_name}_{'backend' if '<backend>' in _rule else 'engines'}"
         if not _rule.startswith("/engines"):
             _endpoint = f"{_name}_alias"
         blueprint.add_url_rule(_rule, _endpoint, _view, methods=["POST"])
 
 
+# The server forwards plain requests of these routes itself (`ProxyRoute`); the
+# views above answer the rest, and every request when the server does not.
+PROXY_ROUTES = tuple(
+    ProxyRoute(_route_paths(suffix), runner_path, mode, default_backend)
+    for suffix, runner_path, mode, default_backend in _INFERENCE_ROUTES
+)
+
+
 @hookimpl
 def dmr_api_dialects() -> list[ApiDialect]:
-    return [ApiDialect(name="openai", blueprint=blueprint)]
+    return [ApiDialect(name="openai", blueprint=blueprint, proxy_routes=PROXY_ROUTES)]

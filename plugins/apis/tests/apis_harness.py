@@ -15,8 +15,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -350,8 +350,25 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    settings = Settings(models_path=tmp_path / "models", max_body_bytes=64 * 1024)
+def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    """Harnesses whose settings differ from the defaults (e.g. `api_key=`)."""
+    with ExitStack() as stack:
+
+        def make(**settings: Any) -> Harness:
+            folder = Path(tempfile.mkdtemp(prefix="models-", dir=tmp_path))
+            return stack.enter_context(_harness(folder, **settings))
+
+        yield make
+
+
+@pytest.fixture
+def harness(make_harness: Callable[..., Harness]) -> Harness:
+    return make_harness()
+
+
+@contextmanager
+def _harness(models_path: Path, **settings_fields: Any) -> Iterator[Harness]:
+    settings = Settings(models_path=models_path, max_body_bytes=64 * 1024, **settings_fields)
     pm = new_plugin_manager()
     app = create_app(settings, pm)
     allow_large_blob_uploads(app)
@@ -369,9 +386,11 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         engines={"llama.cpp": None, "diffusers": None},  # type: ignore[dict-item]
         devices=[],
     )
-    with serve_runner(runner, scheduler.socket_path):
-        yield Harness(app=app, store=store, scheduler=scheduler, runner=runner)
-    scheduler.socket_path.unlink(missing_ok=True)
+    try:
+        with serve_runner(runner, scheduler.socket_path):
+            yield Harness(app=app, store=store, scheduler=scheduler, runner=runner)
+    finally:
+        scheduler.socket_path.unlink(missing_ok=True)
 
 
 def short_socket_path() -> Path:
