@@ -181,13 +181,14 @@ def test_a_model_source_with_its_own_scheme_is_reachable(
 
 
 def test_the_plugin_guide_documents_every_hook_and_every_public_name() -> None:
-    """docs/plugins.md must cover each hook and each name `dmr.sdk` exports (as
-    datasette checks its plugin hooks page)."""
-    from dmr import sdk
+    """docs/plugins.md must cover each hook and each name `dmr.sdk` and `dmr.testing`
+    export (as datasette checks its plugin hooks page)."""
+    from dmr import sdk, testing
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
     missing = [f"`{name}" for name in HOOK_NAMES if f"`{name}" not in guide]
     missing += [f"`{name}`" for name in sdk.__all__ if f"`{name}`" not in guide]
+    missing += [f"`{name}" for name in testing.__all__ if f"`{name}" not in guide]
     assert not missing, f"docs/plugins.md does not mention {missing}"
     # The SDK is the import place: every record a hook returns is exported there.
     from dmr import records

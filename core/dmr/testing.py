@@ -3,7 +3,8 @@
 Public for plugin authors: build a `RunnerLaunch` with `make_launch`, start the
 engine's runner with `RunnerProcess` (as the scheduler starts it, then waiting for
 `GET /health` to answer 200) and talk to it over its unix socket with `client()`
-or `async_client()`. No pytest dependency: wrap these in your own fixtures.
+or `async_client()`; `sample_gguf()` is a small real chat model to load. No pytest
+dependency: wrap these in your own fixtures.
 
     launch = make_launch(bundle_dir, short_socket(), mode=Mode.COMPLETION)
     runner = RunnerProcess(MyEngine(), launch)
@@ -26,11 +27,13 @@ from typing import IO, Any
 import httpx
 
 from dmr.records import AcceleratorInfo, Engine, Mode, RunnerConfig, RunnerLaunch
+from dmr.samples import ensure_smollm2_gguf
 
 __all__ = [
     "CPU",
     "RunnerProcess",
     "make_launch",
+    "sample_gguf",
     "short_socket",
     "stop_process",
     "wait_for_health",
@@ -48,6 +51,13 @@ def short_socket(name: str = "runner") -> Path:
     AF_UNIX paths are limited to about 107 bytes, and pytest's tmp paths can be longer.
     """
     return Path(tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX)) / f"{name}.sock"
+
+
+def sample_gguf() -> Path:
+    """The sample model's GGUF (SmolLM2-135M-Instruct, Q4_1, about 100 MB): a real chat
+    model small enough for CPU tests, fetched once into ~/.cache/dmr (safe across
+    processes, so parallel test workers share one download)."""
+    return ensure_smollm2_gguf()
 
 
 def make_launch(

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 from dmr.records import Mode
+from dmr.testing import sample_gguf
 from llamacpp_helpers import RunnerProcess, make_bundle, make_launch, short_socket
-
-from tests.fixtures.model import smollm2_gguf  # noqa: F401  (re-exported fixture)
 
 
 @pytest.fixture(scope="session")
-def llama_bundle(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def smollm2_gguf() -> Path:
+    """The real SmolLM2 GGUF, cached under ~/.cache/dmr."""
+    return sample_gguf()
+
+
+@pytest.fixture(scope="session")
+def llama_bundle(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_bundle(tmp_path_factory.mktemp("llamacpp"), smollm2_gguf)
 
 

@@ -111,7 +111,7 @@ def load_pipeline(model: Path, device: str, work_dir: Path | None = None) -> Loa
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     folder = unpack_dduf(model, work_dir) if model.is_file() else model
     try:
-        pipeline = DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+        pipeline = DiffusionPipeline.from_pretrained(
             str(folder), dtype=_dtype(device), local_files_only=True
         )
     finally:

@@ -6,13 +6,16 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from dmr_llamacpp.runner.batching import GeneratorStats
 
 __all__ = ["render_metrics"]
 
 
-class _StatsCollector:
+class _StatsCollector(Collector):
+    # Subclassed, not only shaped like one: `Collector` is an ABC in some
+    # prometheus_client releases (a Protocol in others), where shape is not enough.
     def __init__(self, stats: Callable[[], GeneratorStats]) -> None:
         self._stats = stats
 
@@ -76,5 +79,5 @@ class _StatsCollector:
 
 def render_metrics(stats: Callable[[], GeneratorStats]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats))  # type: ignore[arg-type]
+    registry.register(_StatsCollector(stats))
     return generate_latest(registry)
