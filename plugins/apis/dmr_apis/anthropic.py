@@ -11,6 +11,7 @@ from dmr.hookspecs import hookimpl
 from dmr.records import ApiDialect, Mode
 from quart import Blueprint, Response, jsonify
 
+from dmr_apis._answer_fold import AnswerFold, fold_answer
 from dmr_apis._anthropic_translate import (
     anthropic_content,
     anthropic_stop_reason,
@@ -25,7 +26,6 @@ from dmr_apis._errors import anthropic_error_body, install_error_handlers
 from dmr_apis._models import resolve_model
 from dmr_apis._runner import call_runner, stream_runner
 from dmr_apis._streaming import encode_event, stream_response
-from dmr_apis._toolcalls import ToolCallAccumulator
 
 __all__ = ["blueprint", "dmr_api_dialects"]
 
@@ -35,9 +35,31 @@ install_error_handlers(blueprint, anthropic_error_body)
 _PREFIXES = ("/anthropic/v1", "/v1", "/engines/v1", "/engines/<backend>/v1")
 
 
-def _matched_stop(choice: dict[str, Any], body: dict[str, Any]) -> Any:
-    # vLLM reports the matched stop string as `stop_reason`; llama-server as `stopping_word`.
-    return choice.get("stop_reason") or body.get("stopping_word")
+def _stop(answer: AnswerFold, stop_sequences: Any) -> tuple[str, str | None]:
+    """Anthropic's `stop_reason` and `stop_sequence` for the runner's answer."""
+    stop_reason, stop_sequence = anthropic_stop_reason(
+        answer.finish_reason, matched_stop=answer.matched_stop, stop_sequences=stop_sequences
+    )
+    if answer.tool_calls and stop_reason == "end_turn":
+        stop_reason = "tool_use"  # some runners say "stop" after a tool call
+    return stop_reason, stop_sequence
+
+
+def _block_start(index: int, block: dict[str, Any]) -> bytes:
+    return encode_event(
+        "content_block_start",
+        {"type": "content_block_start", "index": index, "content_block": block},
+    )
+
+
+def _block_delta(index: int, delta: dict[str, Any]) -> bytes:
+    return encode_event(
+        "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+    )
+
+
+def _block_stop(index: int) -> bytes:
+    return encode_event("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
 async def messages(backend: str | None = None) -> Response:
@@ -50,27 +72,18 @@ async def messages(backend: str | None = None) -> Response:
         result = await call_runner(
             name, Mode.COMPLETION, "/v1/chat/completions", payload, backend=backend
         )
-        choice = (result.body.get("choices") or [{}])[0]
-        message = choice.get("message") or {}
-        tool_calls = ToolCallAccumulator()
-        tool_calls.add([{"index": i, **c} for i, c in enumerate(message.get("tool_calls") or ())])
-        stop_reason, stop_sequence = anthropic_stop_reason(
-            choice.get("finish_reason"),
-            matched_stop=_matched_stop(choice, result.body),
-            stop_sequences=stop_sequences,
-        )
-        if tool_calls and stop_reason == "end_turn":
-            stop_reason = "tool_use"  # some runners say "stop" after a tool call
+        answer = fold_answer(result.body)
+        stop_reason, stop_sequence = _stop(answer, stop_sequences)
         return jsonify(
             {
                 "id": message_id(),
                 "type": "message",
                 "role": "assistant",
                 "model": body["model"],
-                "content": anthropic_content(message.get("content") or "", tool_calls.finished()),
+                "content": anthropic_content(answer.content, answer.calls),
                 "stop_reason": stop_reason,
                 "stop_sequence": stop_sequence,
-                "usage": anthropic_usage(result.body.get("usage")),
+                "usage": anthropic_usage(answer.usage),
             }
         )
 
@@ -98,40 +111,15 @@ async def messages(backend: str | None = None) -> Response:
         yield encode_event("ping", {"type": "ping"})
         block_index = 0
         text_open = False
-        tool_calls = ToolCallAccumulator()
-        finish_reason: str | None = None
-        matched_stop: Any = None
-        usage: dict[str, Any] | None = None
+        answer = AnswerFold()
         try:
-            async for event in upstream.events():
-                usage = event.get("usage") or usage
-                matched_stop = event.get("stopping_word") or matched_stop
-                for choice in event.get("choices") or ():
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    matched_stop = choice.get("stop_reason") or matched_stop
-                    delta = choice.get("delta") or {}
-                    tool_calls.add(delta.get("tool_calls"))
-                    text = delta.get("content") or ""
-                    if not text:
-                        continue
-                    if not text_open:
-                        text_open = True
-                        yield encode_event(
-                            "content_block_start",
-                            {
-                                "type": "content_block_start",
-                                "index": block_index,
-                                "content_block": {"type": "text", "text": ""},
-                            },
-                        )
-                    yield encode_event(
-                        "content_block_delta",
-                        {
-                            "type": "content_block_delta",
-                            "index": block_index,
-                            "delta": {"type": "text_delta", "text": text},
-                        },
-                    )
+            async for delta in answer.deltas(upstream.events()):
+                if not delta.content:
+                    continue
+                if not text_open:
+                    text_open = True
+                    yield _block_start(block_index, {"type": "text", "text": ""})
+                yield _block_delta(block_index, {"type": "text_delta", "text": delta.content})
         except Exception as error:  # the stream broke after the 200 went out
             yield encode_event(
                 "error",
@@ -139,52 +127,29 @@ async def messages(backend: str | None = None) -> Response:
             )
             return
         if text_open:
-            yield encode_event(
-                "content_block_stop", {"type": "content_block_stop", "index": block_index}
-            )
+            yield _block_stop(block_index)
             block_index += 1
         # Tool calls go out whole: fragments are merged before their block starts.
-        for block in anthropic_content("", tool_calls.finished()) if tool_calls else ():
+        for block in anthropic_content("", answer.calls) if answer.tool_calls else ():
             arguments = block.pop("input")
             block["input"] = {}
-            yield encode_event(
-                "content_block_start",
-                {"type": "content_block_start", "index": block_index, "content_block": block},
+            yield _block_start(block_index, block)
+            yield _block_delta(
+                block_index, {"type": "input_json_delta", "partial_json": json.dumps(arguments)}
             )
-            yield encode_event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": block_index,
-                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(arguments)},
-                },
-            )
-            yield encode_event(
-                "content_block_stop", {"type": "content_block_stop", "index": block_index}
-            )
+            yield _block_stop(block_index)
             block_index += 1
         if block_index == 0:
             # Anthropic always answers with at least one (possibly empty) text block.
-            yield encode_event(
-                "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "text", "text": ""},
-                },
-            )
-            yield encode_event("content_block_stop", {"type": "content_block_stop", "index": 0})
-        stop_reason, stop_sequence = anthropic_stop_reason(
-            finish_reason, matched_stop=matched_stop, stop_sequences=stop_sequences
-        )
-        if tool_calls and stop_reason == "end_turn":
-            stop_reason = "tool_use"
+            yield _block_start(0, {"type": "text", "text": ""})
+            yield _block_stop(0)
+        stop_reason, stop_sequence = _stop(answer, stop_sequences)
         yield encode_event(
             "message_delta",
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                "usage": anthropic_usage(usage),
+                "usage": anthropic_usage(answer.usage),
             },
         )
         yield encode_event("message_stop", {"type": "message_stop"})

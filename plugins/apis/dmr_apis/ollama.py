@@ -20,6 +20,7 @@ from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify
 
 from dmr_apis import _ollama_models as models
+from dmr_apis._answer_fold import AnswerFold, fold_answer
 from dmr_apis._body import optional_bool, read_json_object, require_model
 from dmr_apis._errors import install_error_handlers, ollama_error_body
 from dmr_apis._models import resolve_model
@@ -37,7 +38,6 @@ from dmr_apis._ollama_translate import (
 )
 from dmr_apis._runner import call_runner, stream_runner
 from dmr_apis._streaming import ndjson_line, stream_response
-from dmr_apis._toolcalls import ToolCallAccumulator
 
 __all__ = ["blueprint", "dmr_api_dialects", "dmr_server_startup"]
 
@@ -148,71 +148,39 @@ async def _generation(
         line["done"] = False
         return line
 
-    if not stream:
-        result = await call_runner(name, Mode.COMPLETION, path, payload, keep_alive=keep_alive)
-        choice = (result.body.get("choices") or [{}])[0]
-        if messages is not None:
-            message = choice.get("message") or {}
-            line = chunk(message.get("content") or "", message.get("reasoning_content"))
-            tool_calls = message.get("tool_calls")
-            if tool_calls and route == "chat":
-                accumulator = ToolCallAccumulator()
-                accumulator.add([{"index": i, **call} for i, call in enumerate(tool_calls)])
-                line["message"]["tool_calls"] = ollama_tool_calls(accumulator.finished())
-        else:
-            line = chunk(choice.get("text") or "")
+    def final(line: dict[str, Any], answer: AnswerFold, load_seconds: float) -> dict[str, Any]:
+        if answer.tool_calls and route == "chat":
+            # Sent whole, once every fragment has arrived.
+            line["message"]["tool_calls"] = ollama_tool_calls(answer.calls)
         line["done"] = True
-        line["done_reason"] = ollama_done_reason(choice.get("finish_reason"))
+        line["done_reason"] = ollama_done_reason(answer.finish_reason)
         line.update(
             final_stats(
                 total_seconds=time.monotonic() - started,
-                load_seconds=result.load_seconds,
-                timings=result.body.get("timings"),
-                usage=result.body.get("usage"),
+                load_seconds=load_seconds,
+                timings=answer.timings,
+                usage=answer.usage,
             )
         )
-        return jsonify(line)
+        return line
+
+    if not stream:
+        result = await call_runner(name, Mode.COMPLETION, path, payload, keep_alive=keep_alive)
+        answer = fold_answer(result.body)
+        line = chunk(answer.content, answer.reasoning)
+        return jsonify(final(line, answer, result.load_seconds))
 
     upstream = await stream_runner(name, Mode.COMPLETION, path, payload, keep_alive=keep_alive)
 
     async def lines() -> AsyncIterator[bytes]:
-        tool_calls = ToolCallAccumulator()
-        finish_reason: str | None = None
-        timings: dict[str, Any] | None = None
-        usage: dict[str, Any] | None = None
+        answer = AnswerFold()
         try:
-            async for event in upstream.events():
-                timings = event.get("timings") or timings
-                usage = event.get("usage") or usage
-                for choice in event.get("choices") or ():
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    if messages is not None:
-                        delta = choice.get("delta") or {}
-                        tool_calls.add(delta.get("tool_calls"))
-                        content = delta.get("content") or ""
-                        thinking = delta.get("reasoning_content") or None
-                    else:
-                        content, thinking = choice.get("text") or "", None
-                    if content or thinking:
-                        yield ndjson_line(chunk(content, thinking))
+            async for delta in answer.deltas(upstream.events()):
+                yield ndjson_line(chunk(delta.content, delta.reasoning))
         except Exception as error:  # the stream broke after the 200 went out
             yield ndjson_line({"error": str(error)})
             return
-        final = chunk("")
-        if tool_calls and route == "chat":
-            # Sent whole, once every fragment has arrived.
-            final["message"]["tool_calls"] = ollama_tool_calls(tool_calls.finished())
-        final["done"] = True
-        final["done_reason"] = ollama_done_reason(finish_reason)
-        final.update(
-            final_stats(
-                total_seconds=time.monotonic() - started,
-                load_seconds=upstream.load_seconds,
-                timings=timings,
-                usage=usage,
-            )
-        )
-        yield ndjson_line(final)
+        yield ndjson_line(final(chunk(""), answer, upstream.load_seconds))
 
     return stream_response(lines(), NDJSON, on_close=upstream.aclose)
 

@@ -16,6 +16,7 @@ from dmr.records import ApiDialect, Mode
 from dmr.server.services import get_services
 from quart import Blueprint, Response, jsonify, request
 
+from dmr_apis._answer_fold import AnswerFold, fold_answer
 from dmr_apis._body import optional_bool, read_json_object, require_model
 from dmr_apis._errors import install_error_handlers, openai_error_body
 from dmr_apis._models import resolve_model
@@ -35,7 +36,6 @@ from dmr_apis._responses_translate import (
 )
 from dmr_apis._runner import call_runner, stream_runner
 from dmr_apis._streaming import encode_event, stream_response
-from dmr_apis._toolcalls import ToolCallAccumulator
 
 __all__ = ["blueprint", "dmr_api_dialects"]
 
@@ -48,9 +48,9 @@ _PREFIXES = ("/v1/responses", "/responses", "/engines/v1/responses")
 def response_store() -> ResponseStore:
     extras = get_services().extras
     store = extras.get("responses")
-    if store is None:
+    if not isinstance(store, ResponseStore):
         store = extras["responses"] = ResponseStore()
-    return store  # type: ignore[no-any-return]
+    return store
 
 
 def _stored(response_id: str) -> StoredResponse:
@@ -103,18 +103,15 @@ async def create() -> Response:
 
     if not stream:
         result = await call_runner(name, Mode.COMPLETION, "/v1/chat/completions", payload)
-        choice = (result.body.get("choices") or [{}])[0]
-        message = choice.get("message") or {}
-        calls = ToolCallAccumulator()
-        calls.add([{"index": i, **c} for i, c in enumerate(message.get("tool_calls") or ())])
-        status, reason = _finish(choice.get("finish_reason"), calls.finished())
+        answer = fold_answer(result.body)
+        status, reason = _finish(answer.finish_reason, answer.calls)
         response = response_object(
             body,
             response_id=response_id,
             created_at=created_at,
             status=status,
-            output=output_items(message.get("content") or "", calls.finished()),
-            usage=usage_of(result.body.get("usage")),
+            output=output_items(answer.content, answer.calls),
+            usage=usage_of(answer.usage),
             incomplete_reason=reason,
         )
         remember(response)
@@ -142,44 +139,41 @@ async def create() -> Response:
         yield event("response.created", response=pending)
         yield event("response.in_progress", response=pending)
         message_id = new_id("msg")
-        text_parts: list[str] = []
-        calls = ToolCallAccumulator()
-        finish_reason: str | None = None
-        usage: dict[str, Any] | None = None
+        answer = AnswerFold()
         item_open = False
+
+        def open_item() -> list[bytes]:
+            """The message item's opening events (sequence numbers taken in order)."""
+            added = event(
+                "response.output_item.added",
+                output_index=0,
+                item=message_item(message_id, "", status="in_progress"),
+            )
+            part = event(
+                "response.content_part.added",
+                item_id=message_id,
+                output_index=0,
+                content_index=0,
+                part={"type": "output_text", "text": "", "annotations": []},
+            )
+            return [added, part]
+
         try:
-            async for chunk in upstream.events():
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or ():
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    delta = choice.get("delta") or {}
-                    calls.add(delta.get("tool_calls"))
-                    text = delta.get("content") or ""
-                    if not text:
-                        continue
-                    if not item_open:
-                        item_open = True
-                        yield event(
-                            "response.output_item.added",
-                            output_index=0,
-                            item=message_item(message_id, "", status="in_progress"),
-                        )
-                        yield event(
-                            "response.content_part.added",
-                            item_id=message_id,
-                            output_index=0,
-                            content_index=0,
-                            part={"type": "output_text", "text": "", "annotations": []},
-                        )
-                    text_parts.append(text)
-                    yield event(
-                        "response.output_text.delta",
-                        item_id=message_id,
-                        output_index=0,
-                        content_index=0,
-                        delta=text,
-                        logprobs=[],
-                    )
+            async for delta in answer.deltas(upstream.events()):
+                if not delta.content:
+                    continue
+                if not item_open:
+                    item_open = True
+                    for opening in open_item():
+                        yield opening
+                yield event(
+                    "response.output_text.delta",
+                    item_id=message_id,
+                    output_index=0,
+                    content_index=0,
+                    delta=delta.content,
+                    logprobs=[],
+                )
         except Exception as error:  # the stream broke after the 200 went out
             failed = response_object(
                 body,
@@ -192,23 +186,13 @@ async def create() -> Response:
             failed["error"] = {"code": "server_error", "message": str(error)}
             yield event("response.failed", response=failed)
             return
-        text = "".join(text_parts)
-        finished_calls = calls.finished()
+        text = answer.content
+        finished_calls = answer.calls
         output: list[dict[str, Any]] = []
         if item_open or not finished_calls:
             if not item_open:
-                yield event(
-                    "response.output_item.added",
-                    output_index=0,
-                    item=message_item(message_id, "", status="in_progress"),
-                )
-                yield event(
-                    "response.content_part.added",
-                    item_id=message_id,
-                    output_index=0,
-                    content_index=0,
-                    part={"type": "output_text", "text": "", "annotations": []},
-                )
+                for opening in open_item():
+                    yield opening
             part = {"type": "output_text", "text": text, "annotations": []}
             yield event(
                 "response.output_text.done",
@@ -248,14 +232,14 @@ async def create() -> Response:
             )
             yield event("response.output_item.done", output_index=index, item=item)
             output.append(item)
-        status, reason = _finish(finish_reason, finished_calls)
+        status, reason = _finish(answer.finish_reason, finished_calls)
         final = response_object(
             body,
             response_id=response_id,
             created_at=created_at,
             status=status,
             output=output,
-            usage=usage_of(usage),
+            usage=usage_of(answer.usage),
             incomplete_reason=reason,
         )
         remember(final)

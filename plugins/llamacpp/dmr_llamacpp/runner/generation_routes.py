@@ -1,0 +1,313 @@
+"""Chat and text completions: whole answers through Quart, streamed ones past it.
+
+`chat_answer` and `completion_answer` are the answers to both; a streamed request
+normally reaches them through `StreamingRoutes` (runner/streaming.py), which
+sends each event to hypercorn itself. The per-token path of a stream is kept
+lean on purpose: a content-only chunk is a pre-encoded template around the
+token's JSON string (`content_chunk_encoder`).
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dmr.runner_support import BadRequest, error_response, json_response
+from quart import Blueprint, Response
+
+from dmr_llamacpp.runner.batching import Failed, Finished, GenerationJob, TextDelta, TokenLogprob
+from dmr_llamacpp.runner.chat import parse_tool_output
+from dmr_llamacpp.runner.openai_bodies import (
+    DONE_EVENT,
+    answer_base,
+    content_chunk_encoder,
+    end_fields,
+    logprobs_chat,
+    logprobs_completion,
+    sse,
+    sse_error,
+    usage,
+    whole_body,
+)
+from dmr_llamacpp.runner.requests import normalise_messages, sampling_from_body
+from dmr_llamacpp.runner.sampling import SamplingParams
+from dmr_llamacpp.runner.state import RunnerState, request_body, runner_state
+from dmr_llamacpp.runner.streaming import Answer
+
+__all__ = ["blueprint", "chat_answer", "completion_answer", "streamed_answers"]
+
+GenerationAnswer = Response | AsyncIterator[bytes]
+
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+COMPLETION_PATHS = ("/v1/completions", "/completions")
+
+blueprint = Blueprint("dmr_llamacpp_generation", __name__)
+
+
+def streamed_answers(state: RunnerState) -> dict[str, Answer]:
+    """The answers `StreamingRoutes` calls for streamed requests, by path."""
+    chat = functools.partial(chat_answer, state)
+    completion = functools.partial(completion_answer, state)
+    return {
+        **{path: chat for path in CHAT_PATHS},
+        **{path: completion for path in COMPLETION_PATHS},
+    }
+
+
+async def chat_completions() -> Response:
+    return _response(await chat_answer(runner_state(), await request_body()))
+
+
+async def completions() -> Response:
+    return _response(await completion_answer(runner_state(), await request_body()))
+
+
+for _path in CHAT_PATHS:
+    blueprint.add_url_rule(_path, view_func=chat_completions, methods=["POST"])
+for _path in COMPLETION_PATHS:
+    blueprint.add_url_rule(_path, view_func=completions, methods=["POST"])
+
+
+def _response(answer: GenerationAnswer) -> Response:
+    if isinstance(answer, Response):
+        return answer
+    return Response(answer, content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+async def chat_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAnswer:
+    """The whole answer, or for `stream` its SSE events (see `StreamingRoutes`)."""
+    messages, tool_grammar, with_tools = normalise_messages(body)
+    params = sampling_from_body(body, state.settings, chat=True, grammar=tool_grammar)
+    prompt = state.render_prompt(messages, body)
+    job = _start_job(state, prompt, params)
+    base = answer_base("chatcmpl", state.model_name)
+    if body.get("stream"):
+        return _chat_stream(job, base, with_tools=with_tools, include_usage=_include_usage(body))
+    logprobs = params.logprobs is not None
+    return await _whole_answer(
+        job, base, "chat.completion", lambda whole: _chat_choice(whole, with_tools, logprobs)
+    )
+
+
+async def completion_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAnswer:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be a string", "prompt")
+    params = sampling_from_body(body, state.settings, chat=False)
+    job = _start_job(state, prompt, params)
+    base = answer_base("cmpl", state.model_name)
+    if body.get("stream"):
+        return _completion_stream(job, base, _include_usage(body))
+    logprobs = params.logprobs is not None
+    return await _whole_answer(
+        job, base, "text_completion", lambda whole: _completion_choice(whole, logprobs)
+    )
+
+
+async def _whole_answer(
+    job: GenerationJob,
+    base: dict[str, Any],
+    kind: str,
+    choice_of: Callable[[_Collected], dict[str, Any]],
+) -> Response:
+    """A non-streamed answer: `job` run to its end; a failed generation is a 500."""
+    try:
+        whole = await _collect(job)
+    except RuntimeError as error:
+        return error_response(str(error), 500)
+    return json_response(whole_body(base, kind, choice_of(whole), whole.done))
+
+
+def _chat_choice(whole: _Collected, with_tools: bool, logprobs: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": whole.text}
+    finish = whole.done.reason
+    if with_tools:
+        content, calls = parse_tool_output(whole.text)
+        message["content"] = content
+        if calls:
+            message["tool_calls"] = [
+                {"id": _call_id(), "type": "function", "function": call} for call in calls
+            ]
+            finish = "tool_calls"
+    return {
+        "index": 0,
+        "message": message,
+        "finish_reason": finish,
+        "logprobs": logprobs_chat(whole.logprobs) if logprobs else None,
+    }
+
+
+def _completion_choice(whole: _Collected, logprobs: bool) -> dict[str, Any]:
+    return {
+        "index": 0,
+        "text": whole.text,
+        "finish_reason": whole.done.reason,
+        "logprobs": logprobs_completion(whole.logprobs, 0) if logprobs else None,
+    }
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _start_job(state: RunnerState, prompt: str, params: SamplingParams) -> GenerationJob:
+    model = state.require_model()
+    tokens = model.tokenize(prompt, add_special=True, parse_special=True)
+    if not tokens:
+        tokens = [model.bos_token]
+    job = GenerationJob(tokens, params)
+    try:
+        state.require_generator().submit(job)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+    return job
+
+
+async def _events(job: GenerationJob) -> AsyncIterator[TextDelta | Finished]:
+    """The job's events until it finishes; leaving early (disconnect) cancels its slot."""
+    try:
+        while True:
+            event = await job.events.get()
+            if isinstance(event, Failed):
+                raise RuntimeError(event.message)
+            yield event
+            if isinstance(event, Finished):
+                return
+    finally:
+        job.cancel()
+
+
+@dataclass(frozen=True)
+class _Collected:
+    """A whole (non-streamed) answer: its text, logprobs and how it ended."""
+
+    text: str
+    logprobs: list[TokenLogprob]
+    done: Finished
+
+
+async def _collect(job: GenerationJob) -> _Collected:
+    """Run `job` to the end; RuntimeError when the decode loop failed it."""
+    parts: list[str] = []
+    entries: list[TokenLogprob] = []
+    async for event in _events(job):
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+            entries.extend(event.logprobs)
+        else:
+            return _Collected("".join(parts), entries, event)
+    raise RuntimeError("generation ended without finishing")
+
+
+async def _chat_stream(
+    job: GenerationJob, base: dict[str, Any], *, with_tools: bool, include_usage: bool
+) -> AsyncIterator[bytes]:
+    chunk_base = {**base, "object": "chat.completion.chunk"}
+    content_chunk = content_chunk_encoder(chunk_base)
+
+    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
+        return sse(
+            {
+                **chunk_base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": extra.pop("logprobs", None),
+                        "finish_reason": finish,
+                    }
+                ],
+                **extra,
+            }
+        )
+
+    yield chunk({"role": "assistant", "content": ""}, None)
+    held: list[str] = []
+    try:
+        async for event in _events(job):
+            if isinstance(event, TextDelta):
+                if with_tools:
+                    held.append(event.text)  # tool calls go out whole, at the end
+                elif job.params.logprobs is None:
+                    if event.text:
+                        yield content_chunk(event.text)
+                elif event.text or event.logprobs:
+                    logprobs = logprobs_chat(event.logprobs)
+                    yield chunk({"content": event.text}, None, logprobs=logprobs)
+                continue
+            finish = event.reason
+            if with_tools:
+                content, calls = parse_tool_output("".join(held))
+                if calls:
+                    finish = "tool_calls"
+                    yield chunk(
+                        {
+                            "tool_calls": [
+                                {"index": i, "id": _call_id(), "type": "function", "function": call}
+                                for i, call in enumerate(calls)
+                            ]
+                        },
+                        None,
+                    )
+                elif content:
+                    yield chunk({"content": content}, None)
+            yield chunk({}, finish, **end_fields(event))
+            if include_usage:
+                yield sse({**chunk_base, "choices": [], "usage": usage(event)})
+    except RuntimeError as error:
+        yield sse_error(str(error))
+    yield DONE_EVENT
+
+
+async def _completion_stream(
+    job: GenerationJob, base: dict[str, Any], include_usage: bool
+) -> AsyncIterator[bytes]:
+    chunk_base = {**base, "object": "text_completion"}
+    offset = 0
+    try:
+        async for event in _events(job):
+            if isinstance(event, TextDelta):
+                logprobs = (
+                    logprobs_completion(event.logprobs, offset)
+                    if job.params.logprobs is not None
+                    else None
+                )
+                offset += len(event.text)
+                if event.text or event.logprobs:
+                    yield sse(
+                        {
+                            **chunk_base,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "text": event.text,
+                                    "logprobs": logprobs,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
+                continue
+            yield sse(
+                {
+                    **chunk_base,
+                    "choices": [
+                        {"index": 0, "text": "", "logprobs": None, "finish_reason": event.reason}
+                    ],
+                    **end_fields(event),
+                }
+            )
+            if include_usage:
+                yield sse({**chunk_base, "choices": [], "usage": usage(event)})
+    except RuntimeError as error:
+        yield sse_error(str(error))
+    yield DONE_EVENT

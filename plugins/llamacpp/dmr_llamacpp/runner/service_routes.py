@@ -1,0 +1,90 @@
+"""The runner's routes around generation: health, models, metrics, and the tokenizer
+and chat template on their own (tokenize, detokenize, apply-template)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dmr.runner_support import BadRequest, error_response, json_response
+from quart import Blueprint, Response
+
+from dmr_llamacpp.runner.batching import GeneratorStats
+from dmr_llamacpp.runner.metrics import render_metrics
+from dmr_llamacpp.runner.requests import normalise_messages
+from dmr_llamacpp.runner.state import request_body, runner_state
+
+__all__ = ["blueprint"]
+
+blueprint = Blueprint("dmr_llamacpp_service", __name__)
+
+
+@blueprint.get("/health")
+async def health() -> Response:
+    state = runner_state()
+    if state.load_error:
+        return error_response(state.load_error, 500)
+    if state.model is None:
+        return error_response("loading model", 503)
+    return json_response({"status": "ok"})
+
+
+@blueprint.get("/v1/models")
+@blueprint.get("/models")
+async def models() -> Response:
+    state = runner_state()
+    meta: dict[str, Any] = {}
+    if state.model is not None:
+        meta = {
+            "n_ctx_train": state.model.n_ctx_train,
+            "n_embd": state.model.n_embd,
+            "n_vocab": state.model.n_vocab,
+        }
+    return json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "llamacpp",
+                    "meta": meta,
+                }
+            ],
+        }
+    )
+
+
+@blueprint.get("/metrics")
+async def metrics() -> Response:
+    generator = runner_state().generator
+    # Runners without a generator (loading, or pooling) report zeroed counters.
+    stats = GeneratorStats if generator is None else lambda: generator.stats
+    return Response(render_metrics(stats), content_type="text/plain; version=0.0.4")
+
+
+@blueprint.post("/tokenize")
+async def tokenize() -> Response:
+    body = await request_body()
+    content = body.get("content")
+    if not isinstance(content, str):
+        raise BadRequest("'content' must be a string", "content")
+    model = runner_state().require_model()
+    tokens = model.tokenize(content, add_special=bool(body.get("add_special", False)))
+    return json_response({"tokens": tokens})
+
+
+@blueprint.post("/detokenize")
+async def detokenize() -> Response:
+    body = await request_body()
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise BadRequest("'tokens' must be a list of integers", "tokens")
+    return json_response({"content": runner_state().require_model().detokenize(tokens)})
+
+
+@blueprint.post("/apply-template")
+async def apply_template() -> Response:
+    body = await request_body()
+    messages, _grammar, _tools = normalise_messages(body)
+    return json_response({"prompt": runner_state().render_prompt(messages, body)})
