@@ -416,3 +416,51 @@ def test_streamed_bad_request_gets_the_openai_error(completion_runner: RunnerPro
             "code": None,
         }
     }
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_decode_step_is_written_as_one_chunk(
+    completion_runner: RunnerProcess, path: str
+) -> None:
+    """Each step's events for a stream go out in one HTTP chunk (one send here and one
+    in `dmr serve`): a one-token answer is a single chunk, role and end included."""
+    from dmr.scheduler.unix_http import open_request
+
+    chat = path == "/v1/chat/completions"
+    for max_tokens in (1, 6):
+        request = {
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **({"messages": HELLO} if chat else {"prompt": "Once upon a time"}),
+        }
+        answer = await open_request(
+            completion_runner.socket_path,
+            "POST",
+            path,
+            json.dumps(request).encode(),
+            {"content-type": "application/json"},
+        )
+        try:
+            chunks = [chunk async for chunk in answer.iter_body() if chunk]
+        finally:
+            await answer.aclose()
+        events = sse_events(b"".join(chunks).decode().splitlines())
+        usage = events[-2]["usage"]
+        assert usage["completion_tokens"] == max_tokens
+        # One chunk per decode step at most (text held back for stop strings adds none).
+        assert 1 <= len(chunks) <= max_tokens
+        first, last = sse_events(chunks[0].decode().splitlines()), chunks[-1].decode()
+        if chat:
+            assert first[0]["choices"][0]["delta"]["role"] == "assistant"
+        text_of = (
+            (lambda e: e["choices"][0]["delta"].get("content"))
+            if chat
+            else (lambda e: e["choices"][0]["text"])
+        )
+        assert any(e != "[DONE]" and e["choices"] and text_of(e) for e in first)
+        assert '"finish_reason": "length"' in last or '"finish_reason":"length"' in last
+        assert last.endswith("data: [DONE]\n\n")
+        if max_tokens == 1:
+            assert len(chunks) == 1

@@ -172,18 +172,37 @@ def _start_job(state: RunnerState, prompt: str, params: SamplingParams) -> Gener
     return job
 
 
-async def _events(job: GenerationJob) -> AsyncIterator[TextDelta | Finished]:
-    """The job's events until it finishes; leaving early (disconnect) cancels its slot."""
+async def _event_batches(job: GenerationJob) -> AsyncIterator[list[TextDelta | Finished]]:
+    """The job's events until it finishes, as the decode loop hands them over: one
+    batch per step (a token's text, or the last one's with the end). A streamed
+    answer writes each batch as one chunk: every chunk is a send through hypercorn
+    here and through `dmr serve`, and a one-token answer was five (role, content,
+    end, usage, [DONE]). Leaving early (disconnect) cancels the job's slot."""
     try:
         while True:
-            event = await job.events.get()
-            if isinstance(event, Failed):
-                raise RuntimeError(event.message)
-            yield event
-            if isinstance(event, Finished):
-                return
+            batch = [await job.events.get()]
+            while not job.events.empty():
+                batch.append(job.events.get_nowait())
+            ended: list[TextDelta | Finished] = []
+            for event in batch:
+                if isinstance(event, Failed):
+                    if ended:
+                        yield ended
+                    raise RuntimeError(event.message)
+                ended.append(event)
+                if isinstance(event, Finished):
+                    yield ended
+                    return
+            yield ended
     finally:
         job.cancel()
+
+
+async def _events(job: GenerationJob) -> AsyncIterator[TextDelta | Finished]:
+    """The job's events one by one (see `_event_batches`)."""
+    async for batch in _event_batches(job):
+        for event in batch:
+            yield event
 
 
 @dataclass(frozen=True)
@@ -230,42 +249,44 @@ async def _chat_stream(
             }
         )
 
-    yield chunk({"role": "assistant", "content": ""}, None)
+    # The role goes out with the first token, as llama-server sends it.
+    out = [chunk({"role": "assistant", "content": ""}, None)]
     held: list[str] = []
     try:
-        async for event in _events(job):
-            if isinstance(event, TextDelta):
+        async for batch in _event_batches(job):
+            for event in batch:
+                if isinstance(event, TextDelta):
+                    if with_tools:
+                        held.append(event.text)  # tool calls go out whole, at the end
+                    elif job.params.logprobs is None:
+                        if event.text:
+                            out.append(content_chunk(event.text))
+                    elif event.text or event.logprobs:
+                        logprobs = logprobs_chat(event.logprobs)
+                        out.append(chunk({"content": event.text}, None, logprobs=logprobs))
+                    continue
+                finish = event.reason
                 if with_tools:
-                    held.append(event.text)  # tool calls go out whole, at the end
-                elif job.params.logprobs is None:
-                    if event.text:
-                        yield content_chunk(event.text)
-                elif event.text or event.logprobs:
-                    logprobs = logprobs_chat(event.logprobs)
-                    yield chunk({"content": event.text}, None, logprobs=logprobs)
-                continue
-            finish = event.reason
-            if with_tools:
-                content, calls = parse_tool_output("".join(held))
-                if calls:
-                    finish = "tool_calls"
-                    yield chunk(
-                        {
-                            "tool_calls": [
-                                {"index": i, "id": _call_id(), "type": "function", "function": call}
-                                for i, call in enumerate(calls)
-                            ]
-                        },
-                        None,
-                    )
-                elif content:
-                    yield chunk({"content": content}, None)
-            yield chunk({}, finish, **end_fields(event))
-            if include_usage:
-                yield sse({**chunk_base, "choices": [], "usage": usage(event)})
+                    content, calls = parse_tool_output("".join(held))
+                    if calls:
+                        finish = "tool_calls"
+                        tool_calls = [
+                            {"index": i, "id": _call_id(), "type": "function", "function": call}
+                            for i, call in enumerate(calls)
+                        ]
+                        out.append(chunk({"tool_calls": tool_calls}, None))
+                    elif content:
+                        out.append(chunk({"content": content}, None))
+                out.append(chunk({}, finish, **end_fields(event)))
+                if include_usage:
+                    out.append(sse({**chunk_base, "choices": [], "usage": usage(event)}))
+            if isinstance(batch[-1], TextDelta) and out:  # the end goes out with [DONE]
+                yield b"".join(out)
+                out = []
     except RuntimeError as error:
-        yield sse_error(str(error))
-    yield DONE_EVENT
+        out.append(sse_error(str(error)))
+    out.append(DONE_EVENT)
+    yield b"".join(out)
 
 
 async def _completion_stream(
@@ -273,41 +294,34 @@ async def _completion_stream(
 ) -> AsyncIterator[bytes]:
     chunk_base = {**base, "object": "text_completion"}
     offset = 0
+    out: list[bytes] = []  # one step's chunks, sent together (see `_event_batches`)
     try:
-        async for event in _events(job):
-            if isinstance(event, TextDelta):
-                logprobs = (
-                    logprobs_completion(event.logprobs, offset)
-                    if job.params.logprobs is not None
-                    else None
-                )
-                offset += len(event.text)
-                if event.text or event.logprobs:
-                    yield sse(
-                        {
-                            **chunk_base,
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "text": event.text,
-                                    "logprobs": logprobs,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
+        async for batch in _event_batches(job):
+            for event in batch:
+                if isinstance(event, TextDelta):
+                    logprobs = (
+                        logprobs_completion(event.logprobs, offset)
+                        if job.params.logprobs is not None
+                        else None
                     )
-                continue
-            yield sse(
-                {
-                    **chunk_base,
-                    "choices": [
-                        {"index": 0, "text": "", "logprobs": None, "finish_reason": event.reason}
-                    ],
-                    **end_fields(event),
-                }
-            )
-            if include_usage:
-                yield sse({**chunk_base, "choices": [], "usage": usage(event)})
+                    offset += len(event.text)
+                    if event.text or event.logprobs:
+                        choice = {
+                            "index": 0,
+                            "text": event.text,
+                            "logprobs": logprobs,
+                            "finish_reason": None,
+                        }
+                        out.append(sse({**chunk_base, "choices": [choice]}))
+                    continue
+                end = {"index": 0, "text": "", "logprobs": None, "finish_reason": event.reason}
+                out.append(sse({**chunk_base, "choices": [end], **end_fields(event)}))
+                if include_usage:
+                    out.append(sse({**chunk_base, "choices": [], "usage": usage(event)}))
+            if isinstance(batch[-1], TextDelta) and out:  # the end goes out with [DONE]
+                yield b"".join(out)
+                out = []
     except RuntimeError as error:
-        yield sse_error(str(error))
-    yield DONE_EVENT
+        out.append(sse_error(str(error)))
+    out.append(DONE_EVENT)
+    yield b"".join(out)
