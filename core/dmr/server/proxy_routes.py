@@ -15,18 +15,18 @@ body already read, so answers to those stay exactly the blueprints'.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart
 
+from dmr.asgi_streams import Receive, Send, read_body, replay, send_streamed, send_whole
 from dmr.error_bodies import openai_error_body
 from dmr.errors import DmrError
 from dmr.records import ApiDialect, ProxyRoute
@@ -41,9 +41,6 @@ __all__ = ["ProxyRoutes"]
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 # Requests with these headers need Quart's hooks (CORS, the preload answer).
 _NEEDS_APP = frozenset({b"origin", b"x-preload-only"})
@@ -104,7 +101,7 @@ class ProxyRoutes:
         if matched is None or not self._plain(scope):
             await self.inner(asgi_scope, asgi_receive, asgi_send)
             return
-        raw = await _read_body(receive)
+        raw = await read_body(receive)
         if raw is None:
             return  # the client left before sending its request
         target, backend = matched
@@ -118,7 +115,7 @@ class ProxyRoutes:
             with contextlib.suppress(Exception):
                 resolved, _ = resolve_model(services.store, name)
         if services is None or resolved is None:
-            replayed = cast(ASGIReceiveCallable, _replay(raw, receive))
+            replayed = cast(ASGIReceiveCallable, replay(raw, receive))
             await self.inner(asgi_scope, replayed, asgi_send)
             return
         observation = scope.get(SCOPE_KEY)
@@ -179,12 +176,11 @@ class ProxyRoutes:
         # As `jsonify` writes it outside debug mode.
         text = self.app.json.dumps(openai_error_body(dmr_error), separators=(",", ":"))
         body = (text + "\n").encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        headers = [(b"content-type", b"application/json")]
         retry_after = getattr(dmr_error, "retry_after", None)
         if retry_after is not None:
             headers.append((b"retry-after", str(retry_after).encode()))
-        await send({"type": "http.response.start", "status": dmr_error.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_whole(send, dmr_error.status, body, headers)
 
 
 def _model_name(raw: bytes) -> str | None:
@@ -196,64 +192,14 @@ def _model_name(raw: bytes) -> str | None:
     return model.strip() if isinstance(model, str) and model.strip() else None
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    parts: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-def _replay(raw: bytes, receive: Receive) -> Receive:
-    """A `receive` that gives the body read already, then the real one's messages."""
-    given = False
-
-    async def replayed() -> Message:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return replayed
-
-
 async def _forward(exchange: Exchange, receive: Receive, send: Send) -> None:
     headers = [(name.encode(), value.encode()) for name, value in exchange.headers.items()]
     if exchange.chunks is None:
-        content = exchange.content or b""
-        headers.append((b"content-length", b"%d" % len(content)))
-        await send({"type": "http.response.start", "status": exchange.status, "headers": headers})
-        await send({"type": "http.response.body", "body": content, "more_body": False})
+        await send_whole(send, exchange.status, exchange.content or b"", headers)
         return
-    chunks = exchange.chunks
-
-    async def produce() -> None:
-        await send({"type": "http.response.start", "status": exchange.status, "headers": headers})
-        async for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def until_disconnect() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    # A client that leaves cancels the producer; closing the exchange then closes the
-    # runner connection, which stops the generation and frees its slot.
-    producer = asyncio.ensure_future(produce())
-    watcher = asyncio.ensure_future(until_disconnect())
+    # A client that leaves closes the stream: the runner connection closes with it,
+    # which stops the generation and frees its slot; `aclose` gives the lease back.
     try:
-        await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await send_streamed(exchange.chunks, receive, send, exchange.status, headers)
     finally:
-        for task in (producer, watcher):
-            task.cancel()
-        for task in (producer, watcher):
-            with contextlib.suppress(asyncio.CancelledError):
-                try:
-                    await task
-                except Exception:  # a failed stream ends; hypercorn closes the connection
-                    log.exception("forwarded stream failed")
         await exchange.aclose()

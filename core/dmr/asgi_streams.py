@@ -1,0 +1,94 @@
+"""Raw ASGI pieces for answers sent past a web framework: the server's proxy routes
+and the llama.cpp runner's streamed generations use them.
+
+Light on purpose (asyncio only): runners import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+__all__ = ["Receive", "Send", "read_body", "replay", "send_streamed", "send_whole"]
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The request's whole body; None when the client left before sending it."""
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def replay(raw: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the body read already, then the real one's messages."""
+    given = False
+
+    async def replayed() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def send_whole(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    head = [*headers, (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_streamed(
+    chunks: AsyncIterator[bytes],
+    receive: Receive,
+    send: Send,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """Send `chunks` as they come. A client that leaves cancels the sending, and the
+    generator is closed either way: its `finally` frees what the answer held (a
+    runner's slot, the server's lease on a runner)."""
+
+    async def produce() -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def until_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    producer = asyncio.ensure_future(produce())
+    watcher = asyncio.ensure_future(until_disconnect())
+    try:
+        await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (producer, watcher):
+            task.cancel()
+        for task in (producer, watcher):
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await task
+                except Exception:  # a failed stream ends; the ASGI server closes the connection
+                    log.exception("streamed answer failed")
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
