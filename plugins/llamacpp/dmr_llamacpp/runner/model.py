@@ -19,17 +19,24 @@ import numpy as np
 __all__ = ["ContextOptions", "LoadedModel", "silence_llama_logs"]
 
 _LOG_CALLBACK: Any = None
-_GGML_LOG_WARN = 2
-_GGML_LOG_ERROR = 3
+# ggml's levels in the llama.cpp this package builds (ggml.h; llama-cpp-python's own
+# comment gives an older numbering): a continuation line takes its line's level.
+_GGML_LOG_WARN = 3
+_GGML_LOG_ERROR = 4
+_GGML_LOG_CONT = 5
 
 
 def silence_llama_logs() -> None:
     """Keep llama.cpp's warnings and errors on stderr (the scheduler reports them)."""
     global _LOG_CALLBACK
     verbose = os.environ.get("LOG_LEVEL", "").lower() == "debug"
+    kept = False  # whether the line a continuation belongs to was kept
 
     def forward(level: int, text: bytes, _user_data: Any) -> None:
-        if verbose or level in (_GGML_LOG_WARN, _GGML_LOG_ERROR):
+        nonlocal kept
+        if level != _GGML_LOG_CONT:
+            kept = verbose or level in (_GGML_LOG_WARN, _GGML_LOG_ERROR)
+        if kept:
             sys.stderr.write(text.decode("utf-8", errors="replace"))
 
     # The callback must outlive every llama call, so it is kept in a module global.
