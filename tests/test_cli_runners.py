@@ -76,6 +76,11 @@ def test_configure_and_configure_show(test_engine_server: DmrServer) -> None:
     assert config["keep_alive"] == "-1"
     wait_for(lambda: bool(ps(test_engine_server)), message="preload")
 
+    budget = test_engine_server.cli("configure", "--reasoning-budget", "0", "test/a")
+    assert budget.returncode == 0, budget.stderr
+    wrong = test_engine_server.cli("configure", "--reasoning-budget", "-2", "test/a")
+    assert wrong.returncode != 0
+
     refused = test_engine_server.cli("configure", "test/a", "--", "--log-file", "/etc/passwd")
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1

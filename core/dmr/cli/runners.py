@@ -207,6 +207,11 @@ def _device_line(device: dict[str, Any]) -> str:
 @click.option(
     "--speculative-draft-model", "draft_model", help="Draft model for speculative decoding."
 )
+@click.option(
+    "--reasoning-budget",
+    type=click.IntRange(min=-1),
+    help="Thinking tokens for reasoning models (llama.cpp): -1 unlimited, 0 off.",
+)
 @click.option("--backend", help="Engine to configure.")
 def configure(
     model: str,
@@ -215,6 +220,7 @@ def configure(
     keep_alive: str | None,
     mode: str | None,
     draft_model: str | None,
+    reasoning_budget: int | None,
     backend: str | None,
 ) -> None:
     """Configure MODEL's runner; engine FLAGS go after `--`.
@@ -240,6 +246,8 @@ def configure(
         body["mode"] = mode
     if draft_model:
         body["speculative"] = {"draft_model": draft_model}
+    if reasoning_budget is not None:
+        body["llamacpp"] = {"reasoning-budget": reasoning_budget}
     if flags:
         body["runtime-flags"] = list(flags)
     path = f"/engines/{backend}/_configure" if backend else "/engines/_configure"

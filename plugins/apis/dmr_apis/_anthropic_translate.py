@@ -217,9 +217,28 @@ def anthropic_to_openai(body: Mapping[str, Any], *, stream: bool) -> dict[str, A
     fmt = _output_format(body.get("output_config"))
     if fmt is not None:
         payload["response_format"] = fmt
+    payload.update(_thinking(body.get("thinking")))
     if stream:
         payload["stream_options"] = {"include_usage": True}
     return payload
+
+
+def _thinking(thinking: Any) -> dict[str, Any]:
+    """Anthropic's `thinking` in the runner's terms: disabled is llama-server's (and
+    vLLM's) `enable_thinking: false`; a `budget_tokens` is dmr's `reasoning_budget`,
+    the per-request `--reasoning-budget` of the llama.cpp runner."""
+    if thinking is None:
+        return {}
+    if not isinstance(thinking, Mapping) or thinking.get("type") not in ("enabled", "disabled"):
+        raise InvalidRequestError('\'thinking\' must be {"type": "enabled"|"disabled"}')
+    if thinking["type"] == "disabled":
+        return {"chat_template_kwargs": {"enable_thinking": False}}
+    budget = thinking.get("budget_tokens")
+    if budget is None:
+        return {}
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise InvalidRequestError("'thinking.budget_tokens' must be a positive integer")
+    return {"reasoning_budget": budget}
 
 
 def _output_format(output_config: Any) -> dict[str, Any] | None:
@@ -270,8 +289,12 @@ def anthropic_usage(usage: Mapping[str, Any] | None) -> dict[str, int]:
     }
 
 
-def anthropic_content(text: str, tool_calls: list[ToolCall]) -> list[dict[str, Any]]:
+def anthropic_content(
+    text: str, tool_calls: list[ToolCall], thinking: str = ""
+) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = []
+    if thinking:  # the model's reasoning (`reasoning_content`); dmr signs nothing
+        content.append({"type": "thinking", "thinking": thinking, "signature": ""})
     if text or not tool_calls:
         content.append({"type": "text", "text": text})
     for call in tool_calls:

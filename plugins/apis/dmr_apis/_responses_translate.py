@@ -287,9 +287,18 @@ def function_call_item(call: ToolCall, status: str = "completed") -> dict[str, A
 
 
 def output_items(
-    text: str, calls: list[ToolCall], message_id: str | None = None
+    text: str, calls: list[ToolCall], message_id: str | None = None, reasoning: str = ""
 ) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
+    if reasoning:  # the runner's `reasoning_content`, as OpenAI's reasoning item
+        items.append(
+            {
+                "type": "reasoning",
+                "id": new_id("rs"),
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": reasoning}],
+            }
+        )
     if text or not calls:
         items.append(message_item(message_id or new_id("msg"), text))
     items.extend(function_call_item(call) for call in calls)

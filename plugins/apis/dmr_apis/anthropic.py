@@ -80,7 +80,7 @@ async def messages(backend: str | None = None) -> Response:
                 "type": "message",
                 "role": "assistant",
                 "model": body["model"],
-                "content": anthropic_content(answer.content, answer.calls),
+                "content": anthropic_content(answer.content, answer.calls, answer.reasoning),
                 "stop_reason": stop_reason,
                 "stop_sequence": stop_sequence,
                 "usage": anthropic_usage(answer.usage),
@@ -111,11 +111,24 @@ async def messages(backend: str | None = None) -> Response:
         yield encode_event("ping", {"type": "ping"})
         block_index = 0
         text_open = False
+        thinking_open = False
         answer = AnswerFold()
         try:
             async for delta in answer.deltas(upstream.events()):
+                if delta.reasoning and not text_open:
+                    if not thinking_open:
+                        thinking_open = True
+                        thinking = {"type": "thinking", "thinking": "", "signature": ""}
+                        yield _block_start(block_index, thinking)
+                    yield _block_delta(
+                        block_index, {"type": "thinking_delta", "thinking": delta.reasoning}
+                    )
                 if not delta.content:
                     continue
+                if thinking_open:  # the thinking block comes before the text, whole
+                    thinking_open = False
+                    yield _block_stop(block_index)
+                    block_index += 1
                 if not text_open:
                     text_open = True
                     yield _block_start(block_index, {"type": "text", "text": ""})
@@ -126,7 +139,7 @@ async def messages(backend: str | None = None) -> Response:
                 {"type": "error", "error": {"type": "api_error", "message": str(error)}},
             )
             return
-        if text_open:
+        if text_open or thinking_open:
             yield _block_stop(block_index)
             block_index += 1
         # Tool calls go out whole: fragments are merged before their block starts.

@@ -110,7 +110,7 @@ async def create() -> Response:
             response_id=response_id,
             created_at=created_at,
             status=status,
-            output=output_items(answer.content, answer.calls),
+            output=output_items(answer.content, answer.calls, reasoning=answer.reasoning),
             usage=usage_of(answer.usage),
             incomplete_reason=reason,
         )

@@ -43,6 +43,8 @@ class ScriptedRunner:
 
     text_pieces: list[str] = field(default_factory=lambda: ["Hel", "lo", " there"])
     finish_reason: str = "stop"
+    # A reasoning model's thinking, sent as `reasoning_content` before the text.
+    reasoning_pieces: list[str] = field(default_factory=list)
     # Each call: (id, name, arguments); streamed as several fragments.
     tool_calls: list[tuple[str, str, str]] = field(default_factory=list)
     error: tuple[int, str] | None = None
@@ -91,6 +93,8 @@ class ScriptedRunner:
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
         if chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.reasoning_pieces:
+                message["reasoning_content"] = "".join(self.reasoning_pieces)
             if self.tool_calls:
                 message["content"] = None
                 message["tool_calls"] = [
@@ -112,6 +116,9 @@ class ScriptedRunner:
 
     def _sse(self, chat: bool, body: dict[str, Any]) -> bytes:
         chunks: list[dict[str, Any]] = []
+        for piece in self.reasoning_pieces if chat else []:
+            delta = {"delta": {"reasoning_content": piece}}
+            chunks.append({"choices": [{"index": 0, **delta, "finish_reason": None}]})
         for piece in self.text_pieces if not self.tool_calls else []:
             delta = {"delta": {"content": piece}} if chat else {"text": piece}
             chunks.append({"choices": [{"index": 0, **delta, "finish_reason": None}]})

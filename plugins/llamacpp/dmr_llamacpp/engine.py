@@ -72,6 +72,10 @@ def worker_settings(
     options = launch.config.engine_options.get("llamacpp") or {}
     if "parallel" in options:
         settings = apply_flags(settings, ["--parallel", str(int(options["parallel"]))])
+    if options.get("reasoning-budget") is not None:
+        settings = apply_flags(
+            settings, ["--reasoning-budget", str(int(options["reasoning-budget"]))]
+        )
     # `_configure`'s speculative block, in llama-server's terms.
     if launch.config.speculative_num_tokens:
         settings = apply_flags(

@@ -105,6 +105,7 @@ _value(("--draft-max", "--draft", "--draft-n"), "draft_max", int)
 _value(("--draft-p-min",), "draft_p_min", float)
 _value(("-cram", "--cache-ram"), "cache_ram", int)
 _value(("--burst-gap-ms",), "burst_gap_ms", float)
+_value(("--reasoning-budget",), "reasoning_budget", int)
 _value(("--chat-template-file",), "chat_template_file", str)
 _value(("-a", "--alias"), "alias", str)
 _switch(("--metrics",), "metrics", True)
@@ -160,6 +161,8 @@ class WorkerSettings:
     # dmr's own: how long an idle runner waits for the next request of a burst
     # before its first step (runner/batching.py); 0 starts at once.
     burst_gap_ms: float = 3.0
+    # llama-server's: thinking tokens a reasoning model may write (-1 unlimited, 0 none).
+    reasoning_budget: int = -1
     chat_template_file: str | None = None
     alias: str | None = None
     metrics: bool = True
@@ -232,6 +235,8 @@ def _convert(name: str, raw: str) -> Any:
         raise ValueError(f"flag {name} must be positive, got {raw!r}")
     if attr == "burst_gap_ms" and not 0 <= value <= 1000:
         raise ValueError(f"flag {name} takes 0 to 1000 ms, got {raw!r}")
+    if attr == "reasoning_budget" and value < -1:
+        raise ValueError(f"flag {name} takes -1 (unlimited), 0 (off) or a token count")
     if attr == "cache_ram" and value < 0:
         raise ValueError(f"flag {name} takes MiB, 0 to turn the cache off; got {raw!r}")
     return value

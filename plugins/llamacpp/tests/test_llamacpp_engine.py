@@ -210,3 +210,24 @@ def test_llama_server_path_finds_upstream_and_docker_names(tmp_path: Path) -> No
     not_executable.parent.mkdir()
     not_executable.write_text("")
     assert find_llama_server(tmp_path / "d") is None
+
+
+def test_reasoning_budget_reaches_the_runner(llama_bundle: Path, tmp_path: Path) -> None:
+    """`_configure`'s `llamacpp.reasoning-budget` (`dmr configure --reasoning-budget`)
+    and the `--reasoning-budget` runtime flag both become the runner's option."""
+    launch = make_launch(llama_bundle, tmp_path / "r.sock")
+    configured = replace(
+        launch,
+        config=replace(launch.config, engine_options={"llamacpp": {"reasoning-budget": 0}}),
+    )
+    argv = list(LlamaCppEngine().runner_command(configured).argv)
+    assert argv[argv.index("--reasoning-budget") + 1] == "0"
+    flagged = make_launch(
+        llama_bundle, tmp_path / "r.sock", runtime_flags=("--reasoning-budget", "64")
+    )
+    argv = list(LlamaCppEngine().runner_command(flagged).argv)
+    assert argv[argv.index("--reasoning-budget") + 1] == "64"
+    assert "--reasoning-budget" not in LlamaCppEngine().runner_command(launch).argv
+    bad = make_launch(llama_bundle, tmp_path / "r.sock", runtime_flags=("--reasoning-budget", "-5"))
+    with pytest.raises(ValueError, match="reasoning-budget"):
+        LlamaCppEngine().runner_command(bad)

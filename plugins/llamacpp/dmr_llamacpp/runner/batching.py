@@ -31,6 +31,7 @@ import numpy as np
 
 from dmr_llamacpp.runner.model import Batch, LoadedModel
 from dmr_llamacpp.runner.prompt_cache import HostPromptCache, common_prefix_length
+from dmr_llamacpp.runner.reasoning import THINK_CLOSE, THINK_OPEN, ThinkingBudget, partial_tag
 from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
 from dmr_llamacpp.runner.speculative import Drafter
 from dmr_llamacpp.runner.text import StreamedText
@@ -108,6 +109,7 @@ class GenerationJob:
         self.cancelled = False  # set by the handler, read by the decode thread
         self.submitted_at = time.perf_counter()
         self.outbox: list[Event] = []  # the decode thread's events not yet handed over
+        self.thinking: ThinkingBudget | None = None  # None: thinking is not limited
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -155,6 +157,12 @@ class _Slot:
     prompt_done_at: float = 0.0
     cached_tokens: int = 0  # of this job's prompt, reused from the cache
     last_used: float = 0.0  # when the slot last finished a job (least recently used goes first)
+    # A thinking budget being counted (None: none, or spent): tokens left, whether the
+    # model is inside `<think>`, the text tail a tag may straddle, and tokens to force.
+    think_left: int | None = None
+    think_inside: bool = False
+    think_tail: str = ""
+    forced: list[int] = field(default_factory=list)
 
     @property
     def busy(self) -> bool:
@@ -313,6 +321,13 @@ class BatchedGenerator:
             slot.completion_tokens = 0
             slot.text = StreamedText(job.params.stop)
             slot.held_logprobs = []
+            slot.forced = []
+            budget = job.thinking
+            slot.think_left = None if budget is None else budget.tokens
+            slot.think_inside = budget is not None and budget.inside
+            slot.think_tail = ""
+            if budget is not None and budget.inside and budget.tokens <= 0:
+                slot.forced, slot.think_left = list(budget.close), None
             slot.started_at = time.perf_counter()
             slot.prompt_done_at = 0.0
         self.stats.requests_deferred = len(self._waiting)
@@ -507,7 +522,14 @@ class BatchedGenerator:
             slot.prompt_done_at = now
         params = job.params
         raw_logits = self.model.logits(slot.output_index) if params.logprobs is not None else None
-        token = int(llama_cpp.llama_sampler_sample(slot.sampler, self.model.ctx, slot.output_index))
+        if slot.forced:
+            # The close of a thinking cut short: written for the model, not sampled (the
+            # sampler's grammar and penalties do not see it).
+            token = slot.forced.pop(0)
+        else:
+            token = int(
+                llama_cpp.llama_sampler_sample(slot.sampler, self.model.ctx, slot.output_index)
+            )
         if self.model.is_end_of_generation(token) and not params.ignore_eos:
             self._finish(slot, "stop")
             return False
@@ -518,6 +540,8 @@ class BatchedGenerator:
             slot.held_logprobs.append(
                 self._logprob_entry(raw_logits, token, piece, params.logprobs)
             )
+        if slot.think_left is not None:
+            self._count_thinking(slot, job, piece)
         text = slot.text.push(piece)
         if text:
             self._emit(job, TextDelta(text, slot.held_logprobs))
@@ -533,6 +557,30 @@ class BatchedGenerator:
             return False
         slot.next_token = token
         return True
+
+    def _count_thinking(self, slot: _Slot, job: GenerationJob, piece: bytes) -> None:
+        """Count a thinking token against the budget; once it is spent, the close tag
+        is forced as the next tokens and the model goes on with its answer."""
+        assert slot.think_left is not None and job.thinking is not None
+        tail = slot.think_tail + piece.decode("utf-8", "replace")
+        if not slot.think_inside:
+            at = tail.find(THINK_OPEN)
+            if at < 0:
+                slot.think_tail = tail[-len(THINK_OPEN) :]
+                return
+            slot.think_inside = True
+            tail = tail[at + len(THINK_OPEN) :]
+            if tail:  # a token that opens the thinking and starts it counts
+                slot.think_left -= 1
+        else:
+            slot.think_left -= 1
+        if THINK_CLOSE in tail:  # the model closed it itself: nothing more to count
+            slot.think_left, slot.think_tail = None, ""
+            return
+        slot.think_tail = tail[-len(THINK_CLOSE) :]
+        # A model halfway through writing `</think>` itself is let finish it.
+        if slot.think_left <= 0 and not partial_tag(slot.think_tail, THINK_CLOSE):
+            slot.forced, slot.think_left = list(job.thinking.close), None
 
     def _logprob_entry(
         self, logits: np.ndarray, token: int, piece: bytes, top_n: int | None

@@ -33,20 +33,29 @@ class ChatTemplate:
         self._template = environment.from_string(self.source)
 
     def render(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
+        """`extra` is the request's `chat_template_kwargs` (Qwen3's `enable_thinking`)."""
+
         def raise_exception(message: str) -> None:
             raise ValueError(message)
 
         try:
             return self._template.render(
-                messages=messages,
-                tools=tools,
-                add_generation_prompt=True,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                raise_exception=raise_exception,
-                strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                {
+                    **(extra or {}),  # the request's own variables never replace these
+                    "messages": messages,
+                    "tools": tools,
+                    "add_generation_prompt": True,
+                    "bos_token": self.bos_token,
+                    "eos_token": self.eos_token,
+                    "raise_exception": raise_exception,
+                    "strftime_now": lambda fmt: datetime.now().strftime(fmt),
+                }
             )
         except jinja2.TemplateError as error:
             raise ValueError(f"the chat template failed: {error}") from None

@@ -32,6 +32,12 @@ from dmr_llamacpp.runner.openai_bodies import (
     usage,
     whole_body,
 )
+from dmr_llamacpp.runner.reasoning import (
+    THINK_CLOSE,
+    ReasoningSplitter,
+    ThinkingBudget,
+    starts_thinking,
+)
 from dmr_llamacpp.runner.requests import normalise_messages, sampling_from_body
 from dmr_llamacpp.runner.sampling import SamplingParams
 from dmr_llamacpp.runner.state import RunnerState, request_body, runner_state
@@ -85,15 +91,55 @@ async def chat_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAns
     """The whole answer, or for `stream` its SSE events (see `StreamingRoutes`)."""
     messages, tool_grammar, with_tools = normalise_messages(body)
     params = sampling_from_body(body, state.settings, chat=True, grammar=tool_grammar)
-    prompt = state.render_prompt(messages, body)
-    job = _start_job(state, prompt, params)
+    budget, template_kwargs = _reasoning_budget(body, state.settings.reasoning_budget)
+    prompt = state.render_prompt(messages, body, template_kwargs)
+    thinking = starts_thinking(prompt)
+    limit = None
+    if budget >= 0:
+        close = state.require_model().tokenize(
+            THINK_CLOSE + "\n\n", add_special=False, parse_special=True
+        )
+        limit = ThinkingBudget(budget, tuple(close), inside=thinking)
+    job = _start_job(state, prompt, params, limit)
     base = answer_base("chatcmpl", state.model_name)
+    # llama-server's `reasoning_format: "none"` leaves the thinking in the content.
+    split = body.get("reasoning_format") != "none"
     if body.get("stream"):
-        return _chat_stream(job, base, with_tools=with_tools, include_usage=_include_usage(body))
+        splitter = ReasoningSplitter(thinking=thinking) if split else None
+        return _chat_stream(
+            job, base, splitter, with_tools=with_tools, include_usage=_include_usage(body)
+        )
     logprobs = params.logprobs is not None
     return await _whole_answer(
-        job, base, "chat.completion", lambda whole: _chat_choice(whole, with_tools, logprobs)
+        job,
+        base,
+        "chat.completion",
+        lambda whole: _chat_choice(whole, with_tools, logprobs, split and thinking, split),
     )
+
+
+def _reasoning_budget(body: dict[str, Any], default: int) -> tuple[int, dict[str, Any] | None]:
+    """The request's thinking budget (-1: unlimited) and its chat template variables.
+
+    A request's `reasoning_budget` (dmr's, what the Ollama and Anthropic dialects send)
+    or `chat_template_kwargs.enable_thinking: false` (llama-server's) overrides the
+    runner's `--reasoning-budget`; a budget of 0 renders the template with
+    `enable_thinking` false, the switch Qwen3-style templates know.
+    """
+    kwargs = body.get("chat_template_kwargs")
+    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+    budget = default
+    raw = body.get("reasoning_budget")
+    if raw is not None:
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < -1:
+            message = "'reasoning_budget' must be -1, 0 or a token count"
+            raise BadRequest(message, "reasoning_budget")
+        budget = raw
+    if kwargs.get("enable_thinking") is False:
+        budget = 0
+    if budget == 0:
+        kwargs.setdefault("enable_thinking", False)
+    return budget, kwargs or None
 
 
 async def completion_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAnswer:
@@ -127,11 +173,22 @@ async def _whole_answer(
     return json_response(whole_body(base, kind, choice_of(whole), whole.done))
 
 
-def _chat_choice(whole: _Collected, with_tools: bool, logprobs: bool) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": whole.text}
+def _chat_choice(
+    whole: _Collected, with_tools: bool, logprobs: bool, thinking: bool, split: bool
+) -> dict[str, Any]:
+    text = whole.text
+    reasoning = ""
+    if split:
+        splitter = ReasoningSplitter(thinking=thinking)
+        reasoning, text = splitter.push(text)
+        held_reasoning, held_text = splitter.finish()
+        reasoning, text = (reasoning + held_reasoning).rstrip(), text + held_text
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     finish = whole.done.reason
     if with_tools:
-        content, calls = parse_tool_output(whole.text)
+        content, calls = parse_tool_output(text)
         message["content"] = content
         if calls:
             message["tool_calls"] = [
@@ -159,12 +216,18 @@ def _call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _start_job(state: RunnerState, prompt: str, params: SamplingParams) -> GenerationJob:
+def _start_job(
+    state: RunnerState,
+    prompt: str,
+    params: SamplingParams,
+    thinking: ThinkingBudget | None = None,
+) -> GenerationJob:
     model = state.require_model()
     tokens = model.tokenize(prompt, add_special=True, parse_special=True)
     if not tokens:
         tokens = [model.bos_token]
     job = GenerationJob(tokens, params)
+    job.thinking = thinking
     try:
         state.require_generator().submit(job)
     except ValueError as error:
@@ -228,7 +291,12 @@ async def _collect(job: GenerationJob) -> _Collected:
 
 
 async def _chat_stream(
-    job: GenerationJob, base: dict[str, Any], *, with_tools: bool, include_usage: bool
+    job: GenerationJob,
+    base: dict[str, Any],
+    splitter: ReasoningSplitter | None,
+    *,
+    with_tools: bool,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
     chunk_base = {**base, "object": "chat.completion.chunk"}
     content_chunk = content_chunk_encoder(chunk_base)
@@ -256,15 +324,27 @@ async def _chat_stream(
         async for batch in _event_batches(job):
             for event in batch:
                 if isinstance(event, TextDelta):
+                    text = event.text
+                    if splitter is not None:
+                        reasoning, text = splitter.push(text)
+                        if reasoning:  # thinking streams as it comes, tools or not
+                            out.append(chunk({"reasoning_content": reasoning}, None))
                     if with_tools:
-                        held.append(event.text)  # tool calls go out whole, at the end
+                        held.append(text)  # tool calls go out whole, at the end
                     elif job.params.logprobs is None:
-                        if event.text:
-                            out.append(content_chunk(event.text))
-                    elif event.text or event.logprobs:
+                        if text:
+                            out.append(content_chunk(text))
+                    elif text or event.logprobs:
                         logprobs = logprobs_chat(event.logprobs)
-                        out.append(chunk({"content": event.text}, None, logprobs=logprobs))
+                        out.append(chunk({"content": text}, None, logprobs=logprobs))
                     continue
+                if splitter is not None:
+                    reasoning, text = splitter.finish()
+                    if reasoning:
+                        out.append(chunk({"reasoning_content": reasoning}, None))
+                    if text and not with_tools:
+                        out.append(content_chunk(text))
+                    held.append(text)
                 finish = event.reason
                 if with_tools:
                     content, calls = parse_tool_output("".join(held))

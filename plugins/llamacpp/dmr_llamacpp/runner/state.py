@@ -59,13 +59,23 @@ class RunnerState:
             raise BadRequest("the model is still loading")
         return self.pooler
 
-    def render_prompt(self, messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
-        """The chat template applied to `messages` (and the request's `tools`)."""
+    def render_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        body: dict[str, Any],
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The chat template applied to `messages` (and the request's `tools`), with
+        `template_kwargs`, or else the request's `chat_template_kwargs`, as variables."""
+        if template_kwargs is None:
+            template_kwargs = body.get("chat_template_kwargs")
+            if not isinstance(template_kwargs, dict):
+                template_kwargs = None
         assert self.template is not None or self.model is None
         if self.template is None:
             raise BadRequest("the model is still loading")
         try:
-            return self.template.render(messages, tools=body.get("tools"))
+            return self.template.render(messages, tools=body.get("tools"), extra=template_kwargs)
         except ValueError as error:
             raise BadRequest(str(error), "messages") from None
 
