@@ -8,33 +8,25 @@ and cached under ~/.cache/dmr.
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
+from tests.fixtures.llama_server import build_llama_server, running_llama_server
 from tests.fixtures.server import DmrServer, free_port
 from tests.fixtures.test_engine import ps
 from tests.test_scheduler_smollm2 import put_smollm2
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
 def llama_server_binary() -> Path:
     """The cached native llama-server; built (once, minutes) if it is missing."""
-    built = subprocess.run(
-        [str(REPO / "scripts" / "build-llama-server")], capture_output=True, text=True
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    binary = Path(built.stdout.strip().splitlines()[-1])
+    binary = build_llama_server()
     assert binary.name == "llama-server" and version("llama-cpp-python") in str(binary)
     return binary
 
@@ -109,46 +101,11 @@ def _cmdline(pid: int) -> list[str]:
 @pytest.fixture
 def native_llama_server(llama_server_binary: Path, smollm2_gguf: Path) -> Iterator[str]:
     """llama-server on 127.0.0.1 with dmr's default slots and context per slot."""
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            str(llama_server_binary),
-            "--model",
-            str(smollm2_gguf),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--parallel",
-            "8",
-            "--ctx-size",
-            str(8 * 4096),
-            "--jinja",
-            "--no-repack",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, "llama-server exited"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llama-server did not become healthy"
-            time.sleep(0.2)
+    slots = ["--parallel", "8", "--ctx-size", str(8 * 4096)]
+    with running_llama_server(
+        llama_server_binary, smollm2_gguf, free_port(), extra_args=slots
+    ) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 GREEDY_PROMPTS = [

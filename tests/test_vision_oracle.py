@@ -14,11 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fixtures.llama_server import build_llama_server, running_llama_server
 from tests.fixtures.server import free_port
 from tests.fixtures.vision_projector import (
-    build_llama_server,
     png_data_url,
-    running_llama_server,
     sample_png,
     write_test_projector,
 )

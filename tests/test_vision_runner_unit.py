@@ -32,11 +32,10 @@ from dmr_llamacpp.runner.vision import (
     set_mtmd_log_callback,
 )
 
+from tests.fixtures.llama_server import build_llama_server, running_llama_server
 from tests.fixtures.server import free_port
 from tests.fixtures.vision_projector import (
-    build_llama_server,
     png_data_url,
-    running_llama_server,
     sample_png,
     solid_png,
     write_test_projector,
