@@ -290,7 +290,28 @@ async def _collect(job: GenerationJob) -> _Collected:
     raise RuntimeError("generation ended without finishing")
 
 
-async def _chat_stream(
+async def _step_writes(
+    job: GenerationJob,
+    encode: Callable[[TextDelta | Finished, list[bytes]], None],
+    out: list[bytes],
+) -> AsyncIterator[bytes]:
+    """A streamed answer's writes: `encode` adds each event's SSE chunks to `out`, and
+    each decode step's go out as one write (see `_event_batches`); the end goes out
+    with `[DONE]`, and a failed generation as an error event before it."""
+    try:
+        async for batch in _event_batches(job):
+            for event in batch:
+                encode(event, out)
+            if isinstance(batch[-1], TextDelta) and out:
+                yield b"".join(out)
+                out = []
+    except RuntimeError as error:
+        out.append(sse_error(str(error)))
+    out.append(DONE_EVENT)
+    yield b"".join(out)
+
+
+def _chat_stream(
     job: GenerationJob,
     base: dict[str, Any],
     splitter: ReasoningSplitter | None,
@@ -317,91 +338,78 @@ async def _chat_stream(
             }
         )
 
-    # The role goes out with the first token, as llama-server sends it.
-    out = [chunk({"role": "assistant", "content": ""}, None)]
     held: list[str] = []
-    try:
-        async for batch in _event_batches(job):
-            for event in batch:
-                if isinstance(event, TextDelta):
-                    text = event.text
-                    if splitter is not None:
-                        reasoning, text = splitter.push(text)
-                        if reasoning:  # thinking streams as it comes, tools or not
-                            out.append(chunk({"reasoning_content": reasoning}, None))
-                    if with_tools:
-                        held.append(text)  # tool calls go out whole, at the end
-                    elif job.params.logprobs is None:
-                        if text:
-                            out.append(content_chunk(text))
-                    elif text or event.logprobs:
-                        logprobs = logprobs_chat(event.logprobs)
-                        out.append(chunk({"content": text}, None, logprobs=logprobs))
-                    continue
-                if splitter is not None:
-                    reasoning, text = splitter.finish()
-                    if reasoning:
-                        out.append(chunk({"reasoning_content": reasoning}, None))
-                    if text and not with_tools:
-                        out.append(content_chunk(text))
-                    held.append(text)
-                finish = event.reason
-                if with_tools:
-                    content, calls = parse_tool_output("".join(held))
-                    if calls:
-                        finish = "tool_calls"
-                        tool_calls = [
-                            {"index": i, "id": _call_id(), "type": "function", "function": call}
-                            for i, call in enumerate(calls)
-                        ]
-                        out.append(chunk({"tool_calls": tool_calls}, None))
-                    elif content:
-                        out.append(chunk({"content": content}, None))
-                out.append(chunk({}, finish, **end_fields(event)))
-                if include_usage:
-                    out.append(sse({**chunk_base, "choices": [], "usage": usage(event)}))
-            if isinstance(batch[-1], TextDelta) and out:  # the end goes out with [DONE]
-                yield b"".join(out)
-                out = []
-    except RuntimeError as error:
-        out.append(sse_error(str(error)))
-    out.append(DONE_EVENT)
-    yield b"".join(out)
+
+    def encode(event: TextDelta | Finished, out: list[bytes]) -> None:
+        if isinstance(event, TextDelta):
+            text = event.text
+            if splitter is not None:
+                reasoning, text = splitter.push(text)
+                if reasoning:  # thinking streams as it comes, tools or not
+                    out.append(chunk({"reasoning_content": reasoning}, None))
+            if with_tools:
+                held.append(text)  # tool calls go out whole, at the end
+            elif job.params.logprobs is None:
+                if text:
+                    out.append(content_chunk(text))
+            elif text or event.logprobs:
+                logprobs = logprobs_chat(event.logprobs)
+                out.append(chunk({"content": text}, None, logprobs=logprobs))
+            return
+        if splitter is not None:
+            reasoning, text = splitter.finish()
+            if reasoning:
+                out.append(chunk({"reasoning_content": reasoning}, None))
+            if text and not with_tools:
+                out.append(content_chunk(text))
+            held.append(text)
+        finish = event.reason
+        if with_tools:
+            content, calls = parse_tool_output("".join(held))
+            if calls:
+                finish = "tool_calls"
+                tool_calls = [
+                    {"index": i, "id": _call_id(), "type": "function", "function": call}
+                    for i, call in enumerate(calls)
+                ]
+                out.append(chunk({"tool_calls": tool_calls}, None))
+            elif content:
+                out.append(chunk({"content": content}, None))
+        out.append(chunk({}, finish, **end_fields(event)))
+        if include_usage:
+            out.append(sse({**chunk_base, "choices": [], "usage": usage(event)}))
+
+    # The role goes out with the first token, as llama-server sends it.
+    return _step_writes(job, encode, [chunk({"role": "assistant", "content": ""}, None)])
 
 
-async def _completion_stream(
+def _completion_stream(
     job: GenerationJob, base: dict[str, Any], include_usage: bool
 ) -> AsyncIterator[bytes]:
     chunk_base = {**base, "object": "text_completion"}
     offset = 0
-    out: list[bytes] = []  # one step's chunks, sent together (see `_event_batches`)
-    try:
-        async for batch in _event_batches(job):
-            for event in batch:
-                if isinstance(event, TextDelta):
-                    logprobs = (
-                        logprobs_completion(event.logprobs, offset)
-                        if job.params.logprobs is not None
-                        else None
-                    )
-                    offset += len(event.text)
-                    if event.text or event.logprobs:
-                        choice = {
-                            "index": 0,
-                            "text": event.text,
-                            "logprobs": logprobs,
-                            "finish_reason": None,
-                        }
-                        out.append(sse({**chunk_base, "choices": [choice]}))
-                    continue
-                end = {"index": 0, "text": "", "logprobs": None, "finish_reason": event.reason}
-                out.append(sse({**chunk_base, "choices": [end], **end_fields(event)}))
-                if include_usage:
-                    out.append(sse({**chunk_base, "choices": [], "usage": usage(event)}))
-            if isinstance(batch[-1], TextDelta) and out:  # the end goes out with [DONE]
-                yield b"".join(out)
-                out = []
-    except RuntimeError as error:
-        out.append(sse_error(str(error)))
-    out.append(DONE_EVENT)
-    yield b"".join(out)
+
+    def encode(event: TextDelta | Finished, out: list[bytes]) -> None:
+        nonlocal offset
+        if isinstance(event, TextDelta):
+            logprobs = (
+                logprobs_completion(event.logprobs, offset)
+                if job.params.logprobs is not None
+                else None
+            )
+            offset += len(event.text)
+            if event.text or event.logprobs:
+                choice = {
+                    "index": 0,
+                    "text": event.text,
+                    "logprobs": logprobs,
+                    "finish_reason": None,
+                }
+                out.append(sse({**chunk_base, "choices": [choice]}))
+            return
+        end = {"index": 0, "text": "", "logprobs": None, "finish_reason": event.reason}
+        out.append(sse({**chunk_base, "choices": [end], **end_fields(event)}))
+        if include_usage:
+            out.append(sse({**chunk_base, "choices": [], "usage": usage(event)}))
+
+    return _step_writes(job, encode, [])
