@@ -29,6 +29,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from dmr_llamacpp.runner.burst import BURST_GAP_S, collect_burst
 from dmr_llamacpp.runner.model import Batch, LoadedModel
 from dmr_llamacpp.runner.prompt_cache import HostPromptCache, common_prefix_length
 from dmr_llamacpp.runner.reasoning import THINK_CLOSE, THINK_OPEN, ThinkingBudget, partial_tag
@@ -50,16 +51,6 @@ __all__ = [
 
 # Fewer tokens than this are cheaper to decode again than to copy to host memory and back.
 SAVE_AT_LEAST = 16
-
-# An idle runner that gets a request waits `burst_gap_s` (`--burst-gap-ms`, default
-# BURST_GAP_S) for another before its first step, and again after each one that
-# comes, up to BURST_WINDOW_S in all. Requests sent together reach the decode thread
-# about a millisecond apart (each is parsed, templated and tokenized in Python first);
-# without the wait the first prompt gets a step of its own and the others wait for
-# it, then share the next: their first token comes a whole prompt step later than
-# llama-server's (docs/benchmarks.md has the A/B that chose 3 ms).
-BURST_GAP_S = 0.003
-BURST_WINDOW_S = 0.06
 
 
 @dataclass(frozen=True)
@@ -268,31 +259,23 @@ class BatchedGenerator:
 
     def _take_incoming(self, *, block: bool) -> None:
         """Move submitted jobs to `_waiting`; when idle (`block`), wait for the first one
-        and then for the burst it may open (BURST_GAP_S)."""
+        and then for the burst it may open (`collect_burst`)."""
         try:
-            job = self._incoming.get(timeout=0.5) if block else self._incoming.get_nowait()
+            first = self._incoming.get(timeout=0.5) if block else self._incoming.get_nowait()
         except queue.Empty:
             return
-        deadline = time.perf_counter() + BURST_WINDOW_S
-        while True:
+        if block:
+            room = max(1, len(self.slots) - len(self._waiting))
+            jobs = collect_burst(self._incoming, first, limit=room, gap_s=self.burst_gap_s)
+        else:
+            jobs = [first]
+            while jobs[-1] is not None and not self._incoming.empty():
+                jobs.append(self._incoming.get_nowait())
+        for job in jobs:
             if job is None:
                 self._stopping = True
                 return
             self._waiting.append(job)
-            try:
-                job = self._incoming.get_nowait()
-                continue
-            except queue.Empty:
-                pass
-            left = deadline - time.perf_counter()
-            if not block or left <= 0 or len(self._waiting) >= len(self.slots):
-                return
-            if self.burst_gap_s <= 0:
-                return
-            try:
-                job = self._incoming.get(timeout=min(self.burst_gap_s, left))
-            except queue.Empty:
-                return
 
     def _drop_cancelled(self) -> None:
         self._waiting = deque(job for job in self._waiting if not job.cancelled)
