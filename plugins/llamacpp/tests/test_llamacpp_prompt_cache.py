@@ -3,12 +3,16 @@ that shares their prefix decodes only the rest (as llama-server does)."""
 
 from __future__ import annotations
 
+import re
+import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from dmr_llamacpp.runner.batching import common_prefix_length
-from llamacpp_helpers import RunnerProcess
+from llamacpp_helpers import RunnerProcess, make_launch, short_socket
 
 pytestmark = pytest.mark.llama
 
@@ -140,3 +144,44 @@ def test_cache_prompt_must_be_a_boolean(completion_runner: RunnerProcess) -> Non
         )
     assert answer.status_code == 400
     assert "cache_prompt" in answer.json()["error"]["message"]
+
+
+@pytest.fixture
+def fresh_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
+    """A runner of its own: nothing in its slots or its host memory yet."""
+    runner = RunnerProcess(make_launch(llama_bundle, short_socket("fresh"), parallel=2))
+    yield runner
+    runner.stop()
+
+
+def host_cache(runner: RunnerProcess) -> tuple[int, int]:
+    """The `llamacpp:host_cache_prompts` and `_bytes` gauges."""
+    with runner.client() as client:
+        text = client.get("/metrics").text
+    values = [
+        re.search(rf"^llamacpp:host_cache_{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+        for name in ("prompts", "bytes")
+    ]
+    assert all(values), text
+    prompts, size = (float(value.group(1)) for value in values if value)
+    return int(prompts), int(size)
+
+
+def test_an_idle_runner_copies_its_slots_to_host_memory(fresh_runner: RunnerProcess) -> None:
+    """A finished conversation's cells are copied to host memory once the runner is
+    idle, before any request takes the slot: a burst that takes it later does not wait
+    for the copy. Copied back, they give the logits a fresh prefill gives."""
+    assert host_cache(fresh_runner) == (0, 0)
+    first = conversation("volcanoes")
+    _, fresh = first_token_logprobs(fresh_runner, first)
+    deadline = time.monotonic() + 30
+    while host_cache(fresh_runner)[0] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    prompts, size = host_cache(fresh_runner)
+    assert prompts == 1 and size > 0
+    # Both slots taken by other prompts: the first comes back from host memory.
+    for topic in ("rivers", "deserts"):
+        chat(fresh_runner, conversation(topic), max_tokens=2)
+    again, restored = first_token_logprobs(fresh_runner, first)
+    assert cached(again) == again["usage"]["prompt_tokens"] - 1
+    assert_same_logits(fresh, restored)

@@ -52,6 +52,15 @@ __all__ = [
 # Fewer tokens than this are cheaper to decode again than to copy to host memory and back.
 SAVE_AT_LEAST = 16
 
+# A runner with a host cache copies its idle slots' caches there once no request has
+# come for this long, one slot at a time, so that the burst which later takes those
+# slots finds them copied already. Copying them when they are taken would put the
+# copy on the burst's first-token path: llama_state_seq_get_data takes about 25 ms
+# per 1,000 tokens of SmolLM2-135M here, and a burst of eight took up to 116 ms of
+# copies before its first step (docs/benchmarks.md). Waiting first keeps the copy
+# out of the way of a multi-turn chat's next turn, which comes within milliseconds.
+IDLE_SAVE_AFTER_S = 0.05
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -127,6 +136,8 @@ class GeneratorStats:
     max_batch_sequences: int = 0
     draft_tokens_total: int = 0
     draft_tokens_accepted_total: int = 0
+    host_cache_prompts: int = 0
+    host_cache_bytes: int = 0
 
 
 @dataclass
@@ -154,6 +165,8 @@ class _Slot:
     think_inside: bool = False
     think_tail: str = ""
     forced: list[int] = field(default_factory=list)
+    # The tokens an idle copy to host memory was last tried for (it may not fit).
+    idle_save_tried: tuple[int, ...] = ()
 
     @property
     def busy(self) -> bool:
@@ -218,7 +231,14 @@ class BatchedGenerator:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._take_incoming(block=not any(slot.busy for slot in self.slots))
+            busy = any(slot.busy for slot in self.slots)
+            unsaved = None if busy or self._waiting else self._unsaved_idle_slot()
+            if unsaved is not None:
+                if not self._take_incoming(block=True, first_timeout_s=IDLE_SAVE_AFTER_S):
+                    self._save_idle(unsaved)
+                    continue
+            else:
+                self._take_incoming(block=not busy)
             self._drop_cancelled()
             self._admit_waiting()
             if any(slot.busy for slot in self.slots):
@@ -229,6 +249,12 @@ class BatchedGenerator:
                         if slot.busy:
                             self._fail(slot, f"generation failed: {error}")
             self._flush_events()
+            self._note_host_cache()
+
+    def _note_host_cache(self) -> None:
+        if self.host_cache is not None:
+            self.stats.host_cache_prompts = len(self.host_cache)
+            self.stats.host_cache_bytes = self.host_cache.bytes_used
 
     def _emit(self, job: GenerationJob, event: Event) -> None:
         if not job.outbox:
@@ -257,13 +283,36 @@ class BatchedGenerator:
                 for job, _events in batch:
                     job.cancelled = True
 
-    def _take_incoming(self, *, block: bool) -> None:
-        """Move submitted jobs to `_waiting`; when idle (`block`), wait for the first one
-        and then for the burst it may open (`collect_burst`)."""
+    def _unsaved_idle_slot(self) -> _Slot | None:
+        """An idle slot whose cache is worth a copy in host memory and has none yet."""
+        if self.host_cache is None:
+            return None
+        for slot in sorted(self.slots, key=lambda slot: slot.last_used):
+            if slot.busy or len(slot.tokens) < SAVE_AT_LEAST:
+                continue
+            key = tuple(slot.tokens)
+            if key != slot.idle_save_tried and key not in self.host_cache:
+                return slot
+        return None
+
+    def _save_idle(self, slot: _Slot) -> None:
+        assert self.host_cache is not None
+        slot.idle_save_tried = tuple(slot.tokens)
+        self.host_cache.save(slot.seq_id, slot.tokens)
+        self._note_host_cache()
+
+    def _take_incoming(self, *, block: bool, first_timeout_s: float = 0.5) -> bool:
+        """Move submitted jobs to `_waiting`, saying whether any came; when idle
+        (`block`), wait for the first one and then for the burst it may open
+        (`collect_burst`)."""
         try:
-            first = self._incoming.get(timeout=0.5) if block else self._incoming.get_nowait()
+            first = (
+                self._incoming.get(timeout=first_timeout_s)
+                if block
+                else self._incoming.get_nowait()
+            )
         except queue.Empty:
-            return
+            return False
         if block:
             room = max(1, len(self.slots) - len(self._waiting))
             jobs = collect_burst(self._incoming, first, limit=room, gap_s=self.burst_gap_s)
@@ -274,8 +323,9 @@ class BatchedGenerator:
         for job in jobs:
             if job is None:
                 self._stopping = True
-                return
+                return True
             self._waiting.append(job)
+        return True
 
     def _drop_cancelled(self) -> None:
         self._waiting = deque(job for job in self._waiting if not job.cancelled)

@@ -75,6 +75,16 @@ class _StatsCollector(Collector):
             "Requests waiting for a slot.",
             value=stats.requests_deferred,
         )
+        yield GaugeMetricFamily(
+            "llamacpp:host_cache_prompts",
+            "Prompts whose KV cells are kept in host memory (--cache-ram).",
+            value=stats.host_cache_prompts,
+        )
+        yield GaugeMetricFamily(
+            "llamacpp:host_cache_bytes",
+            "Bytes of host memory those prompts take.",
+            value=stats.host_cache_bytes,
+        )
 
 
 def render_metrics(stats: Callable[[], GeneratorStats]) -> bytes:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 __all__ = ["HostPromptCache", "SavedPrompt", "common_prefix_length"]
 
@@ -32,11 +33,15 @@ def common_prefix_length(first: list[int], second: list[int]) -> int:
 @dataclass(frozen=True)
 class SavedPrompt:
     tokens: tuple[int, ...]
-    state: Any  # a ctypes uint8 array from llama_state_seq_get_data
+    state: np.ndarray  # uint8, as llama_state_seq_get_data wrote it
 
     @property
     def size(self) -> int:
-        return len(self.state)
+        return int(self.state.nbytes)
+
+    @property
+    def pointer(self) -> Any:
+        return self.state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
 class HostPromptCache:
@@ -55,6 +60,9 @@ class HostPromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, tokens: tuple[int, ...]) -> bool:
+        return tokens in self._entries
+
     def save(self, seq_id: int, tokens: list[int]) -> None:
         """Copy the sequence's cells (which hold exactly `tokens`) into host memory."""
         key = tuple(tokens)
@@ -63,8 +71,11 @@ class HostPromptCache:
         size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq_id))
         if size <= 0 or size > self.budget_bytes:
             return
-        state = (ctypes.c_uint8 * size)()
-        if int(llama_cpp.llama_state_seq_get_data(self._ctx, state, size, seq_id)) != size:
+        # Not a ctypes array: that would be zeroed first, which cost three times the
+        # copy itself (45 ms for a 1,800-token prompt of SmolLM2-135M, 15 without).
+        state = np.empty(size, dtype=np.uint8)
+        pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        if int(llama_cpp.llama_state_seq_get_data(self._ctx, pointer, size, seq_id)) != size:
             return
         # A saved prompt that this one extends can only serve requests this one serves too.
         for older in [old for old in self._entries if key[: len(old)] == old]:
@@ -89,7 +100,7 @@ class HostPromptCache:
         (the slot holds it now, and saves it again when it is taken)."""
         self._drop(entry.tokens)
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        copied = llama_cpp.llama_state_seq_set_data(self._ctx, entry.state, entry.size, seq_id)
+        copied = llama_cpp.llama_state_seq_set_data(self._ctx, entry.pointer, entry.size, seq_id)
         return int(copied) > 0
 
     def _drop(self, key: tuple[int, ...]) -> None:
