@@ -173,6 +173,9 @@ def show(model: str) -> None:
     for key in ("format", "architecture", "parameters", "quantization", "size", "context_size"):
         if config.get(key) not in (None, ""):
             table.add_row(key.replace("_", " ").capitalize(), str(config[key]))
+    capabilities = info.get("capabilities") or []
+    if capabilities:  # beyond text, as the store sees them: "vision" with a projector
+        table.add_row("Capabilities", ", ".join(capabilities))
     gguf = config.get("gguf") or {}
     template = gguf.get("tokenizer.chat_template")
     if template:

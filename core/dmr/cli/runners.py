@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from dmr.cli.autostart import ServerAddress, ensure_server
+from dmr.cli.chat_images import image_data_url, images_in_prompt, user_message
 from dmr.cli.client import connect
 from dmr.cli.errors import CliError, error_message, fail, report
 from dmr.cli.http import HTTPError, ServerClient, ServerResponse, TransportError
@@ -38,7 +39,8 @@ INTERACTIVE_HELP = """Commands:
   /?                   show this help
   /set system TEXT     set the system prompt (clears nothing else)
   /set num_ctx N       reload the model with a context of N tokens
-  \"\"\"                 start or end a multi-line message"""
+  \"\"\"                 start or end a multi-line message
+A path to an image file (.png, .jpg, .jpeg, .gif, .webp) in a message attaches it."""
 
 
 @contextmanager
@@ -319,7 +321,7 @@ def chat_stream(client: ServerClient, body: dict[str, Any]) -> Iterator[str]:
                     yield piece
 
 
-def _answer(client: ServerClient, model: str, messages: list[dict[str, str]]) -> str:
+def _answer(client: ServerClient, model: str, messages: list[dict[str, Any]]) -> str:
     pieces: list[str] = []
     completed = False
     try:
@@ -359,12 +361,26 @@ def _read_message() -> str | None:
         lines.append(more)
 
 
-def _interactive(client: ServerClient, model: str) -> None:
+def _prompt_message(prompt: str, image_urls: list[str], *, announce: bool) -> dict[str, Any]:
+    """The user message for `prompt`: the `--image` files, then the image files the
+    prompt names (their paths taken out of the text), as `docker model run` does."""
+    text, paths = images_in_prompt(prompt)
+    urls = list(image_urls)
+    for path in paths:
+        urls.append(image_data_url(path))
+        if announce:
+            click.echo(f"Added image '{path}'", err=True)
+    return user_message(text, urls)
+
+
+def _interactive(client: ServerClient, model: str, image_urls: list[str]) -> None:
+    """Chat turn by turn; `image_urls` (from `--image`) go with the first message."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - gives input() line editing and history
     click.echo("Interactive chat mode started. Type '/bye' to exit, '/?' for help.")
     system: str | None = None
-    history: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
+    pending = list(image_urls)
     while True:
         message = _read_message()
         if message is None or message.strip() == "/bye":
@@ -391,10 +407,15 @@ def _interactive(client: ServerClient, model: str) -> None:
             )
             click.echo(f"Set context size to {value}.")
             continue
-        if text.startswith("/"):
+        if text.startswith("/") and not images_in_prompt(text)[1]:
             click.echo(f"Unknown command {text.split()[0]!r}; type '/?' for help.")
             continue
-        history.append({"role": "user", "content": message})
+        try:
+            history.append(_prompt_message(message, pending, announce=True))
+        except CliError as error:  # an image that cannot be read: say so, send nothing
+            report(str(error))
+            continue
+        pending = []  # the first message only, even if refused: a text model refuses each turn
         messages = ([{"role": "system", "content": system}] if system else []) + history
         try:
             reply = _answer(client, model, messages)
@@ -455,6 +476,10 @@ def _run_image_model(
 @click.option(
     "--seed", type=click.IntRange(min=0), help="Image models: seed, same seed same image."
 )
+@click.option(
+    "--image", "images", multiple=True, type=click.Path(path_type=Path), metavar="PATH",
+    help="Vision models: an image file (PNG, JPEG, GIF, WebP) sent with the prompt; repeatable.",
+)  # fmt: skip
 def run(
     model: str,
     prompt: str | None,
@@ -463,14 +488,24 @@ def run(
     size: str | None,
     steps: int | None,
     seed: int | None,
+    images: tuple[Path, ...],
 ) -> None:
     """Run MODEL (e.g. ai/smollm2): answer PROMPT, or chat interactively without one.
 
-    Image models write PNG files and print their paths.
+    Image models write PNG files and print their paths. For vision models, `--image`
+    and image file paths named in a prompt send those images with it.
     """
+    if images and detach:
+        fail("--image needs a prompt to go with; --detach sends none")
+    try:  # read before anything starts: a wrong path fails at once
+        image_urls = [image_data_url(path) for path in images]
+    except CliError as error:
+        fail(str(error))
     with _server(timeout=None) as client:
         _ensure_model(client, model)
         if is_image_model(_describe_model(client, model)):
+            if image_urls:
+                raise CliError(f"{model} generates images; --image is for vision chat models")
             options = ImageOptions(
                 output_dir=output_dir or Path.cwd(), size=size, steps=steps, seed=seed
             )
@@ -488,6 +523,6 @@ def run(
         if prompt is None and not sys.stdin.isatty():
             prompt = sys.stdin.read().strip() or None
         if prompt is not None:
-            _answer(client, model, [{"role": "user", "content": prompt}])
+            _answer(client, model, [_prompt_message(prompt, image_urls, announce=False)])
             return
-        _interactive(client, model)
+        _interactive(client, model, image_urls)

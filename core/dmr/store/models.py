@@ -9,7 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StoredModel", "parse_created"]
+__all__ = ["VISION", "StoredModel", "parse_created"]
+
+# The capability name Ollama's `/api/show` uses for image input; dmr uses it too.
+VISION = "vision"
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
@@ -57,13 +60,21 @@ class StoredModel:
         """The first tag, or the short ID of an untagged model."""
         return self.tags[0] if self.tags else self.short_id
 
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What the artifact itself shows the model takes beyond text: `vision` when it
+        carries a projector. (Tools and thinking depend on the chat template; the
+        Ollama dialect reads those from it.)"""
+        return (VISION,) if self.mmproj_path() is not None else ()
+
     def api_json(self) -> dict[str, Any]:
-        """One item of `GET /models` (DMR's shape)."""
+        """One item of `GET /models` (DMR's shape, plus dmr's `capabilities`)."""
         return {
             "id": self.id,
             "tags": list(self.tags),
             "created": self.created,
             "config": dict(self.model_config),
+            "capabilities": list(self.capabilities),
         }
 
     def model_path(self) -> Path:
@@ -82,8 +93,17 @@ class StoredModel:
         return model_dir
 
     def mmproj_path(self) -> Path | None:
-        path = self.bundle_dir / "model" / "model.mmproj"
-        return path if path.exists() else None
+        """The vision projector, found as the llama.cpp engine finds it (its `bundle.py`):
+        `model.mmproj` from an mmproj layer, or a file named *mmproj* beside the weights."""
+        try:
+            found = sorted(
+                path
+                for path in (self.bundle_dir / "model").iterdir()
+                if "mmproj" in path.name.lower() and path.is_file()
+            )
+        except OSError:  # no model/ folder (a bare bundle)
+            return None
+        return found[0] if found else None
 
     def chat_template_path(self) -> Path | None:
         path = self.bundle_dir / "model" / "template.jinja"

@@ -9,6 +9,12 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
+from dmr_apis._images import (
+    SUPPORTED_MEDIA_TYPES,
+    base64_image_url,
+    http_image_url,
+    image_url_part,
+)
 from dmr_apis._runner import cached_prompt_tokens
 from dmr_apis._toolcalls import ToolCall, parse_arguments
 
@@ -27,8 +33,12 @@ def message_id() -> str:
     return f"msg_{uuid.uuid4().hex[:24]}"
 
 
-def _text_of(content: Any, where: str) -> str:
-    """Text from a string or an array of text blocks (system prompts, tool results)."""
+def _text_of(content: Any, where: str, *, images_elsewhere: bool = False) -> str:
+    """Text from a string or an array of text blocks (system prompts, tool results).
+
+    `images_elsewhere`: the caller takes the image blocks (a tool result's); else
+    one is a 400 rather than dropped unseen.
+    """
     if content is None:
         return ""
     if isinstance(content, str):
@@ -43,21 +53,42 @@ def _text_of(content: Any, where: str) -> str:
             if not isinstance(block.get("text"), str):
                 raise InvalidRequestError(f"{where}: a text block needs a string 'text'")
             parts.append(block["text"])
+        elif block["type"] == "image" and not images_elsewhere:
+            raise InvalidRequestError(f"{where}: image blocks are not supported here")
     return "\n".join(parts)
 
 
 def _image_part(block: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """An `image` block as an OpenAI `image_url` part; `where` is Anthropic's error path
+    (`messages.0.content.1.image`)."""
     source = block.get("source")
     if not isinstance(source, dict):
-        raise InvalidRequestError(f"{where}: an image block needs a 'source' object")
-    if source.get("type") == "base64":
-        media_type = source.get("media_type", "image/png")
-        url = f"data:{media_type};base64,{source.get('data', '')}"
-    elif source.get("type") == "url" and isinstance(source.get("url"), str):
-        url = source["url"]
+        raise InvalidRequestError(f"{where}.source: an image block needs a 'source' object")
+    kind = source.get("type")
+    if kind == "base64":
+        media_type = source.get("media_type")
+        if media_type not in SUPPORTED_MEDIA_TYPES:
+            allowed = ", ".join(f"'{name}'" for name in SUPPORTED_MEDIA_TYPES[:-1])
+            raise InvalidRequestError(
+                f"{where}.source.base64.media_type: Input should be {allowed} "
+                f"or '{SUPPORTED_MEDIA_TYPES[-1]}'"
+            )
+        data = source.get("data")
+        if not isinstance(data, str):
+            raise InvalidRequestError(f"{where}.source.base64.data: Input should be a string")
+        url = base64_image_url(data, f"{where}.source.base64.data", media_type=media_type)
+    elif kind == "url":
+        if not isinstance(source.get("url"), str):
+            raise InvalidRequestError(f"{where}.source.url.url: Input should be a string")
+        url = http_image_url(source["url"], f"{where}.source.url.url")
+    elif kind == "file":
+        raise InvalidRequestError(
+            f"{where}.source: file sources (the Files API) are not supported; "
+            "send the image as base64 or url"
+        )
     else:
-        raise InvalidRequestError(f"{where}: image source must be base64 or url")
-    return {"type": "image_url", "image_url": {"url": url}}
+        raise InvalidRequestError(f"{where}.source.type: Input should be 'base64' or 'url'")
+    return image_url_part(url)
 
 
 def openai_messages(system: Any, messages: Any) -> list[dict[str, Any]]:
@@ -92,7 +123,7 @@ def openai_messages(system: Any, messages: Any) -> list[dict[str, Any]]:
                     raise InvalidRequestError(f"{block_where}.text must be a string")
                 parts.append({"type": "text", "text": block["text"]})
             elif kind == "image":
-                parts.append(_image_part(block, block_where))
+                parts.append(_image_part(block, f"{block_where}.image"))
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(block.get("name"), str):
                     raise InvalidRequestError(f"{block_where}.name must be a string")
@@ -109,7 +140,15 @@ def openai_messages(system: Any, messages: Any) -> list[dict[str, Any]]:
             elif kind == "tool_result" and role == "user":
                 if not isinstance(block.get("tool_use_id"), str):
                     raise InvalidRequestError(f"{block_where}.tool_use_id must be a string")
-                text = _text_of(block.get("content"), f"{block_where}.content")
+                result = block.get("content")
+                text = _text_of(result, f"{block_where}.content", images_elsewhere=True)
+                # OpenAI tool messages hold text only: a result's images (a screenshot,
+                # a file read) go to the model in the user turn that follows them.
+                parts += [
+                    _image_part(item, f"{block_where}.tool_result.content.{number}.image")
+                    for number, item in enumerate(result if isinstance(result, list) else [])
+                    if item["type"] == "image"
+                ]
                 if block.get("is_error"):
                     text = f"Error: {text}"
                 # OpenAI wants tool results as their own messages, before the user's text.

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmr.errors import DmrError, InvalidRequestError
 from dmr.records import ProgressEvent
@@ -26,6 +26,9 @@ from dmr_apis._body import optional_bool, read_json_object
 from dmr_apis._models import resolve_model
 from dmr_apis._ollama_translate import iso_time
 from dmr_apis._streaming import ndjson_line, stream_response
+
+if TYPE_CHECKING:
+    from dmr.store import StoredModel
 
 __all__ = ["allow_large_blob_uploads", "ollama_defaults", "register_routes"]
 
@@ -112,14 +115,13 @@ def _chat_template(model: Any) -> str:
     return str(gguf.get("tokenizer.chat_template") or "")
 
 
-def _capabilities(model: Any, template: str) -> list[str]:
+def _capabilities(model: StoredModel, template: str) -> list[str]:
     capabilities = ["completion"]
     if "tools" in template:
         capabilities.append("tools")
     if "think" in template:
         capabilities.append("thinking")
-    if model.mmproj_path() if hasattr(model, "mmproj_path") else None:
-        capabilities.append("vision")
+    capabilities += model.capabilities  # "vision" with a projector
     return capabilities
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from dmr.durations import parse_duration
 from dmr.errors import InvalidRequestError
 
+from dmr_apis._images import base64_image_url, checked_image_url, image_url_part
 from dmr_apis._toolcalls import ToolCall, parse_arguments
 
 __all__ = [
@@ -18,11 +19,13 @@ __all__ = [
     "final_stats",
     "iso_time",
     "ollama_done_reason",
+    "ollama_image_parts",
     "ollama_messages_to_openai",
     "ollama_tool_calls",
     "options_to_openai",
     "parse_keep_alive",
     "response_format",
+    "user_content",
 ]
 
 # Ollama option -> OpenAI/llama-server sampling field (same meaning, same units).
@@ -117,14 +120,26 @@ def response_format(fmt: Any) -> dict[str, Any] | None:
     raise InvalidRequestError("'format' must be \"json\" or a JSON schema object")
 
 
-def _images_content(text: str, images: list[Any]) -> list[dict[str, Any]]:
-    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-    for image in images:
+def ollama_image_parts(images: Any, where: str) -> list[dict[str, Any]]:
+    """Ollama's `images` (base64 strings, no media type) as OpenAI `image_url` parts."""
+    if not isinstance(images, list):
+        raise InvalidRequestError(f"'{where}' must be an array of base64 strings")
+    parts: list[dict[str, Any]] = []
+    for index, image in enumerate(images):
+        at = f"{where}[{index}]"
         if not isinstance(image, str):
-            raise InvalidRequestError("'images' must be an array of base64 strings")
-        url = image if image.startswith("data:") else f"data:image/png;base64,{image}"
-        parts.append({"type": "image_url", "image_url": {"url": url}})
+            raise InvalidRequestError(f"{at} must be a base64 string")
+        # A data: URL is not Ollama's, but it is unambiguous: take it too.
+        url = checked_image_url(image, at) if image[:5] == "data:" else base64_image_url(image, at)
+        parts.append(image_url_part(url))
     return parts
+
+
+def user_content(text: str, image_parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """A message's content: the text alone, or a text part followed by the images."""
+    if not image_parts:
+        return text
+    return ([{"type": "text", "text": text}] if text else []) + image_parts
 
 
 def ollama_messages_to_openai(messages: Any) -> list[dict[str, Any]]:
@@ -148,10 +163,9 @@ def ollama_messages_to_openai(messages: Any) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"messages[{position}].content must be a string")
         out: dict[str, Any] = {"role": role, "content": content}
         images = message.get("images")
-        if images:
-            if not isinstance(images, list):
-                raise InvalidRequestError(f"messages[{position}].images must be an array")
-            out["content"] = _images_content(content, images)
+        if images is not None:
+            parts = ollama_image_parts(images, f"messages[{position}].images")
+            out["content"] = user_content(content, parts)
         tool_calls = message.get("tool_calls")
         if role == "assistant" and tool_calls:
             if not isinstance(tool_calls, list):

@@ -10,6 +10,7 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
+from dmr_apis._images import checked_image_url, image_url_part
 from dmr_apis._runner import cached_prompt_tokens
 from dmr_apis._toolcalls import ToolCall
 
@@ -46,6 +47,7 @@ _UNSUPPORTED_FIELDS = {
     "prompt": "stored prompt templates are not supported",
 }
 _ROLES = ("user", "assistant", "system", "developer")
+_IMAGE_DETAILS = ("auto", "low", "high")
 
 
 def new_id(prefix: str) -> str:
@@ -124,6 +126,22 @@ def input_items(raw_input: Any) -> list[dict[str, Any]]:
     return normalised
 
 
+def _input_image(part: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """An `input_image` part (a data or http(s) URL) as an OpenAI chat `image_url` part."""
+    if part.get("file_id") is not None:
+        raise InvalidRequestError(
+            f"{where}.file_id: uploaded files are not supported; "
+            "send image_url as a data: or http(s) URL"
+        )
+    url = part.get("image_url")
+    if not isinstance(url, str):
+        raise InvalidRequestError(f"{where}.image_url must be a string (a data: or http(s) URL)")
+    detail = part.get("detail")
+    if detail is not None and detail not in _IMAGE_DETAILS:
+        raise InvalidRequestError(f"{where}.detail must be one of {', '.join(_IMAGE_DETAILS)}")
+    return image_url_part(checked_image_url(url, f"{where}.image_url"), detail)
+
+
 def _content_parts(content: list[Any], where: str) -> list[dict[str, Any]]:
     parts = []
     for index, part in enumerate(content):
@@ -135,10 +153,7 @@ def _content_parts(content: list[Any], where: str) -> list[dict[str, Any]]:
                 raise InvalidRequestError(f"{where}.content[{index}].text must be a string")
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "input_image":
-            url = part.get("image_url")
-            if not isinstance(url, str):
-                raise InvalidRequestError(f"{where}.content[{index}]: only image_url is supported")
-            parts.append({"type": "image_url", "image_url": {"url": url}})
+            parts.append(_input_image(part, f"{where}.content[{index}]"))
         else:
             raise InvalidRequestError(f"{where}.content[{index}]: unsupported part {kind!r}")
     return parts

@@ -30,11 +30,13 @@ from dmr_apis._ollama_translate import (
     iso_time,
     num_ctx,
     ollama_done_reason,
+    ollama_image_parts,
     ollama_messages_to_openai,
     ollama_tool_calls,
     options_to_openai,
     parse_keep_alive,
     response_format,
+    user_content,
 )
 from dmr_apis._runner import call_runner, stream_runner
 from dmr_apis._streaming import ndjson_line, stream_response
@@ -205,17 +207,17 @@ async def generate() -> Response:
     system = body.get("system")
     if system is not None and not isinstance(system, str):
         raise InvalidRequestError("'system' must be a string")
-    if not prompt:
+    images = body.get("images")
+    image_parts = ollama_image_parts(images, "images") if images is not None else []
+    if not prompt and not image_parts:
         return await _load_or_unload(body, route="generate")
     if body.get("raw"):
+        if image_parts:
+            # A raw prompt goes to /v1/completions, which has no place for an image.
+            raise InvalidRequestError("'images' cannot be sent with 'raw': true")
         return await _generation(route="generate", body=body, messages=None, prompt=prompt)
-    images = body.get("images")
-    user: dict[str, Any] = {"role": "user", "content": prompt}
-    if images:
-        user["images"] = images
-    messages = ollama_messages_to_openai(
-        ([{"role": "system", "content": system}] if system else []) + [user]
-    )
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user_content(prompt or "", image_parts)})
     return await _generation(route="generate", body=body, messages=messages, prompt=None)
 
 

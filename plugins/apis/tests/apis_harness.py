@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from dmr.formats import CONFIG_V01, GGUF
+from dmr.formats import CONFIG_V01, GGUF, MMPROJ
 from dmr.plugins import new_plugin_manager
 from dmr.records import Mode, RunnerConfig
 from dmr.server.app import create_app
@@ -307,10 +307,17 @@ class FakeScheduler:
         pass
 
 
-def add_gguf_model(store: Store, tag: str, *, template: str | None = None) -> StoredModel:
+def add_gguf_model(
+    store: Store, tag: str, *, template: str | None = None, mmproj: bytes | None = None
+) -> StoredModel:
+    """A fake GGUF model; `mmproj` adds a projector layer (a vision model)."""
     weights = b"GGUF fake weights for " + tag.encode()
     weights_digest = store.put_blob_bytes(weights)
     layers = [{"mediaType": GGUF, "digest": weights_digest, "size": len(weights)}]
+    if mmproj is not None:
+        layers.append(
+            {"mediaType": MMPROJ, "digest": store.put_blob_bytes(mmproj), "size": len(mmproj)}
+        )
     if template:
         template_digest = store.put_blob_bytes(template.encode())
         layers.append(

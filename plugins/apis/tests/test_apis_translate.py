@@ -120,7 +120,12 @@ def test_anthropic_images_and_unknown_blocks() -> None:
                     {"type": "text", "text": "what is this"},
                     {
                         "type": "image",
-                        "source": {"type": "base64", "media_type": "image/jpeg", "data": "AAAA"},
+                        # "/9j/4A==" is a JPEG's signature (the dialect checks no more).
+                        "source": {
+                            "type": "base64",
+                            "media_type": "image/jpeg",
+                            "data": "/9j/4A==",
+                        },
                     },
                 ],
             }
@@ -128,7 +133,7 @@ def test_anthropic_images_and_unknown_blocks() -> None:
     )
     assert messages[0]["content"][1] == {
         "type": "image_url",
-        "image_url": {"url": "data:image/jpeg;base64,AAAA"},
+        "image_url": {"url": "data:image/jpeg;base64,/9j/4A=="},
     }
     with pytest.raises(InvalidRequestError):
         openai_messages(None, [{"role": "user", "content": [{"type": "hologram"}]}])
