@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmr.runner_support import serve_runner
 
 from dmr_llamacpp.runner.app import RunnerState, create_asgi
 from dmr_llamacpp.settings import WorkerSettings, runner_arg_parser, settings_from_namespace
 from dmr_llamacpp.threads import default_threads
+
+if TYPE_CHECKING:
+    from dmr_llamacpp.runner.model import LoadedModel
+    from dmr_llamacpp.runner.vision import VisionProjector
 
 
 def load_into(
@@ -21,8 +27,10 @@ def load_into(
     template_file: str | None,
     on_failure: Callable[[], None],
     draft_path: Path | None = None,
+    mmproj_path: Path | None = None,
 ) -> None:
-    """Load the model (in a thread, so /health answers 503 meanwhile)."""
+    """Load the model, and its projector for a completion runner with `mmproj_path`
+    (in a thread, so /health answers 503 meanwhile)."""
     import llama_cpp
 
     from dmr_llamacpp.runner.batching import BatchedGenerator
@@ -107,6 +115,8 @@ def load_into(
                         f"vocabulary and the model {model.n_vocab}; they must share one"
                     )
                 drafter = Drafter(draft, max_tokens=settings.draft_max, p_min=settings.draft_p_min)
+            if mmproj_path is not None:
+                state.projector = load_projector(mmproj_path, model, threads_batch, settings)
             state.generator = BatchedGenerator(
                 model,
                 n_parallel=settings.parallel,
@@ -114,6 +124,7 @@ def load_into(
                 drafter=drafter,
                 host_cache_bytes=settings.cache_ram * 1024 * 1024,
                 burst_gap_s=settings.burst_gap_ms / 1000,
+                projector=state.projector,
             )
         else:
             state.pooler = Pooler(
@@ -125,6 +136,24 @@ def load_into(
         state.load_error = f"failed to load {model_path.name}: {error}"
         print(state.load_error, file=sys.stderr, flush=True)
         on_failure()  # exit, so the scheduler sees a crash with this message on stderr
+
+
+def load_projector(
+    path: Path, model: LoadedModel, threads: int, settings: WorkerSettings
+) -> VisionProjector:
+    """The model's projector, with a media marker of its own: a fixed one (libmtmd's
+    `<__media__>`) typed into a message's text would be taken for an image."""
+    from dmr_llamacpp.runner.vision import VisionProjector, set_mtmd_log_callback
+
+    set_mtmd_log_callback()  # warnings and errors only, as for llama.cpp's own log
+    return VisionProjector(
+        path,
+        model.model,
+        n_threads=threads,
+        use_gpu=settings.n_gpu_layers != 0,
+        flash_attn_type=model.options.flash_attn,
+        media_marker=f"<__media_{secrets.token_hex(8)}__>",
+    )
 
 
 async def main_async(argv: list[str] | None = None) -> None:
@@ -140,13 +169,16 @@ async def main_async(argv: list[str] | None = None) -> None:
 
     def load(fail: Callable[[], None]) -> None:
         draft = Path(args.model_draft) if args.model_draft else None
-        load_into(state, model_path, settings.chat_template_file, fail, draft)
+        mmproj = Path(args.mmproj) if args.mmproj and args.mode == "completion" else None
+        load_into(state, model_path, settings.chat_template_file, fail, draft, mmproj)
 
     try:
         await serve_runner(app, Path(args.socket), load)
     finally:
         if state.generator is not None:
             state.generator.close()
+        if state.projector is not None:
+            state.projector.close()
     if state.load_error:
         raise SystemExit(1)
 

@@ -13,18 +13,27 @@ decoded. Multi-turn chats, which resend the whole conversation every turn, then
 pay only for the new turn. Each slot has a KV stream of its own (`ctx_per_slot`
 cells, `kv_unified` off), so the caches idle slots keep take no room and no
 attention time from running requests.
+
+A prompt with images (a model with a projector, runner/vision.py) is a token list in
+which each image's KV cells are negative placeholder ids (`image_placeholders`). Its
+text goes into the shared batch like any prompt's, up to the next image; the image
+is decoded by libmtmd as a decode of its own between two steps, with the context's
+whole n_batch (llama-server's split: the same logits). A cached prefix never ends
+inside an image, and a follow-up turn that resends the same image reuses its cells.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import queue
+import secrets
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
@@ -37,6 +46,9 @@ from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
 from dmr_llamacpp.runner.speculative import Drafter
 from dmr_llamacpp.runner.text import StreamedText
 
+if TYPE_CHECKING:  # libmtmd is loaded only for a model with a projector
+    from dmr_llamacpp.runner.vision import MultimodalPrompt, VisionProjector
+
 __all__ = [
     "BatchedGenerator",
     "Failed",
@@ -46,6 +58,7 @@ __all__ = [
     "TextDelta",
     "TokenLogprob",
     "common_prefix_length",
+    "image_placeholders",
 ]
 
 
@@ -60,6 +73,29 @@ SAVE_AT_LEAST = 16
 # copies before its first step (docs/benchmarks.md). Waiting first keeps the copy
 # out of the way of a multi-turn chat's next turn, which comes within milliseconds.
 IDLE_SAVE_AFTER_S = 0.05
+
+# An image's placeholder ids: -(1 + (id_hash << IMAGE_CELL_BITS) + cell), so two images
+# differ from their first cell and the cell index says how far into its image a cell is.
+IMAGE_CELL_BITS = 20
+_IMAGE_CELL_MASK = (1 << IMAGE_CELL_BITS) - 1
+
+
+def image_placeholders(image_id: str, n_cells: int) -> list[int]:
+    """The placeholder ids of one image's KV cells in a slot's `tokens` (all negative:
+    no vocabulary id matches one). `image_id` is libmtmd's (the SHA-256 of the file),
+    so the same image in a later request gives the same ids and its cells are reused."""
+    if n_cells > _IMAGE_CELL_MASK:
+        raise ValueError(f"an image of {n_cells} tokens is more than the runner handles")
+    # Without an id the image can match no other: a random key.
+    seed = image_id.encode() if image_id else secrets.token_bytes(16)
+    key = int.from_bytes(hashlib.sha256(seed).digest()[:5], "big")
+    base = 1 + (key << IMAGE_CELL_BITS)
+    return [-(base + cell) for cell in range(n_cells)]
+
+
+def _cell_in_image(token: int) -> int:
+    """How many cells of its image come before this placeholder's cell."""
+    return (-token - 1) & _IMAGE_CELL_MASK
 
 
 @dataclass(frozen=True)
@@ -99,11 +135,25 @@ Event = TextDelta | Finished | Failed
 
 
 class GenerationJob:
-    """One request's generation; events arrive on `events` in the handler's event loop."""
+    """One request's generation; events arrive on `events` in the handler's event loop.
 
-    def __init__(self, prompt: list[int], params: SamplingParams) -> None:
+    A prompt with images also has `media`, libmtmd's chunks (closed when the job ends),
+    and `images`: the offset in `prompt` where each image's placeholders start, to the
+    index of its chunk in `media.chunks`.
+    """
+
+    def __init__(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        media: MultimodalPrompt | None = None,
+        images: dict[int, int] | None = None,
+    ) -> None:
         self.prompt = prompt
         self.params = params
+        self.media = media
+        self.images: dict[int, int] = images or {}
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
         self.cancelled = False  # set by the handler, read by the decode thread
@@ -185,8 +235,10 @@ class BatchedGenerator:
         drafter: Drafter | None = None,
         host_cache_bytes: int = 0,
         burst_gap_s: float = BURST_GAP_S,
+        projector: VisionProjector | None = None,
     ) -> None:
         self.model = model
+        self.projector = projector
         self.burst_gap_s = burst_gap_s
         self.host_cache = (
             HostPromptCache(model.ctx, model.memory, host_cache_bytes)
@@ -214,6 +266,8 @@ class BatchedGenerator:
                 f"the prompt has {len(job.prompt)} tokens, more than the context size "
                 f"of {self.ctx_per_slot} tokens allows"
             )
+        if job.images and (self.projector is None or job.media is None):
+            raise ValueError("a prompt with images needs the model's projector")
         self._incoming.put(job)
 
     def close(self) -> None:
@@ -411,12 +465,70 @@ class BatchedGenerator:
                     slot.tokens, common = [], 0
         # At least the prompt's last token is decoded again: its logits pick the first token.
         common = min(common, len(prompt) - 1)
+        if self.projector is not None and common:
+            common = self._image_safe_prefix(slot.tokens, common)
         if common < len(slot.tokens):
             llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, common, -1)
             del slot.tokens[common:]
         slot.n_past = common
         slot.cached_tokens = common
         slot.pending_prompt = list(prompt[common:])
+
+    def _image_safe_prefix(self, tokens: list[int], common: int) -> int:
+        """`common` moved back to the start of the image it would cut (the cells of a
+        half-kept image would be wrong), or with M-RoPE (an image takes fewer positions
+        than cells, so past one cells stop being positions) to the first image."""
+        if self.projector is not None and self.projector.uses_mrope:
+            return next((index for index in range(common) if tokens[index] < 0), common)
+        if common < len(tokens) and tokens[common] < 0:
+            return common - _cell_in_image(tokens[common])
+        return common
+
+    def _text_before_image(self, slot: _Slot) -> int:
+        """How many of the slot's pending prompt tokens come before its next image."""
+        job = slot.job
+        assert job is not None
+        at = len(job.prompt) - len(slot.pending_prompt)
+        following = [offset for offset in job.images if offset >= at]
+        return min(following) - at if following else len(slot.pending_prompt)
+
+    def _decode_images(self) -> None:
+        """Decode each slot's image that is next in its prompt, one decode per image
+        (llama_decode cannot mix embeddings and token ids in one batch)."""
+        if self.projector is None:  # a text-only model: every step, so kept cheap
+            return
+        for slot in self.slots:
+            job = slot.job
+            if job is None or not job.images or not slot.pending_prompt:
+                continue
+            if slot.pending_prompt[0] >= 0 or job.cancelled:
+                continue
+            assert self.projector is not None and job.media is not None
+            at = len(job.prompt) - len(slot.pending_prompt)
+            index = job.images.get(at)
+            if index is None:  # a placeholder that starts no image: the prompt is wrong
+                self._fail(slot, f"prompt position {at} holds no image")
+                continue
+            n_cells = job.media.chunks[index].n_tokens
+            # The other slots' tokens of this step go out first: an image takes a while.
+            self._flush_events()
+            started = time.perf_counter()
+            try:
+                slot.n_past = self.projector.eval_chunk(
+                    self.model.ctx,
+                    job.media,
+                    index,
+                    n_past=slot.n_past,
+                    seq_id=slot.seq_id,
+                    n_batch=self.n_batch,
+                )
+            except (RuntimeError, ValueError) as error:
+                self._fail(slot, f"decoding the image failed: {error}")
+                continue
+            self.stats.prompt_seconds_total += time.perf_counter() - started
+            self.stats.prompt_tokens_total += n_cells
+            slot.tokens.extend(slot.pending_prompt[:n_cells])
+            slot.pending_prompt = slot.pending_prompt[n_cells:]
 
     def _step(self) -> None:
         drafts = self._propose_drafts()
@@ -452,7 +564,12 @@ class BatchedGenerator:
         for slot in prefilling:
             if batch.room == 0:
                 break
-            chunk = slot.pending_prompt[: batch.room]
+            room = batch.room
+            if slot.job is not None and slot.job.images:
+                room = min(room, self._text_before_image(slot))
+                if room == 0:  # an image is next: decoded after this step
+                    continue
+            chunk = slot.pending_prompt[:room]
             in_batch.append(slot)
             slot.pending_prompt = slot.pending_prompt[len(chunk) :]
             for offset, token in enumerate(chunk):
@@ -464,6 +581,7 @@ class BatchedGenerator:
                     slot.output_index = index
             prompt_tokens_in_step += len(chunk)
         if batch.n_tokens == 0:
+            self._decode_images()
             return
         started = time.perf_counter()
         status = batch.decode(self.model)
@@ -487,6 +605,7 @@ class BatchedGenerator:
                 self._verify(slot)
             else:
                 self._sample(slot)
+        self._decode_images()
         self.stats.kv_cells_used = sum(len(slot.tokens) for slot in self.slots)
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
 
@@ -494,10 +613,14 @@ class BatchedGenerator:
         """Draft tokens per generating slot, within the batch's room and each slot's limits."""
         if self.drafter is None:
             return {}
+        # Not for prompts with images: the draft model has no projector to read them.
         generating = [
             slot
             for slot in self.slots
-            if slot.busy and slot.next_token is not None and slot.job is not None
+            if slot.busy
+            and slot.next_token is not None
+            and slot.job is not None
+            and not slot.job.images
         ]
         if not generating:
             return {}
@@ -672,6 +795,8 @@ class BatchedGenerator:
         if slot.sampler is not None:
             llama_cpp.llama_sampler_free(slot.sampler)
             slot.sampler = None
+        if slot.job is not None and slot.job.media is not None:
+            slot.job.media.close()  # libmtmd's copy of the images: not needed any more
         if not keep_cache:
             if slot.tokens or slot.job is not None or slot.n_past:
                 self.model.forget_sequence(slot.seq_id)

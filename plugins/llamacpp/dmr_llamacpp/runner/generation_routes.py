@@ -20,6 +20,8 @@ from quart import Blueprint, Response
 
 from dmr_llamacpp.runner.batching import Failed, Finished, GenerationJob, TextDelta, TokenLogprob
 from dmr_llamacpp.runner.chat import parse_tool_output
+from dmr_llamacpp.runner.image_jobs import start_image_job
+from dmr_llamacpp.runner.media import load_images
 from dmr_llamacpp.runner.openai_bodies import (
     DONE_EVENT,
     answer_base,
@@ -89,7 +91,12 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 async def chat_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAnswer:
     """The whole answer, or for `stream` its SSE events (see `StreamingRoutes`)."""
-    messages, tool_grammar, with_tools = normalise_messages(body)
+    image_urls: list[str] = []
+    messages, tool_grammar, with_tools = normalise_messages(
+        body, media_marker=state.media_marker, image_urls=image_urls
+    )
+    if image_urls:
+        state.require_projector()  # a text-only model: a 400 before any download
     params = sampling_from_body(body, state.settings, chat=True, grammar=tool_grammar)
     budget, template_kwargs = _reasoning_budget(body, state.settings.reasoning_budget)
     prompt = state.render_prompt(messages, body, template_kwargs)
@@ -100,7 +107,11 @@ async def chat_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAns
             THINK_CLOSE + "\n\n", add_special=False, parse_special=True
         )
         limit = ThinkingBudget(budget, tuple(close), inside=thinking)
-    job = _start_job(state, prompt, params, limit)
+    if image_urls:
+        images = await load_images(image_urls, state.image_limits)
+        job = await start_image_job(state, prompt, images, params, limit)
+    else:
+        job = _start_job(state, prompt, params, limit)
     base = answer_base("chatcmpl", state.model_name)
     # llama-server's `reasoning_format: "none"` leaves the thinking in the content.
     split = body.get("reasoning_format") != "none"

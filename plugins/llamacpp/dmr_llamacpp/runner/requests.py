@@ -11,7 +11,7 @@ from dmr_llamacpp.runner.chat import add_instruction, plan_tools, schema_grammar
 from dmr_llamacpp.runner.sampling import SamplingParams
 from dmr_llamacpp.settings import WorkerSettings
 
-__all__ = ["normalise_messages", "sampling_from_body"]
+__all__ = ["DEFAULT_MEDIA_MARKER", "normalise_messages", "sampling_from_body"]
 
 
 def _number(body: dict[str, Any], name: str, default: float, *, low: float | None = None) -> float:
@@ -128,23 +128,68 @@ def sampling_from_body(
     )
 
 
-def _content_text(content: Any) -> str:
+# libmtmd's default media marker; the runner renders its projector's own (random) one.
+DEFAULT_MEDIA_MARKER = "<__media__>"
+
+
+def _image_url(part: dict[str, Any]) -> str:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str) or not url:
+        raise BadRequest("an 'image_url' part needs 'image_url.url'", "messages")
+    return url
+
+
+def _content_text(content: Any, media_marker: str, image_urls: list[str]) -> str:
+    """A message's text; each image part becomes `media_marker`, its URL goes to
+    `image_urls`.
+
+    With images, parts are joined as llama-server joins them (common/chat.cpp): text
+    parts with a newline between them, none next to a marker. Text-only part lists
+    keep dmr's plain concatenation.
+    """
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise BadRequest("only text content parts are supported", "messages")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
-    raise BadRequest("message content must be a string or a list of parts", "messages")
+    if not isinstance(content, list):
+        raise BadRequest("message content must be a string or a list of parts", "messages")
+    kinds = [part.get("type") if isinstance(part, dict) else None for part in content]
+    for kind in kinds:
+        if kind not in ("text", "image_url"):
+            raise BadRequest(
+                f"unsupported content part type {kind!r}: 'text' and 'image_url' are supported",
+                "messages",
+            )
+    if "image_url" not in kinds:
+        return "".join(str(part.get("text", "")) for part in content)
+    text = ""
+    after_marker = False
+    for part in content:
+        if part["type"] == "image_url":
+            image_urls.append(_image_url(part))
+            text += media_marker
+            after_marker = True
+            continue
+        if text and not after_marker:
+            text += "\n"
+        text += str(part.get("text", ""))
+        after_marker = False
+    return text
 
 
-def normalise_messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None, bool]:
-    """(messages for the template, tool grammar, whether tools are in play)."""
+def normalise_messages(
+    body: dict[str, Any],
+    *,
+    media_marker: str = DEFAULT_MEDIA_MARKER,
+    image_urls: list[str] | None = None,
+) -> tuple[list[dict[str, Any]], str | None, bool]:
+    """(messages for the template, tool grammar, whether tools are in play).
+
+    Image parts become `media_marker` in the text; their URLs, in prompt order, are
+    appended to `image_urls` (when given).
+    """
+    urls: list[str] = [] if image_urls is None else image_urls
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
@@ -153,7 +198,7 @@ def normalise_messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str 
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("each message needs a 'role'", "messages")
         item = dict(message)
-        item["content"] = _content_text(message.get("content"))
+        item["content"] = _content_text(message.get("content"), media_marker, urls)
         if message.get("tool_calls") and not item["content"]:
             # Earlier calls, shown to the model in the same format it must answer in.
             call = message["tool_calls"][0].get("function", {})

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from dmr.runner_support import BadRequest
 from quart import Quart, current_app, request
 
 from dmr_llamacpp.runner.batching import BatchedGenerator
 from dmr_llamacpp.runner.chat import ChatTemplate
+from dmr_llamacpp.runner.media import ImageLimits
 from dmr_llamacpp.runner.model import LoadedModel
 from dmr_llamacpp.runner.pooling import Pooler
+from dmr_llamacpp.runner.requests import DEFAULT_MEDIA_MARKER
 from dmr_llamacpp.settings import WorkerSettings
+
+if TYPE_CHECKING:  # libmtmd is loaded only for a model with a projector
+    from dmr_llamacpp.runner.vision import VisionProjector
 
 __all__ = ["RunnerState", "install_state", "parse_body", "request_body", "runner_state"]
 
@@ -35,8 +40,28 @@ class RunnerState:
     generator: BatchedGenerator | None = None
     pooler: Pooler | None = None
     template: ChatTemplate | None = None
+    # The model's projector (`--mmproj`): None for a text-only model.
+    projector: VisionProjector | None = None
+    image_limits: ImageLimits = field(default_factory=ImageLimits.from_environment)
     created: int = 0
     load_error: str | None = None
+
+    @property
+    def media_marker(self) -> str:
+        """What stands for an image in a rendered prompt."""
+        return self.projector.marker if self.projector is not None else DEFAULT_MEDIA_MARKER
+
+    def require_projector(self) -> VisionProjector:
+        """The projector, or a 400 for a request with images to a text-only model."""
+        if self.projector is None:
+            if self.model is None:
+                raise BadRequest("the model is still loading")
+            raise BadRequest(
+                f"the model {self.model_name} does not accept images: it has no multimodal "
+                "projector (mmproj)",
+                "messages",
+            )
+        return self.projector
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
