@@ -123,15 +123,9 @@ def _is_webp(data: bytes) -> bool:
 
 def _webp_as_png(data: bytes, index: int, limits: ImageLimits) -> bytes:
     """A WebP image re-encoded as PNG: libmtmd's decoder (stb_image) has no WebP, and
-    every dialect's clients may send it. Needs Pillow (not a dependency of the runner)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise BadRequest(
-            f"image {index} is WebP, which this runner reads only with Pillow installed; "
-            "send PNG, JPEG, GIF or BMP",
-            _PARAM,
-        ) from None
+    every dialect's clients may send it. Pillow is imported here, not at start-up:
+    most requests have no WebP image."""
+    from PIL import Image
     try:
         with Image.open(io.BytesIO(data), formats=["WEBP"]) as picture:
             width, height = picture.size  # from the header: checked before decoding
