@@ -3,6 +3,7 @@ against a live server: listing, streamed chat with history, runners, pull and de
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from playwright.sync_api import Browser, Page, Request, Route, sync_playwright
 from tests.fixtures.hf_hub import tiny_gguf
 from tests.fixtures.registry import LocalRegistry
 from tests.fixtures.server import DmrServer
+from tests.fixtures.vision_projector import sample_png
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +142,49 @@ def test_page_lists_models_and_streams_a_chat(smollm2_server: DmrServer, page: P
 
     ARTIFACTS.mkdir(exist_ok=True)
     p.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+
+
+@pytest.mark.llama
+@pytest.mark.xdist_group("smollm2")
+def test_page_sends_an_image_with_a_message(
+    smollm2_server: DmrServer, page: Page, tmp_path: Path
+) -> None:
+    """The chat's image picker sends the file with the message as an OpenAI
+    `image_url` part; SmolLM2 has no projector, so the page shows the runner's 400
+    rather than an answer that ignored the image."""
+    picture = tmp_path / "photo.png"
+    picture.write_bytes(sample_png())
+    chats: list[dict[str, object]] = []
+
+    def record(request: Request) -> None:
+        if request.url.endswith("/engines/v1/chat/completions") and request.post_data:
+            chats.append(json.loads(request.post_data))
+
+    p = page
+    p.on("request", record)
+    p.goto(smollm2_server.url + "/ui")
+    p.locator('#models tbody tr[data-model="ai/smollm2:latest"]').wait_for(timeout=15_000)
+    p.fill("#chat-model", "ai/smollm2:latest")
+    p.fill("#chat-max-tokens", "8")
+    p.set_input_files("#chat-image", str(picture))
+    p.fill("#chat-input", "What is in this picture?")
+    p.press("#chat-input", "Enter")
+    refused = p.locator("#chat-log .msg.assistant.done.error .text").first
+    refused.wait_for(timeout=240_000)
+
+    assert "does not accept images" in refused.inner_text()
+    url = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
+    assert chats[-1]["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": url}},
+            ],
+        }
+    ]
+    assert "[image: photo.png]" in p.locator("#chat-log .msg.user .text").last.inner_text()
+    assert p.input_value("#chat-image") == ""  # the next message goes without it
 
 
 @pytest.mark.registry

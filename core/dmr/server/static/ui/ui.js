@@ -227,15 +227,30 @@ function addMessage(role, text) {
   return body;
 }
 
-async function sendChat(text) {
+// An image file as a data: URL, for an OpenAI `image_url` part.
+function dataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+async function sendChat(text, image) {
   const model = $("#chat-model").value.trim();
   if (!model) throw new Error("Choose a model first");
   if (!models.some((m) => (m.tags || []).includes(model) || (m.tags || []).includes(`${model}:latest`)
       || (m.tags || []).includes(`ai/${model}`) || (m.tags || []).includes(`ai/${model}:latest`))) {
     await pull(model);  // a pullable model: the inference routes never pull implicitly
   }
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
+  // With an image the message is OpenAI content parts; the image goes with this turn
+  // and stays in the history, as a vision model needs it for follow-up questions.
+  const userContent = image
+    ? [{ type: "text", text }, { type: "image_url", image_url: { url: await dataUrl(image) } }]
+    : text;
+  history.push({ role: "user", content: userContent });
+  addMessage("user", image ? `${text}\n[image: ${image.name}]` : text);
   const answer = addMessage("assistant", "");
   answer.parentElement.classList.add("streaming");
   answer.dataset.chunks = "0";
@@ -347,10 +362,13 @@ function wire() {
     const text = input.value.trim();
     if (!text || controller) return;
     input.value = "";
+    const picker = $("#chat-image");
+    const image = picker.files && picker.files[0];
+    picker.value = "";
     busy($("#chat-send"), true);
     $("#chat-stop").hidden = false;
     clearError();
-    try { await sendChat(text); } catch (error) { showError(error); }
+    try { await sendChat(text, image); } catch (error) { showError(error); }
     busy($("#chat-send"), false);
     $("#chat-stop").hidden = true;
     loadRunners().catch(showError);
