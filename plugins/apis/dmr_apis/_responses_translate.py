@@ -301,19 +301,23 @@ def function_call_item(call: ToolCall, status: str = "completed") -> dict[str, A
     }
 
 
+def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
+    """The runner's `reasoning_content` as OpenAI's reasoning item (`reasoning_text`
+    content, as OpenAI's open-weight models return it; no summary is made)."""
+    return {
+        "type": "reasoning",
+        "id": item_id,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
+
+
 def output_items(
     text: str, calls: list[ToolCall], message_id: str | None = None, reasoning: str = ""
 ) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
-    if reasoning:  # the runner's `reasoning_content`, as OpenAI's reasoning item
-        items.append(
-            {
-                "type": "reasoning",
-                "id": new_id("rs"),
-                "summary": [],
-                "content": [{"type": "reasoning_text", "text": reasoning}],
-            }
-        )
+    if reasoning:
+        items.append(reasoning_item(new_id("rs"), reasoning))
     if text or not calls:
         items.append(message_item(message_id or new_id("msg"), text))
     items.extend(function_call_item(call) for call in calls)

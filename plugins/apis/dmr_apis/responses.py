@@ -31,6 +31,7 @@ from dmr_apis._responses_translate import (
     new_id,
     output_items,
     output_messages,
+    reasoning_item,
     response_object,
     usage_of,
 )
@@ -139,37 +140,96 @@ async def create() -> Response:
         yield event("response.created", response=pending)
         yield event("response.in_progress", response=pending)
         message_id = new_id("msg")
+        reasoning_id = new_id("rs")
         answer = AnswerFold()
+        output: list[dict[str, Any]] = []
         item_open = False
+        reasoning_open = False
+        message_index = 0  # after the reasoning item, when there is one
 
         def open_item() -> list[bytes]:
             """The message item's opening events (sequence numbers taken in order)."""
             added = event(
                 "response.output_item.added",
-                output_index=0,
+                output_index=message_index,
                 item=message_item(message_id, "", status="in_progress"),
             )
             part = event(
                 "response.content_part.added",
                 item_id=message_id,
-                output_index=0,
+                output_index=message_index,
                 content_index=0,
                 part={"type": "output_text", "text": "", "annotations": []},
             )
             return [added, part]
 
+        def open_reasoning() -> list[bytes]:
+            added = event(
+                "response.output_item.added",
+                output_index=0,
+                item={**reasoning_item(reasoning_id, ""), "content": []},
+            )
+            part = event(
+                "response.content_part.added",
+                item_id=reasoning_id,
+                output_index=0,
+                content_index=0,
+                part={"type": "reasoning_text", "text": ""},
+            )
+            return [added, part]
+
+        def close_reasoning() -> list[bytes]:
+            """The reasoning item's closing events; it goes first in `output`."""
+            text = answer.reasoning
+            item = reasoning_item(reasoning_id, text)
+            output.append(item)
+            return [
+                event(
+                    "response.reasoning_text.done",
+                    item_id=reasoning_id,
+                    output_index=0,
+                    content_index=0,
+                    text=text,
+                ),
+                event(
+                    "response.content_part.done",
+                    item_id=reasoning_id,
+                    output_index=0,
+                    content_index=0,
+                    part={"type": "reasoning_text", "text": text},
+                ),
+                event("response.output_item.done", output_index=0, item=item),
+            ]
+
         try:
             async for delta in answer.deltas(upstream.events()):
+                # Thinking streams as a reasoning item, closed when the answer starts.
+                if delta.reasoning and not item_open:
+                    if not reasoning_open:
+                        reasoning_open = True
+                        for opening in open_reasoning():
+                            yield opening
+                    yield event(
+                        "response.reasoning_text.delta",
+                        item_id=reasoning_id,
+                        output_index=0,
+                        content_index=0,
+                        delta=delta.reasoning,
+                    )
                 if not delta.content:
                     continue
                 if not item_open:
+                    if reasoning_open:
+                        for closing in close_reasoning():
+                            yield closing
+                        message_index = 1
                     item_open = True
                     for opening in open_item():
                         yield opening
                 yield event(
                     "response.output_text.delta",
                     item_id=message_id,
-                    output_index=0,
+                    output_index=message_index,
                     content_index=0,
                     delta=delta.content,
                     logprobs=[],
@@ -186,9 +246,12 @@ async def create() -> Response:
             failed["error"] = {"code": "server_error", "message": str(error)}
             yield event("response.failed", response=failed)
             return
+        if reasoning_open and not item_open:  # thinking, then no text
+            for closing in close_reasoning():
+                yield closing
+            message_index = 1
         text = answer.content
         finished_calls = answer.calls
-        output: list[dict[str, Any]] = []
         if item_open or not finished_calls:
             if not item_open:
                 for opening in open_item():
@@ -197,7 +260,7 @@ async def create() -> Response:
             yield event(
                 "response.output_text.done",
                 item_id=message_id,
-                output_index=0,
+                output_index=message_index,
                 content_index=0,
                 text=text,
                 logprobs=[],
@@ -205,12 +268,12 @@ async def create() -> Response:
             yield event(
                 "response.content_part.done",
                 item_id=message_id,
-                output_index=0,
+                output_index=message_index,
                 content_index=0,
                 part=part,
             )
             done_item = message_item(message_id, text)
-            yield event("response.output_item.done", output_index=0, item=done_item)
+            yield event("response.output_item.done", output_index=message_index, item=done_item)
             output.append(done_item)
         # Function calls go out whole, once all of their fragments have arrived.
         for call in finished_calls:

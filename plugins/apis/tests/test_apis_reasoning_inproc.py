@@ -112,3 +112,31 @@ async def test_responses_reasoning_item(harness: Harness) -> None:
     # The next turn gets the answer, not the thinking.
     await client.responses.create(model="ai/smollm2", input="two", previous_response_id=response.id)
     assert harness.runner.last["messages"][1] == {"role": "assistant", "content": "Hello there"}
+
+
+async def test_responses_reasoning_streamed(harness: Harness) -> None:
+    """Thinking streams as a reasoning item (reasoning_text deltas) before the message,
+    which then takes output index 1; the final response holds both."""
+    harness.runner.reasoning_pieces = ["let me ", "think"]
+    client = openai.AsyncOpenAI(
+        base_url="http://dmr.test/v1",
+        api_key="unused",
+        http_client=harness.asgi_client(),
+        max_retries=0,
+    )
+    async with client.responses.stream(model="ai/smollm2", input="one") as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_response()
+    kinds = [event.type for event in events]
+    thinking = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+    assert "".join(thinking) == "let me think"
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [(e.output_index, e.item.type) for e in added] == [(0, "reasoning"), (1, "message")]
+    text = [e for e in events if e.type == "response.output_text.delta"]
+    assert all(e.output_index == 1 for e in text)
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    reasoning = final.output[0]
+    assert reasoning.type == "reasoning" and reasoning.content is not None
+    assert reasoning.content[0].text == "let me think"
+    assert final.output_text == "Hello there"
