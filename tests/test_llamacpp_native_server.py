@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -108,10 +109,12 @@ def native_llama_server(llama_server_binary: Path, smollm2_gguf: Path) -> Iterat
         yield url
 
 
-GREEDY_PROMPTS = [
+GREEDY_PROMPTS: list[Any] = [
     "Write a short story about a lighthouse keeper.",
     "Explain how bread is made, step by step.",
     "List three facts about the planet Mars.",
+    # Content parts: llama-server puts each text part on a line of its own.
+    [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "Then a fruit."}],
 ]
 
 

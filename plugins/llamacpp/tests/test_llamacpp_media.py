@@ -136,7 +136,7 @@ async def test_fetches_http_images() -> None:
 
 def test_prompt_text_around_images() -> None:
     """llama-server's join: text parts on lines of their own, a marker glued to both
-    neighbours; text-only part lists stay concatenated as before."""
+    neighbours; text-only part lists on lines of their own too."""
     urls: list[str] = []
     body = {
         "messages": [
@@ -158,7 +158,7 @@ def test_prompt_text_around_images() -> None:
     }
     messages, _grammar, _tools = normalise_messages(body, media_marker="<M>", image_urls=urls)
     assert messages[0]["content"] == "Look:<M>and\nthis<M>"
-    assert messages[1]["content"] == "ab"
+    assert messages[1]["content"] == "a\nb"
     assert urls == ["data:one", "data:two"]
     with pytest.raises(BadRequest, match="'input_audio'"):
         normalise_messages({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})

@@ -686,11 +686,13 @@ class BatchedGenerator:
             token = int(
                 llama_cpp.llama_sampler_sample(slot.sampler, self.model.ctx, slot.output_index)
             )
+        # Counted before the end-of-generation check: llama-server counts the end token
+        # in `completion_tokens` too (its `n_decoded`), and usage must match it.
+        slot.completion_tokens += 1
+        self.stats.tokens_predicted_total += 1
         if self.model.is_end_of_generation(token) and not params.ignore_eos:
             self._finish(slot, "stop")
             return False
-        slot.completion_tokens += 1
-        self.stats.tokens_predicted_total += 1
         piece = self.model.piece(token)
         if raw_logits is not None:
             slot.held_logprobs.append(

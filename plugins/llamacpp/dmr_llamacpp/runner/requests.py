@@ -144,9 +144,9 @@ def _content_text(content: Any, media_marker: str, image_urls: list[str]) -> str
     """A message's text; each image part becomes `media_marker`, its URL goes to
     `image_urls`.
 
-    With images, parts are joined as llama-server joins them (common/chat.cpp): text
-    parts with a newline between them, none next to a marker. Text-only part lists
-    keep dmr's plain concatenation.
+    Parts are joined as llama-server joins them for a template that takes string
+    content (common/chat.cpp, `to_json_oaicompat`): text parts with a newline between
+    them, none next to a marker.
     """
     if content is None:
         return ""
@@ -162,7 +162,7 @@ def _content_text(content: Any, media_marker: str, image_urls: list[str]) -> str
                 "messages",
             )
     if "image_url" not in kinds:
-        return "".join(str(part.get("text", "")) for part in content)
+        return "\n".join(str(part.get("text", "")) for part in content)
     text = ""
     after_marker = False
     for part in content:
