@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.fixtures.test_engine",
     "tests.fixtures.diffusers_model",
     "tests.fixtures.vllm_model",
+    "tests.fixtures.vision_projector",
 ]

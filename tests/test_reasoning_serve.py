@@ -16,10 +16,9 @@ from pathlib import Path
 import anthropic
 import ollama
 import pytest
-from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
-from dmr.store import Store
 
 from tests.fixtures.server import DmrServer, start_server
+from tests.fixtures.store import package_smollm2
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 
@@ -41,10 +40,7 @@ def thinking_server(
     tmp = tmp_path_factory.mktemp("dmr-thinking")
     template = tmp / "template.jinja"
     template.write_text(THINKING_TEMPLATE)
-    artifact = package_gguf(
-        [smollm2_gguf], PackageOptions(chat_template=template, created="2024-11-01T00:00:00Z")
-    )
-    write_to_store(Store.open(tmp / "models"), artifact, [f"{MODEL}:latest"])
+    package_smollm2(tmp / "models", smollm2_gguf, f"{MODEL}:latest", chat_template=template)
     server = start_server(tmp, {"LLAMA_ARGS": "--reasoning-budget 6"})
     yield server
     server.stop()

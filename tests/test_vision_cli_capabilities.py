@@ -12,11 +12,9 @@ from pathlib import Path
 
 import ollama
 import pytest
-from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
-from dmr.store import Store
 
 from tests.fixtures.server import DmrServer, start_server
-from tests.fixtures.store import SMOLLM2_CREATED, package_smollm2
+from tests.fixtures.store import package_smollm2
 from tests.fixtures.vision_projector import write_test_projector
 
 VISION_TAG = "ai/smollm2-vision:latest"
@@ -30,10 +28,7 @@ def vision_server(
     tmp = tmp_path_factory.mktemp("dmr-vision-capabilities")
     projector = write_test_projector(tmp / "mmproj.gguf", smollm2_gguf)
     package_smollm2(tmp / "models", smollm2_gguf)
-    artifact = package_gguf(
-        [smollm2_gguf], PackageOptions(mmproj=projector, created=SMOLLM2_CREATED)
-    )
-    write_to_store(Store.open(tmp / "models"), artifact, [VISION_TAG])
+    package_smollm2(tmp / "models", smollm2_gguf, VISION_TAG, mmproj=projector)
     server = start_server(tmp)
     yield server
     server.stop()

@@ -28,7 +28,6 @@ from tests.fixtures.vision_projector import (
     png_data_url,
     sample_png,
     solid_png,
-    write_test_projector,
 )
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
@@ -59,11 +58,6 @@ def start_runner(bundle: Path, name: str, *, parallel: int) -> RunnerProcess:
         engine_options={"llamacpp": {"parallel": parallel}},
     )
     return RunnerProcess(LlamaCppEngine(), launch)
-
-
-@pytest.fixture(scope="module")
-def projector_path(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    return write_test_projector(tmp_path_factory.mktemp("vision") / "mmproj.gguf", smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -57,11 +57,6 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def projector_path(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    return write_test_projector(tmp_path_factory.mktemp("vision") / "mmproj.gguf", smollm2_gguf)
-
-
-@pytest.fixture(scope="module")
 def oracle_url(
     tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path, projector_path: Path
 ) -> Iterator[str]:

@@ -14,10 +14,9 @@ import anthropic
 import ollama
 import openai
 import pytest
-from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
-from dmr.store import Store
 
 from tests.fixtures.server import DmrServer, start_server
+from tests.fixtures.store import package_smollm2
 from tests.fixtures.vision_projector import png_data_url, sample_png, write_test_projector
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
@@ -33,10 +32,7 @@ def vision_server(
 ) -> Iterator[DmrServer]:
     tmp = tmp_path_factory.mktemp("dmr-vision")
     projector = write_test_projector(tmp / "mmproj.gguf", smollm2_gguf)
-    artifact = package_gguf(
-        [smollm2_gguf], PackageOptions(mmproj=projector, created="2024-11-01T00:00:00Z")
-    )
-    write_to_store(Store.open(tmp / "models"), artifact, [f"{MODEL}:latest"])
+    package_smollm2(tmp / "models", smollm2_gguf, f"{MODEL}:latest", mmproj=projector)
     server = start_server(tmp, {"LLAMA_ARGS": "-n 64"})
     yield server
     server.stop()

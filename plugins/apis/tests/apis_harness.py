@@ -22,7 +22,11 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import httpx2
+import ollama
+import openai
 import pytest
 from dmr.formats import CONFIG_V01, GGUF, MMPROJ
 from dmr.plugins import new_plugin_manager
@@ -360,6 +364,29 @@ class Harness:
     def asgi_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app), base_url="http://dmr.test", timeout=30
+        )
+
+    # The official clients, talking to the app in-process.
+    def openai(self, prefix: str = "/v1") -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"http://dmr.test{prefix}",
+            api_key="unused",
+            http_client=self.asgi_client(),
+            max_retries=0,
+        )
+
+    def anthropic(self, prefix: str = "/anthropic") -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(
+            base_url=f"http://dmr.test{prefix}",
+            api_key="unused",
+            # anthropic 2 speaks through httpx2, not httpx.
+            http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.app)),
+            max_retries=0,
+        )
+
+    def ollama(self) -> ollama.AsyncClient:
+        return ollama.AsyncClient(
+            host="http://dmr.test", transport=httpx.ASGITransport(app=self.app)
         )
 
 

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import anthropic
-import httpx2
 import pytest
 from apis_harness import Harness
 
 
-def _client(harness: Harness, prefix: str = "/anthropic") -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(
-        base_url=f"http://dmr.test{prefix}",
-        api_key="unused",
-        # anthropic 2 speaks through httpx2, not httpx.
-        http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(app=harness.app)),
-        max_retries=0,
-    )
+def _client(harness: Harness, prefix: str = "/anthropic") -> Any:
+    return harness.anthropic(prefix)
 
 
 @pytest.mark.parametrize("prefix", ["/anthropic", ""])

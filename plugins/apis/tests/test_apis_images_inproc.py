@@ -13,9 +13,7 @@ from typing import Any
 
 import anthropic
 import httpx
-import httpx2
 import ollama
-import openai
 import pytest
 from apis_harness import Harness, add_gguf_model
 
@@ -46,14 +44,8 @@ async def _post(harness: Harness, path: str, body: dict[str, Any]) -> httpx.Resp
 # --------------------------------------------------------------------------- Ollama
 
 
-def _ollama(harness: Harness) -> ollama.AsyncClient:
-    return ollama.AsyncClient(
-        host="http://dmr.test", transport=httpx.ASGITransport(app=harness.app)
-    )
-
-
 async def test_ollama_chat_images_are_sniffed_into_data_urls(harness: Harness) -> None:
-    reply = await _ollama(harness).chat(
+    reply = await harness.ollama().chat(
         model="smollm2",
         messages=[{"role": "user", "content": "what is this", "images": [PNG, JPEG]}],
         stream=False,
@@ -72,7 +64,7 @@ async def test_ollama_chat_images_are_sniffed_into_data_urls(harness: Harness) -
 
 
 async def test_ollama_generate_images_follow_the_prompt(harness: Harness) -> None:
-    reply = await _ollama(harness).generate(
+    reply = await harness.ollama().generate(
         model="smollm2", prompt="describe", system="Be brief.", images=[GIF, WEBP], stream=False
     )
     assert reply.response == "Hello there"
@@ -143,7 +135,7 @@ async def test_ollama_generate_refuses_bad_images(
 
 async def test_ollama_client_sees_the_error(harness: Harness) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
-        await _ollama(harness).chat(
+        await harness.ollama().chat(
             model="smollm2",
             messages=[{"role": "user", "content": "hi", "images": [NOT_AN_IMAGE]}],
             stream=False,
@@ -155,17 +147,8 @@ async def test_ollama_client_sees_the_error(harness: Harness) -> None:
 # --------------------------------------------------------------------------- Anthropic
 
 
-def _anthropic(harness: Harness) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(
-        base_url="http://dmr.test/anthropic",
-        api_key="unused",
-        http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(app=harness.app)),
-        max_retries=0,
-    )
-
-
 async def test_anthropic_base64_and_url_images(harness: Harness) -> None:
-    message = await _anthropic(harness).messages.create(
+    message = await harness.anthropic().messages.create(
         model="ai/smollm2",
         max_tokens=8,
         messages=[
@@ -199,7 +182,7 @@ async def test_anthropic_base64_and_url_images(harness: Harness) -> None:
 
 
 async def test_anthropic_tool_result_images_follow_the_tool_message(harness: Harness) -> None:
-    await _anthropic(harness).messages.create(
+    await harness.anthropic().messages.create(
         model="ai/smollm2",
         max_tokens=8,
         messages=[
@@ -283,7 +266,7 @@ async def test_anthropic_refuses_bad_images(
 
 async def test_anthropic_client_sees_the_error(harness: Harness) -> None:
     with pytest.raises(anthropic.BadRequestError) as caught:
-        await _anthropic(harness).messages.create(
+        await harness.anthropic().messages.create(
             model="ai/smollm2",
             max_tokens=8,
             messages=[
@@ -308,17 +291,8 @@ async def test_anthropic_client_sees_the_error(harness: Harness) -> None:
 # --------------------------------------------------------------------------- Responses
 
 
-def _openai(harness: Harness) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url="http://dmr.test/v1",
-        api_key="unused",
-        http_client=harness.asgi_client(),
-        max_retries=0,
-    )
-
-
 async def test_responses_input_images(harness: Harness) -> None:
-    response = await _openai(harness).responses.create(
+    response = await harness.openai().responses.create(
         model="ai/smollm2",
         input=[
             {
@@ -405,7 +379,7 @@ async def test_openai_chat_image_parts_pass_through_unchanged(harness: Harness) 
             ],
         }
     ]
-    completion = await _openai(harness).chat.completions.create(
+    completion = await harness.openai().chat.completions.create(
         model="ai/smollm2",
         messages=messages,
     )
@@ -418,7 +392,7 @@ async def test_openai_chat_image_parts_pass_through_unchanged(harness: Harness) 
 
 async def test_a_projector_makes_a_vision_model(harness: Harness) -> None:
     add_gguf_model(harness.store, "ai/looker:latest", mmproj=b"GGUF fake projector")
-    client = _ollama(harness)
+    client = harness.ollama()
     assert "vision" in ((await client.show("ai/looker")).capabilities or [])
     assert "vision" not in ((await client.show("ai/smollm2")).capabilities or [])
     async with harness.asgi_client() as http:  # what `dmr inspect` prints

@@ -6,16 +6,13 @@ import hashlib
 import json
 from typing import Any
 
-import httpx
 import ollama
 import pytest
 from apis_harness import TIMINGS, Harness
 
 
-def _client(harness: Harness) -> ollama.AsyncClient:
-    return ollama.AsyncClient(
-        host="http://dmr.test", transport=httpx.ASGITransport(app=harness.app)
-    )
+def _client(harness: Harness) -> Any:
+    return harness.ollama()
 
 
 async def test_version_tags_show(harness: Harness) -> None:

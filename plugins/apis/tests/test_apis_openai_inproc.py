@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import openai
 import pytest
 from apis_harness import Harness
 
 
-def _client(harness: Harness, prefix: str = "/engines/v1") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=f"http://dmr.test{prefix}",
-        api_key="unused",
-        http_client=harness.asgi_client(),
-        max_retries=0,
-    )
+def _client(harness: Harness, prefix: str = "/engines/v1") -> Any:
+    return harness.openai(prefix)
 
 
 async def test_models_list_and_get(harness: Harness) -> None:

@@ -4,34 +4,15 @@ dialects, and their thinking switches, against a scripted runner and official cl
 from __future__ import annotations
 
 import anthropic
-import httpx
-import httpx2
-import ollama
-import openai
 import pytest
 from apis_harness import Harness
 
 HI = [{"role": "user", "content": "hi"}]
 
 
-def _anthropic(harness: Harness) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(
-        base_url="http://dmr.test/anthropic",
-        api_key="unused",
-        http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(app=harness.app)),
-        max_retries=0,
-    )
-
-
-def _ollama(harness: Harness) -> ollama.AsyncClient:
-    return ollama.AsyncClient(
-        host="http://dmr.test", transport=httpx.ASGITransport(app=harness.app)
-    )
-
-
 async def test_anthropic_thinking_block_whole(harness: Harness) -> None:
     harness.runner.reasoning_pieces = ["let me ", "think"]
-    message = await _anthropic(harness).messages.create(
+    message = await harness.anthropic().messages.create(
         model="ai/smollm2",
         max_tokens=64,
         messages=HI,
@@ -46,7 +27,7 @@ async def test_anthropic_thinking_block_whole(harness: Harness) -> None:
 
 async def test_anthropic_thinking_streamed(harness: Harness) -> None:
     harness.runner.reasoning_pieces = ["let me ", "think"]
-    async with _anthropic(harness).messages.stream(
+    async with harness.anthropic().messages.stream(
         model="ai/smollm2", max_tokens=64, messages=HI
     ) as stream:
         events = [event async for event in stream]
@@ -61,12 +42,12 @@ async def test_anthropic_thinking_streamed(harness: Harness) -> None:
 
 
 async def test_anthropic_thinking_disabled_and_checked(harness: Harness) -> None:
-    await _anthropic(harness).messages.create(
+    await harness.anthropic().messages.create(
         model="ai/smollm2", max_tokens=8, messages=HI, thinking={"type": "disabled"}
     )
     assert harness.runner.last["chat_template_kwargs"] == {"enable_thinking": False}
     with pytest.raises(anthropic.BadRequestError):
-        await _anthropic(harness).messages.create(
+        await harness.anthropic().messages.create(
             model="ai/smollm2",
             max_tokens=8,
             messages=HI,
@@ -77,7 +58,7 @@ async def test_anthropic_thinking_disabled_and_checked(harness: Harness) -> None
 @pytest.mark.parametrize("stream", [False, True])
 async def test_ollama_thinking_chat_and_generate(harness: Harness, stream: bool) -> None:
     harness.runner.reasoning_pieces = ["let me ", "think"]
-    client = _ollama(harness)
+    client = harness.ollama()
     if stream:
         chat = await client.chat(model="smollm2", messages=HI, stream=True)
         parts = [part async for part in chat]
@@ -97,12 +78,7 @@ async def test_ollama_thinking_chat_and_generate(harness: Harness, stream: bool)
 
 async def test_responses_reasoning_item(harness: Harness) -> None:
     harness.runner.reasoning_pieces = ["let me ", "think"]
-    client = openai.AsyncOpenAI(
-        base_url="http://dmr.test/v1",
-        api_key="unused",
-        http_client=harness.asgi_client(),
-        max_retries=0,
-    )
+    client = harness.openai()
     response = await client.responses.create(model="ai/smollm2", input="one")
     assert [item.type for item in response.output] == ["reasoning", "message"]
     reasoning = response.output[0]
@@ -118,12 +94,7 @@ async def test_responses_reasoning_streamed(harness: Harness) -> None:
     """Thinking streams as a reasoning item (reasoning_text deltas) before the message,
     which then takes output index 1; the final response holds both."""
     harness.runner.reasoning_pieces = ["let me ", "think"]
-    client = openai.AsyncOpenAI(
-        base_url="http://dmr.test/v1",
-        api_key="unused",
-        http_client=harness.asgi_client(),
-        max_retries=0,
-    )
+    client = harness.openai()
     async with client.responses.stream(model="ai/smollm2", input="one") as stream:
         events = [event async for event in stream]
         final = await stream.get_final_response()

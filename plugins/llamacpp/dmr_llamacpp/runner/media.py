@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+from dmr.image_types import sniff_media_type
 from dmr.runner_support import BadRequest
 
 __all__ = [
@@ -118,7 +119,7 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
 
 
 def _is_webp(data: bytes) -> bool:
-    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    return sniff_media_type(data) == "image/webp"
 
 
 def _webp_as_png(data: bytes, index: int, limits: ImageLimits) -> bytes:
@@ -126,6 +127,7 @@ def _webp_as_png(data: bytes, index: int, limits: ImageLimits) -> bytes:
     every dialect's clients may send it. Pillow is imported here, not at start-up:
     most requests have no WebP image."""
     from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data), formats=["WEBP"]) as picture:
             width, height = picture.size  # from the header: checked before decoding
