@@ -273,6 +273,28 @@ def test_configure_refuses_flags_outside_the_allow_list(vllm_setup: VllmSetup) -
         assert http.get("/engines/_configure").json() == []
 
 
+def test_ray_executor_is_refused_on_a_cpu(client: openai.OpenAI, vllm_setup: VllmSetup) -> None:
+    """vLLM's CPU build stops at start-up with "current platform cpu does not support
+    ray."; dmr says so when the model is configured, and the loaded runner keeps serving."""
+    server = vllm_setup.server
+    refused = server.cli(
+        "configure", "--ray-address", "127.0.0.1:6379", vllm_setup.model,
+        "--", "--pipeline-parallel-size", "2", "--distributed-executor-backend", "ray",
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "CPU build cannot run its workers on Ray" in refused.stderr
+    assert "mp backend" in refused.stderr
+    with server.client() as http:
+        assert http.get("/engines/_configure").json() == []
+        assert len(http.get("/engines/ps").json()) == 2
+    answer = client.chat.completions.create(
+        model=vllm_setup.model,
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=2,
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 2
+
+
 def test_server_never_imported_vllm_or_torch(vllm_setup: VllmSetup) -> None:
     server = psutil.Process(vllm_setup.server.process.pid)
     maps = Path(f"/proc/{server.pid}/maps").read_text()

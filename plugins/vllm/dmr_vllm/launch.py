@@ -31,11 +31,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import FrameType
 
 import psutil
 
-__all__ = ["VLLM_SERVER_MODULE", "kill_descendants", "main", "set_parent_death_signal"]
+from dmr_vllm.ray_cluster import RayClusterError, check_in_subprocess
+
+__all__ = [
+    "VLLM_SERVER_MODULE",
+    "LaunchArgs",
+    "kill_descendants",
+    "main",
+    "set_parent_death_signal",
+]
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 PR_SET_PDEATHSIG = 1
@@ -43,6 +52,8 @@ PR_SET_CHILD_SUBREAPER = 36
 # Below RunnerProcess.stop's 5 s: the core SIGKILLs this process after that.
 STOP_GRACE_SECONDS = 3.5
 POLL_SECONDS = 0.25
+# The Ray cluster is missing or too small (dmr_vllm.ray_cluster).
+EXIT_NO_CLUSTER = 3
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -147,8 +158,16 @@ class Supervisor:
         return self.child.wait()
 
 
-def parse_args(argv: Sequence[str]) -> tuple[int | None, list[str]]:
-    """(parent PID, vLLM options) from `--parent-pid PID -- OPTIONS...`."""
+@dataclass(frozen=True)
+class LaunchArgs:
+    parent_pid: int | None
+    options: list[str]  # vLLM's
+    ray_address: str | None = None  # check this Ray cluster first...
+    ray_devices: float = 0.0  # ...for this many GPUs
+
+
+def parse_args(argv: Sequence[str]) -> LaunchArgs:
+    """From `--parent-pid PID [--ray-address A --ray-devices N] -- OPTIONS...`."""
     args = list(argv)
     options: list[str] = []
     if "--" in args:
@@ -156,13 +175,22 @@ def parse_args(argv: Sequence[str]) -> tuple[int | None, list[str]]:
         args, options = args[:split], args[split + 1 :]
     parser = argparse.ArgumentParser(prog="python -m dmr_vllm.launch")
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--ray-address", default=None)
+    parser.add_argument("--ray-devices", type=float, default=0.0)
     namespace = parser.parse_args(args)
-    return namespace.parent_pid, options
+    return LaunchArgs(namespace.parent_pid, options, namespace.ray_address, namespace.ray_devices)
 
 
 def main(argv: Sequence[str] | None = None, *, module: str = VLLM_SERVER_MODULE) -> int:
-    parent_pid, options = parse_args(sys.argv[1:] if argv is None else argv)
-    supervisor = Supervisor([sys.executable, "-m", module, *options], parent_pid)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.ray_address is not None:
+        try:
+            print(check_in_subprocess(args.ray_address, args.ray_devices), flush=True)
+        except RayClusterError as error:
+            # The server shows a failed runner's last lines to the client.
+            print(f"dmr: cannot start vLLM on Ray: {error}", flush=True)
+            return EXIT_NO_CLUSTER
+    supervisor = Supervisor([sys.executable, "-m", module, *args.options], args.parent_pid)
     return supervisor.run()
 
 

@@ -9,12 +9,14 @@ tokenizer, API key, chat template files and remote code are dmr's to decide).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
     "ALLOWED_RUNTIME_FLAGS",
+    "BLOCK_ONLY_OPTIONS",
     "EXECUTOR_BACKENDS",
     "VllmSettings",
     "resolve_settings",
@@ -39,6 +41,16 @@ _OWNED = {
     "-sc": "--speculative-config",
     "--kv-cache-dtype": "--kv-cache-dtype",
 }
+
+# Keys of the `vllm` block that are not vLLM options but where its Ray workers run:
+# `ray-address` becomes the runner's RAY_ADDRESS (the cluster vLLM joins), and
+# `ray-per-worker-gpus` vLLM's VLLM_RAY_PER_WORKER_GPUS (a share below 1 lets workers
+# share a GPU). Not runtime flags: vLLM's command line has no such options.
+BLOCK_ONLY_OPTIONS = frozenset({"--ray-address", "--ray-per-worker-gpus"})
+# `auto` (the cluster on this machine), or host:port, optionally as a Ray client URL.
+_RAY_ADDRESS = re.compile(
+    r"auto|(ray://)?[A-Za-z0-9.\-]+:\d{1,5}|(ray://)?\[[0-9A-Fa-f:.]+\]:\d{1,5}"
+)
 
 # vLLM options passed through unchanged. Boolean options take no value and have
 # `--no-` twins (argparse BooleanOptionalAction).
@@ -109,7 +121,14 @@ class VllmSettings:
     hf_overrides: Mapping[str, Any] | None = None
     speculative_config: Mapping[str, Any] | None = None
     kv_cache_dtype: str | None = None
+    ray_address: str | None = None
+    ray_per_worker_gpus: float | None = None
     extra: tuple[str, ...] = field(default=())  # allowed flags passed through verbatim
+
+    @property
+    def workers(self) -> int:
+        """vLLM's world size: one worker per tensor shard of each pipeline stage."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def split_flags(flags: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -185,8 +204,18 @@ def _backend(name: str, value: Any) -> str:
     return str(value)
 
 
+def _ray_address(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not _RAY_ADDRESS.fullmatch(value):
+        raise ValueError(f"{name} expects 'auto' or HOST:PORT (or ray://HOST:PORT), got {value!r}")
+    return value
+
+
 def _apply(settings: VllmSettings, name: str, value: Any) -> VllmSettings:
     """`settings` with one owned option set (name in its long `--` form)."""
+    if name == "--ray-address":
+        return replace(settings, ray_address=_ray_address(name, value))
+    if name == "--ray-per-worker-gpus":
+        return replace(settings, ray_per_worker_gpus=_fraction(name, value))
     if name == "--max-num-seqs":
         return replace(settings, max_num_seqs=_positive_int(name, value))
     if name == "--gpu-memory-utilization":
@@ -215,8 +244,9 @@ def resolve_settings(block: Mapping[str, Any] | None, flags: Sequence[str]) -> V
     settings = VllmSettings()
     for key, value in (block or {}).items():
         name = "--" + str(key).replace("_", "-")
-        if _OWNED.get(name) != name:
-            known = ", ".join(sorted(n.removeprefix("--") for n in set(_OWNED.values())))
+        if _OWNED.get(name) != name and name not in BLOCK_ONLY_OPTIONS:
+            names = {*_OWNED.values(), *BLOCK_ONLY_OPTIONS}
+            known = ", ".join(sorted(n.removeprefix("--") for n in names))
             raise ValueError(f"unknown vllm option {key!r} (known: {known})")
         if value is not None:
             settings = _apply(settings, name, value)

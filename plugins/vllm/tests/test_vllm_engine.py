@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,10 +111,9 @@ def test_launcher_runs_the_openai_server_module() -> None:
     from dmr_vllm.launch import VLLM_SERVER_MODULE, parse_args
 
     assert VLLM_SERVER_MODULE == "vllm.entrypoints.openai.api_server"
-    assert parse_args(["--parent-pid", "7", "--", "--uds", "s", "--model", "m"]) == (
-        7,
-        ["--uds", "s", "--model", "m"],
-    )
+    args = parse_args(["--parent-pid", "7", "--", "--uds", "s", "--model", "m"])
+    assert (args.parent_pid, args.options) == (7, ["--uds", "s", "--model", "m"])
+    assert args.ray_address is None
 
 
 def test_context_size_precedence(bundle: Path) -> None:
@@ -190,6 +190,64 @@ def test_tensor_pipeline_parallel_and_ray_pass_through(bundle: Path) -> None:
     assert option(argv, "--pipeline-parallel-size") == "3"
     assert option(argv, "--distributed-executor-backend") == "mp"
     assert "-tp" not in argv
+
+
+def test_ray_settings_reach_the_runner_and_its_cluster_check(bundle: Path) -> None:
+    options = {
+        "pipeline-parallel-size": 2,
+        "tensor-parallel-size": 2,
+        "distributed-executor-backend": "ray",
+        "ray-address": "10.0.0.5:6379",
+        "ray_per_worker_gpus": 0.5,
+    }
+    command = VllmEngine().runner_command(
+        make_launch(bundle, device=GPU, engine_options={"vllm": options})
+    )
+    assert command.env["RAY_ADDRESS"] == "10.0.0.5:6379"
+    assert command.env["VLLM_RAY_PER_WORKER_GPUS"] == "0.5"
+    supervisor = command.argv[: command.argv.index("--")]
+    # Four workers at half a GPU each: the cluster must offer two.
+    assert option(supervisor, "--ray-address") == "10.0.0.5:6379"
+    assert option(supervisor, "--ray-devices") == "2"
+    # Without an address vLLM joins the cluster of this machine (Ray's `auto`).
+    bare = {"distributed-executor-backend": "ray", "pipeline-parallel-size": 2}
+    argv = argv_of(make_launch(bundle, device=GPU, engine_options={"vllm": bare}))
+    assert option(argv[: argv.index("--")], "--ray-address") == "auto"
+    # No Ray, no check.
+    mp = argv_of(
+        make_launch(bundle, device=GPU, engine_options={"vllm": {"tensor-parallel-size": 2}})
+    )
+    assert "--ray-address" not in mp[: mp.index("--")]
+
+
+@pytest.mark.parametrize(
+    ("options", "device", "message"),
+    [
+        ({"distributed-executor-backend": "ray"}, None, "CPU build cannot run its workers on Ray"),
+        ({"ray-address": "10.0.0.5:6379"}, GPU, "only with distributed-executor-backend ray"),
+        (
+            {"distributed-executor-backend": "ray", "ray-address": "10.0.0.5"},
+            GPU,
+            "HOST:PORT",
+        ),
+        (
+            {"distributed-executor-backend": "ray", "ray-address": "a b:1"},
+            GPU,
+            "HOST:PORT",
+        ),
+        ({"distributed-executor-backend": "ray", "ray-per-worker-gpus": 2}, GPU, "(0, 1]"),
+    ],
+)
+def test_ray_settings_refused(
+    bundle: Path, options: dict[str, object], device: object, message: str
+) -> None:
+    launch = (
+        make_launch(bundle, engine_options={"vllm": options})
+        if device is None
+        else make_launch(bundle, device=GPU, engine_options={"vllm": options})
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VllmEngine().estimate_memory(launch)
 
 
 def test_parallelism_splits_the_per_device_estimate(bundle: Path) -> None:

@@ -1,0 +1,102 @@
+"""Configure the multi-node model once `dmr serve` answers and every node has joined Ray.
+
+Runs in the leader pod beside `dmr serve` (its container starts it in the
+background). It waits for the server at DMR_URL, then for the Ray cluster at the
+configuration's `ray-address` to count LWS_GROUP_SIZE live nodes (LWS sets it in
+every container) with tensor-parallel-size x pipeline-parallel-size GPUs, and
+sends the body of DMR_CONFIGURE_FILE to `POST /engines/vllm/_configure`. Then it
+writes DMR_CONFIGURED_MARKER, the file the leader's startupProbe waits for: the
+Service sends no request before the model is configured, so none loads it with
+vLLM's single-node defaults. On failure it exits 1 without the marker, and the
+startupProbe's deadline restarts the group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+URL = os.environ.get("DMR_URL", "http://127.0.0.1:12434").rstrip("/")
+CONFIGURE_FILE = os.environ.get("DMR_CONFIGURE_FILE", "/multinode/configure.json")
+MARKER = os.environ.get("DMR_CONFIGURED_MARKER", "/tmp/dmr-configured")
+WAIT_SECONDS = float(os.environ.get("DMR_WAIT_SECONDS", "1800"))
+GROUP_SIZE = int(os.environ.get("LWS_GROUP_SIZE", "1"))
+
+
+def _headers() -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    key = os.environ.get("DMR_API_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def wait_for_server(deadline: float) -> None:
+    while True:
+        try:
+            with urllib.request.urlopen(URL + "/", timeout=5):
+                return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"dmr at {URL} did not answer: {error}") from None
+            time.sleep(2)
+
+
+def wait_for_ray(address: str, gpus: int, deadline: float) -> None:
+    # The image's Ray, the one `ray start` runs; imported here only.
+    import ray  # type: ignore[import-not-found]
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        while True:
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            found = int(ray.cluster_resources().get("GPU", 0))
+            print(f"ray: {nodes}/{GROUP_SIZE} nodes, {found}/{gpus} GPUs", flush=True)
+            if nodes >= GROUP_SIZE and found >= gpus:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the Ray cluster at {address} did not grow to {GROUP_SIZE} nodes")
+            time.sleep(5)
+    finally:
+        ray.shutdown()
+
+
+def configure(body: dict[str, Any]) -> bool:
+    request = urllib.request.Request(
+        URL + "/engines/vllm/_configure",
+        data=json.dumps(body).encode(),
+        headers=_headers(),
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            print(f"{body['model']}: configured (HTTP {response.status})", flush=True)
+            return True
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")
+        print(f"{body['model']}: HTTP {error.code} {detail}", file=sys.stderr)
+        return False
+
+
+def main() -> int:
+    with open(CONFIGURE_FILE, encoding="utf-8") as handle:
+        body = json.load(handle)
+    vllm = body["vllm"]
+    gpus = int(vllm.get("tensor-parallel-size", 1)) * int(vllm.get("pipeline-parallel-size", 1))
+    deadline = time.monotonic() + WAIT_SECONDS
+    wait_for_server(deadline)
+    wait_for_ray(vllm["ray-address"], gpus, deadline)
+    if not configure(body):
+        return 1
+    with open(MARKER, "w", encoding="utf-8") as marker:
+        marker.write(body["model"] + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
