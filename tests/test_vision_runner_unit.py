@@ -192,10 +192,21 @@ def test_chunks_describe_the_prompt(projector: VisionProjector, runner_model: Lo
 
 
 def test_llama_high_level_matches_oracle(
-    oracle_url: str, smollm2_gguf: Path, projector_path: Path
+    oracle_url: str, smollm2_gguf: Path, projector_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`llama_cpp.Llama` + the projector, prompt from the server's template."""
     set_mtmd_log_callback()
+    # Without the AMX/repacked weight buffers, as the runner loads models: on a CPU with
+    # AMX they crash in ggml_backend_amx_mul_mat once a batch holds more than one token
+    # (runner/model.py), and `Llama` has no option for them.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers)
     # Flash attention as llama-server's "auto" picks on CPU; Llama's default (off)
     # moves the logits by ~0.7 and the greedy answer with them.
     llm = llama_cpp.Llama(
