@@ -375,10 +375,8 @@ class _FakeRay:
 
     def nodes(self) -> list[dict[str, Any]]:
         self.polls += 1
-        return [{"Alive": True}] * (2 if self.polls >= 3 else 1) + [{"Alive": False}]
-
-    def cluster_resources(self) -> dict[str, float]:
-        return {"GPU": 2.0 if self.polls >= 3 else 1.0}
+        node = {"Alive": True, "Resources": {"GPU": 1.0}}
+        return [node] * (2 if self.polls >= 3 else 1) + [{"Alive": False}]
 
     def shutdown(self) -> None:
         pass
@@ -417,6 +415,11 @@ def _load_configure(
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     monkeypatch.setattr(time, "sleep", lambda _: None)
+    # configure.py imports prepull.py from its own folder, as in the pod.
+    (tmp_path / "prepull.py").write_text(config["prepull.py"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "prepull", raising=False)
+    monkeypatch.delenv("DMR_URL", raising=False)
     module = ModuleType("configure")
     exec(compile(config["configure.py"], "configure.py", "exec"), module.__dict__)
     return module, ray, sent

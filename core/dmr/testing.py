@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +33,7 @@ from dmr.samples import ensure_smollm2_gguf
 __all__ = [
     "CPU",
     "RunnerProcess",
+    "free_port",
     "make_launch",
     "sample_gguf",
     "short_socket",
@@ -43,6 +45,13 @@ CPU = AcceleratorInfo(name="cpu", kind="cpu", index=0, total_memory=8 << 30, fre
 
 # Directories `short_socket` makes; `RunnerProcess.stop` removes them with the socket.
 _SOCKET_DIR_PREFIX = "dmr-test-sock-"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def short_socket(name: str = "runner") -> Path:

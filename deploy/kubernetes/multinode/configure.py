@@ -21,49 +21,36 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-URL = os.environ.get("DMR_URL", "http://127.0.0.1:12434").rstrip("/")
+# The server beside this script, not the Service: the Service sends nothing to the
+# leader before this script has configured the model. Set before prepull reads it.
+os.environ.setdefault("DMR_URL", "http://127.0.0.1:12434")
+
+from dmr_vllm.ray_cluster import RayClusterError, check_cluster
+
+# prepull.py sits beside this script in the ConfigMap: its headers and wait for the server.
+from prepull import URL, _headers, wait_for_server
+
 CONFIGURE_FILE = os.environ.get("DMR_CONFIGURE_FILE", "/multinode/configure.json")
 MARKER = os.environ.get("DMR_CONFIGURED_MARKER", "/tmp/dmr-configured")
 WAIT_SECONDS = float(os.environ.get("DMR_WAIT_SECONDS", "1800"))
 GROUP_SIZE = int(os.environ.get("LWS_GROUP_SIZE", "1"))
 
 
-def _headers() -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    key = os.environ.get("DMR_API_KEY")
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    return headers
-
-
-def wait_for_server(deadline: float) -> None:
+def wait_for_ray(address: str, gpus: int, deadline: float) -> None:
+    """Until the cluster has the group's nodes and GPUs: the check the runner makes
+    before vLLM starts (dmr_vllm.ray_cluster), repeated while the worker joins."""
     while True:
         try:
-            with urllib.request.urlopen(URL + "/", timeout=5):
+            shape = check_cluster(address, gpus)
+            print(f"ray: {shape.describe()}", flush=True)
+            if shape.nodes >= GROUP_SIZE:
                 return
-        except OSError as error:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"dmr at {URL} did not answer: {error}") from None
-            time.sleep(2)
-
-
-def wait_for_ray(address: str, gpus: int, deadline: float) -> None:
-    # The image's Ray, the one `ray start` runs; imported here only.
-    import ray  # type: ignore[import-not-found]
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        while True:
-            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-            found = int(ray.cluster_resources().get("GPU", 0))
-            print(f"ray: {nodes}/{GROUP_SIZE} nodes, {found}/{gpus} GPUs", flush=True)
-            if nodes >= GROUP_SIZE and found >= gpus:
-                return
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the Ray cluster at {address} did not grow to {GROUP_SIZE} nodes")
-            time.sleep(5)
-    finally:
-        ray.shutdown()
+            reason = f"{shape.nodes} of {GROUP_SIZE} nodes"
+        except RayClusterError as error:
+            reason = str(error)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the Ray group did not form: {reason}")
+        time.sleep(5)
 
 
 def configure(body: dict[str, Any]) -> bool:
@@ -89,7 +76,7 @@ def main() -> int:
     vllm = body["vllm"]
     gpus = int(vllm.get("tensor-parallel-size", 1)) * int(vllm.get("pipeline-parallel-size", 1))
     deadline = time.monotonic() + WAIT_SECONDS
-    wait_for_server(deadline)
+    wait_for_server()
     wait_for_ray(vllm["ray-address"], gpus, deadline)
     if not configure(body):
         return 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,18 +26,13 @@ import pytest
 if importlib.util.find_spec("ray") is None:
     pytest.skip("the Ray check needs dmr-vllm[ray]", allow_module_level=True)
 
+from dmr.testing import free_port
 from dmr_vllm import launch
 from dmr_vllm.ray_cluster import RayClusterError, check_in_subprocess, shape_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -72,7 +66,7 @@ def _ray(*args: str) -> subprocess.CompletedProcess[str]:
 def cluster() -> Iterator[LocalCluster]:
     # Short: Ray's socket paths live under it and must stay below 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="dmr-ray-"))
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--num-cpus", "1", "--num-gpus", "1", "--disable-usage-stats"]
     try:
@@ -129,7 +123,7 @@ def test_too_few_devices_is_a_clear_error_and_vllm_never_starts(
 def test_no_cluster_at_the_address_fails_within_the_deadline() -> None:
     started = time.monotonic()
     with pytest.raises(RayClusterError, match="no Ray cluster answer"):
-        check_in_subprocess(f"127.0.0.1:{_free_port()}", 1, timeout=20)
+        check_in_subprocess(f"127.0.0.1:{free_port()}", 1, timeout=20)
     assert time.monotonic() - started < 40
 
 
