@@ -74,7 +74,11 @@ def test_configure_and_configure_show(test_engine_server: DmrServer) -> None:
     assert config["context-size"] == 3072
     assert config["runtime-flags"] == ["--temp", "0.2"]
     assert config["keep_alive"] == "-1"
-    wait_for(lambda: bool(ps(test_engine_server)), message="preload")
+    # Loaded and idle: a runner still loading counts as in use, and configuring it is a 409.
+    wait_for(
+        lambda: any(not r["loading"] and not r["in_use"] for r in ps(test_engine_server)),
+        message="preload",
+    )
 
     budget = test_engine_server.cli("configure", "--reasoning-budget", "0", "test/a")
     assert budget.returncode == 0, budget.stderr
