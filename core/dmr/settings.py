@@ -31,17 +31,13 @@ def default_log_dir(models_path: Path) -> Path:
     return models_path / "logs"
 
 
-def _default_socket() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or str(Path.home() / ".cache" / "dmr")
-    return Path(runtime) / "dmr.sock"
-
-
 @dataclass(frozen=True)
 class Settings:
     models_path: Path = field(default_factory=_default_models_path)
-    port: int | None = None  # TCP port; None = unix socket
+    # TCP port, 127.0.0.1:12434 as Docker Model Runner's; None = the unix socket only.
+    port: int | None = DEFAULT_PORT
     host: str = "127.0.0.1"
-    socket_path: Path = field(default_factory=_default_socket)
+    socket_path: Path | None = None  # a unix socket, beside the port or instead of it
     idle_timeout: float = 300.0  # seconds; 0 = never
     disable_metrics: bool = False
     llama_args: str | None = None
@@ -69,6 +65,7 @@ class Settings:
     def from_env(cls) -> Settings:
         env = os.environ
         port = env.get("MODEL_RUNNER_PORT")
+        socket_path = env.get("MODEL_RUNNER_SOCK")
         idle = env.get("MODEL_RUNNER_IDLE_TIMEOUT")
         api_key = env.get("DMR_API_KEY")
         api_key_file = env.get("DMR_API_KEY_FILE")
@@ -82,11 +79,10 @@ class Settings:
         )
         return cls(
             models_path=models_path,
-            port=int(port) if port else None,
+            # MODEL_RUNNER_SOCK alone: that socket only; with MODEL_RUNNER_PORT: both.
+            port=int(port) if port else (None if socket_path else DEFAULT_PORT),
             host=env.get("MODEL_RUNNER_BIND", "127.0.0.1"),
-            socket_path=Path(env["MODEL_RUNNER_SOCK"])
-            if env.get("MODEL_RUNNER_SOCK")
-            else _default_socket(),
+            socket_path=Path(socket_path).expanduser() if socket_path else None,
             idle_timeout=_idle_timeout_seconds(idle),
             disable_metrics=_flag("DISABLE_METRICS"),
             llama_args=env.get("LLAMA_ARGS") or None,

@@ -2,16 +2,18 @@
 
 As Docker Model Runner's standalone mode starts its runner for `docker model`
 commands. The server is started detached (its own session, stdin from /dev/null)
-with the CLI's environment, so it serves the same `MODELS_PATH` on the same
-`MODEL_RUNNER_SOCK` or `MODEL_RUNNER_PORT`, and it keeps running after the command:
-`dmr stop-runner` stops it. Nothing is started when `MODEL_RUNNER_HOST` points
-somewhere (that server is someone else's) or `DMR_NO_AUTOSTART=1`.
+with the CLI's environment, so it serves the same `MODELS_PATH` at the same address:
+TCP 127.0.0.1:12434 by default (`MODEL_RUNNER_PORT`, `MODEL_RUNNER_BIND`), or only
+the unix socket `MODEL_RUNNER_SOCK` when that is set without a port. The CLI talks
+to it over TCP (a loopback connect costs what a unix one does, well under the
+command's own ~0.1 s), and it keeps running after the command: `dmr stop-runner`
+stops it. Nothing is started when `MODEL_RUNNER_HOST` points somewhere (that
+server is someone else's) or `DMR_NO_AUTOSTART=1`.
 
 Files, keyed by the address the server listens on (one server per address):
-- pid file: `<MODEL_RUNNER_SOCK>.pid` beside the unix socket, or
-  `<MODELS_PATH>/dmr-serve-<port>.pid` with `MODEL_RUNNER_PORT`. `dmr serve` writes
-  it at start and removes it at a clean exit, so a server started by hand is known
-  to `dmr stop-runner` too.
+- pid file: `<MODELS_PATH>/dmr-serve-<port>.pid`, or `<MODEL_RUNNER_SOCK>.pid`
+  beside a socket-only server's socket. `dmr serve` writes it at start and removes
+  it at a clean exit, so a server started by hand is known to `dmr stop-runner` too.
 - lock: the pid file's path + `.lock`, held around "probe again, start, wait until
   it answers", so that commands racing to start a server leave exactly one.
 - log: the started server's stdout and stderr, appended to `server-output.log` in
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlsplit
 
 from dmr.cli.http import TransportError
-from dmr.settings import DEFAULT_PORT, Settings, default_log_dir
+from dmr.settings import Settings, default_log_dir
 
 if TYPE_CHECKING:
     import subprocess
@@ -54,6 +56,7 @@ __all__ = [
     "client_address",
     "ensure_server",
     "explicit_address",
+    "is_dmr_serve",
     "served_address",
     "server_log_path",
     "start_server",
@@ -119,8 +122,12 @@ def explicit_address() -> ServerAddress | None:
 
 
 def served_address(settings: Settings) -> ServerAddress:
-    """Where `dmr serve` with these settings listens."""
+    """Where `dmr serve` with these settings listens: its TCP address, by default
+    `http://127.0.0.1:12434`, which every client can be given (`status --json`'s
+    `endpoint`); the unix socket only for a server that has no port."""
     if settings.port is None:
+        if settings.socket_path is None:
+            raise ValueError("nothing to listen on: neither a TCP port nor a unix socket is set")
         return ServerAddress("http://dmr", settings.socket_path)
     host = "127.0.0.1" if settings.host in _WILDCARD_BINDS else settings.host
     host = f"[{host}]" if ":" in host else host
@@ -129,19 +136,12 @@ def served_address(settings: Settings) -> ServerAddress:
 
 def client_address(settings: Settings | None = None) -> ServerAddress:
     """Where the CLI looks for the server: `MODEL_RUNNER_HOST`; else where `dmr serve`
-    in this environment listens (`MODEL_RUNNER_PORT`, or the socket); but with neither
-    set and no socket file at the default path, Docker Model Runner's TCP port on
-    loopback, where a Docker Model Runner may answer."""
+    in this environment listens (`MODEL_RUNNER_PORT`, by default 12434 on loopback,
+    where a Docker Model Runner would answer too; or `MODEL_RUNNER_SOCK` alone)."""
     explicit = explicit_address()
     if explicit is not None:
         return explicit
-    settings = settings or Settings.from_env()
-    served = served_address(settings)
-    if served.socket_path is None or served.socket_path.exists():
-        return served
-    if os.environ.get("MODEL_RUNNER_SOCK"):  # a socket named on purpose: only that one
-        return served
-    return ServerAddress(f"http://127.0.0.1:{DEFAULT_PORT}")
+    return served_address(settings or Settings.from_env())
 
 
 def server_log_path(settings: Settings) -> Path:
@@ -159,7 +159,7 @@ def autostart_disabled() -> bool:
 # --------------------------------------------------------------------------- pid file
 
 
-def _is_dmr_serve(cmdline: list[str]) -> bool:
+def is_dmr_serve(cmdline: list[str]) -> bool:
     """`python -m dmr serve` or `.../dmr serve`, whatever the interpreter."""
     if "serve" not in cmdline:
         return False
@@ -194,8 +194,8 @@ class ServerProcess:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ServerProcess:
-        if settings.port is None:
-            socket_path = settings.socket_path
+        socket_path = settings.socket_path
+        if settings.port is None and socket_path is not None:
             return cls(socket_path.with_name(socket_path.name + ".pid"))
         return cls(settings.models_path / f"dmr-serve-{settings.port}.pid")
 
@@ -235,7 +235,7 @@ class ServerProcess:
         try:
             process = psutil.Process(pid)
             written = self.pid_file.stat().st_mtime
-            if _exited(process) or not _is_dmr_serve(process.cmdline()):
+            if _exited(process) or not is_dmr_serve(process.cmdline()):
                 return None
             # A pid reused by a later `dmr serve` for another address: not this one's.
             if process.create_time() > written + 1.0:

@@ -2,19 +2,66 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import click
 
 from dmr.cli.main import console, plugin_command_entries
+from dmr.settings import DEFAULT_PORT
 
 __all__ = ["list_plugins", "serve", "version"]
 
 
 @click.command()
-def serve() -> None:
-    """Start the model runner server (unix socket, or TCP with MODEL_RUNNER_PORT)."""
-    from dmr.server.serve import run_server
+@click.option(
+    "--host", metavar="ADDRESS",
+    help="Address to listen on (MODEL_RUNNER_BIND; default 127.0.0.1, 0.0.0.0 for every"
+    " interface: set DMR_API_KEY then).",
+)  # fmt: skip
+@click.option(
+    "--port", type=click.IntRange(1, 65535),
+    help=f"TCP port (MODEL_RUNNER_PORT; default {DEFAULT_PORT}).",
+)  # fmt: skip
+@click.option(
+    "--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+    help="Unix socket to listen on (MODEL_RUNNER_SOCK): instead of TCP, or beside it"
+    " with --port or --host.",
+)  # fmt: skip
+@click.option(
+    "--models-path", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+    help="The model store (MODELS_PATH; default ~/.docker/models).",
+)  # fmt: skip
+def serve(
+    host: str | None, port: int | None, socket_path: Path | None, models_path: Path | None
+) -> None:
+    """Start the model runner server: TCP 127.0.0.1:12434 by default.
 
-    run_server()
+    Options override the environment variables named with them; --port and --socket
+    together replace MODEL_RUNNER_PORT and MODEL_RUNNER_SOCK. Other `dmr` commands
+    find this server when they get the same MODEL_RUNNER_PORT (or MODEL_RUNNER_SOCK)
+    and MODELS_PATH; without one they start a server themselves.
+    """
+    from dmr.cli.errors import fail
+    from dmr.server.serve import ListenError, run_server
+
+    # Through the environment, which the runners and everything reading Settings share.
+    env = os.environ
+    if port is not None or socket_path is not None:
+        env.pop("MODEL_RUNNER_PORT", None)
+        env.pop("MODEL_RUNNER_SOCK", None)
+    if port is not None or (host is not None and "MODEL_RUNNER_PORT" not in env):
+        env["MODEL_RUNNER_PORT"] = str(port or DEFAULT_PORT)  # --host means TCP
+    if host is not None:
+        env["MODEL_RUNNER_BIND"] = host
+    if socket_path is not None:
+        env["MODEL_RUNNER_SOCK"] = str(socket_path.expanduser().absolute())
+    if models_path is not None:
+        env["MODELS_PATH"] = str(models_path.expanduser().absolute())
+    try:
+        run_server()
+    except ListenError as error:
+        fail(str(error))
 
 
 @click.command()
