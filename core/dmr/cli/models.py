@@ -20,7 +20,18 @@ from dmr.cli.errors import error_message, fail
 from dmr.cli.http import HTTPError
 from dmr.cli.main import console, print_table
 
-__all__ = ["df", "inspect", "list_models", "ls", "package", "purge", "rm", "show", "tag"]
+__all__ = [
+    "context_size",
+    "df",
+    "inspect",
+    "list_models",
+    "ls",
+    "package",
+    "purge",
+    "rm",
+    "show",
+    "tag",
+]
 
 
 def _path(name: str) -> str:
@@ -72,11 +83,46 @@ def _short(model_id: str) -> str:
 def _list_options(function: Any) -> Any:
     function = click.option("-q", "--quiet", is_flag=True, help="Only model IDs")(function)
     function = click.option("--openai", is_flag=True, help="OpenAI's /v1/models shape")(function)
-    return click.option("--json", "as_json", is_flag=True, help="The server's JSON")(function)
+    function = click.option("--json", "as_json", is_flag=True, help="The server's JSON")(function)
+    return click.argument("model", required=False)(function)
 
 
-def _list(as_json: bool, openai: bool, quiet: bool) -> None:
+def _matches(tag: str, wanted: str) -> bool:
+    """Docker Model Runner's `ls MODEL` filter: `repo:tag` names one tag; a bare
+    repository matches each of its tags."""
+    if ":" in wanted.rsplit("/", 1)[-1]:
+        return tag == wanted
+    return tag.rsplit(":", 1)[0] == wanted if ":" in tag.rsplit("/", 1)[-1] else tag == wanted
+
+
+def _filtered(models: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    """The models with a tag matching MODEL, with only those tags (`docker model ls
+    smollm2` is `ai/smollm2`, as `docker model` adds `ai/` to a name without a slash)."""
+    model = model.removeprefix("index.docker.io/").removeprefix("docker.io/")
+    wanted = model if "/" in model else f"ai/{model}"
+    kept = []
+    for item in models:
+        tags = [tag for tag in item.get("tags") or [] if _matches(tag, wanted)]
+        if tags:
+            kept.append({**item, "tags": tags})
+    return kept
+
+
+def context_size(config: dict[str, Any]) -> str:
+    """The CONTEXT column: the packaged context size, else the GGUF's trained one
+    (`<architecture>.context_length`), as `docker model ls` prints it."""
+    if config.get("context_size"):
+        return str(config["context_size"])
+    gguf = config.get("gguf") or {}
+    architecture = gguf.get("general.architecture") or config.get("architecture") or "llama"
+    trained = gguf.get(f"{architecture}.context_length") or gguf.get("llama.context_length")
+    return str(trained) if trained not in (None, "") else ""
+
+
+def _list(model: str | None, as_json: bool, openai: bool, quiet: bool) -> None:
     models: list[dict[str, Any]] = _request("GET", "/models")
+    if model:
+        models = _filtered(models, model)
     if as_json:
         _print_json(models)
         return
@@ -89,23 +135,24 @@ def _list(as_json: bool, openai: bool, quiet: bool) -> None:
         _print_json({"object": "list", "data": data})
         return
     if quiet:
-        for model in models:
-            print(_short(model["id"]))
+        for item in models:
+            print(_short(item["id"]))
         return
     from rich.table import Table
 
     table = Table("MODEL NAME", "PARAMETERS", "QUANTIZATION", "ARCHITECTURE", "MODEL ID",
-                  "CREATED", "SIZE", box=None)  # fmt: skip
-    for model in models:
-        config = model.get("config") or {}
-        for name in model.get("tags") or ["<none>"]:
+                  "CREATED", "CONTEXT", "SIZE", box=None)  # fmt: skip
+    for item in models:
+        config = item.get("config") or {}
+        for name in item.get("tags") or ["<none>"]:
             table.add_row(
                 name,
                 str(config.get("parameters", "")),
                 str(config.get("quantization", "")),
                 str(config.get("architecture", "")),
-                _short(model["id"]),
-                _ago(int(model.get("created") or 0)),
+                _short(item["id"]),
+                _ago(int(item.get("created") or 0)),
+                context_size(config),
                 str(config.get("size", "")),
             )
     print_table(table)
@@ -113,16 +160,16 @@ def _list(as_json: bool, openai: bool, quiet: bool) -> None:
 
 @click.command(name="list")
 @_list_options
-def list_models(as_json: bool, openai: bool, quiet: bool) -> None:
-    """List the models in the store."""
-    _list(as_json, openai, quiet)
+def list_models(model: str | None, as_json: bool, openai: bool, quiet: bool) -> None:
+    """List the models in the store, or only MODEL's tags (`ls smollm2`: ai/smollm2)."""
+    _list(model, as_json, openai, quiet)
 
 
 @click.command(name="ls")
 @_list_options
-def ls(as_json: bool, openai: bool, quiet: bool) -> None:
-    """List the models in the store (alias of list)."""
-    _list(as_json, openai, quiet)
+def ls(model: str | None, as_json: bool, openai: bool, quiet: bool) -> None:
+    """List the models in the store, or only MODEL's tags (alias of list)."""
+    _list(model, as_json, openai, quiet)
 
 
 @click.command()

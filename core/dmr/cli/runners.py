@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +27,14 @@ from dmr.durations import parse_duration
 __all__ = [
     "chat_stream",
     "configure",
+    "human_duration",
     "openai_endpoint",
     "ps",
     "run",
     "status",
     "stop",
     "unload",
+    "until",
 ]
 
 INTERACTIVE_HELP = """Commands:
@@ -66,12 +69,65 @@ def _check(response: ServerResponse) -> ServerResponse:
 # --------------------------------------------------------------------------- status
 
 
+def human_duration(seconds: float) -> str:
+    """Docker's `units.HumanDuration`, which `docker model ps` prints: "4 minutes"."""
+    whole = int(seconds)
+    if whole < 1:
+        return "Less than a second"
+    if whole == 1:
+        return "1 second"
+    if whole < 60:
+        return f"{whole} seconds"
+    minutes = whole // 60
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds / 3600) // 24 // 365} years"
+
+
+def until(item: dict[str, Any], now: float | None = None) -> str:
+    """`docker model ps`'s UNTIL for one `/engines/ps` item: when its keep-alive ends,
+    worded as Docker Model Runner's CLI words it ("Loading...", "Forever",
+    "4 minutes from now", "Expiring")."""
+    from datetime import datetime
+
+    if item.get("loading"):
+        return "Loading..."
+    try:
+        keep_alive = parse_duration(item.get("keep_alive") or "5m")
+    except (TypeError, ValueError):
+        return ""
+    if keep_alive < 0:
+        return "Forever"
+    try:
+        last_used: float | None = datetime.fromisoformat(str(item.get("last_used"))).timestamp()
+    except ValueError:
+        last_used = None
+    if item.get("in_use") or last_used is None:
+        return f"{human_duration(keep_alive)} from now"
+    remaining = keep_alive - ((time.time() if now is None else now) - last_used)
+    return "Expiring" if remaining <= 0 else f"{human_duration(remaining)} from now"
+
+
 @click.command()
 def ps() -> None:
-    """List running models."""
+    """List running models; UNTIL is when an idle one unloads (its keep-alive)."""
     with _server() as client:
         runners = _check(client.get("/engines/ps")).json()
-    rows = [("MODEL NAME", "BACKEND", "MODE", "STATE", "LAST USED")]
+    rows = [("MODEL NAME", "BACKEND", "MODE", "STATE", "LAST USED", "UNTIL")]
+    now = time.time()
     for item in runners:
         state = "loading" if item.get("loading") else "busy" if item.get("in_use") else "idle"
         rows.append(
@@ -81,6 +137,7 @@ def ps() -> None:
                 str(item.get("mode", "")),
                 state,
                 str(item.get("last_used", ""))[:19].replace("T", " "),
+                until(item, now),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -473,7 +530,7 @@ def _run_image_model(
 
 @click.command()
 @click.argument("model")
-@click.argument("prompt", required=False)
+@click.argument("prompt_words", metavar="[PROMPT]...", nargs=-1)
 @click.option("-d", "--detach", is_flag=True, help="Load the model in the background and exit.")
 @click.option(
     "--output-dir", type=click.Path(path_type=Path),
@@ -490,7 +547,7 @@ def _run_image_model(
 )  # fmt: skip
 def run(
     model: str,
-    prompt: str | None,
+    prompt_words: tuple[str, ...],
     detach: bool,
     output_dir: Path | None,
     size: str | None,
@@ -500,9 +557,12 @@ def run(
 ) -> None:
     """Run MODEL (e.g. ai/smollm2): answer PROMPT, or chat interactively without one.
 
-    Image models write PNG files and print their paths. For vision models, `--image`
-    and image file paths named in a prompt send those images with it.
+    The words of PROMPT are joined with spaces, as `docker model run` and `ollama run`
+    do: `dmr run ai/smollm2 hello world` asks "hello world". Image models write PNG
+    files and print their paths. For vision models, `--image` and image file paths
+    named in a prompt send those images with it.
     """
+    prompt = " ".join(prompt_words) if prompt_words else None
     if images and detach:
         fail("--image needs a prompt to go with; --detach sends none")
     try:  # read before anything starts: a wrong path fails at once
