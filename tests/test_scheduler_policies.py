@@ -1,4 +1,5 @@
-"""The scheduler's pure policies: admission, keep-alive, crash explanations, flag checks."""
+"""The scheduler's pure policies: admission, keep-alive, crash explanations, flag checks,
+the order of requests waiting for memory."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dmr.scheduler import validate_runtime_flags
 from dmr.scheduler.admission import plan_admission
 from dmr.scheduler.keepalive import idle_deadline_seconds
 from dmr.scheduler.runner_process import explain_exit
+from dmr.scheduler.wait_queue import Priority, WaitQueue
+from dmr.scheduler.wait_times import WaitHistogram
 
 
 @dataclass
@@ -109,3 +112,69 @@ def test_allowed_flags_pass(flags: list[str]) -> None:
 def test_other_flags_are_refused(flags: list[str]) -> None:
     with pytest.raises(InvalidRequestError):
         validate_runtime_flags(SPEC, flags)
+
+
+# --------------------------------------------------------------------------- waiting order
+
+A = ("eng", "sha256:a", Mode.COMPLETION)
+B = ("eng", "sha256:b", Mode.COMPLETION)
+CPU = ("cpu", 0)
+GPU = ("cuda", 0)
+
+
+async def test_waiters_are_kept_by_priority_then_arrival() -> None:
+    queue = WaitQueue()
+    batch = queue.add(A, "a", CPU, Priority.BATCH)
+    first = queue.add(B, "b", CPU, Priority.INTERACTIVE)
+    second = queue.add(A, "a", CPU, Priority.INTERACTIVE)
+    later_batch = queue.add(B, "b", CPU, Priority.BATCH)
+
+    assert list(queue) == [first, second, batch, later_batch]
+    queue.remove(first)
+    assert list(queue) == [second, batch, later_batch] and len(queue) == 3
+
+
+async def test_a_turn_is_owed_only_after_the_fair_wait_and_only_on_its_device() -> None:
+    queue = WaitQueue()
+    waiting_b = queue.add(B, "b", CPU, Priority.INTERACTIVE)
+
+    assert queue.turn_owed(A, CPU, Priority.INTERACTIVE, fair_wait=60) is None  # not yet
+    assert queue.turn_owed(A, CPU, Priority.INTERACTIVE, fair_wait=0) is waiting_b
+    assert queue.turn_owed(A, GPU, Priority.INTERACTIVE, fair_wait=0) is None  # other device
+    assert queue.turn_owed(B, CPU, Priority.INTERACTIVE, fair_wait=0) is None  # same runner
+    # A waiter is held back only by those ahead of it.
+    behind = queue.add(A, "a", CPU, Priority.INTERACTIVE)
+    assert queue.turn_owed(A, CPU, Priority.INTERACTIVE, 0, before=behind) is waiting_b
+    assert queue.turn_owed(B, CPU, Priority.INTERACTIVE, 0, before=waiting_b) is None
+
+
+async def test_a_waiting_batch_request_never_holds_back_interactive_ones() -> None:
+    queue = WaitQueue()
+    batch_b = queue.add(B, "b", CPU, Priority.BATCH)
+
+    assert queue.turn_owed(A, CPU, Priority.INTERACTIVE, fair_wait=0) is None
+    assert queue.turn_owed(A, CPU, Priority.BATCH, fair_wait=0) is batch_b
+    assert not queue.wants_memory_on(CPU, Priority.INTERACTIVE, joinable=set())
+    assert queue.wants_memory_on(CPU, Priority.BATCH, joinable=set())
+    assert not queue.wants_memory_on(CPU, Priority.BATCH, joinable={B})  # b is loaded
+
+
+async def test_the_queue_by_runner_counts_waiters_and_the_oldest_wait() -> None:
+    queue = WaitQueue()
+    queue.add(B, "b", CPU, Priority.INTERACTIVE)
+    queue.add(B, "b", CPU, Priority.INTERACTIVE)
+    queue.add(A, "a", CPU, Priority.INTERACTIVE)
+
+    counts = {entry.model: entry.waiting for entry in queue.by_runner()}
+    assert counts == {"b": 2, "a": 1}
+    assert all(entry.oldest_wait >= 0 for entry in queue.by_runner())
+
+
+def test_wait_histogram_buckets_are_cumulative() -> None:
+    histogram = WaitHistogram()
+    for seconds in (0.01, 0.3, 0.3, 500.0):
+        histogram.observe(seconds)
+    buckets = dict(histogram.cumulative())
+    assert buckets["0.05"] == 1 and buckets["0.25"] == 1 and buckets["1"] == 3
+    assert buckets["300"] == 3 and buckets["+Inf"] == 4
+    assert histogram.longest == 500.0 and histogram.total == pytest.approx(500.61)

@@ -60,6 +60,11 @@ class Settings:
     # Requests one runner may hold at once (its slots plus its own queue); beyond
     # that a request gets 503 with Retry-After instead of waiting without bound.
     max_runner_requests: int = 128
+    # Seconds a request for a model that is not loaded waits before requests for the
+    # loaded models on its device queue behind it (docs/scheduler.md).
+    fair_wait: float = 3.0
+    # Seconds a request may wait for memory before a 503 with Retry-After; 0 = no limit.
+    queue_timeout: float = 120.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -107,7 +112,22 @@ class Settings:
             memory_budget=int(budget) if budget else None,
             max_queue=int(env.get("DMR_MAX_QUEUE", "64")),
             max_runner_requests=int(env.get("DMR_MAX_RUNNER_REQUESTS", "128")),
+            fair_wait=_seconds(env, "DMR_FAIR_WAIT_SECONDS", 3.0),
+            queue_timeout=_seconds(env, "DMR_QUEUE_TIMEOUT_SECONDS", 120.0),
         )
+
+
+def _seconds(env: os._Environ[str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, not {raw!r}")
+    return value
 
 
 def _idle_timeout_seconds(idle: str | None) -> float:

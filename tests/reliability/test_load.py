@@ -241,6 +241,70 @@ async def _until_busy(client: httpx.AsyncClient) -> None:
     raise AssertionError("the first model's runner never became busy")
 
 
+def test_a_lone_client_of_the_second_model_gets_its_turn_within_the_bound(
+    tmp_path: Path, smollm2_gguf: Path
+) -> None:
+    """Budget for one runner; seven clients keep the first model busy and one asks the
+    second. The lone request is answered within fair wait + 2 x (one switch + one
+    request's service time), both measured in this run (docs/scheduler.md)."""
+    put_smollm2(tmp_path / "models", smollm2_gguf, MODELS[0], "2024-11-01T00:00:00Z")
+    put_smollm2(tmp_path / "models", smollm2_gguf, MODELS[1], "2024-11-02T00:00:00Z")
+    fair_wait = 3.0
+    server = start_server(
+        tmp_path,
+        {"DMR_MEMORY_BUDGET": str(2 * 1024**3), "DMR_FAIR_WAIT_SECONDS": str(fair_wait)},
+    )
+    try:
+
+        async def run() -> tuple[httpx.Response, float, float, list[float], list[int]]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT) as client:
+                timings = []
+                for _ in range(2):  # cold (a load and a request), then warm
+                    started = time.monotonic()
+                    assert (await _ask(client, MODELS[0])).status_code == 200
+                    timings.append(time.monotonic() - started)
+                switch = max(timings[0] - timings[1], 0.0)
+                stop = asyncio.Event()
+                services: list[float] = []
+                statuses: list[int] = []
+
+                async def busy() -> None:
+                    while not stop.is_set():
+                        began = time.monotonic()
+                        answer = await _ask(client, MODELS[0])
+                        statuses.append(answer.status_code)
+                        services.append(time.monotonic() - began)
+
+                clients = [asyncio.create_task(busy()) for _ in range(7)]
+                await _until_busy(client)
+                await asyncio.sleep(2.0)  # seven streams in full swing
+                began = time.monotonic()
+                lone = await _ask(client, MODELS[1])
+                lone_seconds = time.monotonic() - began
+                stop.set()
+                await asyncio.gather(*clients)
+                return lone, lone_seconds, switch, services, statuses
+
+        lone, lone_seconds, switch, services, statuses = asyncio.run(run())
+        # One switch: the cold request less the warm one. One request's service time
+        # under the same load: the median of the busy clients' requests.
+        service = statistics.median(services)
+        bound = fair_wait + 2 * (switch + service)
+        record(
+            "lone_client_turn",
+            lone_seconds=round(lone_seconds, 2),
+            bound_seconds=round(bound, 2),
+            service_p50_seconds=round(service, 2),
+            switch_seconds=round(switch, 2),
+            evictions=metric(server, "dmr_runner_evictions_total"),
+        )
+        assert lone.status_code == 200, lone.text
+        assert lone_seconds <= bound, f"{lone_seconds:.1f}s > bound {bound:.1f}s"
+        assert set(statuses) == {200}
+    finally:
+        server.stop()
+
+
 def test_full_queue_answers_503_with_retry_after(tmp_path: Path, smollm2_gguf: Path) -> None:
     """One runner fits the budget; with it busy, requests for the other model wait in
     a queue of 2 and the rest are refused at once with 503 + Retry-After."""

@@ -126,18 +126,38 @@ def ps() -> None:
     """List running models; UNTIL is when an idle one unloads (its keep-alive)."""
     with _server() as client:
         runners = _check(client.get("/engines/ps")).json()
-    rows = [("MODEL NAME", "BACKEND", "MODE", "STATE", "LAST USED", "UNTIL")]
+        # Older servers (and Docker Model Runner) have no queue route: nothing waits.
+        queue_answer = client.get("/engines/queue")
+        queued = queue_answer.json() if queue_answer.status_code == 200 else []
+    rows = [("MODEL NAME", "BACKEND", "MODE", "STATE", "WAITING", "LAST USED", "UNTIL")]
     now = time.time()
+    loaded = set()
     for item in runners:
         state = "loading" if item.get("loading") else "busy" if item.get("in_use") else "idle"
+        loaded.add((item.get("backend_name"), item.get("model_id"), item.get("mode")))
         rows.append(
             (
                 str(item.get("model_name", "")),
                 str(item.get("backend_name", "")),
                 str(item.get("mode", "")),
                 state,
+                str(item.get("waiting", 0)),
                 str(item.get("last_used", ""))[:19].replace("T", " "),
                 until(item, now),
+            )
+        )
+    for item in queued:  # models whose requests wait for memory to load them
+        if (item.get("backend_name"), item.get("model_id"), item.get("mode")) in loaded:
+            continue
+        rows.append(
+            (
+                str(item.get("model_name", "")),
+                str(item.get("backend_name", "")),
+                str(item.get("mode", "")),
+                "waiting",
+                str(item.get("waiting", 0)),
+                f"waited {float(item.get('oldest_wait_seconds', 0)):.0f}s",
+                "",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

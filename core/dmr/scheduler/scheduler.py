@@ -56,6 +56,8 @@ from dmr.scheduler.admission import (
 from dmr.scheduler.keepalive import idle_deadline_seconds
 from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey
 from dmr.scheduler.runner_process import RunnerProcess
+from dmr.scheduler.wait_queue import Priority, QueuedModel, Waiter, WaitQueue
+from dmr.scheduler.wait_times import WaitTimes
 from dmr.settings import Settings
 
 if TYPE_CHECKING:
@@ -138,8 +140,11 @@ class Scheduler:
         self._runners: dict[RunnerKey, Runner] = {}
         self._configs: dict[str, ConfiguredModel] = {}
         self._stopping: set[asyncio.Task[None]] = set()
-        self._capacity_changed = asyncio.Event()
-        self._queued = 0
+        self._queue = WaitQueue()
+        self._pending: dict[Waiter, tuple[StoredModel, EngineSpec, float | None]] = {}
+        self._serve_scheduled = False
+        # Seconds each request waited for memory, by model: read by the metrics route.
+        self.waits = WaitTimes()
         self._closed = False
         # loads, load_failures, evictions, idle_unloads, crashes, rejected_busy,
         # rejected_memory: read by the metrics route.
@@ -170,9 +175,14 @@ class Scheduler:
         *,
         backend: str | None = None,
         keep_alive: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> AsyncIterator[RunnerHandle]:
-        """A ready runner for `model` in `mode`, held until the block ends."""
-        runner = await self._obtain(model, Mode(mode), backend, keep_alive)
+        """A ready runner for `model` in `mode`, held until the block ends.
+
+        A request that must wait for memory waits its turn (`WaitQueue`), for at most
+        `Settings.queue_timeout` seconds when interactive.
+        """
+        runner = await self._obtain(model, Mode(mode), backend, keep_alive, priority)
         try:
             yield runner.handle
         finally:
@@ -190,34 +200,25 @@ class Scheduler:
             pass
 
     async def _obtain(
-        self, model: str, mode: Mode, backend: str | None, keep_alive: float | None
+        self,
+        model: str,
+        mode: Mode,
+        backend: str | None,
+        keep_alive: float | None,
+        priority: Priority,
     ) -> Runner:
         stored = self._resolve(model)
         spec = self.engine_for(stored, mode, backend)
         key: RunnerKey = (spec.name, stored.id, mode)
-        queued = False
-        try:
-            while True:
-                if self._closed:
-                    raise ServiceBusyError("the server is shutting down", RETRY_AFTER_SECONDS)
-                runner = self._admit(key, model, stored, spec, keep_alive)
-                if runner is not None:
-                    break
-                if not queued:
-                    if self._queued >= self.settings.max_queue:
-                        self.counters["rejected_busy"] += 1
-                        raise ServiceBusyError(
-                            f"every runner is busy and {self._queued} requests already wait "
-                            "for memory; retry later",
-                            RETRY_AFTER_SECONDS,
-                        )
-                    self._queued += 1
-                    queued = True
-                    log.info("%s waits for memory (%d queued)", model, self._queued)
-                await self._capacity_changed.wait()
-        finally:
-            if queued:
-                self._queued -= 1
+        if self._closed:
+            raise ServiceBusyError("the server is shutting down", RETRY_AFTER_SECONDS)
+        device = device_key(choose_device(self.devices, spec.device_kinds))
+        runner = None
+        if not self._must_queue(key, device, priority):
+            runner = self._admit(key, model, stored, spec, keep_alive)
+        if runner is None:
+            runner = await self._wait_for_turn(key, model, stored, spec, keep_alive, device,
+                                               priority)  # fmt: skip
         try:
             await runner.ready.wait()
         except BaseException:
@@ -227,6 +228,115 @@ class Scheduler:
             self._release(runner)
             raise runner.error
         return runner
+
+    def _joinable(self) -> set[RunnerKey]:
+        return {key for key, runner in self._runners.items() if not runner.exited}
+
+    def _must_queue(self, key: RunnerKey, device: tuple[str, int], priority: Priority) -> bool:
+        """Whether a new request waits behind the queue instead of trying admission now:
+        someone is owed a turn against its runner, or waits for memory it would take."""
+        if not self._queue:
+            return False
+        if key in self._joinable():
+            owed = self._queue.turn_owed(key, device, priority, self.settings.fair_wait)
+            return owed is not None
+        return self._queue.wants_memory_on(device, priority, self._joinable())
+
+    async def _wait_for_turn(
+        self,
+        key: RunnerKey,
+        model: str,
+        stored: StoredModel,
+        spec: EngineSpec,
+        keep_alive: float | None,
+        device: tuple[str, int],
+        priority: Priority,
+    ) -> Runner:
+        if len(self._queue) >= self.settings.max_queue:
+            self.counters["rejected_busy"] += 1
+            raise ServiceBusyError(
+                f"every runner is busy and {len(self._queue)} requests already wait "
+                "for memory; retry later",
+                RETRY_AFTER_SECONDS,
+            )
+        waiter = self._queue.add(key, model, device, priority)
+        self._pending[waiter] = (stored, spec, keep_alive)
+        log.info("%s waits for memory (%d queued)", model, len(self._queue))
+        timeout = self.settings.queue_timeout if priority is Priority.INTERACTIVE else None
+        try:
+            done, _ = await asyncio.wait({waiter.admitted}, timeout=timeout or None)
+        except BaseException:
+            self._leave_queue(waiter)
+            raise
+        if not done:
+            self._leave_queue(waiter)
+            self.counters["queue_timeouts"] += 1
+            raise ServiceBusyError(
+                f"{model} waited {format_duration(waiter.waited())} for memory without its "
+                f"turn coming (DMR_QUEUE_TIMEOUT_SECONDS={self.settings.queue_timeout:g}); "
+                "retry later",
+                RETRY_AFTER_SECONDS,
+            )
+        runner = waiter.admitted.result()  # raises what admission raised
+        waited = waiter.waited()
+        self.waits.observe(display_name(model), waited)
+        # bench/model_switching.py reads these lines for its wait figures.
+        log.info("%s waited %.3fs for memory", model, waited)
+        return runner
+
+    def _leave_queue(self, waiter: Waiter) -> None:
+        """Take a waiter that stops waiting (deadline, client gone) out of the queue; a
+        runner it was already given is released."""
+        self._queue.remove(waiter)
+        self._pending.pop(waiter, None)
+        future = waiter.admitted
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self._release(future.result())
+        elif not future.done():
+            future.cancel()
+        self._signal_capacity()  # waiters it held back may go now
+
+    def _serve_queue(self) -> None:
+        """Admit waiters in order: memory on a device goes to the first that needs it,
+        and a request owed its turn holds back later joiners of other runners."""
+        self._serve_scheduled = False
+        memory_held: set[tuple[str, int]] = set()
+        for waiter in self._queue:
+            stored, spec, keep_alive = self._pending[waiter]
+            if self._closed:
+                error: DmrError = ServiceBusyError(
+                    "the server is shutting down", RETRY_AFTER_SECONDS
+                )
+                self._settle(waiter, error=error)
+                continue
+            if waiter.key in self._joinable():
+                owed = self._queue.turn_owed(
+                    waiter.key, waiter.device, waiter.priority, self.settings.fair_wait,
+                    before=waiter,
+                )  # fmt: skip
+                if owed is not None:
+                    continue
+            elif waiter.device in memory_held:
+                continue
+            try:
+                runner = self._admit(waiter.key, waiter.model, stored, spec, keep_alive)
+            except DmrError as refused:
+                self._settle(waiter, error=refused)
+                continue
+            if runner is None:
+                memory_held.add(waiter.device)
+                continue
+            self._settle(waiter, runner=runner)
+
+    def _settle(
+        self, waiter: Waiter, *, runner: Runner | None = None, error: DmrError | None = None
+    ) -> None:
+        self._queue.remove(waiter)
+        self._pending.pop(waiter, None)
+        if error is not None:
+            waiter.admitted.set_exception(error)
+        elif runner is not None:
+            waiter.admitted.set_result(runner)
 
     def _admit(
         self,
@@ -411,9 +521,11 @@ class Scheduler:
         task.add_done_callback(done)
 
     def _signal_capacity(self) -> None:
-        # Waiters hold the old event; a fresh one serves the next round.
-        self._capacity_changed.set()
-        self._capacity_changed = asyncio.Event()
+        # Served on the next loop turn, never in the middle of an admission that
+        # is evicting runners: the queue must see the finished decision.
+        if self._queue and not self._serve_scheduled:
+            self._serve_scheduled = True
+            asyncio.get_running_loop().call_soon(self._serve_queue)
 
     async def unload(
         self,
@@ -547,7 +659,9 @@ class Scheduler:
     # ------------------------------------------------------------------ status
 
     def ps(self) -> list[dict[str, Any]]:
-        """`GET /engines/ps` items (DMR's fields, plus the memory dmr accounts)."""
+        """`GET /engines/ps` items (DMR's fields, plus the memory dmr accounts and the
+        requests waiting for memory to use each runner)."""
+        waiting = {(q.backend, q.model_id, q.mode): q.waiting for q in self._queue.by_runner()}
         return [
             {
                 "backend_name": runner.spec.name,
@@ -565,6 +679,7 @@ class Scheduler:
                 "memory": runner.memory,
                 "device": runner.device.name,
                 "pid": runner.process.pid if runner.process else None,
+                "waiting": waiting.get(runner.key, 0),
             }
             for runner in sorted(self._runners.values(), key=lambda r: -r.last_used)
         ]
@@ -580,7 +695,11 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return self._queued
+        return len(self._queue)
+
+    def queue(self) -> list[QueuedModel]:
+        """Requests waiting for memory, per (engine, model, mode)."""
+        return self._queue.by_runner()
 
     # ------------------------------------------------------------------ helpers
 

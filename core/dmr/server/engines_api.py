@@ -1,4 +1,5 @@
-"""Runner control routes: `/engines/ps`, `/engines/unload`, `/engines/_configure`.
+"""Runner control routes: `/engines/ps`, `/engines/queue`, `/engines/unload`,
+`/engines/_configure`.
 
 Their shapes: docs/compatibility.md §4.
 """
@@ -49,6 +50,24 @@ async def _json_object() -> dict[str, Any]:
 @blueprint.get("/engines/ps")
 async def engines_ps() -> Response:
     return jsonify(get_services().scheduler.ps())
+
+
+@blueprint.get("/engines/queue")
+async def engines_queue() -> Response:
+    """Requests waiting for memory, per model (dmr's own; `dmr ps` shows them)."""
+    return jsonify(
+        [
+            {
+                "model_name": queued.model,
+                "model_id": queued.model_id,
+                "backend_name": queued.backend,
+                "mode": queued.mode.value,
+                "waiting": queued.waiting,
+                "oldest_wait_seconds": round(queued.oldest_wait, 3),
+            }
+            for queued in get_services().scheduler.queue()
+        ]
+    )
 
 
 @blueprint.post("/engines/unload")

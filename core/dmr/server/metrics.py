@@ -30,7 +30,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from quart import Blueprint, Response, current_app, has_request_context, request
 
@@ -275,6 +280,28 @@ def _scheduler_families() -> list[Metric]:
     scheduler = get_services().scheduler
     queue = GaugeMetricFamily("dmr_queue_depth", "Requests waiting for runner memory.")
     queue.add_metric([], scheduler.queued)
+    queued = scheduler.queue()
+    waiting = GaugeMetricFamily(
+        "dmr_queue_waiting",
+        "Requests waiting for memory, by model.",
+        labels=("backend", "model", "mode"),
+    )
+    oldest = GaugeMetricFamily(
+        "dmr_queue_oldest_wait_seconds",
+        "How long the longest-waiting request for each model has waited for memory.",
+        labels=("backend", "model", "mode"),
+    )
+    for entry in queued:
+        labels = [entry.backend, display_name(entry.model), entry.mode.value]
+        waiting.add_metric(labels, entry.waiting)
+        oldest.add_metric(labels, entry.oldest_wait)
+    waits = HistogramMetricFamily(
+        "dmr_queue_wait_seconds",
+        "Seconds each queued request waited for memory before it was admitted.",
+        labels=("model",),
+    )
+    for model, histogram in sorted(scheduler.waits.by_model.items()):
+        waits.add_metric([model], histogram.cumulative(), sum_value=histogram.total)
     items = scheduler.ps()
     loaded = GaugeMetricFamily(
         "dmr_runners_loaded", "Runner processes, by backend and state.", labels=("backend", "state")
@@ -297,7 +324,7 @@ def _scheduler_families() -> list[Metric]:
             float(item["memory"] or 0),
         )
     counters = scheduler.counters
-    families: list[Metric] = [queue, loaded, memory]
+    families: list[Metric] = [queue, waiting, oldest, waits, loaded, memory]
     for name, event, text in (
         ("dmr_runner_loads", "loads", "Runners started and ready."),
         ("dmr_runner_evictions", "evictions", "Idle runners stopped to make room."),

@@ -1,0 +1,260 @@
+"""Two models taking turns in a memory budget that holds one: how long requests
+wait for memory, and how often the scheduler switches models.
+
+    python bench/model_switching.py [--rounds 6] [--lone-requests 3]
+           [--fair-wait 3] [--max-tokens 48] [--json results.json]
+
+`dmr serve` runs with `DMR_MEMORY_BUDGET` set so that one SmolLM2 runner fits, and
+two models in its store (the SmolLM2 GGUF packaged twice, two model IDs). First it
+calibrates, in this run:
+
+- one switch: a request for the second model while the first is loaded and idle,
+  less a warm request for it (stopping one runner and starting the other);
+- one request's service time: the median latency of 8 concurrent requests for one
+  loaded model (the load the scenarios put on it).
+
+Then two scenarios:
+
+- `alternating`: 8 clients, each asks the two models in turn, `--rounds` each;
+- `lone`: 7 clients keep the first model busy while one client asks the second,
+  `--lone-requests` times, one after the other.
+
+For each: the wait for memory of every request (the scheduler's own log line for a
+request that queued, 0 for one admitted at once): p50, p99 and max; the number of
+switches (runner loads); and the checks of docs/scheduler.md: no wait longer than
+2 x (one switch + one service time), and no more switches than one per
+`--fair-wait` seconds of the scenario, plus one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MODELS = ("ai/smollm2", "ai/smollm2-other")
+CHAT = "/engines/v1/chat/completions"
+WAITED = re.compile(r"(\S+) waited ([0-9.]+)s for memory")
+
+
+@dataclass
+class Scenario:
+    name: str
+    requests: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    waits: list[float] = field(default_factory=list)
+    switches: int = 0
+    seconds: float = 0.0
+
+    def figures(self, bound: float, fair_wait: float) -> dict[str, Any]:
+        # Requests admitted at once waited 0 s; the log names only those that queued.
+        waits = self.waits + [0.0] * max(self.requests - len(self.waits), 0)
+        allowed = math.floor(self.seconds / fair_wait) + 1
+        longest = max(waits, default=0.0)
+        return {
+            "scenario": self.name,
+            "requests": self.requests,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "queued": len(self.waits),
+            "wait_p50_s": round(_percentile(waits, 50), 2),
+            "wait_p99_s": round(_percentile(waits, 99), 2),
+            "wait_max_s": round(longest, 2),
+            "switches": self.switches,
+            "switches_allowed": allowed,
+            "seconds": round(self.seconds, 1),
+            "wait_bound_s": round(bound, 2),
+            "bound_met": longest <= bound,
+            "switches_met": self.switches <= allowed,
+        }
+
+
+def _percentile(values: list[float], percent: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(percent / 100 * len(ordered)) - 1)]
+
+
+def _store_two_models(models_path: Path, gguf: Path) -> None:
+    from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
+    from dmr.store import Store
+
+    store = Store.open(models_path)
+    for tag, created in zip(MODELS, ("2024-11-01T00:00:00Z", "2024-11-02T00:00:00Z"), strict=True):
+        write_to_store(store, package_gguf([gguf], PackageOptions(created=created)), [tag])
+
+
+class Bench:
+    def __init__(self, client: httpx.AsyncClient, log_path: Path, max_tokens: int) -> None:
+        self.client = client
+        self.log_path = log_path
+        self.max_tokens = max_tokens
+
+    async def ask(self, model: str, scenario: Scenario | None = None) -> float:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Count to twenty."}],
+            "max_tokens": self.max_tokens,
+        }
+        started = time.monotonic()
+        answer = await self.client.post(CHAT, json=body)
+        seconds = time.monotonic() - started
+        if scenario is not None:
+            scenario.requests += 1
+            scenario.statuses[answer.status_code] = scenario.statuses.get(answer.status_code, 0) + 1
+        elif answer.status_code != 200:
+            raise RuntimeError(f"{model}: {answer.status_code} {answer.text}")
+        return seconds
+
+    async def loads(self) -> int:
+        text = (await self.client.get("/metrics")).text
+        found = re.search(r"^dmr_runner_loads_total ([0-9.e+]+)$", text, re.MULTILINE)
+        return int(float(found.group(1))) if found else 0
+
+    def log_offset(self) -> int:
+        return self.log_path.stat().st_size
+
+    def waits_since(self, offset: int) -> list[float]:
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+        return [float(match.group(2)) for match in WAITED.finditer(text)]
+
+    async def measured(self, scenario: Scenario, work: Any) -> Scenario:
+        offset, loads, started = self.log_offset(), await self.loads(), time.monotonic()
+        await work
+        scenario.seconds = time.monotonic() - started
+        await asyncio.sleep(0.5)  # the log lines of the last admissions
+        scenario.waits = self.waits_since(offset)
+        scenario.switches = await self.loads() - loads
+        return scenario
+
+
+async def run(args: argparse.Namespace, bench: Bench) -> list[dict[str, Any]]:
+    first, second = MODELS
+    await bench.ask(first)  # load the first model
+    await bench.ask(second)  # a switch, uncounted: both have run once
+    await bench.ask(first)
+    switch = await bench.ask(second) - await bench.ask(second)
+    service = statistics.median(await asyncio.gather(*(bench.ask(second) for _ in range(8))))
+    bound = 2 * (max(switch, 0.0) + service)
+    print(f"calibration: one switch {switch:.2f}s, one service time {service:.2f}s "
+          f"(8 concurrent), bound {bound:.2f}s", flush=True)  # fmt: skip
+
+    async def alternating(scenario: Scenario) -> None:
+        async def client(index: int) -> None:
+            for turn in range(args.rounds):
+                await bench.ask(MODELS[(index + turn) % 2], scenario)
+
+        await asyncio.gather(*(client(index) for index in range(8)))
+
+    async def lone(scenario: Scenario) -> None:
+        stop = asyncio.Event()
+
+        async def busy() -> None:
+            while not stop.is_set():
+                await bench.ask(first, scenario)
+
+        clients = [asyncio.create_task(busy()) for _ in range(7)]
+        await asyncio.sleep(2.0)
+        for _ in range(args.lone_requests):
+            await bench.ask(second, scenario)
+            await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*clients)
+
+    results = []
+    for name, work in (("alternating", alternating), ("lone", lone)):
+        scenario = Scenario(name)
+        await bench.measured(scenario, work(scenario))
+        figures = scenario.figures(bound, args.fair_wait)
+        figures.update(switch_s=round(switch, 2), service_s=round(service, 2))
+        print(json.dumps(figures), flush=True)
+        results.append(figures)
+    return results
+
+
+async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="dmr-bench-switching-") as folder:
+        models_path = Path(folder) / "models"
+        _store_two_models(models_path, args.gguf)
+        port = _free_port()
+        log_path = Path(folder) / "server.log"
+        env = dict(
+            os.environ,
+            MODELS_PATH=str(models_path),
+            MODEL_RUNNER_PORT=str(port),
+            MODEL_RUNNER_HOST=f"http://127.0.0.1:{port}",
+            MODEL_RUNNER_LOG_DIR=str(Path(folder) / "logs"),
+            DMR_MEMORY_BUDGET=str(args.budget),
+            DMR_FAIR_WAIT_SECONDS=str(args.fair_wait),
+        )
+        with log_path.open("wb") as log:
+            server = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", "dmr", "serve"], env=env, stdout=log, stderr=log
+            )
+        try:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", timeout=600
+            ) as client:
+                deadline = time.monotonic() + 120
+                while True:
+                    try:
+                        if (await client.get("/")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        if time.monotonic() > deadline or server.poll() is not None:
+                            raise
+                    await asyncio.sleep(0.2)
+                return await run(args, Bench(client, log_path, args.max_tokens))
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def main() -> None:
+    from dmr.samples import ensure_smollm2_gguf
+
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=6, help="turns per alternating client")
+    parser.add_argument("--lone-requests", type=int, default=3)
+    parser.add_argument("--fair-wait", type=float, default=3.0, help="DMR_FAIR_WAIT_SECONDS")
+    parser.add_argument("--budget", type=int, default=2 * 1024**3, help="bytes: one runner")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    args.gguf = args.gguf or ensure_smollm2_gguf()
+    results = asyncio.run(main_async(args))
+    failed = [r["scenario"] for r in results if not (r["bound_met"] and r["switches_met"])]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print("all checks met" if not failed else f"checks missed in: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
