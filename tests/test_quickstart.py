@@ -1,30 +1,32 @@
-"""The README's main job: `dmr quickstart` packages SmolLM2 and the model answers."""
+"""The README's main job: `dmr quickstart` packages SmolLM2, the model answers, and
+the README's next step, an OpenAI client at http://127.0.0.1:PORT/engines/v1, works."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import psutil
 import pytest
+from dmr.testing import free_port
 
 from tests.fixtures.server import DmrServer
 
 
-def _quickstart_env(tmp_path: Path, socket_dir: Path) -> dict[str, str]:
-    # No server answers on this socket, so quickstart must start one (auto-start is
-    # off for the other tests: tests/conftest.py).
-    elsewhere = {"MODEL_RUNNER_HOST", "MODEL_RUNNER_PORT", "DMR_NO_AUTOSTART"}
+def _quickstart_env(tmp_path: Path) -> dict[str, str]:
+    # The default address, TCP on 127.0.0.1, on a free port: 12434 may be taken here.
+    # Nothing answers there, so quickstart must start a server (auto-start is off for
+    # the other tests: tests/conftest.py).
+    elsewhere = {"MODEL_RUNNER_HOST", "MODEL_RUNNER_SOCK", "MODEL_RUNNER_BIND", "DMR_NO_AUTOSTART"}
     env = {k: v for k, v in os.environ.items() if k not in elsewhere}
     env.update(
         MODELS_PATH=str(tmp_path / "models"),
-        MODEL_RUNNER_SOCK=str(socket_dir / "dmr.sock"),
+        MODEL_RUNNER_PORT=str(free_port()),
         COLUMNS="200",
     )
     return env
@@ -45,20 +47,12 @@ def _processes_using(models_path: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    # Short: a unix socket's path must fit in about 100 bytes.
-    path = Path(tempfile.mkdtemp(prefix="dmr-qs-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.mark.llama
 @pytest.mark.slow
 def test_quickstart_starts_a_server_packages_smollm2_and_answers(
-    tmp_path: Path, smollm2_gguf: Path, socket_dir: Path
+    tmp_path: Path, smollm2_gguf: Path
 ) -> None:
-    env = _quickstart_env(tmp_path, socket_dir)
+    env = _quickstart_env(tmp_path)
     try:
         result = subprocess.run(
             [sys.executable, "-m", "dmr", "quickstart", "Say hello."],
@@ -74,8 +68,24 @@ def test_quickstart_starts_a_server_packages_smollm2_and_answers(
         assert len(answer.strip()) > 5, result.stdout
         assert "`dmr stop-runner` stops it" in result.stdout
         assert (tmp_path / "models" / "models.json").read_text().count("ai/smollm2:latest") == 1
-        # The server stays up, as Docker Model Runner's does, until stop-runner.
+        # The server stays up, as Docker Model Runner's does, until stop-runner, and
+        # the README's next step works: an OpenAI client at the printed endpoint.
         assert _processes_using(tmp_path / "models")
+        status = subprocess.run(
+            [sys.executable, "-m", "dmr", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        endpoint = json.loads(status.stdout)["endpoint"]
+        assert endpoint == f"http://127.0.0.1:{env['MODEL_RUNNER_PORT']}/engines/v1/"
+        client = openai.OpenAI(base_url=endpoint, api_key="unused")
+        chat = client.chat.completions.create(
+            model="ai/smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        assert chat.choices[0].message.content
         stopped = subprocess.run(
             [sys.executable, "-m", "dmr", "stop-runner"],
             env=env,
