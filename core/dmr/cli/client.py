@@ -13,8 +13,8 @@ __all__ = ["ServerUnavailableError", "auth_headers", "connect", "server_url"]
 
 def server_url() -> tuple[str, Path | None]:
     """(base URL, unix socket or None): `MODEL_RUNNER_HOST`; else where `dmr serve` in
-    this environment listens (`MODEL_RUNNER_PORT`, or the socket when it exists); else
-    `http://127.0.0.1:12434`."""
+    this environment listens: `http://127.0.0.1:12434` by default (`MODEL_RUNNER_PORT`),
+    the socket of a server on `MODEL_RUNNER_SOCK` alone."""
     address = client_address()
     return address.base_url, address.socket_path
 
