@@ -8,8 +8,9 @@ wait for memory, and how often the scheduler switches models.
 two models in its store (the SmolLM2 GGUF packaged twice, two model IDs). First it
 calibrates, in this run:
 
-- one switch: a request for the second model while the first is loaded and idle,
-  less a warm request for it (stopping one runner and starting the other);
+- one switch: the server's mean time from a runner's admission to its readiness
+  (`dmr_runner_switch_seconds`: the evicted runner's stop, then the load) over a
+  first load and three switches between idle models;
 - one request's service time: the median latency of 8 concurrent requests for one
   loaded model (the load the scenarios put on it).
 
@@ -124,6 +125,15 @@ class Bench:
         found = re.search(r"^dmr_runner_loads_total ([0-9.e+]+)$", text, re.MULTILINE)
         return int(float(found.group(1))) if found else 0
 
+    async def mean_switch(self) -> float:
+        """The server's own mean admission-to-ready time of its loads so far."""
+        text = (await self.client.get("/metrics")).text
+        sums = re.search(r"^dmr_runner_switch_seconds_sum ([0-9.e+]+)$", text, re.MULTILINE)
+        counts = re.search(r"^dmr_runner_switch_seconds_count ([0-9.e+]+)$", text, re.MULTILINE)
+        if not sums or not counts:
+            raise RuntimeError("the server reports no dmr_runner_switch_seconds")
+        return float(sums.group(1)) / float(counts.group(1))
+
     def log_offset(self) -> int:
         return self.log_path.stat().st_size
 
@@ -145,10 +155,9 @@ class Bench:
 
 async def run(args: argparse.Namespace, bench: Bench) -> list[dict[str, Any]]:
     first, second = MODELS
-    await bench.ask(first)  # load the first model
-    await bench.ask(second)  # a switch, uncounted: both have run once
-    await bench.ask(first)
-    switch = await bench.ask(second) - await bench.ask(second)
+    for model in (first, second, first, second):  # a load, then three switches
+        await bench.ask(model)
+    switch = await bench.mean_switch()
     service = statistics.median(await asyncio.gather(*(bench.ask(second) for _ in range(8))))
     bound = 2 * (max(switch, 0.0) + service)
     print(f"calibration: one switch {switch:.2f}s, one service time {service:.2f}s "

@@ -14,7 +14,7 @@ from dmr.scheduler.admission import plan_admission
 from dmr.scheduler.keepalive import idle_deadline_seconds
 from dmr.scheduler.runner_process import explain_exit
 from dmr.scheduler.wait_queue import Priority, WaitQueue
-from dmr.scheduler.wait_times import WaitHistogram
+from dmr.scheduler.wait_times import SecondsHistogram
 
 
 @dataclass
@@ -171,7 +171,7 @@ async def test_the_queue_by_runner_counts_waiters_and_the_oldest_wait() -> None:
 
 
 def test_wait_histogram_buckets_are_cumulative() -> None:
-    histogram = WaitHistogram()
+    histogram = SecondsHistogram()
     for seconds in (0.01, 0.3, 0.3, 500.0):
         histogram.observe(seconds)
     buckets = dict(histogram.cumulative())

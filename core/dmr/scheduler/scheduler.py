@@ -57,7 +57,7 @@ from dmr.scheduler.keepalive import idle_deadline_seconds
 from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey
 from dmr.scheduler.runner_process import RunnerProcess
 from dmr.scheduler.wait_queue import Priority, QueuedModel, Waiter, WaitQueue
-from dmr.scheduler.wait_times import WaitTimes
+from dmr.scheduler.wait_times import SecondsHistogram, WaitTimes
 from dmr.settings import Settings
 
 if TYPE_CHECKING:
@@ -145,6 +145,9 @@ class Scheduler:
         self._serve_scheduled = False
         # Seconds each request waited for memory, by model: read by the metrics route.
         self.waits = WaitTimes()
+        # Seconds from admission to ready for each runner that loaded, the evicted
+        # runners' stop included: read by the metrics route.
+        self.switch_seconds = SecondsHistogram()
         self._closed = False
         # loads, load_failures, evictions, idle_unloads, crashes, rejected_busy,
         # rejected_memory: read by the metrics route.
@@ -424,6 +427,8 @@ class Scheduler:
 
     async def _load(self, runner: Runner, estimate: MemoryEstimate) -> None:
         name = _describe(runner)
+        # A switch as clients feel it: the evicted runners' stop, then this load.
+        admitted = time.monotonic()
         try:
             # Evicted runners must be gone before this one claims their memory.
             if self._stopping:
@@ -447,6 +452,7 @@ class Scheduler:
             runner.watch_task = asyncio.create_task(self._watch(runner), name=f"watch {name}")
             self.counters["loads"] += 1
             log.info("%s ready in %.1fs", name, time.monotonic() - started)
+            self.switch_seconds.observe(time.monotonic() - admitted)
         except BaseException as error:
             self.counters["load_failures"] += 1
             if isinstance(error, DmrError):

@@ -1,18 +1,19 @@
-"""How long requests waited for memory, per model, as a Prometheus histogram's data."""
+"""How long requests waited for memory, per model, and how long runners took to load,
+as Prometheus histograms' data."""
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
 
-__all__ = ["WAIT_BUCKETS", "WaitHistogram", "WaitTimes"]
+__all__ = ["WAIT_BUCKETS", "SecondsHistogram", "WaitTimes"]
 
 # Seconds; from "no wait" to past the default queue deadline.
 WAIT_BUCKETS = (0.05, 0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 @dataclass
-class WaitHistogram:
+class SecondsHistogram:
     counts: list[int] = field(default_factory=lambda: [0] * len(WAIT_BUCKETS))
     count: int = 0
     total: float = 0.0
@@ -41,7 +42,7 @@ class WaitTimes:
     """Only requests that queued are observed: admitted at once is no wait."""
 
     def __init__(self) -> None:
-        self.by_model: dict[str, WaitHistogram] = {}
+        self.by_model: dict[str, SecondsHistogram] = {}
 
     def observe(self, model: str, seconds: float) -> None:
-        self.by_model.setdefault(model, WaitHistogram()).observe(seconds)
+        self.by_model.setdefault(model, SecondsHistogram()).observe(seconds)

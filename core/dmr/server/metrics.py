@@ -302,6 +302,13 @@ def _scheduler_families() -> list[Metric]:
     )
     for model, histogram in sorted(scheduler.waits.by_model.items()):
         waits.add_metric([model], histogram.cumulative(), sum_value=histogram.total)
+    switches = HistogramMetricFamily(
+        "dmr_runner_switch_seconds",
+        "Seconds from a runner's admission to its readiness, the evicted runners' stop included.",
+    )
+    switch = scheduler.switch_seconds
+    if switch.count:
+        switches.add_metric([], switch.cumulative(), sum_value=switch.total)
     items = scheduler.ps()
     loaded = GaugeMetricFamily(
         "dmr_runners_loaded", "Runner processes, by backend and state.", labels=("backend", "state")
@@ -324,7 +331,7 @@ def _scheduler_families() -> list[Metric]:
             float(item["memory"] or 0),
         )
     counters = scheduler.counters
-    families: list[Metric] = [queue, waiting, oldest, waits, loaded, memory]
+    families: list[Metric] = [queue, waiting, oldest, waits, switches, loaded, memory]
     for name, event, text in (
         ("dmr_runner_loads", "loads", "Runners started and ready."),
         ("dmr_runner_evictions", "evictions", "Idle runners stopped to make room."),
