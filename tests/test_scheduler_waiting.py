@@ -88,6 +88,8 @@ def test_a_lone_request_for_another_model_gets_its_turn(dmr_server_factory: Serv
         metrics = client.get("/metrics").text
     assert 'dmr_queue_wait_seconds_count{model="test/b"} 1.0' in metrics
     assert "dmr_runner_evictions_total 2.0" in metrics  # a out for b, b out for a
+    # One forced switch: b's owed turn held a's clients back once.
+    assert 'dmr_scheduler_events_total{event="turns_owed"} 1.0' in metrics
 
 
 def test_waiting_requests_are_served_in_arrival_order(dmr_server_factory: ServerFactory) -> None:

@@ -242,6 +242,7 @@ class Scheduler:
             return False
         if key in self._joinable():
             owed = self._queue.turn_owed(key, device, priority, self.settings.fair_wait)
+            self._note_turn_owed(owed)
             return owed is not None
         return self._queue.wants_memory_on(device, priority, self._joinable())
 
@@ -274,6 +275,7 @@ class Scheduler:
         if not done:
             self._leave_queue(waiter)
             self.counters["queue_timeouts"] += 1
+            log.warning("%s gave up after %.3fs waiting for memory", model, waiter.waited())
             raise ServiceBusyError(
                 f"{model} waited {format_duration(waiter.waited())} for memory without its "
                 f"turn coming (DMR_QUEUE_TIMEOUT_SECONDS={self.settings.queue_timeout:g}); "
@@ -286,6 +288,12 @@ class Scheduler:
         # bench/model_switching.py reads these lines for its wait figures.
         log.info("%s waited %.3fs for memory", model, waited)
         return runner
+
+    def _note_turn_owed(self, owed: Waiter | None) -> None:
+        # Counted once per waiter: each is at most one forced switch.
+        if owed is not None and not owed.held_back:
+            owed.held_back = True
+            self.counters["turns_owed"] += 1
 
     def _leave_queue(self, waiter: Waiter) -> None:
         """Take a waiter that stops waiting (deadline, client gone) out of the queue; a
@@ -318,6 +326,7 @@ class Scheduler:
                     before=waiter,
                 )  # fmt: skip
                 if owed is not None:
+                    self._note_turn_owed(owed)
                     continue
             elif waiter.device in memory_held:
                 continue

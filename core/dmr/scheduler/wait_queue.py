@@ -52,6 +52,8 @@ class Waiter:
     priority: Priority
     seq: int
     since: float = field(default_factory=time.monotonic)
+    # Set once it has held back a request for another runner: a turn it was owed.
+    held_back: bool = False
     admitted: asyncio.Future[Runner] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
