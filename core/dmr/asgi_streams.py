@@ -10,15 +10,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["Receive", "Send", "read_body", "replay", "send_streamed", "send_whole"]
+__all__ = [
+    "Receive",
+    "Send",
+    "read_body",
+    "replay",
+    "send_streamed",
+    "send_whole",
+    "unless_disconnected",
+]
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+T = TypeVar("T")
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -47,6 +56,33 @@ def replay(raw: bytes, receive: Receive) -> Receive:
     return replayed
 
 
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T | None:
+    """`work`'s result, or None when the client leaves first: `work` is then cancelled,
+    so that what it waits on (a runner generating a whole answer, a place in the
+    scheduler's queue) stops at once instead of running on for nobody. Called
+    once the request's body has been read: the next message is the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return None
+    return task.result()
+
+
 async def send_whole(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
@@ -72,12 +108,8 @@ async def send_streamed(
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def until_disconnect() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
     producer = asyncio.ensure_future(produce())
-    watcher = asyncio.ensure_future(until_disconnect())
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
     try:
         await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -26,7 +26,15 @@ from typing import Any, cast
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart
 
-from dmr.asgi_streams import Receive, Send, read_body, replay, send_streamed, send_whole
+from dmr.asgi_streams import (
+    Receive,
+    Send,
+    read_body,
+    replay,
+    send_streamed,
+    send_whole,
+    unless_disconnected,
+)
 from dmr.error_bodies import openai_error_body
 from dmr.errors import DmrError
 from dmr.records import ApiDialect, ProxyRoute
@@ -123,18 +131,25 @@ class ProxyRoutes:
             observation.route = target.rule
             observation.dialect = target.dialect
             observation.model = display_name(resolved)
+        opening = open_exchange(
+            services,
+            model=resolved,
+            mode=target.route.mode,
+            path=target.route.runner_path,
+            body=raw,
+            backend=backend or target.route.default_backend,
+            extensions=self.app.extensions,
+        )
         try:
-            exchange = await open_exchange(
-                services,
-                model=resolved,
-                mode=target.route.mode,
-                path=target.route.runner_path,
-                body=raw,
-                backend=backend or target.route.default_backend,
-                extensions=self.app.extensions,
-            )
+            # A whole answer is read from the runner before anything is sent: a client
+            # that leaves meanwhile must still stop the generation (closing the runner
+            # connection does) rather than leave it running to `max_tokens`.
+            exchange = await unless_disconnected(opening, receive)
         except Exception as error:
             await self._send_error(send, error)
+            return
+        if exchange is None:
+            log.info("client left before %s's answer; its generation was stopped", resolved)
             return
         await _forward(exchange, receive, send)
 

@@ -1,0 +1,122 @@
+"""A client that leaves stops its generation, on every dialect, streamed or not.
+
+Each request asks SmolLM2 for far more tokens than the test waits for; once the
+runner reports it in a slot (`llamacpp:requests_processing` on the server's
+`/metrics`), the client's connection is dropped. The runner must then free the
+slot and stop predicting tokens within a few seconds, not run on to the token
+limit (issue 27: a non-streamed OpenAI request kept the runner busy for 18 s
+after its client had gone).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.server import DmrServer, start_server
+from tests.fixtures.store import package_smollm2
+from tests.fixtures.test_engine import ps, wait_for
+
+pytestmark = [pytest.mark.llama, pytest.mark.slow]
+
+MODEL = "ai/smollm2"
+PROMPT = "Write a very long story about a lighthouse keeper and the sea."
+LONG = 4000  # tokens asked for: minutes of decoding here
+
+# (route, body) for each dialect, streamed and whole.
+REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "openai": (
+        "/engines/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": LONG},
+    ),
+    "openai-completions": (
+        "/engines/v1/completions",
+        {"model": MODEL, "prompt": PROMPT, "max_tokens": LONG},
+    ),
+    "ollama-chat": (
+        "/api/chat",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "options": {"num_predict": LONG},
+        },
+    ),
+    "ollama-generate": (
+        "/api/generate",
+        {"model": MODEL, "prompt": PROMPT, "options": {"num_predict": LONG}},
+    ),
+    "anthropic": (
+        "/anthropic/v1/messages",
+        {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": LONG},
+    ),
+    "responses": (
+        "/engines/v1/responses",
+        {"model": MODEL, "input": PROMPT, "max_output_tokens": LONG},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Iterator[DmrServer]:
+    tmp = tmp_path_factory.mktemp("dmr-disconnect")
+    package_smollm2(tmp / "models", smollm2_gguf)
+    server = start_server(tmp)
+    yield server
+    server.stop()
+
+
+def runner_series(server: DmrServer, name: str) -> float:
+    """The value of the runner's `name` series on the server's /metrics (0 if absent)."""
+    with server.client() as client:
+        text = client.get("/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'model="{MODEL}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def send_raw(server: DmrServer, path: str, body: dict[str, Any]) -> socket.socket:
+    """Send one HTTP request and leave its answer unread."""
+    raw = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    conn.sendall(head + raw)
+    return conn
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("dialect", sorted(REQUESTS))
+def test_client_gone_stops_the_generation(server: DmrServer, dialect: str, stream: bool) -> None:
+    path, body = REQUESTS[dialect]
+    conn = send_raw(server, path, {**body, "stream": stream})
+    try:
+        wait_for(
+            lambda: runner_series(server, "llamacpp:requests_processing") == 1,
+            timeout=120,
+            message="the generation to start",
+        )
+        time.sleep(0.5)  # a few decode steps
+    finally:
+        conn.close()
+    left = time.monotonic()
+    wait_for(
+        lambda: runner_series(server, "llamacpp:requests_processing") == 0,
+        timeout=5,
+        message="the runner's slot to be freed",
+    )
+    freed = time.monotonic() - left
+    predicted = runner_series(server, "llamacpp:tokens_predicted_total")
+    time.sleep(1.0)
+    assert runner_series(server, "llamacpp:tokens_predicted_total") == predicted
+    wait_for(lambda: not ps(server)[0]["in_use"], timeout=5, message="the lease's release")
+    print(f"{dialect} stream={stream}: slot freed {freed:.2f} s after the client left")
