@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import httpx
@@ -79,19 +80,27 @@ def test_follow_sends_new_pairs_as_events(test_engine_server: DmrServer) -> None
     with (
         httpx.Client(base_url=server.url, timeout=30) as client,
         client.stream(
-            "GET", REQUESTS, params={"model": "test/live"}, headers={"Accept": "text/event-stream"}
+            "GET",
+            REQUESTS,
+            params={"model": "test/live", "include_existing": "true"},
+            headers={"Accept": "text/event-stream"},
         ) as events,
     ):
         assert events.headers["content-type"].startswith("text/event-stream")
         with server.client() as other:
             assert other.post(CHAT, json=chat_body("test/live", "after")).status_code == 200
         seen = []
+        kind = ""
         for line in events.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
             if line.startswith("data:"):
-                seen.append(json.loads(line[5:])["request"]["messages"][0]["content"])
+                content = json.loads(line[5:])["request"]["messages"][0]["content"]
+                seen.append((kind, content))
             if len(seen) == 2:
                 break
-    assert seen == ["before", "after"]
+    # Docker Model Runner's event names: `docker model requests -f` prints only these.
+    assert seen == [("existing_request", "before"), ("new_request", "after")]
 
 
 def test_cli_requests(test_engine_server: DmrServer) -> None:
@@ -108,8 +117,18 @@ def test_cli_requests(test_engine_server: DmrServer) -> None:
     [item] = json.loads(listed.stdout)
     assert item["model"] == "test/cli-a"
 
+    refused = server.cli("requests", "--include-existing")
+    assert refused.returncode != 0
+    assert "--include-existing can only be used with --follow" in refused.stderr
+
     follower = subprocess.Popen(
-        [sys.executable, "-m", "dmr", "requests", "-f", "--model", "test/cli-b"],
+        [
+            *(sys.executable, "-m", "dmr", "requests"),
+            "-f",
+            "--include-existing",
+            "--model",
+            "test/cli-b",
+        ],
         env=server.env,
         stdout=subprocess.PIPE,
         text=True,
@@ -118,6 +137,33 @@ def test_cli_requests(test_engine_server: DmrServer) -> None:
         assert follower.stdout is not None
         line = follower.stdout.readline()  # the history comes first
         assert json.loads(line)["request"]["messages"][0]["content"] == "to test/cli-b"
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+
+    # Without --include-existing only what comes next: the first line is the new one.
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "dmr", "requests", "-f", "--model", "test/cli-b"],
+        env=server.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        # The follower hears of requests once its connection is up: send until one arrives.
+        printed = threading.Event()
+
+        def send_until_printed() -> None:
+            with server.client() as client:
+                while not printed.wait(0.5):
+                    client.post(CHAT, json=chat_body("test/cli-b", "new one"))
+
+        sender = threading.Thread(target=send_until_printed, daemon=True)
+        sender.start()
+        line = follower.stdout.readline()
+        printed.set()
+        sender.join(timeout=30)
+        assert json.loads(line)["request"]["messages"][0]["content"] == "new one"
     finally:
         follower.terminate()
         follower.wait(timeout=10)

@@ -46,14 +46,23 @@ def logs(follow: bool, no_engines: bool) -> None:
 
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing requests as they end.")
+@click.option(
+    "--include-existing",
+    is_flag=True,
+    help="With --follow: print the recorded requests first, then the new ones.",
+)
 @click.option("--model", help="Only this model's.")
-def requests(follow: bool, model: str | None) -> None:
+def requests(follow: bool, include_existing: bool, model: str | None) -> None:
     """Show the last requests and responses per model (JSON, one per line with -f)."""
+    if include_existing and not follow:
+        fail("--include-existing can only be used with --follow")  # as docker model says
     params = {"model": model} if model else {}
     if not follow:
         lines = list(_stream("/engines/requests", params))
         click.echo(json.dumps(json.loads("".join(lines) or "[]"), indent=2))
         return
+    if include_existing:
+        params["include_existing"] = "true"
     for line in _stream("/engines/requests", params, {"Accept": "text/event-stream"}):
         if line.startswith("data:"):
             click.echo(line[5:].strip())

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from dmr import plugins
 from dmr.error_bodies import openai_error_body
 from dmr.errors import DmrError, PayloadTooLargeError
-from dmr.server import engines_api, models_api, openapi, root, ui
+from dmr.server import backends_api, engines_api, models_api, openapi, root, ui
 from dmr.server.observability import install_observability
 from dmr.server.security import install_security
 from dmr.server.services import Services
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
         root.blueprint,
         models_api.blueprint,
         engines_api.blueprint,
+        backends_api.blueprint,
         ui.blueprint,
         openapi.blueprint,
     )

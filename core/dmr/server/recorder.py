@@ -316,23 +316,31 @@ blueprint = Blueprint("dmr_requests_api", __name__)
 
 @blueprint.get("/engines/requests")
 async def recorded_requests() -> Response:
-    """The last exchanges per model; SSE of new ones with `Accept: text/event-stream`."""
+    """The last exchanges per model; SSE of new ones with `Accept: text/event-stream`,
+    as Docker Model Runner sends them (pkg/metrics/openai_recorder.go): each new one an
+    `event: new_request`, and first, with `?include_existing=true`, the recorded ones,
+    each an `event: existing_request`."""
     recorder: RequestRecorder = current_app.extensions[RECORDER_KEY]
     wanted = request.args.get("model") or None
     model_id = get_services().store.get(wanted).id if wanted else None
     if "text/event-stream" not in request.headers.get("accept", ""):
         return jsonify(recorder.items(model_id))
+    include_existing = request.args.get("include_existing") == "true"
+
+    def event(kind: str, item: dict[str, Any]) -> bytes:
+        return f"event: {kind}\ndata: ".encode() + json.dumps(item).encode() + b"\n\n"
 
     async def events() -> AsyncIterator[bytes]:
         # Subscribed before the history is sent, so nothing falls in between.
         queue = recorder.subscribe()
         try:
-            for item in recorder.items(model_id):
-                yield b"data: " + json.dumps(item).encode() + b"\n\n"
+            if include_existing:
+                for item in recorder.items(model_id):
+                    yield event("existing_request", item)
             while True:
                 item = await queue.get()
                 if model_id is None or item["model_id"] == model_id:
-                    yield b"data: " + json.dumps(item).encode() + b"\n\n"
+                    yield event("new_request", item)
         finally:
             recorder.unsubscribe(queue)
 

@@ -1,4 +1,6 @@
-"""The OpenAI Responses dialect: `/v1/responses` (+ `/responses`, `/engines/v1/responses`).
+"""The OpenAI Responses dialect, on every prefix Docker Model Runner serves it on:
+`/responses`, `/v1/responses`, `/engines/responses`, `/engines/v1/responses` and
+`/engines/{backend}/v1/responses` (the last runs the model on that backend).
 
 Each response is answered from the runner's chat completions and kept in
 memory for an hour, so `previous_response_id` continues the conversation.
@@ -37,13 +39,21 @@ from dmr_apis._responses_translate import (
 )
 from dmr_apis._runner import call_runner, stream_runner
 from dmr_apis._streaming import encode_event, stream_response
+from dmr_apis.openai import check_backend
 
 __all__ = ["blueprint", "dmr_api_dialects"]
 
 blueprint = Blueprint("dmr_apis_responses", __name__)
 install_error_handlers(blueprint, openai_error_body)
 
-_PREFIXES = ("/v1/responses", "/responses", "/engines/v1/responses")
+# Docker Model Runner's pkg/responses registers these (docs/compatibility.md §4).
+_PREFIXES = (
+    "/v1/responses",
+    "/responses",
+    "/engines/responses",
+    "/engines/v1/responses",
+    "/engines/<backend>/v1/responses",
+)
 
 
 def response_store() -> ResponseStore:
@@ -69,7 +79,8 @@ def _finish(
     return "completed", None
 
 
-async def create() -> Response:
+async def create(backend: str | None = None) -> Response:
+    check_backend(backend)
     _, body = await read_json_object()
     name, _ = resolve_model(require_model(body))
     check_supported(body)
@@ -103,7 +114,9 @@ async def create() -> Response:
             )
 
     if not stream:
-        result = await call_runner(name, Mode.COMPLETION, "/v1/chat/completions", payload)
+        result = await call_runner(
+            name, Mode.COMPLETION, "/v1/chat/completions", payload, backend=backend
+        )
         answer = fold_answer(result.body)
         status, reason = _finish(answer.finish_reason, answer.calls)
         response = response_object(
@@ -118,7 +131,9 @@ async def create() -> Response:
         remember(response)
         return jsonify(response)
 
-    upstream = await stream_runner(name, Mode.COMPLETION, "/v1/chat/completions", payload)
+    upstream = await stream_runner(
+        name, Mode.COMPLETION, "/v1/chat/completions", payload, backend=backend
+    )
 
     async def events() -> AsyncIterator[bytes]:
         sequence = 0
@@ -312,17 +327,20 @@ async def create() -> Response:
     return stream_response(events(), "text/event-stream", on_close=upstream.aclose)
 
 
-async def get_response(response_id: str) -> Response:
+async def get_response(response_id: str, backend: str | None = None) -> Response:
+    check_backend(backend)
     return jsonify(_stored(response_id).response)
 
 
-async def delete_response(response_id: str) -> Response:
+async def delete_response(response_id: str, backend: str | None = None) -> Response:
+    check_backend(backend)
     if not response_store().delete(response_id):
         raise ModelNotFoundError(f"response {response_id!r} not found")
     return jsonify({"id": response_id, "object": "response", "deleted": True})
 
 
-async def list_input_items(response_id: str) -> Response:
+async def list_input_items(response_id: str, backend: str | None = None) -> Response:
+    check_backend(backend)
     items = list(_stored(response_id).input_items)
     order = request.args.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -351,7 +369,7 @@ async def list_input_items(response_id: str) -> Response:
 
 
 for _prefix in _PREFIXES:
-    _key = _prefix.strip("/").replace("/", "_")
+    _key = _prefix.strip("/").replace("<backend>", "backend").replace("/", "_")
     blueprint.add_url_rule(_prefix, f"create_{_key}", create, methods=["POST"])
     blueprint.add_url_rule(f"{_prefix}/<response_id>", f"get_{_key}", get_response, methods=["GET"])
     blueprint.add_url_rule(
