@@ -61,7 +61,7 @@ COMMANDS: dict[str, str] = {
     "ps": "dmr.cli.runners:ps",
     "unload": "dmr.cli.runners:unload",
     "stop": "dmr.cli.runners:stop",
-    "configure": "dmr.cli.runners:configure",
+    "configure": "dmr.cli.configure:configure",
     "logs": "dmr.cli.observe:logs",
     "requests": "dmr.cli.observe:requests",
     "bench": "dmr.cli.bench:bench",

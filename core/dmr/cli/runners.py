@@ -26,7 +26,6 @@ from dmr.durations import parse_duration
 
 __all__ = [
     "chat_stream",
-    "configure",
     "human_duration",
     "openai_endpoint",
     "ps",
@@ -272,75 +271,6 @@ def _device_line(device: dict[str, Any]) -> str:
     memory = f"{gib(device.get('free_memory'))} free of {gib(device.get('total_memory'))}"
     engines = ", ".join(device.get("engines") or []) or "none"
     return f"{name} — {memory} — engines: {engines}"
-
-
-# --------------------------------------------------------------------------- configure
-
-
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("model")
-@click.argument("flags", nargs=-1, type=click.UNPROCESSED)
-@click.option("--context-size", type=int, help="Context size in tokens.")
-@click.option("--keep-alive", help="Idle time before unload: 5m, 0, -1.")
-@click.option("--mode", help="completion, embedding, reranking, ...")
-@click.option(
-    "--speculative-draft-model", "draft_model", help="Draft model for speculative decoding."
-)
-@click.option(
-    "--reasoning-budget",
-    type=click.IntRange(min=-1),
-    help="Thinking tokens for reasoning models (llama.cpp): -1 unlimited, 0 off.",
-)
-@click.option(
-    "--ray-address",
-    help="Ray cluster for vLLM's workers (HOST:PORT or auto); with "
-    "`-- --distributed-executor-backend ray`.",
-)
-@click.option("--backend", help="Engine to configure.")
-def configure(
-    model: str,
-    flags: tuple[str, ...],
-    context_size: int | None,
-    keep_alive: str | None,
-    mode: str | None,
-    draft_model: str | None,
-    reasoning_budget: int | None,
-    ray_address: str | None,
-    backend: str | None,
-) -> None:
-    """Configure MODEL's runner; engine FLAGS go after `--`.
-
-    `dmr configure show [MODEL]` lists the configurations.
-    """
-    if model == "show":
-        query = {"model": flags[0]} if flags else {}
-        with _server() as client:
-            configs = _check(client.get("/engines/_configure", params=query)).json()
-        click.echo(json.dumps(configs, indent=2))
-        return
-    body: dict[str, Any] = {"model": model}
-    if context_size is not None:
-        body["context-size"] = context_size
-    if keep_alive is not None:
-        try:
-            parse_duration(keep_alive)
-        except ValueError as error:
-            fail(f"--keep-alive: {error}")
-        body["keep_alive"] = keep_alive
-    if mode:
-        body["mode"] = mode
-    if draft_model:
-        body["speculative"] = {"draft_model": draft_model}
-    if reasoning_budget is not None:
-        body["llamacpp"] = {"reasoning-budget": reasoning_budget}
-    if ray_address is not None:
-        body["vllm"] = {"ray-address": ray_address}
-    if flags:
-        body["runtime-flags"] = list(flags)
-    path = f"/engines/{backend}/_configure" if backend else "/engines/_configure"
-    with _server() as client:
-        _check(client.post(path, json=body))
-    click.echo(f"Configured {model}.")
 
 
 # --------------------------------------------------------------------------- run

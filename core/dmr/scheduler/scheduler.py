@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,12 @@ from dmr.scheduler.admission import (
     plan_admission,
 )
 from dmr.scheduler.keepalive import idle_deadline_seconds
+from dmr.scheduler.model_configs import (
+    CONFIGS_FILE,
+    ConfiguredModel,
+    ModelConfigs,
+    describe_config,
+)
 from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey
 from dmr.scheduler.runner_process import RunnerProcess
 from dmr.scheduler.wait_queue import Priority, QueuedModel, Waiter, WaitQueue
@@ -112,16 +118,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class ConfiguredModel:
-    """A `_configure` call remembered for a model (by ID)."""
-
-    model_name: str
-    backend: str
-    mode: Mode
-    config: RunnerConfig
-
-
 class Scheduler:
     def __init__(
         self,
@@ -138,7 +134,8 @@ class Scheduler:
         self.devices = list(devices)
         self._formats = {fmt.name: fmt for fmt in formats} if formats is not None else None
         self._runners: dict[RunnerKey, Runner] = {}
-        self._configs: dict[str, ConfiguredModel] = {}
+        # Remembered `_configure` settings, kept in the store across restarts.
+        self._configs = ModelConfigs(store.root / CONFIGS_FILE)
         self._stopping: set[asyncio.Task[None]] = set()
         self._queue = WaitQueue()
         self._pending: dict[Waiter, tuple[StoredModel, EngineSpec, float | None]] = {}
@@ -157,6 +154,8 @@ class Scheduler:
 
     async def start(self) -> None:
         self._closed = False
+        present = {entry.id for entry in self.store.index.read()}
+        self._configs.load(present.__contains__)
 
     async def aclose(self) -> None:
         """Stop every runner (SIGTERM, then SIGKILL after a grace period)."""
@@ -586,9 +585,12 @@ class Scheduler:
         mode: Mode | str | None,
         backend: str | None,
         config: RunnerConfig,
+        *,
+        persist: bool = True,
     ) -> None:
-        """Remember `config` for `model`; an idle runner of it is unloaded so the next
-        load uses it, a busy one is a `ConflictError`."""
+        """Remember `config` for `model` (in the store, so it outlives a restart, unless
+        `persist` is False); an idle runner of it is unloaded so the next load uses it, a
+        busy one is a `ConflictError`."""
         mode = Mode(mode) if mode else Mode.COMPLETION
         stored = self._resolve(model)
         spec = self.engine_for(stored, mode, backend)
@@ -602,9 +604,8 @@ class Scheduler:
             raise ConflictError(
                 f"{model} is in use by a running request; configure it once it is idle"
             )
-        self._configs[stored.id] = ConfiguredModel(
-            model_name=model, backend=spec.name, mode=mode, config=config
-        )
+        configured = ConfiguredModel(model_name=model, backend=spec.name, mode=mode, config=config)
+        self._configs.set(stored.id, configured, persist=persist)
         stops = []
         for runner in mine:
             del self._runners[runner.key]
@@ -643,32 +644,21 @@ class Scheduler:
         return configured.config if configured else RunnerConfig()
 
     def configs(self, model: str | None = None) -> list[dict[str, Any]]:
-        """`GET /engines/_configure` items."""
+        """`GET /engines/_configure` items: each value in effect, and its `sources`."""
         wanted: str | None = None
         if model:
             wanted = self._resolve(model).id
+        default_keep_alive = self.settings.idle_timeout or -1
         items = []
-        for model_id, configured in self._configs.items():
+        for model_id, configured in self._configs:
             if wanted is not None and model_id != wanted:
                 continue
-            config = configured.config
-            item: dict[str, Any] = {
-                "model": configured.model_name,
-                "model_id": model_id,
-                "backend": configured.backend,
-                "mode": configured.mode.value,
-                "context-size": config.context_size,
-                "runtime-flags": list(config.runtime_flags),
-                "keep_alive": _keep_alive_text(config.keep_alive),
-            }
-            if config.speculative_draft_model:
-                item["speculative"] = {
-                    "draft_model": config.speculative_draft_model,
-                    "num_tokens": config.speculative_num_tokens,
-                    "min_acceptance_rate": config.speculative_min_acceptance_rate,
-                }
-            item.update({key: dict(value) for key, value in config.engine_options.items()})
-            items.append(item)
+            stored = self.store.find(model_id)
+            if stored is None:
+                continue  # removed since it was configured; start-up drops the entry
+            block = stored.config.get("config")
+            packaged = block if isinstance(block, Mapping) else {}
+            items.append(describe_config(model_id, configured, packaged, default_keep_alive))
         return items
 
     # ------------------------------------------------------------------ status

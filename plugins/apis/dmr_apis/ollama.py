@@ -67,8 +67,10 @@ async def _apply_num_ctx(name: str, model_id: str, options: dict[str, Any] | Non
         current = scheduler.config_for(model_id)
         if current.context_size == wanted:
             return
+        # A request's option, not a setting to keep: the stored configuration
+        # applies again after a restart.
         await scheduler.configure(
-            name, Mode.COMPLETION, None, replace(current, context_size=wanted)
+            name, Mode.COMPLETION, None, replace(current, context_size=wanted), persist=False
         )
     except ConflictError:
         # Busy with other requests: serve with the context it has rather than fail.

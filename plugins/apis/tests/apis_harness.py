@@ -283,7 +283,9 @@ class FakeScheduler:
         self.unloaded.append(list(models))
         return len(list(models))
 
-    async def configure(self, model: str, mode: Any, backend: Any, config: RunnerConfig) -> None:
+    async def configure(
+        self, model: str, mode: Any, backend: Any, config: RunnerConfig, *, persist: bool = True
+    ) -> None:
         self.configured.append((model, config))
 
     def config_for(self, model_id: str) -> RunnerConfig:
