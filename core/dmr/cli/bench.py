@@ -96,10 +96,15 @@ async def _one_request(
 
 
 async def run_level(
-    client: httpx.AsyncClient, body: dict[str, Any], concurrency: int, duration: float
+    client: httpx.AsyncClient,
+    body: dict[str, Any],
+    concurrency: int,
+    duration: float,
+    request_timeout: float | None = None,
 ) -> LevelResult:
     """`concurrency` workers send requests back to back until `duration` has passed;
-    requests in flight then are waited for and counted."""
+    requests in flight then are waited for and counted. A request that takes longer
+    than `request_timeout` (`--timeout`, as docker model bench's) is an error."""
     import anyio
     import httpx
 
@@ -111,7 +116,11 @@ async def run_level(
     async def worker() -> None:
         while time.perf_counter() < deadline:
             try:
-                sample, error = await _one_request(client, body)
+                with anyio.fail_after(request_timeout):
+                    sample, error = await _one_request(client, body)
+            except TimeoutError:
+                sample = RequestSample(ok=False)
+                error = f"the request took more than --timeout ({request_timeout:g} s)"
             except (httpx.HTTPError, ValueError) as exc:
                 sample, error = RequestSample(ok=False), f"{type(exc).__name__}: {exc}"
             samples.append(sample)
@@ -158,14 +167,18 @@ def _async_client(max_connections: int) -> httpx.AsyncClient:
 
 
 async def _bench(
-    model: str, levels: list[int], duration: float, body: dict[str, Any]
+    model: str,
+    levels: list[int],
+    duration: float,
+    body: dict[str, Any],
+    request_timeout: float | None = None,
 ) -> list[LevelResult]:
     async with _async_client(max(levels) + 1) as client:
         # Load the model first so the first level's TTFT does not include the load.
         warm, error = await _one_request(client, {**body, "max_tokens": 1})
         if not warm.ok:
             raise RuntimeError(f"warm-up request to {model} failed: {error}")
-        return [await run_level(client, body, level, duration) for level in levels]
+        return [await run_level(client, body, level, duration, request_timeout) for level in levels]
 
 
 def _parse_levels(text: str) -> list[int]:
@@ -208,6 +221,16 @@ def _print_table(model: str, results: list[LevelResult]) -> None:
             console.print(f"[red]concurrency {r.concurrency}: {r.first_error}[/red]")
 
 
+def _positive_duration(text: str, option: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=option) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be positive", param_hint=option)
+    return seconds
+
+
 @click.command()
 @click.argument("model")
 @click.option(
@@ -220,18 +243,24 @@ def _print_table(model: str, results: list[LevelResult]) -> None:
 )  # fmt: skip
 @click.option("--max-tokens", default=128, show_default=True, help="max_tokens of each request.")
 @click.option("--prompt", default=DEFAULT_PROMPT, help="The user message each request sends.")
+@click.option(
+    "--timeout", "request_timeout", default="5m", show_default=True,
+    help="Longest one request may take (e.g. 30s, 5m); a slower one counts as an error.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(
-    model: str, concurrency: str, duration: str, max_tokens: int, prompt: str, as_json: bool
+    model: str,
+    concurrency: str,
+    duration: str,
+    max_tokens: int,
+    prompt: str,
+    request_timeout: str,
+    as_json: bool,
 ) -> None:
     """Measure tokens/s, time to first token and latency of MODEL at concurrency levels."""
     levels = _parse_levels(concurrency)
-    try:
-        seconds = parse_duration(duration)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
-    if seconds <= 0:
-        raise click.BadParameter("duration must be positive")
+    seconds = _positive_duration(duration, "--duration")
+    timeout_seconds = _positive_duration(request_timeout, "--timeout")
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -250,7 +279,7 @@ def bench(
     except TransportError as error:
         fail(str(error))
     try:
-        results = anyio.run(_bench, model, levels, seconds, body)
+        results = anyio.run(_bench, model, levels, seconds, body, timeout_seconds)
     except (RuntimeError, httpx.HTTPError) as error:
         fail(str(error))
     if as_json:

@@ -1,9 +1,26 @@
 """`start-runner`, `stop-runner`, `restart-runner`: the server's lifecycle, by Docker
 Model Runner's names. Other commands start the server themselves when needed
 (dmr.cli.autostart); these do it on purpose, so `DMR_NO_AUTOSTART` does not stop them.
+
+Docker Model Runner's flags here configure a container; each takes its nearest
+meaning for a local server (docs/compatibility.md §8):
+- `--port`, `--host`: where the server listens (`MODEL_RUNNER_PORT`,
+  `MODEL_RUNNER_BIND` for the server started);
+- `--gpu none` hides the GPUs from the server and its runners (the
+  `*_VISIBLE_DEVICES` variables set empty); `cuda` and `rocm` check that a device
+  of that kind is found; `auto` is the default; `musa` and `cann` are refused
+  (no probe or engine of dmr's drives them);
+- `--backend`: the engine that must be installed (DMR pulls an image with it),
+  else the exact command that installs it;
+- `--debug`: the server logs at debug level; `--do-not-track`: accepted, dmr
+  sends no usage data at all.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -16,13 +33,20 @@ from dmr.cli.autostart import (
     start_server,
     stop_server,
 )
-from dmr.cli.errors import fail
+from dmr.cli.errors import fail, warn
 from dmr.settings import Settings
 
-__all__ = ["restart_runner", "start_runner", "stop_runner"]
+__all__ = ["GPU_MODES", "restart_runner", "start_runner", "stop_runner"]
+
+# `--gpu` values as Docker Model Runner spells them, and the device kind of dmr's
+# hardware probes each asks for (None: no check).
+GPU_MODES: dict[str, str | None] = {"auto": None, "none": None, "cuda": "cuda", "rocm": "rocm"}
+_UNDRIVEN_GPU_MODES = ("musa", "cann")
+# What hides the GPUs of each vendor from a process and its children.
+_GPU_HIDING_VARIABLES = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 
 
-def _start(settings: Settings) -> None:
+def _start(settings: Settings, options: RunnerOptions | None = None) -> None:
     if explicit_address() is not None:  # someone else's server: report on it, start nothing
         try:
             server = ensure_server()
@@ -30,10 +54,104 @@ def _start(settings: Settings) -> None:
             fail(str(error))
     else:
         server = start_server(settings)  # says "Started the dmr server ..." on stderr
-        if server.started_here:
-            return
-    which = f" (pid {server.pid})" if server.pid is not None else ""
-    click.echo(f"The dmr server is already running{which} at {server.address}.")
+        if not server.started_here:
+            which = f" (pid {server.pid})" if server.pid is not None else ""
+            click.echo(f"The dmr server is already running{which} at {server.address}.")
+        elif options is not None and options.port is not None and options.port != 12434:
+            click.echo(
+                f"Other dmr commands find this server with MODEL_RUNNER_PORT={options.port}"
+                f" (or MODEL_RUNNER_HOST={server.address})."
+            )
+    if options is not None:
+        _check_started(options, server.address.base_url, server.address.socket_path)
+
+
+class RunnerOptions:
+    """start-runner's and restart-runner's Docker Model Runner flags (module docstring)."""
+
+    def __init__(
+        self, port: int | None, host: str | None, gpu: str, backend: str | None, debug: bool
+    ) -> None:
+        if gpu in _UNDRIVEN_GPU_MODES:
+            fail(f"--gpu {gpu}: dmr has no hardware probe or engine for {gpu.upper()} devices")
+        self.port, self.host, self.gpu, self.backend, self.debug = port, host, gpu, backend, debug
+
+    def apply_to_environment(self) -> None:
+        """The started server inherits this environment (dmr.cli.autostart)."""
+        if self.port is not None:
+            os.environ["MODEL_RUNNER_PORT"] = str(self.port)
+        if self.host is not None:
+            os.environ["MODEL_RUNNER_BIND"] = self.host
+        if self.debug:
+            os.environ["LOG_LEVEL"] = "DEBUG"
+        if self.gpu == "none":
+            for variable in _GPU_HIDING_VARIABLES:
+                os.environ[variable] = ""
+
+
+def _check_started(options: RunnerOptions, base_url: str, socket_path: Any) -> None:
+    """`--backend` and `--gpu cuda|rocm` asked for something: is it there?"""
+    wanted_kind = GPU_MODES.get(options.gpu)
+    if options.backend is None and wanted_kind is None:
+        return
+    from dmr.cli.client import auth_headers
+    from dmr.cli.http import HTTPError, ServerClient
+    from dmr.engines_known import install_hint
+
+    socket = str(socket_path) if socket_path else None
+    with ServerClient(base_url, socket_path=socket, headers=auth_headers()) as client:
+        try:
+            engines: dict[str, str] = client.get("/engines/status").json()
+            hardware: dict[str, Any] = client.get("/engines/hardware").json()
+        except (HTTPError, ValueError) as error:
+            fail(f"cannot read the server's engines: {error}")
+    if options.backend is not None:
+        state = engines.get(options.backend)
+        if state is None:
+            fail(
+                f"--backend {options.backend}: no such engine (known: {', '.join(sorted(engines))})"
+            )
+        if state.startswith("Not Installed"):
+            fail(
+                f"--backend {options.backend}: the engine is not installed; install it with"
+                f" `{install_hint(options.backend).split(' (')[0]}`, then `dmr restart-runner`"
+            )
+    if wanted_kind is not None:
+        kinds = {device.get("kind") for device in hardware.get("devices", [])}
+        if wanted_kind not in kinds:
+            found = ", ".join(sorted(kind for kind in kinds if kind)) or "none"
+            warn(
+                f"--gpu {options.gpu}: the server found no {wanted_kind} device"
+                f" (found: {found}); models run on the CPU"
+            )
+
+
+def _runner_options(*, backend: bool) -> Callable[[Any], Any]:
+    """DMR's runner flags (cmd/cli/commands/utils.go addRunnerFlags)."""
+
+    def decorate(function: Any) -> Any:
+        options = [
+            click.option("--port", type=click.IntRange(1, 65535),
+                         help="TCP port the server listens on (default 12434)."),
+            click.option("--host", help="Address the server binds (default 127.0.0.1)."),
+            click.option("--gpu", type=click.Choice([*GPU_MODES, *_UNDRIVEN_GPU_MODES]),
+                         default="auto", show_default=True,
+                         help="GPU support: none hides the GPUs; cuda|rocm check one is found."),
+            click.option("--debug", is_flag=True, help="Log at debug level."),
+            click.option("--do-not-track", is_flag=True,
+                         help="Accepted for DMR's sake: dmr sends no usage data."),
+        ]  # fmt: skip
+        if backend:
+            options.append(
+                click.option(
+                    "--backend", help="Engine that must be installed (llama.cpp, vllm, ...)."
+                )
+            )
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
 
 
 def _stop(settings: Settings) -> None:
@@ -52,9 +170,19 @@ def _stop(settings: Settings) -> None:
 
 
 @click.command(name="start-runner")
-def start_runner() -> None:
+@_runner_options(backend=True)
+def start_runner(
+    port: int | None,
+    host: str | None,
+    gpu: str,
+    debug: bool,
+    do_not_track: bool,
+    backend: str | None,
+) -> None:
     """Start the dmr server in the background, unless one already answers."""
-    _start(Settings.from_env())
+    options = RunnerOptions(port, host, gpu, backend, debug)
+    options.apply_to_environment()
+    _start(Settings.from_env(), options)
 
 
 @click.command(name="stop-runner")
@@ -64,8 +192,17 @@ def stop_runner() -> None:
 
 
 @click.command(name="restart-runner")
-def restart_runner() -> None:
-    """Stop the dmr server of this environment, then start a new one."""
-    settings = Settings.from_env()
-    _stop(settings)
-    _start(settings)
+@_runner_options(backend=True)
+def restart_runner(
+    port: int | None,
+    host: str | None,
+    gpu: str,
+    debug: bool,
+    do_not_track: bool,
+    backend: str | None,
+) -> None:
+    """Stop the dmr server of this environment, then start a new one (with these flags)."""
+    options = RunnerOptions(port, host, gpu, backend, debug)
+    _stop(Settings.from_env())  # the one running now, where it listens now
+    options.apply_to_environment()
+    _start(Settings.from_env(), options)

@@ -208,9 +208,11 @@ def inspect(model: str, openai: bool, remote: bool) -> None:
 
 @click.command()
 @click.argument("model")
-def show(model: str) -> None:
+@click.option("-r", "--remote", is_flag=True, help="Show the registry's copy, without pulling")
+def show(model: str, remote: bool) -> None:
     """Show the configuration of MODEL (name or ID) in a readable form."""
-    info: dict[str, Any] = _request("GET", f"/models/{_path(model)}")
+    params = {"remote": "true"} if remote else None
+    info: dict[str, Any] = _request("GET", f"/models/{_path(model)}", params=params)
     config = info.get("config") or {}
     from rich.table import Table
 
@@ -284,6 +286,11 @@ _FILE = click.Path(path_type=Path)
 @click.option("--mmproj", type=_FILE, help="Multimodal projector")
 @click.option("--context-size", type=click.IntRange(min=1), help="Context size in tokens")
 @click.option("--push", is_flag=True, help="Push to the registry afterwards")
+@click.option(
+    "--format", "artifact_format", type=click.Choice(["docker", "cncf"]), default="docker",
+    show_default=True,
+    help="Artifact format: docker; cncf (CNCF ModelPack) is read by dmr but not written yet.",
+)  # fmt: skip
 def package(
     target: str,
     gguf: tuple[Path, ...],
@@ -295,8 +302,14 @@ def package(
     mmproj: Path | None,
     context_size: int | None,
     push: bool,
+    artifact_format: str,
 ) -> None:
     """Package local model files as an OCI model artifact named TARGET (org/model:tag)."""
+    if artifact_format == "cncf":
+        fail(
+            "--format cncf: dmr pulls and runs CNCF ModelPack artifacts but does not write"
+            " them yet; package with --format docker (the default)"
+        )
     from dmr.distribution.packaging import (
         PackageOptions,
         package_dduf,

@@ -6,6 +6,7 @@ As `docker model` has them (docs/compatibility.md §8).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import click
 
+from dmr.cli.answer_style import COLOR_MODES, AnswerStyle, use_markdown
 from dmr.cli.autostart import ServerAddress, ensure_server
 from dmr.cli.chat_images import image_data_url, images_in_prompt, user_message
 from dmr.cli.client import connect
@@ -312,9 +314,11 @@ def _ensure_model(client: ServerClient, model: str) -> None:
                 click.echo(str(event.get("message", "Model pulled successfully")), err=True)
 
 
-def chat_stream(client: ServerClient, body: dict[str, Any]) -> Iterator[str]:
+def chat_stream(
+    client: ServerClient, body: dict[str, Any], path: str = AnswerStyle.chat_path
+) -> Iterator[str]:
     """The content pieces of a streamed chat completion, as they arrive."""
-    with client.stream("POST", "/engines/v1/chat/completions", json=body, timeout=None) as answer:
+    with client.stream("POST", path, json=body, timeout=None) as answer:
         _check(answer)
         for line in answer.iter_lines():
             if not line.startswith("data:"):
@@ -336,11 +340,17 @@ def chat_stream(client: ServerClient, body: dict[str, Any]) -> Iterator[str]:
                     yield piece
 
 
-def _answer(client: ServerClient, model: str, messages: list[dict[str, Any]]) -> str:
+def _answer(
+    client: ServerClient,
+    model: str,
+    messages: list[dict[str, Any]],
+    style: AnswerStyle = AnswerStyle(),  # noqa: B008 - frozen, so one shared default is safe
+) -> str:
     pieces: list[str] = []
     completed = False
+    body = {"model": model, "messages": messages, "stream": True}
     try:
-        for piece in chat_stream(client, {"model": model, "messages": messages, "stream": True}):
+        for piece in chat_stream(client, body, style.chat_path):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -350,6 +360,7 @@ def _answer(client: ServerClient, model: str, messages: list[dict[str, Any]]) ->
         if completed or pieces:
             sys.stdout.write("\n")
             sys.stdout.flush()
+    style.render("".join(pieces))
     return "".join(pieces)
 
 
@@ -388,7 +399,12 @@ def _prompt_message(prompt: str, image_urls: list[str], *, announce: bool) -> di
     return user_message(text, urls)
 
 
-def _interactive(client: ServerClient, model: str, image_urls: list[str]) -> None:
+def _interactive(
+    client: ServerClient,
+    model: str,
+    image_urls: list[str],
+    style: AnswerStyle = AnswerStyle(),  # noqa: B008 - frozen, so one shared default is safe
+) -> None:
     """Chat turn by turn; `image_urls` (from `--image`) go with the first message."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - gives input() line editing and history
@@ -433,7 +449,7 @@ def _interactive(client: ServerClient, model: str, image_urls: list[str]) -> Non
         pending = []  # the first message only, even if refused: a text model refuses each turn
         messages = ([{"role": "system", "content": system}] if system else []) + history
         try:
-            reply = _answer(client, model, messages)
+            reply = _answer(client, model, messages, style)
         except CliError as error:
             history.pop()
             report(str(error))
@@ -495,6 +511,19 @@ def _run_image_model(
     "--image", "images", multiple=True, type=click.Path(path_type=Path), metavar="PATH",
     help="Vision models: an image file (PNG, JPEG, GIF, WebP) sent with the prompt; repeatable.",
 )  # fmt: skip
+@click.option("--debug", is_flag=True, help="Say on stderr what runs, with which prompt, where.")
+@click.option(
+    "--color", type=click.Choice(COLOR_MODES), default="no", show_default=True,
+    help="Show the answer rendered as Markdown in colour (auto: on a terminal).",
+)  # fmt: skip
+@click.option(
+    "--openaiurl", metavar="URL",
+    help="Chat with this OpenAI-compatible endpoint (URL/chat/completions) instead.",
+)  # fmt: skip
+@click.option(
+    "--websearch", is_flag=True, hidden=True,
+    help="Docker Model Runner's web search tool: refused, dmr has none.",
+)  # fmt: skip
 def run(
     model: str,
     prompt_words: tuple[str, ...],
@@ -504,6 +533,10 @@ def run(
     steps: int | None,
     seed: int | None,
     images: tuple[Path, ...],
+    debug: bool,
+    color: str,
+    openaiurl: str | None,
+    websearch: bool,
 ) -> None:
     """Run MODEL (e.g. ai/smollm2): answer PROMPT, or chat interactively without one.
 
@@ -513,13 +546,21 @@ def run(
     named in a prompt send those images with it.
     """
     prompt = " ".join(prompt_words) if prompt_words else None
+    if websearch:
+        fail("--websearch: dmr has no web search tool (Docker Model Runner's calls DuckDuckGo)")
     if images and detach:
         fail("--image needs a prompt to go with; --detach sends none")
     try:  # read before anything starts: a wrong path fails at once
         image_urls = [image_data_url(path) for path in images]
     except CliError as error:
         fail(str(error))
+    style = AnswerStyle(markdown=use_markdown(color), debug=debug)
+    running = f"Running model {model}" + (f" with prompt {prompt}" if prompt else "")
+    if openaiurl is not None:
+        _run_elsewhere(openaiurl, model, prompt, detach, image_urls, style, running)
+        return
     with _server(timeout=None) as client:
+        style.note(f"{running} (dmr server at {client.base_url})")
         _ensure_model(client, model)
         if is_image_model(_describe_model(client, model)):
             if image_urls:
@@ -541,6 +582,40 @@ def run(
         if prompt is None and not sys.stdin.isatty():
             prompt = sys.stdin.read().strip() or None
         if prompt is not None:
-            _answer(client, model, [_prompt_message(prompt, image_urls, announce=False)])
+            _answer(client, model, [_prompt_message(prompt, image_urls, announce=False)], style)
             return
-        _interactive(client, model, image_urls)
+        _interactive(client, model, image_urls, style)
+
+
+def _run_elsewhere(
+    url: str,
+    model: str,
+    prompt: str | None,
+    detach: bool,
+    image_urls: list[str],
+    style: AnswerStyle,
+    running: str,
+) -> None:
+    """`run --openaiurl`: the chat goes to another OpenAI-compatible server as it is."""
+    from urllib.parse import urlsplit
+
+    if detach:
+        fail("--detach flag cannot be used with --openaiurl flag")  # docker model's words
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        fail(f"invalid OpenAI URL {url!r}: give http(s)://HOST[:PORT][/PATH], e.g. .../v1")
+    elsewhere = dataclasses.replace(style, chat_path="/chat/completions")
+    elsewhere.note(f"{running} (OpenAI endpoint {url.rstrip('/')}/chat/completions)")
+    try:
+        with ServerClient(url, timeout=None) as client:
+            if prompt is None and not sys.stdin.isatty():
+                prompt = sys.stdin.read().strip() or None
+            if prompt is not None:
+                message = _prompt_message(prompt, image_urls, announce=False)
+                _answer(client, model, [message], elsewhere)
+                return
+            _interactive(client, model, image_urls, elsewhere)
+    except (TransportError, CliError) as error:
+        fail(str(error))
+    except HTTPError as error:
+        fail(f"talking to {url} failed: {error}")

@@ -1,0 +1,189 @@
+"""`docker model` flags dmr takes with Docker Model Runner's meaning, or the nearest one
+for a local server (docs/compatibility.md §8): start-runner/restart-runner's runner
+flags, `show --remote`, `package --format`, `bench --timeout`, `run --debug/--color/
+--openaiurl`. Real CLI, real servers; the runner flags in a sandbox of their own."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.fixtures.registry import LocalRegistry
+from tests.fixtures.server import DmrServer, free_port
+from tests.fixtures.test_engine import add_test_model
+from tests.test_cli_autostart import Sandbox, _exited, _started_pid, sandbox  # noqa: F401
+from tests.test_cli_transfer import package_into
+
+DMR = (sys.executable, "-m", "dmr")
+
+# --------------------------------------------------------------------------- runner flags
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_start_runner_port_host_gpu_debug_backend(sandbox: Sandbox) -> None:  # noqa: F811
+    port = free_port()
+    started = sandbox.cli(
+        "start-runner", "--port", str(port), "--host", "127.0.0.1", "--gpu", "none",
+        "--debug", "--do-not-track", "--backend", "test-engine",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    pid = _started_pid(started.stderr)
+    on_port = {**sandbox.env, "MODEL_RUNNER_PORT": str(port)}
+    try:
+        assert _answers(port)
+        assert f"MODEL_RUNNER_PORT={port}" in started.stdout  # how later commands find it
+        server_env = psutil.Process(pid).environ()
+        # --gpu none: no GPU visible to the server and the runners it starts.
+        assert server_env["CUDA_VISIBLE_DEVICES"] == "" == server_env["HIP_VISIBLE_DEVICES"]
+        assert server_env["LOG_LEVEL"] == "DEBUG"
+        assert server_env["MODEL_RUNNER_BIND"] == "127.0.0.1"
+
+        # restart-runner takes the same flags: a new server on another port.
+        other = free_port()
+        restarted = subprocess.run(
+            [*DMR, "restart-runner", "--port", str(other)],
+            env=on_port, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert restarted.returncode == 0, restarted.stderr
+        assert f"Stopped the dmr server (pid {pid})" in restarted.stdout
+        new_pid = _started_pid(restarted.stderr)
+        assert _exited(pid) and _answers(other) and not _answers(port)
+        pid, port = new_pid, other
+    finally:
+        stopped = subprocess.run(
+            [*DMR, "stop-runner"],
+            env={**sandbox.env, "MODEL_RUNNER_PORT": str(port)},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert f"Stopped the dmr server (pid {pid})" in stopped.stdout, stopped.stderr
+
+
+def test_start_runner_refuses_what_it_cannot_do(sandbox: Sandbox) -> None:  # noqa: F811
+    musa = sandbox.cli("start-runner", "--gpu", "musa")
+    assert musa.returncode != 0 and "no hardware probe or engine for MUSA" in musa.stderr
+    assert sandbox.servers() == []  # refused before anything started
+    bad_gpu = sandbox.cli("start-runner", "--gpu", "tpu")
+    assert bad_gpu.returncode == 2 and "'tpu' is not one of" in bad_gpu.stderr
+
+    unknown = sandbox.cli("start-runner", "--backend", "tensorrt")
+    try:
+        assert unknown.returncode != 0
+        assert "--backend tensorrt: no such engine" in unknown.stderr
+        assert "llama.cpp" in unknown.stderr  # the known ones are listed
+    finally:
+        assert sandbox.cli("stop-runner").returncode == 0
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.mark.registry
+def test_show_remote_reads_the_registry(
+    dmr_server_factory: object, oci_registry: LocalRegistry, tmp_path: Path
+) -> None:
+    server: DmrServer = dmr_server_factory(INSECURE_REGISTRY="true")  # type: ignore[operator]
+    tag = f"{oci_registry.host}/tests/show-remote:v1"
+    package_into(server, tmp_path, tag, payload=200_000)
+    assert server.cli("push", tag).returncode == 0
+    assert server.cli("rm", tag).returncode == 0
+
+    local = server.cli("show", tag)
+    remote = server.cli("show", "--remote", tag)
+
+    assert local.returncode != 0 and "not found" in local.stderr.lower()
+    assert remote.returncode == 0, remote.stderr
+    assert tag in remote.stdout and "gguf" in remote.stdout
+    assert server.cli("show", "-r", tag).stdout == remote.stdout
+
+
+def test_package_format(test_engine_server: DmrServer, tmp_path: Path) -> None:
+    gguf = tmp_path / "empty.gguf"
+    gguf.write_bytes(b"GGUF")
+    cncf = test_engine_server.cli("package", "--gguf", str(gguf), "--format", "cncf", "x/y:1")
+    assert cncf.returncode != 0
+    assert "--format cncf: dmr pulls and runs CNCF ModelPack artifacts" in cncf.stderr
+    odd = test_engine_server.cli("package", "--gguf", str(gguf), "--format", "oci", "x/y:1")
+    assert odd.returncode == 2 and "'oci' is not one of 'docker', 'cncf'" in odd.stderr
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_timeout_counts_slow_requests_as_errors(test_engine_server: DmrServer) -> None:
+    add_test_model(test_engine_server.models_path, "test/bench")
+    # "[slow]" streams with 0.4 s between chunks: a request takes well over 0.5 s.
+    result = test_engine_server.cli(
+        "bench", "test/bench", "--prompt", "[slow] one two three four five",
+        "--concurrency", "1", "--duration", "1s", "--timeout", "0.5s", "--json",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    [level] = json.loads(result.stdout)["levels"]
+    assert level["errors"] == level["requests"] >= 1
+    assert "more than --timeout (0.5 s)" in level["first_error"]
+    bad = test_engine_server.cli("bench", "test/bench", "--timeout", "soon")
+    assert bad.returncode == 2 and "--timeout" in bad.stderr
+
+
+# --------------------------------------------------------------------------- run
+
+
+def test_run_debug_and_color(test_engine_server: DmrServer) -> None:
+    add_test_model(test_engine_server.models_path, "test/run-flags")
+
+    plain = test_engine_server.cli("run", "test/run-flags", "**bold**", "words")
+    debug = test_engine_server.cli("run", "--debug", "test/run-flags", "hi")
+    colored = test_engine_server.cli("run", "--color", "yes", "test/run-flags", "**bold**")
+
+    assert plain.stdout == "[1 messages] echo: **bold** words\n" and "\x1b[" not in plain.stdout
+    assert "Running model test/run-flags with prompt hi" in debug.stderr
+    assert debug.stdout == "[1 messages] echo: hi\n"
+    # Streamed as it came, then shown rendered: the asterisks become bold (an escape).
+    assert colored.stdout.startswith("[1 messages] echo: **bold**\n")
+    assert "\x1b[1m" in colored.stdout and "bold" in colored.stdout.split("\n", 1)[1]
+    auto = test_engine_server.cli("run", "--color", "auto", "test/run-flags", "x")
+    assert "\x1b[" not in auto.stdout  # piped: no terminal, no colour
+    refused = test_engine_server.cli("run", "--websearch", "test/run-flags", "x")
+    assert refused.returncode != 0 and "no web search tool" in refused.stderr
+
+
+def test_run_openaiurl_chats_with_another_server(
+    test_engine_server: DmrServer, dmr_server_factory: object
+) -> None:
+    """`--openaiurl` goes to that endpoint as it is: here another dmr server's /engines/v1,
+    while MODEL_RUNNER_HOST points at nothing (no pull, no start)."""
+    add_test_model(test_engine_server.models_path, "test/elsewhere")
+    env = {**test_engine_server.env, "MODEL_RUNNER_HOST": f"http://127.0.0.1:{free_port()}"}
+    url = f"{test_engine_server.url}/engines/v1"
+
+    answered = subprocess.run(
+        [*DMR, "run", "--openaiurl", url, "--debug", "test/elsewhere", "hi"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    detached = subprocess.run(
+        [*DMR, "run", "--openaiurl", url, "-d", "test/elsewhere"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    bad = subprocess.run(
+        [*DMR, "run", "--openaiurl", "ftp://x", "test/elsewhere", "hi"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout == "[1 messages] echo: hi\n"
+    assert f"OpenAI endpoint {url}/chat/completions" in answered.stderr
+    assert detached.returncode != 0
+    assert "--detach flag cannot be used with --openaiurl flag" in detached.stderr
+    assert bad.returncode != 0 and "invalid OpenAI URL" in bad.stderr
