@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from dmr.errors import DmrError, InvalidRequestError
 from dmr.records import ProgressEvent
-from dmr.reference import InvalidReferenceError, parse_reference
+from dmr.reference import InvalidReferenceError, display_name, parse_reference
 from dmr.server.body_limit import lift_body_limit
 from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify, request
@@ -187,12 +187,23 @@ def _as_seconds(value: Any) -> float | None:
     return None
 
 
+def _listed_name(name: str, model: StoredModel | None) -> str:
+    """The runner's model as `/api/tags` lists it (`ai/smollm2:latest`, not the
+    scheduler's `ai/smollm2`): Open WebUI matches `/api/ps` to `/api/tags` by name."""
+    if model is None or not model.tags:
+        return name
+    wanted = display_name(name)
+    return next((tag for tag in model.tags if display_name(tag) == wanted), model.tags[0])
+
+
 async def ps() -> Response:
     services = get_services()
+    # A runner's memory is VRAM only on a GPU; the CPU's device name is the processor's.
+    gpus = {device.name for device in services.devices if device.is_gpu}
     entries = []
     for item in services.scheduler.ps():
-        name = str(item.get("model_name") or "")
-        model = services.store.find(str(item.get("model_id") or name))
+        model = services.store.find(str(item.get("model_id") or item.get("model_name") or ""))
+        name = _listed_name(str(item.get("model_name") or ""), model)
         keep_alive = _as_seconds(item.get("keep_alive"))
         if keep_alive is None:
             # The server default; its 0 means "never unload".
@@ -208,7 +219,7 @@ async def ps() -> Response:
             "digest": model.id.removeprefix("sha256:") if model else "",
             "details": _details(model) if model else {},
             "expires_at": iso_time(expires),
-            "size_vram": int(item.get("memory") or 0) if item.get("device") != "cpu" else 0,
+            "size_vram": int(item.get("memory") or 0) if item.get("device") in gpus else 0,
         }
         if "context_size" in item:
             entry["context_length"] = item["context_size"]

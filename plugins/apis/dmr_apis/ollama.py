@@ -77,6 +77,20 @@ async def _apply_num_ctx(name: str, model_id: str, options: dict[str, Any] | Non
         log.info("num_ctx=%s ignored: the runner for %s is busy", wanted, name)
 
 
+def _truncation(body: dict[str, Any]) -> dict[str, Any]:
+    """Ollama truncates a prompt longer than the context rather than refuse it: the
+    oldest messages, then the oldest tokens after `num_keep` (the runner does it, with
+    its tokenizer and template; docs/apis.md). `"truncate": false` asks for the error."""
+    truncate = optional_bool(body, "truncate")
+    fields: dict[str, Any] = {"truncate": True if truncate is None else truncate}
+    num_keep = (body.get("options") or {}).get("num_keep")
+    if num_keep is not None:
+        if isinstance(num_keep, bool) or not isinstance(num_keep, int) or num_keep < 0:
+            raise InvalidRequestError("option 'num_keep' must be a non-negative integer")
+        fields["n_keep"] = num_keep
+    return fields
+
+
 def _chat_payload(
     body: dict[str, Any], messages: list[dict[str, Any]], stream: bool
 ) -> dict[str, Any]:
@@ -135,6 +149,7 @@ async def _generation(
         if stream:
             payload["stream_options"] = {"include_usage": True}
         path = "/v1/completions"
+    payload.update(_truncation(body))
     await _apply_num_ctx(name, model.id, body.get("options"))
     display = body["model"]
 

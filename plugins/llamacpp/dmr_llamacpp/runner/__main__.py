@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import sys
 import time
@@ -156,7 +157,18 @@ def load_projector(
     )
 
 
+def log_to_stderr() -> None:
+    """The runner's own log lines (a truncated prompt) go to its output, which the
+    server keeps as the runner's log (`dmr logs`); other libraries' stay silent."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    package = logging.getLogger("dmr_llamacpp")
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
 async def main_async(argv: list[str] | None = None) -> None:
+    log_to_stderr()
     args = runner_arg_parser().parse_args(argv)
     settings: WorkerSettings = settings_from_namespace(args)
     model_path = Path(args.model)

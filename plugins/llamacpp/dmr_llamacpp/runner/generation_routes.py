@@ -44,6 +44,12 @@ from dmr_llamacpp.runner.requests import normalise_messages, sampling_from_body
 from dmr_llamacpp.runner.sampling import SamplingParams
 from dmr_llamacpp.runner.state import RunnerState, request_body, runner_state
 from dmr_llamacpp.runner.streaming import Answer
+from dmr_llamacpp.runner.truncation import (
+    Truncation,
+    fit_messages,
+    fit_tokens,
+    wants_truncation,
+)
 
 __all__ = ["blueprint", "chat_answer", "completion_answer", "streamed_answers"]
 
@@ -99,7 +105,18 @@ async def chat_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAns
         state.require_projector()  # a text-only model: a 400 before any download
     params = sampling_from_body(body, state.settings, chat=True, grammar=tool_grammar)
     budget, template_kwargs = _reasoning_budget(body, state.settings.reasoning_budget)
-    prompt = state.render_prompt(messages, body, template_kwargs)
+    truncation = wants_truncation(body)
+    if truncation is not None and not image_urls:
+        model = state.require_model()
+        prompt = fit_messages(
+            messages,
+            lambda kept: state.render_prompt(kept, body, template_kwargs),
+            lambda text: len(model.tokenize(text, add_special=True, parse_special=True)),
+            context=state.require_generator().ctx_per_slot,
+            n_keep=truncation.n_keep,
+        )
+    else:
+        prompt = state.render_prompt(messages, body, template_kwargs)
     thinking = starts_thinking(prompt)
     limit = None
     if budget >= 0:
@@ -111,7 +128,7 @@ async def chat_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAns
         images = await load_images(image_urls, state.image_limits)
         job = await start_image_job(state, prompt, images, params, limit)
     else:
-        job = _start_job(state, prompt, params, limit)
+        job = _start_job(state, prompt, params, limit, truncation)
     base = answer_base("chatcmpl", state.model_name)
     # llama-server's `reasoning_format: "none"` leaves the thinking in the content.
     split = body.get("reasoning_format") != "none"
@@ -160,7 +177,7 @@ async def completion_answer(state: RunnerState, body: dict[str, Any]) -> Generat
     if not isinstance(prompt, str):
         raise BadRequest("'prompt' must be a string", "prompt")
     params = sampling_from_body(body, state.settings, chat=False)
-    job = _start_job(state, prompt, params)
+    job = _start_job(state, prompt, params, truncation=wants_truncation(body))
     base = answer_base("cmpl", state.model_name)
     if body.get("stream"):
         return _completion_stream(job, base, _include_usage(body))
@@ -232,11 +249,19 @@ def _start_job(
     prompt: str,
     params: SamplingParams,
     thinking: ThinkingBudget | None = None,
+    truncation: Truncation | None = None,
 ) -> GenerationJob:
     model = state.require_model()
     tokens = model.tokenize(prompt, add_special=True, parse_special=True)
     if not tokens:
         tokens = [model.bos_token]
+    if truncation is not None:
+        tokens = fit_tokens(
+            tokens,
+            context=state.require_generator().ctx_per_slot,
+            n_keep=truncation.n_keep,
+            adds_bos=model.adds_bos,
+        )
     job = GenerationJob(tokens, params)
     job.thinking = thinking
     try:
