@@ -126,6 +126,18 @@ def test_configure_show_sources_and_the_new_flags(test_engine_server: DmrServer)
         "llamacpp": "configure",
     }
 
+    as_text = server.cli("configure", "show", "--format", "text", "test/a")
+    assert as_text.returncode == 0, as_text.stderr
+    header, *rows = as_text.stdout.splitlines()
+    assert header.split() == ["MODEL", "BACKEND", "MODE", "SETTING", "VALUE", "SOURCE"]
+    assert rows[0].split() == ["test/a", "test-engine", "completion", "context-size",
+                               "(engine", "default)", "default"]  # fmt: skip
+    assert rows[2].split() == ["keep_alive", "1m", "default"]
+    assert rows[3].split() == ["speculative", '{"min_acceptance_rate":', "0.5,",
+                               '"num_tokens":', "4}", "configure"]  # fmt: skip
+    wrong = server.cli("configure", "show", "--format", "yaml")
+    assert wrong.returncode == 2 and "'yaml' is not one of 'json', 'text'" in wrong.stderr
+
     wait_for(lambda: idle(server), message="preload")
     # A bare --think is DMR's "true": reasoning on, unlimited; the model is not its value.
     thinking = server.cli("configure", "--think", "test/a")

@@ -17,7 +17,7 @@ from dmr.cli.errors import CliError, error_message, fail
 from dmr.cli.http import HTTPError, TransportError
 from dmr.durations import parse_duration
 
-__all__ = ["configure", "hf_overrides", "think_budget"]
+__all__ = ["configure", "hf_overrides", "show", "think_budget"]
 
 # Docker Model Runner's reasoning budgets for `--think` (configure_flags.go).
 REASONING_UNLIMITED = -1
@@ -157,12 +157,11 @@ def configure(
     """Configure MODEL's runner; engine FLAGS go after `--`.
 
     The configuration is kept in the store and applied on every load, after a
-    restart too. `dmr configure show [MODEL]` lists the configurations, with
-    where each value comes from (configure, model or default).
+    restart too. `dmr configure show [MODEL] [--format json|text]` lists the
+    configurations, with where each value comes from (configure, model or default).
     """
     if model == "show":
-        query = {"model": flags[0]} if flags else {}
-        click.echo(json.dumps(_request("GET", "/engines/_configure", params=query), indent=2))
+        show.main(list(flags), prog_name="dmr configure show", standalone_mode=False)
         return
     body: dict[str, Any] = {"model": model}
     if context_size is not None:
@@ -208,6 +207,59 @@ def configure(
     path = f"/engines/{backend}/_configure" if backend else "/engines/_configure"
     _request("POST", path, json=body)
     click.echo(f"Configured {model}.")
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["json", "text"]),
+    default="json",
+    show_default=True,
+    help="json: Docker Model Runner's output (with dmr's `sources`); text: a table.",
+)
+def show(model: str | None, output: str) -> None:
+    """`dmr configure show [MODEL]`: each configured model's settings, and their sources."""
+    query = {"model": model} if model else {}
+    configs = _request("GET", "/engines/_configure", params=query)
+    if output == "json":
+        click.echo(json.dumps(configs, indent=2))
+        return
+    from rich.table import Table
+
+    from dmr.cli.main import print_table
+
+    table = Table("MODEL", "BACKEND", "MODE", "SETTING", "VALUE", "SOURCE", box=None)
+    for item in configs:
+        sources = item.get("sources") or {}
+        first = True
+        for setting, source in sorted(sources.items(), key=_setting_order):
+            names = (item.get("model", ""), item.get("backend", ""), item.get("mode", ""))
+            table.add_row(*(names if first else ("", "", "")), setting,
+                          _setting_text(item.get(setting)), source)  # fmt: skip
+            first = False
+    print_table(table)
+
+
+# The order `configure show --format text` lists settings in (the server's JSON sorts keys).
+SETTING_ORDER = ("context-size", "runtime-flags", "keep_alive", "speculative", "llamacpp", "vllm")
+
+
+def _setting_order(entry: tuple[str, Any]) -> tuple[int, str]:
+    name = entry[0]
+    return (SETTING_ORDER.index(name) if name in SETTING_ORDER else len(SETTING_ORDER), name)
+
+
+def _setting_text(value: Any) -> str:
+    """`--temp 0.2` for flags, compact JSON for blocks, `(engine default)` for null."""
+    if value is None:
+        return "(engine default)"
+    if isinstance(value, list):
+        return " ".join(str(flag) for flag in value) or "(none)"
+    if isinstance(value, dict):
+        return json.dumps({k: v for k, v in value.items() if v is not None})
+    return str(value)
 
 
 def _request(method: str, path: str, **kwargs: Any) -> Any:
