@@ -55,7 +55,7 @@ RUN set -eux; \
       [0-9]*.[0-9]*.[0-9]*) llama_pin="llama-cpp-python==${LLAMA_SERVER_VERSION}" ;; \
       *) echo "LLAMA_SERVER_VERSION must be latest or a llama-cpp-python version such as 0.3.36 (got $LLAMA_SERVER_VERSION)" >&2; exit 2 ;; \
     esac; \
-    CMAKE_ARGS="$cmake_args" pip install ./ ./plugins/apis ./plugins/llamacpp $llama_pin
+    CMAKE_ARGS="$cmake_args" pip install ./ ./plugins/apis ./plugins/llamacpp ./plugins/gpus $llama_pin
 
 RUN set -eux; \
     case "$VLLM" in \

@@ -20,7 +20,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 build: ## install dmr and its plugins, editable
-	$(PYTHON) -m pip install -e . -e plugins/apis -e plugins/llamacpp
+	$(PYTHON) -m pip install -e . -e plugins/apis -e plugins/gpus -e plugins/llamacpp
 
 run: ## start the server (dmr serve)
 	dmr serve

@@ -243,7 +243,7 @@ def test_make_test_runs_the_readme_test_command() -> None:
 @needs_make
 def test_make_targets_are_thin_wrappers() -> None:
     assert make_dry_run("build") == [
-        "python -m pip install -e . -e plugins/apis -e plugins/llamacpp"
+        "python -m pip install -e . -e plugins/apis -e plugins/gpus -e plugins/llamacpp"
     ]
     assert make_dry_run("run") == ["dmr serve"]
     assert make_dry_run("docker-build", "LLAMA_VARIANT=cuda", "VLLM=cuda") == [

@@ -43,8 +43,7 @@ __all__ = [
 # Modules inside dmr that register through the same hooks a third party uses.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "dmr.formats",
-    "dmr.hardware.cpu",
-    "dmr.hardware.nvidia",
+    "dmr.hardware.cpu",  # GPU probes are the dmr-gpus plugin (plugins/gpus)
     "dmr.distribution.oci",
     "dmr.distribution.huggingface",
 )

@@ -1,1 +1,2 @@
-"""Hardware probes (built-in plugins): CPU always, NVIDIA through NVML when present."""
+"""The built-in hardware probe: the CPU, always. GPU probes (NVIDIA, ROCm, Vulkan,
+Metal) are the `dmr-gpus` plugin in plugins/gpus (docs/scheduler.md)."""

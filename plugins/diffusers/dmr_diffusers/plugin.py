@@ -22,6 +22,7 @@ def dmr_engines() -> Sequence[EngineSpec]:
             formats=frozenset({"dduf", "diffusers"}),
             modes=frozenset({Mode.IMAGE_GENERATION}),
             engine=DiffusersEngine(),
-            device_kinds=frozenset({"cpu", "cuda"}),
+            # torch_device() maps each: ROCm builds of torch answer to "cuda", Metal is "mps".
+            device_kinds=frozenset({"cpu", "cuda", "rocm", "metal"}),
         )
     ]

@@ -1,14 +1,15 @@
-"""The NVIDIA probe through NVML (`nvidia-ml-py`); silent where there is no driver."""
+"""The NVIDIA probe through NVML (`nvidia-ml-py`): silent where there is no driver,
+an error for `dmr status` where the driver answers a query with a failure."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
-from dmr.hookspecs import hookimpl
-from dmr.records import AcceleratorInfo
+from dmr.sdk import AcceleratorInfo, hookimpl
 
-log = logging.getLogger(__name__)
+from dmr_gpus.tools import GpuProbeError
+
+VENDOR_ID = 0x10DE  # PCI vendor ID, as Vulkan reports it
 
 
 def probe_nvidia() -> list[AcceleratorInfo]:
@@ -19,7 +20,7 @@ def probe_nvidia() -> list[AcceleratorInfo]:
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        return []  # no driver or no device: the usual case on a CPU machine
+        return []  # no driver or no device: the usual case on a machine without one
     try:
         driver = pynvml.nvmlSystemGetDriverVersion()
         devices = []
@@ -34,12 +35,12 @@ def probe_nvidia() -> list[AcceleratorInfo]:
                     total_memory=int(memory.total),
                     free_memory=int(memory.free),
                     driver=str(driver),
+                    details={"source": "nvml"},
                 )
             )
         return devices
     except pynvml.NVMLError as error:
-        log.warning("NVML probe failed: %s", error)
-        return []
+        raise GpuProbeError(f"NVML: {error}") from error
     finally:
         pynvml.nvmlShutdown()
 
