@@ -88,6 +88,11 @@ class ServerAddress:
 
     base_url: str
     socket_path: Path | None = None
+    # What chose it, for errors: `MODEL_RUNNER_HOST`, or `context NAME` (dmr.cli.contexts).
+    origin: str = "MODEL_RUNNER_HOST"
+    # A named context's TLS settings: a CA file to verify with, or no verification.
+    ca_cert: str = ""
+    skip_verify: bool = False
 
     def __str__(self) -> str:
         return f"unix socket {self.socket_path}" if self.socket_path else self.base_url
@@ -110,10 +115,26 @@ class ServerAddress:
 
 
 def explicit_address() -> ServerAddress | None:
-    """`MODEL_RUNNER_HOST`: a URL, `host:port`, or `unix:///path`."""
+    """`MODEL_RUNNER_HOST` (a URL, `host:port`, or `unix:///path`); else the active named
+    context's host (`dmr context use NAME`, dmr.cli.contexts), as Docker Model Runner's
+    CLI picks its server."""
     host = os.environ.get("MODEL_RUNNER_HOST")
     if not host:
-        return None
+        from dmr.cli.context_store import ContextFileError, active_context
+
+        try:
+            chosen = active_context()
+        except ContextFileError as error:
+            raise ServerUnavailableError(f"{error} (the named contexts of `dmr context`)") from None
+        if chosen is None:
+            return None
+        url = chosen.host.rstrip("/")
+        if chosen.tls and url.startswith("http://"):
+            url = "https://" + url.removeprefix("http://")
+        return ServerAddress(
+            url, origin=f"context {chosen.name}", ca_cert=chosen.ca_cert,
+            skip_verify=chosen.skip_verify,
+        )  # fmt: skip
     if host.startswith("unix://"):
         return ServerAddress("http://dmr", Path(host.removeprefix("unix://")))
     if "://" not in host:
@@ -291,6 +312,11 @@ def ensure_server() -> ServerStart:
     if explicit is not None:
         if explicit.answers():
             return ServerStart(explicit, None, started_here=False)
+        if explicit.origin != "MODEL_RUNNER_HOST":
+            raise ServerUnavailableError(
+                f"cannot reach the server of {explicit.origin} at {explicit}: that server is"
+                " not started here (`dmr context use default` goes back to the local one)"
+            )
         raise ServerUnavailableError(
             f"cannot reach the dmr server at {explicit}: MODEL_RUNNER_HOST is set, so none"
             " was started (unset it to have dmr start one)"

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmr.cli.autostart import ServerUnavailableError, client_address, ensure_server
 from dmr.cli.http import ServerClient
 
-__all__ = ["ServerUnavailableError", "auth_headers", "connect", "server_url"]
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = ["ServerUnavailableError", "auth_headers", "connect", "server_url", "ssl_context"]
 
 
 def server_url() -> tuple[str, Path | None]:
@@ -38,4 +42,23 @@ def connect(timeout: float | None = 30.0, *, autostart: bool = True) -> ServerCl
     address = ensure_server().address if autostart else client_address()
     headers = auth_headers()
     socket_path = str(address.socket_path) if address.socket_path else None
-    return ServerClient(address.base_url, socket_path=socket_path, timeout=timeout, headers=headers)
+    return ServerClient(
+        address.base_url,
+        socket_path=socket_path,
+        timeout=timeout,
+        headers=headers,
+        ssl_context=ssl_context(address.ca_cert, address.skip_verify),
+    )
+
+
+def ssl_context(ca_cert: str, skip_verify: bool) -> ssl.SSLContext | None:
+    """A named context's TLS settings (dmr.cli.contexts); None: the default checks."""
+    if not ca_cert and not skip_verify:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca_cert or None)
+    if skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import click
 
+from dmr.cli.context_store import docker_config_dir
 from dmr.cli.errors import fail, warn
 
 __all__ = [
@@ -53,12 +54,6 @@ _DOCKER_VALUE_OPTIONS = (
     "--config", "-c", "--context", "-H", "--host", "-l", "--log-level",
     "--tlscacert", "--tlscert", "--tlskey",
 )  # fmt: skip
-
-
-def docker_config_dir() -> Path:
-    """`$DOCKER_CONFIG`, else `~/.docker`, as the docker CLI resolves it."""
-    configured = os.environ.get("DOCKER_CONFIG")
-    return Path(configured).expanduser() if configured else Path.home() / ".docker"
 
 
 def plugin_path() -> Path:

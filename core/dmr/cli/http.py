@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json as jsonlib
 import socket
+import ssl
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -116,8 +117,10 @@ class ServerClient:
         socket_path: str | None = None,
         timeout: float | None = 30.0,
         headers: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._ssl_context = ssl_context
         self._socket_path = socket_path
         self._timeout = timeout
         self._headers = dict(headers or {})
@@ -145,7 +148,9 @@ class ServerClient:
         if self._socket_path is not None:
             connection = _UnixConnection(self._socket_path, timeout)
         elif self._scheme == "https":
-            connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout)
+            connection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=timeout, context=self._ssl_context
+            )
         else:
             connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         self._connection = connection

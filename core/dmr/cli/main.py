@@ -67,6 +67,7 @@ COMMANDS: dict[str, str] = {
     "bench": "dmr.cli.bench:bench",
     "plugins": "dmr.cli.server:list_plugins",
     "docker-plugin": "dmr.cli.docker_plugin:docker_plugin",
+    "context": "dmr.cli.contexts:context",
 }
 
 
