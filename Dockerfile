@@ -74,7 +74,9 @@ ARG LLAMA_VARIANT=cpu
 RUN set -eux; \
     pkgs="libgomp1"; \
     command -v python3 >/dev/null || pkgs="$pkgs python3"; \
-    if [ "$LLAMA_VARIANT" = vulkan ]; then pkgs="$pkgs libvulkan1 mesa-vulkan-drivers"; fi; \
+    # vulkan-tools: vulkaninfo, which dmr-gpus' Vulkan probe reads (ROCm images ship
+    # rocm-smi in /opt/rocm/bin, which the ROCm probe looks in).
+    if [ "$LLAMA_VARIANT" = vulkan ]; then pkgs="$pkgs libvulkan1 mesa-vulkan-drivers vulkan-tools"; fi; \
     apt-get update; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $pkgs; \
     rm -rf /var/lib/apt/lists/*; \

@@ -64,10 +64,13 @@ def test_builtins_load_first_and_probe_always_finds_a_cpu() -> None:
 
 
 def test_disabled_plugins_are_blocked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DMR_DISABLED_PLUGINS", "dmr.formats, dmr.hardware.nvidia")
+    monkeypatch.setenv("DMR_DISABLED_PLUGINS", "dmr.formats, nvidia")
     pm = plugins.new_plugin_manager(load_entry_points=False)
     assert pm.is_blocked("dmr.formats")
     assert plugins.model_formats(pm) == []
+    # Entry points too: the GPU probes of dmr-gpus are switched off one by one.
+    loaded = {name for name, plugin in plugins.new_plugin_manager().list_name_plugin() if plugin}
+    assert "nvidia" not in loaded and {"rocm", "vulkan", "metal"} <= loaded
 
 
 def test_dmr_plugins_command_lists_builtins_and_honours_disabling() -> None:
