@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ollama
 import psutil
 import pytest
 from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
@@ -215,3 +216,31 @@ def test_an_unreadable_configuration_file_does_not_break_start_up(tmp_path: Path
         assert entry["context-size"] == 1024
     finally:
         server.stop()
+
+
+def test_ollama_num_ctx_is_not_kept_across_a_restart(tmp_path: Path) -> None:
+    """Ollama's `num_ctx` is a request's option: it reconfigures the runner, in memory
+    only, and the configure setting stored before it is the one a restart brings back."""
+    add_test_model(tmp_path / "models", "ai/echo:latest")
+    first = start_server(tmp_path, TEST_ENGINE_ENV)
+    try:
+        done = first.cli("configure", "--context-size", "2048", "ai/echo")
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: idle(first), message="preload")
+        client = ollama.Client(host=first.url)
+        client.chat(model="echo", messages=[{"role": "user", "content": "hi"}],
+                    options={"num_ctx": 1024})  # fmt: skip
+        [item] = show(first)
+        assert item["context-size"] == 1024
+    finally:
+        first.stop()
+    stored = json.loads((tmp_path / "models" / CONFIGS_FILE).read_text())
+    [entry] = stored["models"].values()
+    assert entry["context-size"] == 2048
+
+    second = start_server(tmp_path, TEST_ENGINE_ENV)
+    try:
+        [item] = show(second)
+        assert (item["context-size"], item["sources"]["context-size"]) == (2048, "configure")
+    finally:
+        second.stop()
