@@ -149,6 +149,72 @@ def test_compose_reads_json_only(docker: Docker, test_engine_server: DmrServer) 
     assert status["endpoint"] == f"{test_engine_server.url}/engines/v1/"
 
 
+def test_compose_provider_sequence_through_the_docker_cli(
+    docker: Docker, test_engine_server: DmrServer
+) -> None:
+    """What Compose runs for `provider: {type: model, options: {model, context-size,
+    runtime-flags}}` (service `llm`): `compose metadata`, then `compose --project-name P
+    up --OPTION=VALUE ... llm`, reading JSON lines from stdout; later `down`."""
+    server = test_engine_server
+    add_test_model(server.models_path, "test/provided")
+
+    metadata = json.loads(ok(docker("model", "compose", "metadata")))
+    assert metadata["description"] == "Docker Model Runner"
+    options = {p["name"]: p for p in metadata["up"]["parameters"]}
+    assert sorted(options) == [
+        "backend", "context-size", "model", "runtime-flags", "speculative-draft-model",
+        "speculative-min-acceptance-rate", "speculative-num-tokens",
+    ]  # fmt: skip
+    assert options["model"]["required"] is True and options["model"]["type"] == "stringArray"
+    assert options["context-size"] == {
+        "name": "context-size",
+        "description": "context size for the model",
+        "required": False,
+        "type": "int64",
+        "default": "-1",
+    }
+    assert metadata["down"]["parameters"] is None
+
+    up = docker.plugin_itself(
+        "compose", "--project-name", "demo", "up", "--model=test/provided",
+        "--context-size=2048", "--runtime-flags=--temp 0", "llm",
+    )  # fmt: skip
+    assert up.returncode == 0, up.stdout + up.stderr
+    lines = [json.loads(line) for line in up.stdout.splitlines()]
+    assert {line["type"] for line in lines} <= {"info", "setenv"}
+    setenv = dict(line["message"].split("=", 1) for line in lines if line["type"] == "setenv")
+    assert setenv == {"MODEL": "test/provided", "URL": f"{server.url}/engines/v1/"}
+    infos = [line["message"] for line in lines if line["type"] == "info"]
+    assert infos[0] == "Initializing model runner..."
+    assert "Setting context size to 2048" in infos
+    assert "Setting raw runtime flags to --temp 0" in infos
+    assert infos[-1] == "Successfully configured backend for model test/provided"
+    with server.client() as http:
+        [config] = http.get("/engines/_configure", params={"model": "test/provided"}).json()
+    assert config["context-size"] == 2048 and config["runtime-flags"] == ["--temp", "0"]
+
+    # Through the docker CLI too (`docker model compose ...`), then `down`.
+    again = ok(
+        docker("model", "compose", "--project-name", "demo", "up", "--model", "test/provided")
+    )
+    assert json.loads(again.splitlines()[-1])["type"] == "setenv"
+    assert ok(docker.plugin_itself("compose", "--project-name", "demo", "down", "llm")) == ""
+
+
+def test_compose_provider_errors_are_json_lines(docker: Docker) -> None:
+    missing = docker.plugin_itself("compose", "--project-name", "demo", "up", "llm")
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout) == {"type": "error", "message": "options.model is required"}
+
+    # A registry that refuses connections: the pull fails at once, said as Compose reads it.
+    unpullable = docker.plugin_itself(
+        "compose", "--project-name", "demo", "up", "--model=127.0.0.1:1/x/y:1", "llm"
+    )
+    assert unpullable.returncode == 1
+    last = json.loads(unpullable.stdout.splitlines()[-1])
+    assert last["type"] == "error" and last["message"].startswith("Failed to pull model: ")
+
+
 # --------------------------------------------------------------------------- SmolLM2
 
 

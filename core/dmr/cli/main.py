@@ -68,6 +68,7 @@ COMMANDS: dict[str, str] = {
     "plugins": "dmr.cli.server:list_plugins",
     "docker-plugin": "dmr.cli.docker_plugin:docker_plugin",
     "context": "dmr.cli.contexts:context",
+    "compose": "dmr.cli.compose:compose",
 }
 
 
