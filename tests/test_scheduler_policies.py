@@ -178,3 +178,15 @@ def test_wait_histogram_buckets_are_cumulative() -> None:
     assert buckets["0.05"] == 1 and buckets["0.25"] == 1 and buckets["1"] == 3
     assert buckets["300"] == 3 and buckets["+Inf"] == 4
     assert histogram.longest == 500.0 and histogram.total == pytest.approx(500.61)
+
+
+def test_admission_evicts_only_what_may_evict_allows() -> None:
+    recent = FakeResident("recent", 8, True, 10.0)
+    old = FakeResident("old", 8, True, 1.0)
+    only_old = lambda r: r.last_used < 5  # noqa: E731 - batch work: long idle only
+
+    assert not plan_admission(8, 10, [recent], may_evict=only_old).fits
+    plan = plan_admission(8, 10, [recent, old], may_evict=only_old)
+    assert not plan.fits  # old alone frees 8, but recent still holds 8 of 10
+    plan = plan_admission(8, 16, [recent, old], may_evict=only_old)
+    assert plan.fits and [r.name for r in plan.evict] == ["old"]  # type: ignore[attr-defined]

@@ -65,6 +65,8 @@ class Settings:
     fair_wait: float = 3.0
     # Seconds a request may wait for memory before a 503 with Retry-After; 0 = no limit.
     queue_timeout: float = 120.0
+    # Seconds a runner must have been idle before batch work may evict it.
+    batch_evict_after: float = 30.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -114,6 +116,7 @@ class Settings:
             max_runner_requests=int(env.get("DMR_MAX_RUNNER_REQUESTS", "128")),
             fair_wait=_seconds(env, "DMR_FAIR_WAIT_SECONDS", 3.0),
             queue_timeout=_seconds(env, "DMR_QUEUE_TIMEOUT_SECONDS", 120.0),
+            batch_evict_after=_seconds(env, "DMR_BATCH_EVICT_AFTER_SECONDS", 30.0),
         )
 
 

@@ -4,5 +4,13 @@ from __future__ import annotations
 
 from dmr.scheduler.runner import RunnerHandle
 from dmr.scheduler.scheduler import ConfiguredModel, Scheduler, validate_runtime_flags
+from dmr.scheduler.wait_queue import Priority, request_priority
 
-__all__ = ["ConfiguredModel", "RunnerHandle", "Scheduler", "validate_runtime_flags"]
+__all__ = [
+    "ConfiguredModel",
+    "Priority",
+    "RunnerHandle",
+    "Scheduler",
+    "request_priority",
+    "validate_runtime_flags",
+]

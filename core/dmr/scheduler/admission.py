@@ -9,7 +9,7 @@ first.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -94,7 +94,15 @@ class Admission:
     evict: tuple[Resident, ...]
 
 
-def plan_admission(needed: int, budget: int, residents: Iterable[Resident]) -> Admission:
+def plan_admission(
+    needed: int,
+    budget: int,
+    residents: Iterable[Resident],
+    *,
+    may_evict: Callable[[Resident], bool] | None = None,
+) -> Admission:
+    """Whether `needed` bytes fit; idle residents (that `may_evict` allows, when given)
+    are evicted least recently used first."""
     if needed > budget:
         return Admission(fits=False, never_fits=True, evict=())
     residents = list(residents)
@@ -102,7 +110,10 @@ def plan_admission(needed: int, budget: int, residents: Iterable[Resident]) -> A
     if needed <= free:
         return Admission(fits=True, never_fits=False, evict=())
     evict: list[Resident] = []
-    idle = sorted((r for r in residents if r.evictable), key=lambda r: r.last_used)
+    idle = sorted(
+        (r for r in residents if r.evictable and (may_evict is None or may_evict(r))),
+        key=lambda r: r.last_used,
+    )
     for resident in idle:
         evict.append(resident)
         free += resident.memory

@@ -19,7 +19,7 @@ import shlex
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -47,6 +47,7 @@ from dmr.records import (
 )
 from dmr.reference import display_name
 from dmr.scheduler.admission import (
+    Resident,
     bytes_needed,
     choose_device,
     device_key,
@@ -62,7 +63,7 @@ from dmr.scheduler.model_configs import (
 )
 from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey
 from dmr.scheduler.runner_process import RunnerProcess
-from dmr.scheduler.wait_queue import Priority, QueuedModel, Waiter, WaitQueue
+from dmr.scheduler.wait_queue import Priority, QueuedModel, Waiter, WaitQueue, request_priority
 from dmr.scheduler.wait_times import SecondsHistogram, WaitTimes
 from dmr.settings import Settings
 
@@ -140,6 +141,7 @@ class Scheduler:
         self._queue = WaitQueue()
         self._pending: dict[Waiter, tuple[StoredModel, EngineSpec, float | None]] = {}
         self._serve_scheduled = False
+        self._recheck: asyncio.TimerHandle | None = None
         # Seconds each request waited for memory, by model: read by the metrics route.
         self.waits = WaitTimes()
         # Seconds from admission to ready for each runner that loaded, the evicted
@@ -177,13 +179,16 @@ class Scheduler:
         *,
         backend: str | None = None,
         keep_alive: float | None = None,
-        priority: Priority = Priority.INTERACTIVE,
+        priority: Priority | None = None,
     ) -> AsyncIterator[RunnerHandle]:
         """A ready runner for `model` in `mode`, held until the block ends.
 
         A request that must wait for memory waits its turn (`WaitQueue`), for at most
-        `Settings.queue_timeout` seconds when interactive.
+        `Settings.queue_timeout` seconds when interactive. `priority` defaults to the
+        task's `request_priority`.
         """
+        if priority is None:
+            priority = request_priority.get()
         runner = await self._obtain(model, Mode(mode), backend, keep_alive, priority)
         try:
             yield runner.handle
@@ -217,7 +222,7 @@ class Scheduler:
         device = device_key(choose_device(self.devices, spec.device_kinds))
         runner = None
         if not self._must_queue(key, device, priority):
-            runner = self._admit(key, model, stored, spec, keep_alive)
+            runner = self._admit(key, model, stored, spec, keep_alive, priority)
         if runner is None:
             runner = await self._wait_for_turn(key, model, stored, spec, keep_alive, device,
                                                priority)  # fmt: skip
@@ -330,7 +335,9 @@ class Scheduler:
             elif waiter.device in memory_held:
                 continue
             try:
-                runner = self._admit(waiter.key, waiter.model, stored, spec, keep_alive)
+                runner = self._admit(
+                    waiter.key, waiter.model, stored, spec, keep_alive, waiter.priority
+                )
             except DmrError as refused:
                 self._settle(waiter, error=refused)
                 continue
@@ -356,6 +363,7 @@ class Scheduler:
         stored: StoredModel,
         spec: EngineSpec,
         keep_alive: float | None,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> Runner | None:
         """The runner to use (existing or just started), or None to wait for memory."""
         runner = self._runners.get(key)
@@ -393,7 +401,7 @@ class Scheduler:
         needed = bytes_needed(device, estimate)
         budget = self.budget(device)
         residents = [r for r in self._runners.values() if r.device_key == device_key(device)]
-        plan = plan_admission(needed, budget, residents)
+        plan = plan_admission(needed, budget, residents, may_evict=self._evictable_for(priority))
         if not plan.fits:
             if plan.never_fits:
                 self.counters["rejected_memory"] += 1
@@ -423,6 +431,37 @@ class Scheduler:
             self._load(runner, estimate), name=f"load {_describe(runner)}"
         )
         return runner
+
+    def _evictable_for(self, priority: Priority) -> Callable[[Resident], bool] | None:
+        """Batch work evicts only runners idle for `batch_evict_after` seconds: a model
+        between two of a chat's turns is still in use. When one such runner would
+        qualify later, the queue is walked again then."""
+        if priority is Priority.INTERACTIVE:
+            return None
+        grace = self.settings.batch_evict_after
+        now = time.monotonic()
+
+        def old_enough(resident: Resident) -> bool:
+            idle = now - resident.last_used
+            if idle < grace and resident.evictable:
+                self._recheck_at(now + grace - idle)
+            return idle >= grace
+
+        return old_enough
+
+    def _recheck_at(self, when: float) -> None:
+        """Walk the queue again at monotonic time `when` (one timer, the earliest)."""
+        timer = self._recheck
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._recheck = loop.call_at(loop.time() + (when - time.monotonic()), self._rechecked)
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        self._signal_capacity()
 
     def _release(self, runner: Runner) -> None:
         runner.in_use -= 1

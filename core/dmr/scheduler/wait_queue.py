@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
@@ -32,7 +33,7 @@ from dmr.records import Mode
 if TYPE_CHECKING:
     from dmr.scheduler.runner import Runner, RunnerKey
 
-__all__ = ["Priority", "QueuedModel", "WaitQueue", "Waiter"]
+__all__ = ["Priority", "QueuedModel", "WaitQueue", "Waiter", "request_priority"]
 
 
 class Priority(IntEnum):
@@ -40,6 +41,14 @@ class Priority(IntEnum):
 
     INTERACTIVE = 0
     BATCH = 1
+
+
+# The priority of the request being served in this task: the Batch API sets BATCH
+# around the requests it sends through the app, and `Scheduler.acquire` and the
+# proxy read it, so a batch line needs no special route of its own.
+request_priority: ContextVar[Priority] = ContextVar(
+    "request_priority", default=Priority.INTERACTIVE
+)
 
 
 @dataclass(eq=False)

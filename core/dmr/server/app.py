@@ -115,11 +115,13 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
 
     @app.after_serving
     async def stop_services() -> None:
+        # Plugins stop first, while runners still answer: work they stop (a batch)
+        # must not see the scheduler refusing it as a failure of its own.
+        for result in pm.hook.dmr_server_shutdown(app=app):
+            await plugins.resolve(result)
         services: Services | None = app.extensions.get("dmr")
         if services is not None:
             await services.scheduler.aclose()
-        for result in pm.hook.dmr_server_shutdown(app=app):
-            await plugins.resolve(result)
 
     return app
 

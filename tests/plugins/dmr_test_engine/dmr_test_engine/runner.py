@@ -36,6 +36,9 @@ STATE: State
 class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 made the 6th of a burst of connections (a
+    # batch, or clients that waited for the load) fail with "connection lost".
+    request_queue_size = 128
 
     def get_request(self) -> tuple[Any, Any]:
         request, _ = super().get_request()

@@ -1,0 +1,1 @@
+"""OpenAI's Files and Batch APIs, run at batch priority (docs/batch.md)."""
