@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.fixtures.server import DmrServer, start_server
@@ -120,3 +122,48 @@ def test_client_gone_stops_the_generation(server: DmrServer, dialect: str, strea
     assert runner_series(server, "llamacpp:tokens_predicted_total") == predicted
     wait_for(lambda: not ps(server)[0]["in_use"], timeout=5, message="the lease's release")
     print(f"{dialect} stream={stream}: slot freed {freed:.2f} s after the client left")
+
+
+def test_unload_of_a_busy_model_cancels_its_requests(server: DmrServer) -> None:
+    """`dmr unload` stops a busy model now: its clients get an error saying so, the CLI
+    says it cancelled them, and the model is not loaded any more."""
+    answers: dict[str, httpx.Response | Exception] = {}
+
+    def ask(name: str, path: str, body: dict[str, Any]) -> None:
+        try:
+            with httpx.Client(base_url=server.url, timeout=120) as client:
+                answers[name] = client.post(path, json=body)
+        except Exception as error:  # the test reports it below
+            answers[name] = error
+
+    whole = {**REQUESTS["openai"][1], "stream": False}
+    streamed = {**REQUESTS["ollama-chat"][1], "stream": True}
+    threads = [
+        threading.Thread(target=ask, args=("openai", REQUESTS["openai"][0], whole)),
+        threading.Thread(target=ask, args=("ollama", REQUESTS["ollama-chat"][0], streamed)),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(
+            lambda: runner_series(server, "llamacpp:requests_processing") == 2,
+            timeout=120,
+            message="both generations to start",
+        )
+        unloaded = server.cli("unload", MODEL)
+    finally:
+        for thread in threads:
+            thread.join(timeout=60)
+    assert unloaded.returncode == 0, unloaded.stderr
+    assert "Unloaded 1 model(s)." in unloaded.stdout
+    assert "Cancelled 2 request(s)" in unloaded.stdout
+    assert ps(server) == []  # unloaded means unloaded
+
+    openai = answers["openai"]
+    assert isinstance(openai, httpx.Response), openai
+    assert openai.status_code >= 500
+    assert "was unloaded (dmr unload)" in openai.json()["error"]["message"]
+    ollama = answers["ollama"]
+    assert isinstance(ollama, httpx.Response), ollama
+    last = json.loads(ollama.text.strip().splitlines()[-1])
+    assert "was unloaded (dmr unload)" in last["error"]

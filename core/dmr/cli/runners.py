@@ -171,8 +171,11 @@ def _unload(models: list[str] | None, all_models: bool, backend: str | None) -> 
         fail("name the models to unload, or pass --all or --backend")
     body = {"all": all_models, "backend": backend or "", "models": models or []}
     with _server() as client:
-        count = _check(client.post("/engines/unload", json=body)).json()["unloaded_runners"]
-    click.echo(f"Unloaded {count} model(s).")
+        answer = _check(client.post("/engines/unload", json=body)).json()
+    click.echo(f"Unloaded {answer['unloaded_runners']} model(s).")
+    cancelled = answer.get("cancelled_requests", 0)
+    if cancelled:
+        click.echo(f"Cancelled {cancelled} request(s) in flight; their clients got an error.")
 
 
 def _unload_options(function: Any) -> Any:

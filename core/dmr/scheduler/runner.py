@@ -16,7 +16,7 @@ from dmr.errors import DmrError
 from dmr.records import AcceleratorInfo, EngineSpec, Mode, RunnerLaunch
 from dmr.scheduler.runner_process import RunnerProcess
 
-__all__ = ["Runner", "RunnerHandle", "RunnerKey", "runner_client"]
+__all__ = ["Runner", "RunnerHandle", "RunnerKey", "Unloaded", "runner_client"]
 
 # httpx logs every request at INFO: one line per proxied request is noise on the hot path.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -35,6 +35,14 @@ def runner_client(socket_path: Path) -> httpx.AsyncClient:
     )
 
 
+@dataclass(frozen=True)
+class Unloaded:
+    """What `Scheduler.unload` did: runners stopped, and requests it cancelled."""
+
+    runners: int
+    cancelled_requests: int
+
+
 @dataclass
 class RunnerHandle:
     """What `Scheduler.acquire` yields: where the runner listens and a client for it."""
@@ -48,12 +56,19 @@ class RunnerHandle:
     # The scheduler's record; None in handles built by tests or other schedulers.
     runner: Runner | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the scheduler stopped the runner under its requests (`dmr unload`)."""
+        return self.runner.stop_reason if self.runner is not None else None
+
     async def failure(self, wait: float = 1.0) -> str | None:
         """Why the runner died, or None while it lives.
 
         A broken stream is often seen before the process has exited, hence the
         short wait for the exit.
         """
+        if self.stop_reason is not None:
+            return self.stop_reason  # stopped on purpose: say why, not how it died
         process = self.runner.process if self.runner is not None else None
         if process is None:
             return None
@@ -93,6 +108,8 @@ class Runner:
         self.last_used = time.monotonic()
         self.last_used_wall = time.time()
         self.unload_when_idle = False
+        # Why it was stopped under its requests (`dmr unload`): their clients' error.
+        self.stop_reason: str | None = None
         self.idle_task: asyncio.Task[None] | None = None
         self.load_task: asyncio.Task[None] | None = None
         self.watch_task: asyncio.Task[None] | None = None

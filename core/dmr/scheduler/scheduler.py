@@ -61,7 +61,7 @@ from dmr.scheduler.model_configs import (
     ModelConfigs,
     describe_config,
 )
-from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey
+from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey, Unloaded
 from dmr.scheduler.runner_process import RunnerProcess
 from dmr.scheduler.wait_queue import Priority, QueuedModel, Waiter, WaitQueue, request_priority
 from dmr.scheduler.wait_times import SecondsHistogram, WaitTimes
@@ -505,7 +505,7 @@ class Scheduler:
             if isinstance(error, DmrError):
                 runner.error = error
             elif isinstance(error, asyncio.CancelledError):
-                runner.error = RunnerError(f"loading {name} was cancelled")
+                runner.error = RunnerError(runner.stop_reason or f"loading {name} was cancelled")
             else:
                 runner.error = RunnerError(f"{name} failed to start: {error}")
             log.error("%s", runner.error.message)
@@ -586,8 +586,10 @@ class Scheduler:
         all: bool = False,
         backend: str | None = None,
         models: Iterable[str] = (),
-    ) -> int:
-        """Unload matching runners; busy ones go as soon as their requests end."""
+    ) -> Unloaded:
+        """Unload matching runners now. A busy one's requests are cancelled: its process
+        stops, and their clients get an error saying the model was unloaded; a model
+        reported unloaded is never still loaded."""
         wanted_ids: set[str] = set()
         wanted_names = set(models)
         for name in wanted_names:
@@ -604,17 +606,27 @@ class Scheduler:
                     continue
             matched.append(runner)
         stops = []
+        cancelled = 0
         for runner in matched:
-            if runner.evictable:
+            if not runner.evictable:
+                cancelled += runner.in_use
+                runner.stop_reason = (
+                    f"{runner.handle.model_name} was unloaded (dmr unload) while this "
+                    "request was running"
+                )
+                log.warning(
+                    "unloading %s: its %d request(s) in flight are cancelled",
+                    _describe(runner),
+                    runner.in_use,
+                )
+            if self._runners.get(runner.key) is runner:
                 del self._runners[runner.key]
-                self.counters["unloads"] += 1
-                stops.append(runner.stop())
-            else:
-                runner.unload_when_idle = True
+            self.counters["unloads"] += 1
+            stops.append(runner.stop())
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
         self._signal_capacity()
-        return len(matched)
+        return Unloaded(runners=len(matched), cancelled_requests=cancelled)
 
     # ------------------------------------------------------------------ configuration
 

@@ -90,7 +90,10 @@ async def engines_unload() -> dict[str, int]:
     unloaded = await get_services().scheduler.unload(
         all=unload_all, backend=backend or None, models=models
     )
-    return {"unloaded_runners": unloaded}
+    answer = {"unloaded_runners": unloaded.runners}
+    if unloaded.cancelled_requests:  # dmr's addition: DMR's answer has the count only
+        answer["cancelled_requests"] = unloaded.cancelled_requests
+    return answer
 
 
 def _keep_alive(value: Any) -> float | None:

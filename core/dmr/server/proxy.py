@@ -151,6 +151,9 @@ async def open_exchange(
             raise await _runner_failure(handle, error) from error
         finally:
             await cleanup()
+        if upstream.status >= 500 and handle.stop_reason is not None:
+            # The runner was stopped under the request: its shutdown's bare 500 says nothing.
+            raise RunnerError(handle.stop_reason)
         if capture is not None:
             # Decoding the answer for the recorder must not delay sending it.
             asyncio.get_running_loop().call_soon(capture.finish, upstream.status, content)

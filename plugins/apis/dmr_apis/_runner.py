@@ -83,10 +83,15 @@ async def call_runner(
     started = time.monotonic()
     async with scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive) as handle:
         load_seconds = time.monotonic() - started
-        response = await handle.client.post(path, json=payload)
+        try:
+            response = await handle.client.post(path, json=payload)
+        except httpx.HTTPError as error:
+            raise await _broken(handle, error) from None
     capture = _capture(model, handle, path, payload)
     if capture is not None:
         capture.finish(response.status_code, response.content)
+    if response.status_code >= 500 and handle.stop_reason is not None:
+        raise RunnerError(handle.stop_reason)  # unloaded under the request
     if response.status_code >= 400:
         raise runner_error(response.status_code, response.content)
     try:
@@ -96,6 +101,12 @@ async def call_runner(
     if not isinstance(body, dict):
         raise RunnerError(f"runner answered {path} with {type(body).__name__}, not an object")
     return RunnerCall(body=body, load_seconds=load_seconds)
+
+
+async def _broken(handle: RunnerHandle, error: httpx.HTTPError) -> RunnerError:
+    """The runner's connection broke: why (it was unloaded, it crashed), if known."""
+    reason = await handle.failure()
+    return RunnerError(reason or f"runner connection broke: {error!r}")
 
 
 _END = object()
@@ -168,12 +179,15 @@ async def stream_runner(
 
     async def pump() -> None:
         started = time.monotonic()
+        handle: RunnerHandle | None = None
         try:
             async with scheduler.acquire(
                 model, mode, backend=backend, keep_alive=keep_alive
             ) as handle:
                 load_seconds = time.monotonic() - started
                 async with handle.client.stream("POST", path, json=payload) as response:
+                    if response.status_code >= 500 and handle.stop_reason is not None:
+                        raise RunnerError(handle.stop_reason)  # unloaded under the request
                     if response.status_code >= 400:
                         raise runner_error(response.status_code, await response.aread())
                     ready.set_result(load_seconds)
@@ -192,11 +206,11 @@ async def stream_runner(
         except asyncio.CancelledError:
             raise
         except BaseException as error:
+            if isinstance(error, httpx.HTTPError) and handle is not None:
+                error = await _broken(handle, error)
             if not ready.done():
                 ready.set_exception(error)
             else:
-                if isinstance(error, httpx.HTTPError):
-                    error = RunnerError(f"runner stream broke: {error}")
                 queue.put_nowait(error)
 
     task = asyncio.create_task(pump())
