@@ -69,6 +69,7 @@ COMMANDS: dict[str, str] = {
     "docker-plugin": "dmr.cli.docker_plugin:docker_plugin",
     "context": "dmr.cli.contexts:context",
     "compose": "dmr.cli.compose:compose",
+    "launch": "dmr.cli.launch:launch",
 }
 
 
