@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -371,3 +372,34 @@ def test_metrics_count_batch_lines(server: DmrServer, metrics_text: Callable[[],
     assert 'dmr_batch_requests_total{outcome="completed"} 2.0' in text
     assert 'dmr_batch_requests_total{outcome="failed"} 1.0' in text
     assert "dmr_batch_queue_depth 0.0" in text and "dmr_batches_active 0.0" in text
+
+
+def test_the_batch_cli_creates_follows_lists_and_writes_results(
+    server: DmrServer, tmp_path: Path
+) -> None:
+    source = tmp_path / "requests.jsonl"
+    source.write_bytes(jsonl([chat_line("cli-1"), chat_line("cli-2"), "not json"]))
+
+    created = server.cli("batch", "create", str(source), "--metadata", "owner=cli")
+
+    assert created.returncode == 0, created.stderr  # completed, with one line failed
+    assert "completed, 2 completed, 1 failed of 3" in created.stdout
+    (batch_id,) = re.findall(r"^(batch_\w+): completed", created.stdout, re.MULTILINE)
+    listed = server.cli("batch", "ls")
+    assert batch_id in listed.stdout and "completed" in listed.stdout
+    inspected = json.loads(server.cli("batch", "inspect", batch_id).stdout)
+    assert inspected["metadata"] == {"owner": "cli"}
+    target = tmp_path / "out.jsonl"
+    written = server.cli("batch", "results", batch_id, "-o", str(target))
+    assert written.returncode == 0 and "wrote 2 lines" in written.stdout
+    assert {json.loads(line)["custom_id"] for line in target.read_text().splitlines()} == {
+        "cli-1", "cli-2"
+    }  # fmt: skip
+    errors = server.cli("batch", "results", batch_id, "--errors")
+    assert "invalid_json" in errors.stdout
+    refused = server.cli("batch", "cancel", batch_id)
+    assert refused.returncode == 1 and "Cannot cancel a batch with status 'completed'" in (
+        refused.stderr
+    )
+    missing = server.cli("batch", "inspect", "batch_nothing")
+    assert missing.returncode == 1 and "No such Batch object" in missing.stderr
