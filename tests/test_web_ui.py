@@ -321,3 +321,37 @@ def test_page_sends_a_pasted_api_key(
     assert page.locator("#error").is_hidden()
     assert keys[0] is None and keys[-1] == "Bearer ui-secret"
     assert page.inner_text("#version").startswith("v")
+
+
+def test_page_lists_batches_with_their_progress(
+    dmr_server_factory: Callable[..., DmrServer], page: Page
+) -> None:
+    from tests.fixtures.test_engine import add_test_model
+
+    server = dmr_server_factory()
+    add_test_model(server.models_path, "test/a")
+    p = page
+    p.goto(server.url + "/ui")
+    p.locator("#batches tbody td.empty").wait_for(timeout=15_000)
+    lines = [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "test/a", "messages": [{"role": "user", "content": "hi"}]}}
+        for i in range(3)
+    ]  # fmt: skip
+    data = "\n".join(json.dumps(line) for line in lines) + "\nnot json\n"
+    with server.client() as client:
+        uploaded = client.post(
+            "/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", data.encode())}
+        ).json()
+        batch = client.post(
+            "/v1/batches",
+            json={"input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions",
+                  "completion_window": "24h"},
+        ).json()  # fmt: skip
+
+    row = p.locator("#batches tbody tr", has_text=batch["id"]).filter(has_text="completed")
+    row.wait_for(timeout=20_000)  # the table refreshes every 3 s
+    cells = row.locator("td").all_inner_texts()
+    assert cells[1:3] == ["completed", "/v1/chat/completions"]
+    assert cells[3].strip() == "4/4" and cells[4] == "1"
+    assert row.locator("progress").get_attribute("value") == "4"

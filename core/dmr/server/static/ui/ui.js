@@ -207,6 +207,33 @@ async function loadRunners() {
   }));
 }
 
+// ------------------------------------------------------------------ batches
+
+async function loadBatches() {
+  const response = await api("/v1/batches?limit=20");
+  if (response.status === 404) return;  // a server without the Batch API
+  const batches = (await response.json()).data;
+  const tbody = $("#batches tbody");
+  if (!batches.length) {
+    emptyRow(tbody, 6, "No batch yet: dmr batch create FILE, or the OpenAI SDK's batches.create.");
+    return;
+  }
+  tbody.replaceChildren(...batches.map((b) => {
+    const tr = document.createElement("tr");
+    const counts = b.request_counts || { total: 0, completed: 0, failed: 0 };
+    const done = counts.completed + counts.failed;
+    const bar = document.createElement("progress");
+    bar.max = counts.total || 1;
+    bar.value = done;
+    const progress = cell(` ${done}/${counts.total}`);
+    progress.prepend(bar);
+    const created = new Date(b.created_at * 1000).toLocaleTimeString();
+    tr.append(cell(b.id), cell(b.status), cell(b.endpoint), progress, cell(String(counts.failed)),
+      cell(created));
+    return tr;
+  }));
+}
+
 // ------------------------------------------------------------------ chat
 
 let history = [];       // the conversation sent with each request (OpenAI messages)
@@ -323,7 +350,7 @@ async function generateImage(model, prompt, size, steps) {
 
 async function refresh() {
   try {
-    await Promise.all([loadModels(), loadRunners(), loadVersion()]);
+    await Promise.all([loadModels(), loadRunners(), loadBatches(), loadVersion()]);
   } catch (error) { showError(error); }
 }
 
@@ -394,6 +421,7 @@ function wire() {
   refresh();
   // Runners come and go (keep-alive expiry, other clients): keep the table current.
   setInterval(() => loadRunners().catch(() => {}), 3000);
+  setInterval(() => loadBatches().catch(() => {}), 3000);
 }
 
 wire();
