@@ -187,3 +187,38 @@ def test_run_openaiurl_chats_with_another_server(
     assert detached.returncode != 0
     assert "--detach flag cannot be used with --openaiurl flag" in detached.stderr
     assert bad.returncode != 0 and "invalid OpenAI URL" in bad.stderr
+
+
+def test_install_and_uninstall_runner_start_and_stop_the_server(sandbox: Sandbox) -> None:  # noqa: F811
+    installed = sandbox.cli("install-runner")
+    assert installed.returncode == 0, installed.stderr
+    pid = _started_pid(installed.stderr)
+    reinstalled = sandbox.cli("reinstall-runner")
+    assert f"Stopped the dmr server (pid {pid})" in reinstalled.stdout, reinstalled.stderr
+    pid = _started_pid(reinstalled.stderr)
+    removed = sandbox.cli("uninstall-runner")
+    assert f"Stopped the dmr server (pid {pid})" in removed.stdout, removed.stderr
+    assert _exited(pid) and sandbox.servers() == []
+
+
+def test_ls_openaiurl_lists_another_endpoint(test_engine_server: DmrServer) -> None:
+    add_test_model(test_engine_server.models_path, "test/listed-elsewhere")
+    env = {**test_engine_server.env, "MODEL_RUNNER_HOST": f"http://127.0.0.1:{free_port()}"}
+    url = f"{test_engine_server.url}/engines/v1"
+
+    def ls(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*DMR, "ls", "--openaiurl", url, *args],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    table = ls()
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.split()[:3] == ["MODEL", "NAME", "CREATED"]
+    assert "test/listed-elsewhere" in table.stdout
+    listed = json.loads(ls("--json").stdout)
+    assert [m["id"] for m in listed["data"]] == ["test/listed-elsewhere:latest"]
+    assert json.loads(ls("--json", "test/nothing-like-it").stdout)["data"] == []
+    quiet = ls("-q")
+    assert quiet.returncode == 1
+    assert "--quiet flag cannot be used with --openaiurl flag" in quiet.stderr

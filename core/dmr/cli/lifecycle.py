@@ -36,7 +36,15 @@ from dmr.cli.autostart import (
 from dmr.cli.errors import fail, warn
 from dmr.settings import Settings
 
-__all__ = ["GPU_MODES", "restart_runner", "start_runner", "stop_runner"]
+__all__ = [
+    "GPU_MODES",
+    "install_runner",
+    "reinstall_runner",
+    "restart_runner",
+    "start_runner",
+    "stop_runner",
+    "uninstall_runner",
+]
 
 # `--gpu` values as Docker Model Runner spells them, and the device kind of dmr's
 # hardware probes each asks for (None: no check).
@@ -169,40 +177,120 @@ def _stop(settings: Settings) -> None:
     click.echo("No dmr server is running.")
 
 
-@click.command(name="start-runner")
-@_runner_options(backend=True)
-def start_runner(
-    port: int | None,
-    host: str | None,
-    gpu: str,
-    debug: bool,
-    do_not_track: bool,
-    backend: str | None,
-) -> None:
-    """Start the dmr server in the background, unless one already answers."""
-    options = RunnerOptions(port, host, gpu, backend, debug)
-    options.apply_to_environment()
-    _start(Settings.from_env(), options)
+def _refused(flag: str, reason: str, *, takes_value: bool = False) -> Callable[[Any], Any]:
+    """A DMR flag dmr does not take: listed in --help, a clear error when given."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value not in (None, False, ()):
+            fail(f"{flag}: {reason}")
+        return value
+
+    return click.option(
+        flag, is_flag=not takes_value, expose_value=False, callback=refuse,
+        help=f"Refused: {reason}.",
+    )  # fmt: skip
 
 
-@click.command(name="stop-runner")
-def stop_runner() -> None:
-    """Stop the dmr server of this environment (and its runners); fine if none runs."""
-    _stop(Settings.from_env())
+_TLS_REASON = (
+    "a server the CLI starts speaks HTTP; run `dmr serve` with MODEL_RUNNER_TLS_CERT and"
+    " MODEL_RUNNER_TLS_KEY for HTTPS (docs/security.md)"
+)
+_CONTAINER_FLAGS_REFUSED = [
+    _refused("--proxy-cert", "no container: the server uses this machine's CA store and "
+             "HTTPS_PROXY", takes_value=True),
+    _refused("--tls", _TLS_REASON),
+    _refused("--tls-port", _TLS_REASON, takes_value=True),
+    _refused("--tls-cert", _TLS_REASON, takes_value=True),
+    _refused("--tls-key", _TLS_REASON, takes_value=True),
+]  # fmt: skip
+_LLAMA_VERSION_REFUSED = _refused(
+    "--llama-server-version",
+    "dmr's llama.cpp is llama-cpp-python's (pip); LLAMA_SERVER_PATH names a native llama-server",
+    takes_value=True,
+)
+_MODELS_REFUSED = _refused(
+    "--models", "it would delete the model store; `dmr purge` does that on purpose"
+)
 
 
-@click.command(name="restart-runner")
-@_runner_options(backend=True)
-def restart_runner(
-    port: int | None,
-    host: str | None,
-    gpu: str,
-    debug: bool,
-    do_not_track: bool,
-    backend: str | None,
-) -> None:
-    """Stop the dmr server of this environment, then start a new one (with these flags)."""
-    options = RunnerOptions(port, host, gpu, backend, debug)
-    _stop(Settings.from_env())  # the one running now, where it listens now
-    options.apply_to_environment()
-    _start(Settings.from_env(), options)
+def _with(function: Any, *decorators: Callable[[Any], Any]) -> Any:
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def _start_command(name: str, summary: str, *, llama_version: bool) -> click.Command:
+    def start(
+        port: int | None, host: str | None, gpu: str, debug: bool, do_not_track: bool,
+        backend: str | None,
+    ) -> None:  # fmt: skip
+        options = RunnerOptions(port, host, gpu, backend, debug)
+        options.apply_to_environment()
+        _start(Settings.from_env(), options)
+
+    start.__doc__ = summary
+    extra = [_LLAMA_VERSION_REFUSED] if llama_version else []
+    decorated = _with(start, _runner_options(backend=True), *_CONTAINER_FLAGS_REFUSED, *extra)
+    return click.command(name=name)(decorated)
+
+
+def _restart_command(name: str, summary: str, *, llama_version: bool) -> click.Command:
+    def restart(
+        port: int | None, host: str | None, gpu: str, debug: bool, do_not_track: bool,
+        backend: str | None,
+    ) -> None:  # fmt: skip
+        options = RunnerOptions(port, host, gpu, backend, debug)
+        _stop(Settings.from_env())  # the one running now, where it listens now
+        options.apply_to_environment()
+        _start(Settings.from_env(), options)
+
+    restart.__doc__ = summary
+    extra = [_LLAMA_VERSION_REFUSED] if llama_version else []
+    decorated = _with(restart, _runner_options(backend=True), *_CONTAINER_FLAGS_REFUSED, *extra)
+    return click.command(name=name)(decorated)
+
+
+def _stop_command(name: str, summary: str, *refused: Callable[[Any], Any]) -> click.Command:
+    def stop() -> None:
+        _stop(Settings.from_env())
+
+    stop.__doc__ = summary
+    return click.command(name=name)(_with(stop, _MODELS_REFUSED, *refused))
+
+
+start_runner = _start_command(
+    "start-runner",
+    "Start the dmr server in the background, unless one already answers.",
+    llama_version=False,
+)
+stop_runner = _stop_command(
+    "stop-runner", "Stop the dmr server of this environment (and its runners); fine if none runs."
+)
+restart_runner = _restart_command(
+    "restart-runner",
+    "Stop the dmr server of this environment, then start a new one (with these flags).",
+    llama_version=False,
+)
+# Docker Model Runner installs its runner as a container; dmr's is installed with pip,
+# so these are start-runner, restart-runner and stop-runner by DMR's other names.
+install_runner = _start_command(
+    "install-runner",
+    "Start the dmr server (installed with pip, nothing else to install): start-runner.",
+    llama_version=True,
+)
+reinstall_runner = _restart_command(
+    "reinstall-runner",
+    "Restart the dmr server with these flags (nothing to reinstall): restart-runner.",
+    llama_version=True,
+)
+uninstall_runner = _stop_command(
+    "uninstall-runner",
+    "Stop the dmr server (`pip uninstall dmr` removes dmr itself): stop-runner.",
+    _refused("--images", "dmr runs no container images; nothing to remove"),
+    _refused(
+        "--backend",
+        "engines are Python plugins: `pip uninstall` their distribution"
+        " (POST /engines/uninstall-backend names it), then restart the server",
+        takes_value=True,
+    ),
+)

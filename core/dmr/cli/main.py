@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 __all__ = [
+    "ALIASES",
     "COMMANDS",
     "PLUGIN_COMMAND_GROUP",
     "cli",
@@ -42,6 +43,9 @@ COMMANDS: dict[str, str] = {
     "start-runner": "dmr.cli.lifecycle:start_runner",
     "stop-runner": "dmr.cli.lifecycle:stop_runner",
     "restart-runner": "dmr.cli.lifecycle:restart_runner",
+    "install-runner": "dmr.cli.lifecycle:install_runner",
+    "reinstall-runner": "dmr.cli.lifecycle:reinstall_runner",
+    "uninstall-runner": "dmr.cli.lifecycle:uninstall_runner",
     "version": "dmr.cli.server:version",
     "status": "dmr.cli.runners:status",
     "quickstart": "dmr.cli.quickstart:quickstart",
@@ -71,6 +75,10 @@ COMMANDS: dict[str, str] = {
     "compose": "dmr.cli.compose:compose",
     "launch": "dmr.cli.launch:launch",
 }
+
+
+# Other names a command answers to, as `docker model` has them (not listed in --help).
+ALIASES: dict[str, str] = {"config": "configure"}
 
 
 class _LazyConsole:
@@ -140,7 +148,7 @@ class DmrGroup(click.Group):
         return names
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
+        target = COMMANDS.get(ALIASES.get(cmd_name, cmd_name))
         if target is not None:
             module_name, attribute = target.split(":")
             command = getattr(importlib.import_module(module_name), attribute)

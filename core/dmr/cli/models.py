@@ -81,6 +81,9 @@ def _short(model_id: str) -> str:
 
 
 def _list_options(function: Any) -> Any:
+    function = click.option(
+        "--openaiurl", metavar="URL", help="List the models of this OpenAI-compatible endpoint."
+    )(function)
     function = click.option("-q", "--quiet", is_flag=True, help="Only model IDs")(function)
     function = click.option("--openai", is_flag=True, help="OpenAI's /v1/models shape")(function)
     function = click.option("--json", "as_json", is_flag=True, help="The server's JSON")(function)
@@ -119,7 +122,49 @@ def context_size(config: dict[str, Any]) -> str:
     return str(trained) if trained not in (None, "") else ""
 
 
-def _list(model: str | None, as_json: bool, openai: bool, quiet: bool) -> None:
+def _list_elsewhere(url: str, model: str | None, as_json: bool) -> None:
+    """`ls --openaiurl URL`: `GET URL/models`, as docker model lists another endpoint's."""
+    from urllib.parse import urlsplit
+
+    from dmr.cli.http import ServerClient
+
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+        fail(f"invalid OpenAI URL {url!r}: give http(s)://HOST[:PORT][/PATH], e.g. .../v1")
+    try:
+        with ServerClient(url) as client:
+            answer = client.get("/models")
+    except HTTPError as error:
+        fail(f"Failed to list models from OpenAI endpoint: {error}")
+    if answer.status_code >= 400:
+        fail(f"Failed to list models from OpenAI endpoint: {error_message(answer)}")
+    try:
+        listed = answer.json()
+        data = [item for item in listed["data"] if isinstance(item, dict) and "id" in item]
+    except (ValueError, KeyError, TypeError):
+        fail(f"{url}/models did not answer with an OpenAI model list")
+    if model:
+        data = [item for item in data if _matches(str(item["id"]), model)]
+    if as_json:
+        _print_json({**listed, "data": data})
+        return
+    from rich.table import Table
+
+    table = Table("MODEL NAME", "CREATED", box=None)
+    for item in sorted(data, key=lambda item: str(item["id"]).lower()):
+        table.add_row(str(item["id"]), _ago(int(item.get("created") or 0)))
+    print_table(table)
+
+
+def _list(
+    model: str | None, as_json: bool, openai: bool, quiet: bool, openaiurl: str | None = None
+) -> None:
+    if openai and quiet:
+        fail("--quiet flag cannot be used with --openai flag or OpenAI backend")
+    if openaiurl is not None:
+        if quiet:
+            fail("--quiet flag cannot be used with --openaiurl flag")
+        _list_elsewhere(openaiurl, model, as_json)
+        return
     models: list[dict[str, Any]] = _request("GET", "/models")
     if model:
         models = _filtered(models, model)
@@ -160,16 +205,18 @@ def _list(model: str | None, as_json: bool, openai: bool, quiet: bool) -> None:
 
 @click.command(name="list")
 @_list_options
-def list_models(model: str | None, as_json: bool, openai: bool, quiet: bool) -> None:
+def list_models(
+    model: str | None, as_json: bool, openai: bool, quiet: bool, openaiurl: str | None
+) -> None:
     """List the models in the store, or only MODEL's tags (`ls smollm2`: ai/smollm2)."""
-    _list(model, as_json, openai, quiet)
+    _list(model, as_json, openai, quiet, openaiurl)
 
 
 @click.command(name="ls")
 @_list_options
-def ls(model: str | None, as_json: bool, openai: bool, quiet: bool) -> None:
+def ls(model: str | None, as_json: bool, openai: bool, quiet: bool, openaiurl: str | None) -> None:
     """List the models in the store, or only MODEL's tags (alias of list)."""
-    _list(model, as_json, openai, quiet)
+    _list(model, as_json, openai, quiet, openaiurl)
 
 
 @click.command()
