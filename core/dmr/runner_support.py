@@ -23,6 +23,8 @@ from quart import Response
 from dmr.error_bodies import openai_error
 
 __all__ = [
+    "BATCH_PRIORITY",
+    "PRIORITY_HEADER",
     "BadRequest",
     "error_bytes",
     "error_response",
@@ -30,6 +32,13 @@ __all__ = [
     "serve_runner",
     "stop_when_orphaned",
 ]
+
+
+# The server marks a request to a runner as batch work (a Batch API line) with this
+# header; a runner that can tell priorities apart serves interactive requests first
+# (docs/batch.md, "Interactive first"). Absent: interactive.
+PRIORITY_HEADER = "x-dmr-priority"
+BATCH_PRIORITY = "batch"
 
 
 class BadRequest(ValueError):

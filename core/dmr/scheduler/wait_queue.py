@@ -29,11 +29,19 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from dmr.records import Mode
+from dmr.runner_support import BATCH_PRIORITY, PRIORITY_HEADER
 
 if TYPE_CHECKING:
     from dmr.scheduler.runner import Runner, RunnerKey
 
-__all__ = ["Priority", "QueuedModel", "WaitQueue", "Waiter", "request_priority"]
+__all__ = [
+    "Priority",
+    "QueuedModel",
+    "WaitQueue",
+    "Waiter",
+    "priority_headers",
+    "request_priority",
+]
 
 
 class Priority(IntEnum):
@@ -49,6 +57,14 @@ class Priority(IntEnum):
 request_priority: ContextVar[Priority] = ContextVar(
     "request_priority", default=Priority.INTERACTIVE
 )
+
+
+def priority_headers() -> dict[str, str]:
+    """The headers that tell the runner this task's request is batch work (none for an
+    interactive one), so its batching loop serves interactive requests first."""
+    if request_priority.get() is Priority.BATCH:
+        return {PRIORITY_HEADER: BATCH_PRIORITY}
+    return {}
 
 
 @dataclass(eq=False)

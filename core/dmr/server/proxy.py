@@ -22,6 +22,7 @@ from dmr.errors import DmrError, RunnerError
 from dmr.records import Mode
 from dmr.scheduler import RunnerHandle
 from dmr.scheduler.unix_http import RunnerConnectionError, open_request
+from dmr.scheduler.wait_queue import priority_headers
 from dmr.server.metrics import note_model
 from dmr.server.recorder import start_capture
 from dmr.server.services import Services, get_services
@@ -118,6 +119,7 @@ async def open_exchange(
             {
                 "content-type": "application/json",
                 **{k.lower(): v for k, v in (headers or {}).items()},
+                **priority_headers(),  # batch work: the runner serves it behind chats
             },
         )
     except RunnerConnectionError as error:

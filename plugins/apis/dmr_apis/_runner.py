@@ -24,6 +24,7 @@ import httpx
 from dmr.errors import DmrError, RunnerError
 from dmr.records import Mode
 from dmr.scheduler import RunnerHandle
+from dmr.scheduler.wait_queue import priority_headers
 from dmr.server.metrics import note_model
 from dmr.server.recorder import ExchangeCapture, start_capture
 from dmr.server.services import get_services
@@ -84,7 +85,7 @@ async def call_runner(
     async with scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive) as handle:
         load_seconds = time.monotonic() - started
         try:
-            response = await handle.client.post(path, json=payload)
+            response = await handle.client.post(path, json=payload, headers=priority_headers())
         except httpx.HTTPError as error:
             raise await _broken(handle, error) from None
     capture = _capture(model, handle, path, payload)
@@ -185,7 +186,9 @@ async def stream_runner(
                 model, mode, backend=backend, keep_alive=keep_alive
             ) as handle:
                 load_seconds = time.monotonic() - started
-                async with handle.client.stream("POST", path, json=payload) as response:
+                async with handle.client.stream(
+                    "POST", path, json=payload, headers=priority_headers()
+                ) as response:
                     if response.status_code >= 500 and handle.stop_reason is not None:
                         raise RunnerError(handle.stop_reason)  # unloaded under the request
                     if response.status_code >= 400:

@@ -7,6 +7,7 @@ from dmr.runner_support import BadRequest, error_response
 from quart import Quart, Response
 
 from dmr_llamacpp.runner import generation_routes, pooling_routes, service_routes
+from dmr_llamacpp.runner.priority import PriorityScope
 from dmr_llamacpp.runner.state import RunnerState, install_state
 from dmr_llamacpp.runner.streaming import StreamingRoutes
 
@@ -28,6 +29,8 @@ def create_app(state: RunnerState) -> Quart:
     return app
 
 
-def create_asgi(state: RunnerState) -> StreamingRoutes:
-    """The runner's ASGI app: the Quart app behind the streaming fast path."""
-    return StreamingRoutes(create_app(state), generation_routes.streamed_answers(state))
+def create_asgi(state: RunnerState) -> PriorityScope:
+    """The runner's ASGI app: the Quart app behind the streaming fast path, each request
+    marked batch work or not (runner/priority.py)."""
+    routes = StreamingRoutes(create_app(state), generation_routes.streamed_answers(state))
+    return PriorityScope(routes)

@@ -20,6 +20,14 @@ text goes into the shared batch like any prompt's, up to the next image; the ima
 is decoded by libmtmd as a decode of its own between two steps, with the context's
 whole n_batch (llama-server's split: the same logits). A cached prefix never ends
 inside an image, and a follow-up turn that resends the same image reuses its cells.
+
+Interactive first (docs/batch.md): a job marked `batch` (a Batch API line) is admitted
+after every waiting interactive one, and its prompt fills the batch after theirs. An
+interactive job that finds no idle slot takes a batch job's slot at once; the batch job
+goes back to the front of the batch queue with what it has generated so far (`_Resume`:
+its sampler, text and counters) and later continues from its prompt plus those tokens,
+whose KV cells its slot's cache or the host cache mostly still hold. Its handler sees
+one answer, as if nothing had happened.
 """
 
 from __future__ import annotations
@@ -134,8 +142,29 @@ class Failed:
 Event = TextDelta | Finished | Failed
 
 
+@dataclass
+class _Resume:
+    """Where a preempted batch job stopped: what its slot held, to carry on from there."""
+
+    tokens: list[int]  # its prompt, the tokens generated so far and the one sampled next
+    sampler: Any  # the chain, with its penalties' history, grammar state and RNG
+    completion_tokens: int
+    text: StreamedText
+    held_logprobs: list[TokenLogprob]
+    started_at: float
+    prompt_done_at: float
+    cached_tokens: int
+    think_left: int | None
+    think_inside: bool
+    think_tail: str
+    forced: list[int]
+
+
 class GenerationJob:
     """One request's generation; events arrive on `events` in the handler's event loop.
+
+    A `batch` job (the server's `x-dmr-priority: batch`) runs only in the room
+    interactive jobs leave; it may be preempted and resumed (`resume`).
 
     A prompt with images also has `media`, libmtmd's chunks (closed when the job ends),
     and `images`: the offset in `prompt` where each image's placeholders start, to the
@@ -149,8 +178,11 @@ class GenerationJob:
         *,
         media: MultimodalPrompt | None = None,
         images: dict[int, int] | None = None,
+        batch: bool = False,
     ) -> None:
         self.prompt = prompt
+        self.batch = batch
+        self.resume: _Resume | None = None  # set while preempted (the decode thread's)
         self.params = params
         self.media = media
         self.images: dict[int, int] = images or {}
@@ -188,6 +220,7 @@ class GeneratorStats:
     draft_tokens_accepted_total: int = 0
     host_cache_prompts: int = 0
     host_cache_bytes: int = 0
+    preemptions_total: int = 0  # batch jobs that gave their slot to an interactive one
 
 
 @dataclass
@@ -276,6 +309,8 @@ class BatchedGenerator:
         self._thread.join(timeout=10)
         for slot in self.slots:
             self._release(slot)
+        for job in self._waiting:
+            self._drop_resume(job)
         self._flush_events()
         self._batch.free()
         if self.drafter is not None:
@@ -382,6 +417,9 @@ class BatchedGenerator:
         return True
 
     def _drop_cancelled(self) -> None:
+        for job in self._waiting:
+            if job.cancelled:
+                self._drop_resume(job)
         self._waiting = deque(job for job in self._waiting if not job.cancelled)
         for slot in self.slots:
             if slot.job is not None and slot.job.cancelled:
@@ -390,13 +428,19 @@ class BatchedGenerator:
 
     def _admit_waiting(self) -> None:
         while self._waiting:
-            waiting = self._waiting[0]
+            job = self._next_waiting()
+            prompt = job.prompt if job.resume is None else job.resume.tokens
             # A prompt that must not use the cache should not take a slot whose cache it
             # would destroy for nothing: it goes to the fresh slot, as an unmatched prompt.
-            slot = self._pick_slot(waiting.prompt if waiting.params.cache_prompt else [])
+            slot = self._pick_slot(prompt if job.params.cache_prompt or job.resume else [])
+            if slot is None and not job.batch:
+                slot = self._preempt_batch_slot()
             if slot is None:
                 break
-            job = self._waiting.popleft()
+            self._waiting.remove(job)
+            if job.resume is not None:
+                self._resume(slot, job, job.resume)
+                continue
             try:
                 slot.sampler = build_sampler_chain(job.params, self.model.vocab, self.model.n_vocab)
             except ValueError as error:
@@ -419,6 +463,77 @@ class BatchedGenerator:
             slot.prompt_done_at = 0.0
         self.stats.requests_deferred = len(self._waiting)
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
+
+    def _next_waiting(self) -> GenerationJob:
+        """The first waiting interactive job, else the first batch one (a preempted
+        batch job is put back first in line)."""
+        return next((job for job in self._waiting if not job.batch), self._waiting[0])
+
+    def _preempt_batch_slot(self) -> _Slot | None:
+        """Free a slot for an interactive job by preempting a batch job, or None when
+        every slot holds an interactive one.
+
+        The batch job with the fewest cells in its slot goes: the least to decode again
+        should its cache be lost. A job with images is never preempted (its images
+        would have to be decoded again, and their chunks kept meanwhile).
+        """
+        candidates = [
+            slot
+            for slot in self.slots
+            if slot.job is not None and slot.job.batch and not slot.job.images
+        ]
+        if not candidates:
+            return None
+        slot = min(candidates, key=lambda slot: (len(slot.tokens), -slot.started_at))
+        job = slot.job
+        assert job is not None and slot.text is not None
+        if slot.next_token is not None:  # generating: it carries on from here later
+            job.resume = _Resume(
+                tokens=[*slot.tokens, slot.next_token],
+                sampler=slot.sampler,
+                completion_tokens=slot.completion_tokens,
+                text=slot.text,
+                held_logprobs=slot.held_logprobs,
+                started_at=slot.started_at,
+                prompt_done_at=slot.prompt_done_at,
+                cached_tokens=slot.cached_tokens,
+                think_left=slot.think_left,
+                think_inside=slot.think_inside,
+                think_tail=slot.think_tail,
+                forced=slot.forced,
+            )
+            slot.sampler = None  # kept for the resume, not freed with the slot
+        # else still reading its prompt: it starts again, the part decoded stays cached.
+        # The cells stay for now: the interactive prompt cuts only what it does not
+        # share, and a cut of SAVE_AT_LEAST tokens or more goes to the host cache.
+        self._release(slot, keep_cache=True)
+        self._waiting.appendleft(job)
+        self.stats.preemptions_total += 1
+        return slot
+
+    def _resume(self, slot: _Slot, job: GenerationJob, resume: _Resume) -> None:
+        """Give a preempted batch job `slot` again, as it was when it left its own."""
+        job.resume = None
+        slot.job = job
+        self._reuse_prefix(slot, resume.tokens)
+        slot.sampler = resume.sampler
+        slot.next_token = None
+        slot.completion_tokens = resume.completion_tokens
+        slot.text = resume.text
+        slot.held_logprobs = resume.held_logprobs
+        slot.forced = resume.forced
+        slot.think_left = resume.think_left
+        slot.think_inside = resume.think_inside
+        slot.think_tail = resume.think_tail
+        slot.started_at = resume.started_at
+        slot.prompt_done_at = resume.prompt_done_at
+        slot.cached_tokens = resume.cached_tokens
+
+    def _drop_resume(self, job: GenerationJob) -> None:
+        """Free the sampler a preempted job that will not run again kept."""
+        if job.resume is not None:
+            llama_cpp.llama_sampler_free(job.resume.sampler)
+            job.resume = None
 
     def _pick_slot(self, prompt: list[int]) -> _Slot | None:
         """The idle slot whose cache serves `prompt` best, weighing what it would destroy.
@@ -556,10 +671,11 @@ class BatchedGenerator:
                     slot.drafted.append(token)
                     slot.tokens.append(token)
                     slot.n_past += 1
-        # Prompts fill the rest of the batch, oldest request first, in chunks.
+        # Prompts fill the rest of the batch, oldest request first, in chunks;
+        # interactive ones before batch work.
         prefilling = sorted(
-            (slot for slot in self.slots if slot.busy and slot.pending_prompt),
-            key=lambda slot: slot.started_at,
+            (slot for slot in self.slots if slot.job is not None and slot.pending_prompt),
+            key=lambda slot: (slot.job is not None and slot.job.batch, slot.started_at),
         )
         for slot in prefilling:
             if batch.room == 0:

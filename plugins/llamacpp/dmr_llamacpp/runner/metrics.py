@@ -75,6 +75,11 @@ class _StatsCollector(Collector):
             "Requests waiting for a slot.",
             value=stats.requests_deferred,
         )
+        yield CounterMetricFamily(
+            "llamacpp:preemptions",
+            "Batch requests that gave their slot to an interactive request (docs/batch.md).",
+            value=stats.preemptions_total,
+        )
         yield GaugeMetricFamily(
             "llamacpp:host_cache_prompts",
             "Prompts whose KV cells are kept in host memory (--cache-ram).",
