@@ -39,7 +39,8 @@ REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "openai-completions": (
         "/engines/v1/completions",
-        {"model": MODEL, "prompt": PROMPT, "max_tokens": LONG},
+        # A raw prompt can end early on its own: llama-server's `ignore_eos` keeps it going.
+        {"model": MODEL, "prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True},
     ),
     "ollama-chat": (
         "/api/chat",
@@ -167,3 +168,29 @@ def test_unload_of_a_busy_model_cancels_its_requests(server: DmrServer) -> None:
     assert isinstance(ollama, httpx.Response), ollama
     last = json.loads(ollama.text.strip().splitlines()[-1])
     assert "was unloaded (dmr unload)" in last["error"]
+
+
+def test_ollama_keep_alive_zero_lets_a_busy_model_finish(server: DmrServer) -> None:
+    """Ollama's `keep_alive: 0` (`ollama stop`) is no cancel: the request in flight
+    goes on, and the model unloads once it ends."""
+    path, body = REQUESTS["ollama-chat"]
+    conn = send_raw(server, path, {**body, "stream": True})
+    try:
+        wait_for(
+            lambda: runner_series(server, "llamacpp:tokens_predicted_total") > 0,
+            timeout=120,
+            message="the generation to start",
+        )
+        with server.client() as client:
+            stopped = client.post("/api/generate", json={"model": MODEL, "keep_alive": 0})
+        assert stopped.status_code == 200
+        predicted = runner_series(server, "llamacpp:tokens_predicted_total")
+        wait_for(
+            lambda: runner_series(server, "llamacpp:tokens_predicted_total") > predicted,
+            timeout=10,
+            message="the generation to go on",
+        )
+        assert len(ps(server)) == 1
+    finally:
+        conn.close()
+    wait_for(lambda: ps(server) == [], timeout=10, message="the unload once it ended")

@@ -586,10 +586,12 @@ class Scheduler:
         all: bool = False,
         backend: str | None = None,
         models: Iterable[str] = (),
+        cancel_busy: bool = True,
     ) -> Unloaded:
         """Unload matching runners now. A busy one's requests are cancelled: its process
         stops, and their clients get an error saying the model was unloaded; a model
-        reported unloaded is never still loaded."""
+        reported unloaded is never still loaded. With `cancel_busy` False (Ollama's
+        `keep_alive: 0`), busy runners go when their requests end, and are not counted."""
         wanted_ids: set[str] = set()
         wanted_names = set(models)
         for name in wanted_names:
@@ -608,6 +610,9 @@ class Scheduler:
         stops = []
         cancelled = 0
         for runner in matched:
+            if not runner.evictable and not cancel_busy:
+                runner.unload_when_idle = True
+                continue
             if not runner.evictable:
                 cancelled += runner.in_use
                 runner.stop_reason = (
@@ -626,7 +631,7 @@ class Scheduler:
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
         self._signal_capacity()
-        return Unloaded(runners=len(matched), cancelled_requests=cancelled)
+        return Unloaded(runners=len(stops), cancelled_requests=cancelled)
 
     # ------------------------------------------------------------------ configuration
 

@@ -245,7 +245,7 @@ async def delete() -> Response:
     name, model = resolve_model(requested)
     services = get_services()
     with contextlib.suppress(DmrError):
-        await services.scheduler.unload(models=[name])
+        await services.scheduler.unload(models=[name], cancel_busy=False)
     if len(model.tags) > 1 and name in model.tags:
         services.store.untag(name)  # other names still point at the model
     else:

@@ -244,7 +244,8 @@ async def _load_or_unload(body: dict[str, Any], *, route: str) -> Response:
     keep_alive = parse_keep_alive(body.get("keep_alive"))
     scheduler = get_services().scheduler
     if keep_alive == 0:
-        await scheduler.unload(models=[name])
+        # Ollama's `keep_alive: 0` lets requests in flight finish first.
+        await scheduler.unload(models=[name], cancel_busy=False)
         reason = "unload"
     else:
         await scheduler.preload(name, Mode.COMPLETION, keep_alive=keep_alive)

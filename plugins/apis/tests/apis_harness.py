@@ -278,7 +278,12 @@ class FakeScheduler:
         self.preloaded.append((model, Mode(mode), keep_alive))
 
     async def unload(
-        self, *, all: bool = False, backend: str | None = None, models: Any = ()
+        self,
+        *,
+        all: bool = False,
+        backend: str | None = None,
+        models: Any = (),
+        cancel_busy: bool = True,
     ) -> int:
         self.unloaded.append(list(models))
         return len(list(models))
