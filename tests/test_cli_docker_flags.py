@@ -109,12 +109,57 @@ def test_show_remote_reads_the_registry(
     assert server.cli("show", "-r", tag).stdout == remote.stdout
 
 
-def test_package_format(test_engine_server: DmrServer, tmp_path: Path) -> None:
-    gguf = tmp_path / "empty.gguf"
-    gguf.write_bytes(b"GGUF")
-    cncf = test_engine_server.cli("package", "--gguf", str(gguf), "--format", "cncf", "x/y:1")
-    assert cncf.returncode != 0
-    assert "--format cncf: dmr pulls and runs CNCF ModelPack artifacts" in cncf.stderr
+def test_package_format_cncf_writes_modelpack_that_dmr_reads(
+    test_engine_server: DmrServer, tmp_path: Path
+) -> None:
+    """`--format cncf` writes DMR's CNCF ModelPack shape (artifactType, ModelPack config,
+    raw layers with their file paths); the server stores it and builds the same bundle
+    a Docker-format artifact gets."""
+    from dmr.store import Store
+
+    from tests.fixtures.hf_hub import tiny_gguf
+
+    gguf = tmp_path / "weights.gguf"
+    gguf.write_bytes(tiny_gguf("cncf-weights"))
+    projector = tmp_path / "projector.gguf"
+    projector.write_bytes(tiny_gguf("cncf-projector", architecture="clip"))
+    template = tmp_path / "chat.jinja"
+    template.write_text("{{ messages }}")
+    license_file = tmp_path / "LICENSE"
+    license_file.write_text("Apache-2.0")
+
+    packaged = test_engine_server.cli(
+        "package", "--gguf", str(gguf), "--mmproj", str(projector), "--chat-template",
+        str(template), "-l", str(license_file), "--format", "cncf", "test/cncf:v1",
+    )  # fmt: skip
+
+    assert packaged.returncode == 0, packaged.stderr
+    stored = Store.open(test_engine_server.models_path).get("test/cncf:v1")
+    manifest = stored.manifest
+    assert manifest["artifactType"] == "application/vnd.cncf.model.manifest.v1+json"
+    assert manifest["config"]["mediaType"] == "application/vnd.cncf.model.config.v1+json"
+    kinds = {
+        layer["annotations"]["org.cncf.model.filepath"]: layer["mediaType"]
+        for layer in manifest["layers"]
+    }
+    assert kinds == {
+        "weights.gguf": "application/vnd.cncf.model.weight.v1.raw",
+        "mmproj-projector.gguf": "application/vnd.cncf.model.weight.v1.raw",
+        "chat.jinja": "application/vnd.cncf.model.weight.config.v1.raw",
+        "LICENSE": "application/vnd.cncf.model.doc.v1.raw",
+    }
+    files = sorted(path.name for path in (stored.bundle_dir / "model").iterdir())
+    assert files == ["model.gguf", "model.mmproj", "template.jinja"]
+    assert stored.format == "gguf" and stored.capabilities == ("vision",)
+    with test_engine_server.client() as http:
+        described = http.get("/models/test/cncf:v1").json()
+    assert described["config"]["format"] == "gguf"
+    assert described["config"]["architecture"] == "llama"
+
+    sized = test_engine_server.cli(
+        "package", "--gguf", str(gguf), "--context-size", "4096", "--format", "cncf", "x/y:1"
+    )
+    assert sized.returncode == 1 and "a CNCF ModelPack config has no context size" in (sized.stderr)
     odd = test_engine_server.cli("package", "--gguf", str(gguf), "--format", "oci", "x/y:1")
     assert odd.returncode == 2 and "'oci' is not one of 'docker', 'cncf'" in odd.stderr
 
@@ -222,3 +267,19 @@ def test_ls_openaiurl_lists_another_endpoint(test_engine_server: DmrServer) -> N
     quiet = ls("-q")
     assert quiet.returncode == 1
     assert "--quiet flag cannot be used with --openaiurl flag" in quiet.stderr
+
+
+@pytest.mark.llama
+def test_a_cncf_packaged_smollm2_answers(
+    dmr_server_factory: object, smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    server: DmrServer = dmr_server_factory(LLAMA_ARGS="-n 8")  # type: ignore[operator]
+    packaged = server.cli(
+        "package", "--gguf", str(smollm2_gguf), "--format", "cncf", "test/cncf-smol"
+    )
+    assert packaged.returncode == 0, packaged.stderr
+
+    answered = server.cli("run", "test/cncf-smol", "What is the capital of France?")
+
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.strip()

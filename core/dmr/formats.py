@@ -24,6 +24,13 @@ LEGACY_VLLM_CONFIG_TAR = MEDIA_PREFIX + "vllm.config.tar"
 LEGACY_DIR_TAR = MEDIA_PREFIX + "dir.tar"
 CNCF_GGUF = "application/vnd.cncf.model.weight.v1.gguf"
 CNCF_SAFETENSORS = "application/vnd.cncf.model.weight.v1.safetensors"
+# CNCF ModelPack's generic layer types (modelpack/model-spec specs-go/v1), which Docker
+# Model Runner's `package --format cncf` writes; the file's path annotation says what
+# each holds.
+CNCF_WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
+CNCF_WEIGHT_CONFIG_RAW = "application/vnd.cncf.model.weight.config.v1.raw"
+CNCF_DOC_RAW = "application/vnd.cncf.model.doc.v1.raw"
+CNCF_MANIFEST_ARTIFACT_TYPE = "application/vnd.cncf.model.manifest.v1+json"
 FILEPATH_ANNOTATION = "org.cncf.model.filepath"
 # The largest manifest (or model config) read from a registry: the OCI distribution
 # spec's 4 MiB. Here, not in the registry client, so the built-in OCI plugin can

@@ -336,7 +336,7 @@ _FILE = click.Path(path_type=Path)
 @click.option(
     "--format", "artifact_format", type=click.Choice(["docker", "cncf"]), default="docker",
     show_default=True,
-    help="Artifact format: docker; cncf (CNCF ModelPack) is read by dmr but not written yet.",
+    help="Artifact format: docker, or cncf (CNCF ModelPack, as DMR writes it).",
 )  # fmt: skip
 def package(
     target: str,
@@ -352,16 +352,17 @@ def package(
     artifact_format: str,
 ) -> None:
     """Package local model files as an OCI model artifact named TARGET (org/model:tag)."""
-    if artifact_format == "cncf":
+    if artifact_format == "cncf" and from_model:
         fail(
-            "--format cncf: dmr pulls and runs CNCF ModelPack artifacts but does not write"
-            " them yet; package with --format docker (the default)"
+            "--format cncf: a stored model is repackaged in its own format; package its"
+            " files with --format cncf instead"
         )
     from dmr.distribution.packaging import (
         PackageOptions,
         package_dduf,
         package_gguf,
         package_safetensors_dir,
+        to_modelpack,
     )
     from dmr.errors import DmrError
     from dmr.reference import InvalidReferenceError, parse_reference
@@ -397,6 +398,8 @@ def package(
             else:
                 assert dduf is not None
                 artifact = package_dduf(dduf, options)
+            if artifact_format == "cncf":
+                artifact = to_modelpack(artifact)
         except (DmrError, OSError) as error:
             fail(getattr(error, "message", None) or str(error))
         _upload(artifact, target)

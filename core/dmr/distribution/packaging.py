@@ -45,6 +45,7 @@ __all__ = [
     "package_safetensors_dir",
     "repackage",
     "rfc3339",
+    "to_modelpack",
     "write_to_store",
 ]
 
@@ -404,6 +405,95 @@ def repackage(store: Store, model: StoredModel, options: PackageOptions | None =
         formats.CONFIG_V02 if any(layer.annotations for layer in layers) else formats.CONFIG_V01
     )
     return _build(config_type, block, [*layers, *_extras(options)], options)
+
+
+# ------------------------------------------------------------------------- CNCF ModelPack
+
+
+# Docker's layer media types and the ModelPack kind each becomes, as Docker Model
+# Runner's modelpack.MapLayerMediaType classifies them.
+_MODELPACK_KINDS: dict[str, str] = {
+    formats.GGUF: formats.CNCF_WEIGHT_RAW,
+    formats.SAFETENSORS: formats.CNCF_WEIGHT_RAW,
+    formats.DDUF: formats.CNCF_WEIGHT_RAW,
+    formats.MMPROJ: formats.CNCF_WEIGHT_RAW,
+    formats.CHAT_TEMPLATE: formats.CNCF_WEIGHT_CONFIG_RAW,
+    formats.MODEL_FILE: formats.CNCF_WEIGHT_CONFIG_RAW,
+    formats.LICENSE: formats.CNCF_DOC_RAW,
+}
+
+
+def _modelpack_path(layer: LayerFile) -> str:
+    """The layer's `org.cncf.model.filepath`: what tells a reader what a raw layer holds
+    (dmr's reader: a `.gguf`, `.safetensors` or `.dduf` weight, `mmproj` in the name
+    for a projector, a `.jinja` chat template)."""
+    given = layer.annotations.get(formats.FILEPATH_ANNOTATION)
+    if given:
+        return given
+    name = layer.path.name
+    if layer.media_type == formats.MMPROJ and "mmproj" not in name.lower():
+        return f"mmproj-{name}"
+    if layer.media_type == formats.CHAT_TEMPLATE and not name.endswith(".jinja"):
+        return "template.jinja"
+    if layer.media_type == formats.DDUF and not name.endswith(".dduf"):
+        return f"{name}.dduf"
+    return name
+
+
+def to_modelpack(artifact: Artifact) -> Artifact:
+    """The artifact in CNCF ModelPack format (`dmr package --format cncf`), as Docker
+    Model Runner's builder writes it: the manifest's `artifactType`, a ModelPack config
+    (`descriptor.createdAt`/`family`, `modelfs.diffIds`, `config.architecture`/
+    `format`/`paramSize`/`quantization`) and the layers as raw weight, weight-config
+    and doc layers, each with its file path. Same files, so the same blobs."""
+    source = json.loads(artifact.config)
+    block = source.get("config") or {}
+    if block.get("context_size") is not None:
+        raise InvalidRequestError(
+            "a CNCF ModelPack config has no context size; package with --format docker"
+            " to set one, or give the context size with `dmr configure`"
+        )
+    layers: list[LayerFile] = []
+    for layer in artifact.layers:
+        kind = _MODELPACK_KINDS.get(layer.media_type)
+        if kind is None:
+            raise InvalidRequestError(f"no CNCF ModelPack layer type for {layer.media_type}")
+        annotations = {**layer.annotations, formats.FILEPATH_ANNOTATION: _modelpack_path(layer)}
+        layers.append(
+            LayerFile(layer.path, kind, layer.digest, layer.size, dict(sorted(annotations.items())))
+        )
+    architecture = str(block.get("architecture") or "")
+    descriptor: dict[str, Any] = {"createdAt": source.get("descriptor", {}).get("created")}
+    if architecture:
+        descriptor["family"] = architecture
+    model_config = {
+        key: str(block[ours])
+        for key, ours in (
+            ("architecture", "architecture"),
+            ("format", "format"),
+            ("paramSize", "parameters"),
+            ("quantization", "quantization"),
+        )
+        if block.get(ours)
+    }
+    modelpack = {
+        "descriptor": descriptor,
+        "modelfs": {"type": "layers", "diffIds": [layer.digest for layer in layers]},
+        "config": model_config,
+    }
+    config_bytes = _dump(modelpack)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": formats.CNCF_MANIFEST_ARTIFACT_TYPE,
+        "config": {
+            "mediaType": formats.CONFIG_CNCF,
+            "size": len(config_bytes),
+            "digest": "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
+        },
+        "layers": [layer.descriptor() for layer in layers],
+    }
+    return Artifact(manifest=_dump(manifest), config=config_bytes, layers=tuple(layers))
 
 
 # ------------------------------------------------------------------------- store

@@ -21,6 +21,7 @@ __all__ = [
     "Layer",
     "format_for_layers",
     "layers_of",
+    "modelpack_role",
     "normalise_config",
     "parse_manifest",
     "safe_relative_path",
@@ -96,8 +97,32 @@ def layers_of(manifest: Mapping[str, Any]) -> list[Layer]:
     return [_descriptor(layer, f"layer {n}") for n, layer in enumerate(manifest.get("layers", []))]
 
 
+def modelpack_role(layer: Layer) -> str:
+    """What a CNCF ModelPack raw layer holds, told by its file path (the spec's generic
+    types say only weight, weight config or doc): a Docker media type it stands for,
+    or "" for one the bundle does not need (docs, unknown weights)."""
+    path = (layer.filepath or "").lower()
+    name = path.rsplit("/", 1)[-1]
+    if layer.media_type == formats.CNCF_WEIGHT_RAW:
+        if "mmproj" in name:
+            return formats.MMPROJ
+        if name.endswith(".gguf"):
+            return formats.GGUF
+        if name.endswith(".safetensors"):
+            return formats.SAFETENSORS
+        if name.endswith(".dduf"):
+            return formats.DDUF
+        return ""
+    if layer.media_type == formats.CNCF_WEIGHT_CONFIG_RAW and path:
+        return formats.CHAT_TEMPLATE if name.endswith(".jinja") else formats.MODEL_FILE
+    return ""
+
+
 def format_for_layers(layers: list[Layer]) -> str:
-    media_types = {layer.media_type for layer in layers}
+    raw = {formats.CNCF_WEIGHT_RAW, formats.CNCF_WEIGHT_CONFIG_RAW}
+    media_types = {
+        modelpack_role(layer) if layer.media_type in raw else layer.media_type for layer in layers
+    }
     if media_types & {formats.GGUF, formats.CNCF_GGUF}:
         return "gguf"
     # A diffusers pipeline's layers are safetensors too; its model_index.json tells.

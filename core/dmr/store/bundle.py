@@ -14,7 +14,7 @@ from typing import Any
 
 from dmr import formats
 from dmr.errors import StoreError
-from dmr.store.artifact import Layer, layers_of, safe_relative_path
+from dmr.store.artifact import Layer, layers_of, modelpack_role, safe_relative_path
 from dmr.store.blobs import link_or_copy
 from dmr.store.layout import StoreLayout
 
@@ -23,6 +23,7 @@ __all__ = ["bundle_file_names", "write_bundle"]
 _GGUF_TYPES = {formats.GGUF, formats.CNCF_GGUF}
 _SAFETENSORS_TYPES = {formats.SAFETENSORS, formats.CNCF_SAFETENSORS}
 _LEGACY_TARS = {formats.LEGACY_DIR_TAR, formats.LEGACY_VLLM_CONFIG_TAR}
+_MODELPACK_RAW = {formats.CNCF_WEIGHT_RAW, formats.CNCF_WEIGHT_CONFIG_RAW, formats.CNCF_DOC_RAW}
 
 
 def _numbered(stem: str, suffix: str, count: int) -> list[str]:
@@ -31,12 +32,16 @@ def _numbered(stem: str, suffix: str, count: int) -> list[str]:
     return [f"{stem}-{n:05d}-of-{count:05d}{suffix}" for n in range(1, count + 1)]
 
 
+def _role(layer: Layer) -> str:
+    return modelpack_role(layer) if layer.media_type in _MODELPACK_RAW else layer.media_type
+
+
 def bundle_file_names(layers: list[Layer]) -> list[tuple[Layer, str]]:
     """(layer, path under model/) for every layer that goes into the bundle."""
     placed: list[tuple[Layer, str]] = []
-    ggufs = [layer for layer in layers if layer.media_type in _GGUF_TYPES]
+    ggufs = [layer for layer in layers if _role(layer) in _GGUF_TYPES]
     placed += zip(ggufs, _numbered("model", ".gguf", len(ggufs)), strict=True)
-    safetensors = [layer for layer in layers if layer.media_type in _SAFETENSORS_TYPES]
+    safetensors = [layer for layer in layers if _role(layer) in _SAFETENSORS_TYPES]
     if safetensors and all(layer.filepath for layer in safetensors):
         placed += [(layer, str(safe_relative_path(layer.filepath or ""))) for layer in safetensors]
     else:
@@ -44,13 +49,14 @@ def bundle_file_names(layers: list[Layer]) -> list[tuple[Layer, str]]:
             safetensors, _numbered("model", ".safetensors", len(safetensors)), strict=True
         )
     for layer in layers:
-        if layer.media_type == formats.MMPROJ:
+        role = _role(layer)
+        if role == formats.MMPROJ:
             placed.append((layer, "model.mmproj"))
-        elif layer.media_type == formats.CHAT_TEMPLATE:
+        elif role == formats.CHAT_TEMPLATE:
             placed.append((layer, "template.jinja"))
-        elif layer.media_type == formats.DDUF:
+        elif role == formats.DDUF:
             placed.append((layer, "model.dduf"))
-        elif layer.media_type == formats.MODEL_FILE and layer.filepath:
+        elif role == formats.MODEL_FILE and layer.filepath:
             placed.append((layer, str(safe_relative_path(layer.filepath))))
     seen: set[str] = set()
     for _, name in placed:
