@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from dmr.distribution import packaging
 from dmr.distribution.credentials import resolve_credentials
 from dmr.distribution.packaging import PackageOptions
-from dmr.distribution.progress import TransferProgress
+from dmr.distribution.progress import TransferProgress, loop_callback, run_transfer
 from dmr.distribution.registry_client import RegistryAuthError
 from dmr.distribution.service import pull_model, push_model
 from dmr.errors import DmrError, UnsupportedMediaTypeError
 from dmr.records import ProgressEvent
 from dmr.store import Store, StoredModel
 
+from tests.fixtures.file_reads import reads_under
 from tests.fixtures.hf_hub import tiny_gguf
 from tests.fixtures.registry import (
     LocalRegistry,
@@ -192,6 +196,57 @@ async def test_corrupted_blob_is_rejected_and_store_untouched(
     assert not target.has_blob(model.manifest["config"]["digest"])
 
 
+async def test_pull_hashes_as_it_writes_and_reads_no_blob_back(
+    oci_registry: LocalRegistry, tmp_path: Path
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/read-once:v1"
+    model = local_model(source, tmp_path, tag, payload=6_000_000)
+    await push_model(source, tag, lambda event: None)
+    digest, size = weights_digest(model)
+
+    target = Store.open(tmp_path / "target")
+    with reads_under(target.root) as reads:
+        copy = await pull_model(target, tag, lambda event: None)
+    assert copy.id == model.id
+    blob = target.blob_path(digest).resolve()
+    assert blob.read_bytes() == source.blob_path(digest).read_bytes()
+    # The weights were verified while they were written: after the download only
+    # their GGUF header is read (the check that it is a model), never the 6 MB again.
+    assert reads[blob] < 4096, reads
+    assert reads[target.layout.incomplete_blob(digest).resolve()] == 0
+    assert sum(reads.values()) < 64 * 1024, reads
+    # No copy either: the bundle's weights are the blob itself (a hard link).
+    assert (copy.bundle_dir / "model" / "model.gguf").stat().st_ino == blob.stat().st_ino
+    assert size == 6_000_000 + len(tiny_gguf(tag, 0))
+
+
+async def test_corrupted_partial_blob_is_refused_after_the_resume(
+    oci_registry: LocalRegistry, registry_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/bad-partial:v1"
+    model = local_model(source, tmp_path, tag, payload=4_000_000)
+    await push_model(source, tag, lambda event: None)
+    digest, _ = weights_digest(model)
+
+    target = Store.open(tmp_path / "target")
+    partial = target.layout.incomplete_blob(digest)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    kept = bytearray(source.blob_path(digest).read_bytes()[:1_500_000])
+    kept[1000] ^= 0xFF  # a byte that went bad on disk before the resume
+    partial.write_bytes(bytes(kept))
+    with pytest.raises(DmrError, match="digest mismatch"):
+        await pull_model(target, f"{registry_proxy.host}/tests/bad-partial:v1", lambda e: None)
+    assert [g.range for g in registry_proxy.blob_gets(digest)] == ["bytes=1500000-"]
+    assert not target.has_blob(digest)
+    assert not partial.exists()
+    assert target.list_models() == []
+    # The next pull starts over and gets the right bytes.
+    copy = await pull_model(target, tag, lambda event: None)
+    assert target.blob_path(copy.files[0]).read_bytes() == source.blob_path(digest).read_bytes()
+
+
 async def test_partial_blob_resumes_with_range(
     oci_registry: LocalRegistry, registry_proxy: RecordingProxy, tmp_path: Path
 ) -> None:
@@ -298,6 +353,29 @@ def test_progress_is_throttled_to_100ms_or_1mb() -> None:
         "current": 10_000_000,
     }
     assert events[-1].message == "Downloaded: 10.00 MB"
+
+
+async def test_progress_never_makes_the_transfer_wait_for_the_event_loop() -> None:
+    # The download thread hands events over and goes on; the loop delivers them in
+    # batches, all of them, in order, before the transfer's result is returned.
+    seen: list[ProgressEvent] = []
+    emit = loop_callback(seen.append)
+    started = threading.Event()
+
+    def work(stop: threading.Event) -> float:
+        started.set()
+        began = time.monotonic()
+        for done in range(2000):
+            emit(ProgressEvent(type="progress", message="", mode="pull", layer_current=done))
+        return time.monotonic() - began
+
+    transfer = asyncio.ensure_future(run_transfer(work, emit))
+    assert await asyncio.to_thread(started.wait, 10)
+    # The loop is busy elsewhere (a slow client, a large response): blocking it is the point.
+    time.sleep(0.5)  # noqa: ASYNC251
+    took = await transfer
+    assert took < 0.25  # waiting for the loop on any event would take >= 0.5 s
+    assert [event.layer_current for event in seen] == list(range(2000))
 
 
 async def test_proxy_environment_variables_are_honoured(

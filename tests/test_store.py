@@ -121,6 +121,23 @@ def test_blob_writer_resumes_and_verifies(tmp_path: Path) -> None:
         store.blob_writer("sha256:../../etc", 1)
 
 
+def test_blob_writer_hashes_what_was_written_even_from_a_reused_buffer(tmp_path: Path) -> None:
+    # The hash runs in a thread beside the writer: a caller that refills one buffer
+    # for every chunk must not change what gets hashed.
+    store = Store.open(tmp_path / "models")
+    chunks = [bytes([n]) * 1_000_000 for n in range(5)]
+    digest = "sha256:" + hashlib.sha256(b"".join(chunks)).hexdigest()
+    buffer = bytearray(1_000_000)
+    with store.blob_writer(digest, 5_000_000) as writer:
+        for chunk in chunks:
+            buffer[:] = chunk
+            writer.write(buffer)
+            writer.write(memoryview(b""))  # an empty read changes nothing
+        writer.commit()
+    assert store.blob_path(digest).read_bytes() == b"".join(chunks)
+    assert not [t for t in threading.enumerate() if t.name == "dmr-sha256"]
+
+
 def test_purge_refuses_a_directory_that_is_no_store(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "models")
     _package(store, tiny_gguf(tmp_path / "m.gguf"), "a/one:v1")

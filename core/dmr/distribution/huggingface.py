@@ -464,7 +464,7 @@ class HuggingFacePuller:
 
         emit = loop_callback(progress)
         return await run_transfer(
-            lambda stop: _pull_blocking(reference, store, emit, bearer_token, stop)
+            lambda stop: _pull_blocking(reference, store, emit, bearer_token, stop), emit
         )
 
 

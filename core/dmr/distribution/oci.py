@@ -3,9 +3,10 @@
 The artifact format: docs/compatibility.md §2.
 
 The transfers are blocking (requests, through oras) and run in worker threads;
-layers download in parallel. Progress crosses back to the event loop through an
-anyio token, and a cancelled pull stops its threads at the next chunk, leaving
-each partial blob as `<hex>.incomplete` for the next pull to resume.
+layers download in parallel, each blob hashed as it is written (never read back).
+Progress crosses back to the event loop in batches (`progress.LoopEmitter`), and a
+cancelled pull stops its threads at the next chunk, leaving each partial blob as
+`<hex>.incomplete` for the next pull to resume.
 
 This module is registered at server start, so the registry client (oras, requests,
 jsonschema: about 10 MB resident) and the progress helpers are imported by the
@@ -265,10 +266,10 @@ def _pull_from(
     # found present (or just wrote) before `add_model` records the new model:
     # download what went missing again rather than fail the pull.
     for attempt in range(_ADD_ATTEMPTS):
-        _download_missing(client, reference, store, layers, tracker, stop)
-        _check_weights(store, layers)
-        store.put_blob_bytes(config_bytes)
         try:
+            _download_missing(client, reference, store, layers, tracker, stop)
+            _check_weights(store, layers)
+            store.put_blob_bytes(config_bytes)
             model = store.add_model(manifest, [reference.familiar])
             break
         except BlobMissingError:
@@ -297,6 +298,9 @@ def _check_weights(store: Store, layers: Sequence[Descriptor]) -> None:
         try:
             read_gguf(path, max_array=0)
         except GGUFError as error:
+            if not path.exists():
+                # A delete of a model sharing the blob removed it just now: fetch it again.
+                raise BlobMissingError(f"blob {layer.digest} was removed during the pull") from None
             store.remove_unused_blobs([layer.digest])
             reason = str(error).removeprefix(f"{path.name}: ")
             raise InvalidRequestError(
@@ -368,7 +372,7 @@ class OciPuller:
         parsed = parse_reference(reference)
         emit = loop_callback(progress)
         return await run_transfer(
-            lambda stop: _pull_blocking(parsed, store, emit, bearer_token, stop)
+            lambda stop: _pull_blocking(parsed, store, emit, bearer_token, stop), emit
         )
 
 
@@ -440,7 +444,7 @@ async def push_to_registry(
     manifest = store.manifest_bytes(model.id)
     emit = loop_callback(progress)
     await run_transfer(
-        lambda stop: _push_blocking(reference, manifest, store, emit, bearer_token, stop)
+        lambda stop: _push_blocking(reference, manifest, store, emit, bearer_token, stop), emit
     )
 
 

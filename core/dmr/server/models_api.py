@@ -249,8 +249,14 @@ async def _ndjson_transfer(
         event = first
         try:
             while event is not None:
-                yield json.dumps(event.to_json()).encode() + b"\n"
-                event = await queue.get()
+                # Progress arrives in batches (`progress.LoopEmitter`): send each batch
+                # as one write, not a write (and a client wake-up) per line.
+                lines = [json.dumps(event.to_json()).encode()]
+                while not queue.empty() and (event := queue.get_nowait()) is not None:
+                    lines.append(json.dumps(event.to_json()).encode())
+                yield b"\n".join(lines) + b"\n"
+                if event is not None:
+                    event = await queue.get()
             if failure:
                 yield json.dumps(error_line(failure[0]).to_json()).encode() + b"\n"
         finally:

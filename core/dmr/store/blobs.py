@@ -15,6 +15,7 @@ from typing import BinaryIO
 from filelock import FileLock
 
 from dmr.errors import InsufficientStorageError, StoreError
+from dmr.store.hashing import BackgroundHasher
 from dmr.store.layout import StoreLayout, digest_hex
 
 __all__ = ["CHUNK", "BlobWriter", "copy_into_blobs", "hash_file", "link_or_copy", "put_bytes"]
@@ -87,6 +88,10 @@ class BlobWriter:
     """Writes one blob of known digest into `<hex>.incomplete`, resuming what an
     interrupted download left there; `commit()` verifies and renames it.
 
+    The bytes are hashed as they are written (in a thread beside the writer's, see
+    `hashing`), so `commit()` reads nothing back: each byte crosses memory once on
+    its way to disk and once into the hash.
+
     A per-blob file lock keeps two pulls of the same model from appending to the
     same partial file; the second one waits and then finds the blob complete.
     """
@@ -100,12 +105,13 @@ class BlobWriter:
         self.partial_path = layout.incomplete_blob(digest)
         self._lock = FileLock(str(self.partial_path) + ".lock")
         self._lock.acquire()
-        self._hasher = hashlib.sha256()
+        self._hasher = BackgroundHasher()
         self._handle: BinaryIO | None = None
         self.committed = False
         try:
             self._open()
         except BaseException:
+            self._hasher.close()
             self._lock.release()
             raise
 
@@ -180,6 +186,7 @@ class BlobWriter:
         if self.final_path.exists():
             self.partial_path.unlink(missing_ok=True)
         else:
+            # A rename, not a copy: the verified file becomes the blob as it is.
             os.replace(self.partial_path, self.final_path)
         self.committed = True
         self.close()
@@ -197,6 +204,7 @@ class BlobWriter:
     def close(self) -> None:
         """Release without committing; the partial file stays for a later resume."""
         try:
+            self._hasher.close()
             if self._handle is not None:
                 handle, self._handle = self._handle, None
                 handle.close()  # flushes, which can fail on a full disk
