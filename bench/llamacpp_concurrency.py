@@ -12,7 +12,8 @@ URL answers `POST /v1/chat/completions`):
   It gets dmr's default slots and context (`--parallel 8 -c 8*4096`), `--jinja`,
   `--no-repack` (docs/scheduler.md) and its own thread defaults.
 - `dmr-server`: `dmr serve` on a temporary store with the GGUF packaged as
-  `ai/smollm2`, **default settings** (nothing configured), hit over TCP.
+  `ai/smollm2`, **default settings** but the context, configured to the same
+  4096 per slot (dmr's own default follows the memory), hit over TCP.
 - `runner`: the dmr runner alone on its unix socket, as the engine starts it.
 - `llama-cpp-server`: `python -m llama_cpp.server`, the weakest peer.
 
@@ -333,8 +334,9 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
                 configure: dict[str, Any] = {}
                 if _thread_flags(args):
                     configure["runtime-flags"] = _thread_flags(args)
-                if args.ctx_size != DMR_DEFAULT_CTX:
-                    configure["context-size"] = args.ctx_size
+                # Always: dmr's default context follows the trained context and the
+                # memory (docs/scheduler.md), and the servers compared must match.
+                configure["context-size"] = args.ctx_size
                 if args.parallel != DMR_DEFAULT_PARALLEL:
                     configure["llamacpp"] = {"parallel": args.parallel}
                 if configure:
@@ -348,7 +350,7 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
             _stop(server)
 
 
-DMR_DEFAULT_CTX = 4096  # tokens per slot (dmr_llamacpp.runner)
+DMR_DEFAULT_CTX = 4096  # tokens per slot, as llama-server is given
 DMR_DEFAULT_PARALLEL = 8
 
 TARGETS: dict[str, Target] = {

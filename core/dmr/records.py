@@ -184,6 +184,9 @@ class RunnerLaunch:
     config: RunnerConfig
     device: AcceleratorInfo
     draft_bundle_dir: Path | None = None
+    # Bytes admission lets runners use on `device` (DMR_MEMORY_BUDGET, else its free
+    # memory); engines size defaults such as the context by it. None: not known.
+    memory_budget: int | None = None
 
 
 @dataclass(frozen=True)

@@ -849,6 +849,7 @@ class Scheduler:
             config=config,
             device=device,
             draft_bundle_dir=draft_dir,
+            memory_budget=self.budget(device),
         )
 
     def _log_path(self, runner: Runner) -> Path | None:

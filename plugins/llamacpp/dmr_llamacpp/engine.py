@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -31,11 +32,23 @@ from dmr_llamacpp.settings import (
     split_known_flags,
 )
 
-__all__ = ["DEFAULT_CONTEXT_SIZE", "LlamaCppEngine", "find_llama_server", "worker_settings"]
+__all__ = [
+    "DEFAULT_CONTEXT_SIZE",
+    "MAX_DEFAULT_CONTEXT_SIZE",
+    "LlamaCppEngine",
+    "find_llama_server",
+    "worker_settings",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONTEXT_SIZE = 4096
+DEFAULT_CONTEXT_SIZE = 4096  # per slot: the least default, and pooling runners' default
+# A chat runner's default context is the model's trained context where memory
+# allows (docs/scheduler.md): at most this many tokens per slot, and the runner's
+# whole estimate (all slots' KV cache included) within this share of the memory
+# free for dmr on its device (admission's budget), so another model still fits.
+MAX_DEFAULT_CONTEXT_SIZE = 32768
+DEFAULT_CONTEXT_MEMORY_SHARE = 0.5
 GPU_ALL_LAYERS = 999
 # Compute buffers and scratch space beside weights and KV cache.
 COMPUTE_MARGIN_BYTES = 256 * 1024 * 1024
@@ -43,7 +56,18 @@ COMPUTE_MARGIN_FRACTION = 0.10
 KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625}
 
 
-def _context_size(launch: RunnerLaunch, settings: WorkerSettings, train_ctx: int | None) -> int:
+def _context_size(
+    launch: RunnerLaunch,
+    settings: WorkerSettings,
+    train_ctx: int | None,
+    fits: Callable[[int], bool] | None = None,
+) -> int:
+    """Tokens per slot: `configure`'s, `LLAMA_ARGS`'s, the package's, else the default.
+
+    The default, for chat runners (`fits` given), is the trained context up to
+    `MAX_DEFAULT_CONTEXT_SIZE`, halved while the runner would not `fit` the
+    memory, down to `DEFAULT_CONTEXT_SIZE` (or the trained context when smaller).
+    """
     if launch.config.context_size:
         return launch.config.context_size
     if settings.ctx_size:
@@ -51,7 +75,13 @@ def _context_size(launch: RunnerLaunch, settings: WorkerSettings, train_ctx: int
     from_model = launch.model_config.get("context_size")
     if isinstance(from_model, int) and from_model > 0:
         return from_model
-    return min(train_ctx or DEFAULT_CONTEXT_SIZE, DEFAULT_CONTEXT_SIZE)
+    least = min(train_ctx or DEFAULT_CONTEXT_SIZE, DEFAULT_CONTEXT_SIZE)
+    if fits is None or launch.mode is not Mode.COMPLETION:
+        return least
+    context = max(least, min(train_ctx or DEFAULT_CONTEXT_SIZE, MAX_DEFAULT_CONTEXT_SIZE))
+    while context > least and not fits(context):
+        context = max(least, context // 2)
+    return context
 
 
 def worker_settings(
@@ -153,7 +183,7 @@ class LlamaCppEngine:
         settings = worker_settings(launch, native=native is not None)
         bundle = find_gguf_bundle(launch.bundle_dir)
         metadata = _gguf_metadata(bundle.model)
-        ctx_size = _context_size(launch, settings, _train_context(metadata))
+        ctx_size = self._chosen_context(launch, settings, metadata)
         if native is not None:
             return self._native_command(native, launch, settings, ctx_size)
         chat_template = settings.chat_template_file or (
@@ -240,15 +270,40 @@ class LlamaCppEngine:
         argv += list(settings.extra)
         return RunnerCommand(argv=tuple(argv), env={}, startup_timeout=120.0)
 
+    def _chosen_context(
+        self, launch: RunnerLaunch, settings: WorkerSettings, metadata: dict[str, object]
+    ) -> int:
+        """The context per slot, the default checked against the memory free for dmr."""
+        free = launch.memory_budget
+        if free is None:
+            free = launch.device.free_memory
+        budget = DEFAULT_CONTEXT_MEMORY_SHARE * free
+
+        def fits(context: int) -> bool:
+            estimate = self._estimate(launch, settings, metadata, context)
+            return estimate.device_bytes <= budget
+
+        return _context_size(launch, settings, _train_context(metadata), fits)
+
     def estimate_memory(self, launch: RunnerLaunch) -> MemoryEstimate:
         """Weights (file size) + f16 KV cache for context x slots + a compute-buffer margin."""
         settings = worker_settings(launch, native=self._native_server() is not None)
+        metadata = _gguf_metadata(find_gguf_bundle(launch.bundle_dir).model)
+        context = self._chosen_context(launch, settings, metadata)
+        return self._estimate(launch, settings, metadata, context)
+
+    def _estimate(
+        self,
+        launch: RunnerLaunch,
+        settings: WorkerSettings,
+        metadata: dict[str, object],
+        context: int,
+    ) -> MemoryEstimate:
         bundle = find_gguf_bundle(launch.bundle_dir)
-        metadata = _gguf_metadata(bundle.model)
-        ctx_total = _context_size(launch, settings, _train_context(metadata)) * settings.parallel
+        ctx_total = context * settings.parallel
         if launch.mode is not Mode.COMPLETION:
             # Pooling runners keep one sequence per input; their context is the batch.
-            ctx_total = _context_size(launch, settings, _train_context(metadata))
+            ctx_total = context
         weights = bundle.weight_bytes + (bundle.mmproj.stat().st_size if bundle.mmproj else 0)
         kv_cache = kv_cache_bytes(metadata, ctx_total, settings)
         if launch.draft_bundle_dir is not None and launch.mode is Mode.COMPLETION:

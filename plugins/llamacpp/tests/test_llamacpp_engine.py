@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from dmr.plugins import engines
-from dmr.records import AcceleratorInfo, EngineState, Mode
+from dmr.records import AcceleratorInfo, EngineState, Mode, RunnerLaunch
 from dmr_llamacpp.engine import LlamaCppEngine
 from llamacpp_helpers import CPU, make_launch
 
@@ -231,3 +231,32 @@ def test_reasoning_budget_reaches_the_runner(llama_bundle: Path, tmp_path: Path)
     bad = make_launch(llama_bundle, tmp_path / "r.sock", runtime_flags=("--reasoning-budget", "-5"))
     with pytest.raises(ValueError, match="reasoning-budget"):
         LlamaCppEngine().runner_command(bad)
+
+
+def _ctx(engine: LlamaCppEngine, launch: RunnerLaunch) -> int:
+    argv = list(engine.runner_command(launch).argv)
+    return int(argv[argv.index("--ctx-size") + 1])
+
+
+def test_default_context_is_the_trained_one_where_memory_allows(
+    llama_bundle: Path, tmp_path: Path
+) -> None:
+    """SmolLM2 is trained on 8192 tokens: 8 slots of it fit half of 16 GiB, not of 2 GiB."""
+    engine = LlamaCppEngine()
+    unset = make_launch(llama_bundle, tmp_path / "r.sock", context_size=None)
+    roomy = replace(unset, memory_budget=16 << 30)
+    assert _ctx(engine, roomy) == 8192
+    sized = make_launch(llama_bundle, tmp_path / "r.sock", context_size=8192)
+    # The estimate admission compares is the one of the context chosen.
+    assert engine.estimate_memory(roomy) == engine.estimate_memory(sized)
+    assert engine.estimate_memory(roomy).device_bytes <= (16 << 30) // 2
+
+    tight = replace(unset, memory_budget=2 << 30)
+    assert _ctx(engine, tight) == 4096  # never below 4096, however tight
+    assert engine.estimate_memory(tight).device_bytes < engine.estimate_memory(roomy).device_bytes
+    # Without a budget, the device's free memory (8 GiB here) is the measure.
+    assert _ctx(engine, unset) == 8192
+    # Set contexts and pooling runners are left alone.
+    assert _ctx(engine, replace(sized, memory_budget=1 << 30)) == 8192
+    embedding = make_launch(llama_bundle, tmp_path / "r.sock", Mode.EMBEDDING, context_size=None)
+    assert _ctx(engine, replace(embedding, memory_budget=16 << 30)) == 4096
