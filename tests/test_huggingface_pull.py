@@ -13,6 +13,7 @@ from dmr.errors import ModelNotFoundError
 from dmr.records import ProgressEvent
 from dmr.store import Store, StoredModel
 
+from tests.fixtures.file_reads import reads_under
 from tests.fixtures.hf_hub import FakeHub, tiny_gguf
 
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
@@ -150,6 +151,29 @@ async def test_safetensors_repository(fake_hub: FakeHub, tmp_path: Path) -> None
         "tokenizer_config.json": formats.MODEL_FILE,
     }
     assert model.format == "safetensors"
+
+
+async def test_pull_reads_no_downloaded_file_back(fake_hub: FakeHub, tmp_path: Path) -> None:
+    # Each file is hashed as it is written; packaging it into a model then takes that
+    # digest instead of reading the weights a second time.
+    weights = tiny_gguf("big", 5_000_000)
+    header = json.dumps(
+        {"w": {"dtype": "U8", "shape": [3_000_000], "data_offsets": [0, 3_000_000]}}
+    )
+    tensors = len(header).to_bytes(8, "little") + header.encode() + b"\x07" * 3_000_000
+    fake_hub.add_repo("org/read-once-gguf", {"big-Q4_K_M.gguf": weights})
+    fake_hub.add_repo(
+        "org/read-once-st",
+        {"model.safetensors": tensors, "config.json": b'{"architectures": ["LlamaForCausalLM"]}'},
+    )
+    store = Store.open(tmp_path / "store")
+    with reads_under(store.root) as reads:
+        gguf = await pull_model(store, "hf.co/org/read-once-gguf", lambda e: None)
+        safetensors = await pull_model(store, "hf.co/org/read-once-st", lambda e: None)
+    assert layer_bytes(store, gguf, formats.GGUF) == [weights]
+    assert layer_bytes(store, safetensors, formats.SAFETENSORS) == [tensors]
+    # Headers only (GGUF metadata, the safetensors JSON): never the megabytes again.
+    assert sum(reads.values()) < 64 * 1024, reads
 
 
 async def test_interrupted_hub_download_resumes_with_range(

@@ -422,12 +422,17 @@ def _package(
 
     store.layout.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.layout.tmp_dir, prefix="hf-") as scratch:
-        root = Path(scratch)
+        root = Path(scratch).absolute()
+        # Each blob was verified as it was written: packaging takes its digest rather
+        # than reading the whole file a second time.
+        verified: dict[Path, str] = {}
 
         def place(file: RepoFile, under: str = "") -> Path:
             relative = safe_relative_path(file.path)
             target = root / under / relative if under else root / relative
-            link_or_copy(store.blob_path(downloaded.digests[file.path]), target)
+            digest = downloaded.digests[file.path]
+            link_or_copy(store.blob_path(digest), target)
+            verified[target] = digest
             return target
 
         template_path: Path | None = None
@@ -438,12 +443,17 @@ def _package(
         if plan.format == "gguf":
             weights = [place(file, "weights") for file in plan.weights]
             mmproj = place(plan.mmproj, "extras") if plan.mmproj is not None else None
-            options = PackageOptions(chat_template=template_path, mmproj=mmproj, created=created)
+            options = PackageOptions(
+                chat_template=template_path,
+                mmproj=mmproj,
+                created=created,
+                verified_digests=verified,
+            )
             artifact = packaging.package_gguf(weights, options)
         else:
             for file in (*plan.weights, *plan.extras):
                 place(file, "model")
-            options = PackageOptions(created=created)
+            options = PackageOptions(created=created, verified_digests=verified)
             artifact = packaging.package_safetensors_dir(root / "model", options)
         model = packaging.write_to_store(store, artifact, [tag])
     return str(model.id)

@@ -67,8 +67,17 @@ class LayerFile:
 
     @classmethod
     def from_path(
-        cls, path: Path, media_type: str, annotations: Mapping[str, str] | None = None
+        cls,
+        path: Path,
+        media_type: str,
+        annotations: Mapping[str, str] | None = None,
+        *,
+        verified: Mapping[Path, str] | None = None,
     ) -> LayerFile:
+        """The layer for `path`, hashed here unless `verified` already knows its digest."""
+        known = (verified or {}).get(Path(path).absolute())
+        if known is not None:
+            return cls(path, media_type, known, path.stat().st_size, dict(annotations or {}))
         digest, size = hash_file(path)
         return cls(path, media_type, digest, size, dict(annotations or {}))
 
@@ -106,6 +115,9 @@ class PackageOptions:
     context_size: int | None = None
     # RFC 3339 or a datetime; None: $SOURCE_DATE_EPOCH, else now.
     created: datetime | str | None = None
+    # Digests of files (absolute paths) verified as they were written, such as the
+    # blobs a pull just stored: taken as they are instead of reading the files again.
+    verified_digests: Mapping[Path, str] = field(default_factory=dict)
 
 
 def rfc3339(created: datetime | str | None) -> str:
@@ -129,18 +141,17 @@ def _require_file(path: Path, what: str) -> Path:
 
 
 def _extras(options: PackageOptions) -> list[LayerFile]:
+    verified = options.verified_digests
     layers = [
-        LayerFile.from_path(_require_file(path, "license"), formats.LICENSE)
+        LayerFile.from_path(_require_file(path, "license"), formats.LICENSE, verified=verified)
         for path in options.licenses
     ]
     if options.mmproj is not None:
-        layers.append(LayerFile.from_path(_require_file(options.mmproj, "mmproj"), formats.MMPROJ))
+        mmproj = _require_file(options.mmproj, "mmproj")
+        layers.append(LayerFile.from_path(mmproj, formats.MMPROJ, verified=verified))
     if options.chat_template is not None:
-        layers.append(
-            LayerFile.from_path(
-                _require_file(options.chat_template, "chat template"), formats.CHAT_TEMPLATE
-            )
-        )
+        template = _require_file(options.chat_template, "chat template")
+        layers.append(LayerFile.from_path(template, formats.CHAT_TEMPLATE, verified=verified))
     return layers
 
 
@@ -224,7 +235,10 @@ def package_gguf(paths: Sequence[Path], options: PackageOptions | None = None) -
         "size": human_size(gguf.size),
         "gguf": metadata_strings(gguf),
     }
-    weights = [LayerFile.from_path(path, formats.GGUF) for path in shards]
+    weights = [
+        LayerFile.from_path(path, formats.GGUF, verified=options.verified_digests)
+        for path in shards
+    ]
     return _build(formats.CONFIG_V01, block, [*weights, *_extras(options)], options)
 
 
@@ -317,6 +331,7 @@ def package_safetensors_dir(directory: Path, options: PackageOptions | None = No
             path,
             formats.SAFETENSORS if relative.endswith(".safetensors") else formats.MODEL_FILE,
             {formats.FILEPATH_ANNOTATION: relative},
+            verified=options.verified_digests,
         )
         for relative, path in files
     ]
@@ -363,7 +378,7 @@ def package_dduf(path: Path, options: PackageOptions | None = None) -> Artifact:
     except (zipfile.BadZipFile, OSError) as error:
         raise InvalidRequestError(f"{path.name}: not a DDUF archive ({error})") from error
     components = sorted({name.split("/", 1)[0] for name in names if "/" in name})
-    layer = LayerFile.from_path(path, formats.DDUF)
+    layer = LayerFile.from_path(path, formats.DDUF, verified=options.verified_digests)
     block: dict[str, Any] = {
         "format": "diffusers",
         "size": human_size(layer.size),
