@@ -85,23 +85,33 @@ def runner_series(server: DmrServer, name: str) -> float:
     return total
 
 
-def send_raw(server: DmrServer, path: str, body: dict[str, Any]) -> socket.socket:
+def send_raw(
+    server: DmrServer, path: str, body: dict[str, Any], extra_headers: str = ""
+) -> socket.socket:
     """Send one HTTP request and leave its answer unread."""
     raw = json.dumps(body).encode()
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(raw)}\r\nConnection: close\r\n{extra_headers}\r\n"
     ).encode()
     conn = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     conn.sendall(head + raw)
     return conn
 
 
+@pytest.mark.parametrize("browser", [False, True], ids=["plain", "browser"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("dialect", sorted(REQUESTS))
-def test_client_gone_stops_the_generation(server: DmrServer, dialect: str, stream: bool) -> None:
+def test_client_gone_stops_the_generation(
+    server: DmrServer, dialect: str, stream: bool, browser: bool
+) -> None:
+    """`browser`: an `Origin` header sends the request through the Quart app (CORS)
+    rather than the server's fast proxy path; both must stop."""
+    if browser and not dialect.startswith("openai"):
+        pytest.skip("the other dialects are Quart views already")
     path, body = REQUESTS[dialect]
-    conn = send_raw(server, path, {**body, "stream": stream})
+    origin = "Origin: http://127.0.0.1:3000\r\n" if browser else ""
+    conn = send_raw(server, path, {**body, "stream": stream}, origin)
     try:
         wait_for(
             lambda: runner_series(server, "llamacpp:requests_processing") == 1,
