@@ -149,17 +149,21 @@ def test_unload_of_a_busy_model_cancels_its_requests(server: DmrServer) -> None:
 
     whole = {**REQUESTS["openai"][1], "stream": False}
     streamed = {**REQUESTS["ollama-chat"][1], "stream": True}
+    openai_streamed = {**REQUESTS["openai"][1], "stream": True}
     threads = [
         threading.Thread(target=ask, args=("openai", REQUESTS["openai"][0], whole)),
         threading.Thread(target=ask, args=("ollama", REQUESTS["ollama-chat"][0], streamed)),
+        threading.Thread(
+            target=ask, args=("openai-stream", REQUESTS["openai"][0], openai_streamed)
+        ),
     ]
     for thread in threads:
         thread.start()
     try:
         wait_for(
-            lambda: runner_series(server, "llamacpp:requests_processing") == 2,
+            lambda: runner_series(server, "llamacpp:requests_processing") == 3,
             timeout=120,
-            message="both generations to start",
+            message="the generations to start",
         )
         unloaded = server.cli("unload", MODEL)
     finally:
@@ -167,7 +171,7 @@ def test_unload_of_a_busy_model_cancels_its_requests(server: DmrServer) -> None:
             thread.join(timeout=60)
     assert unloaded.returncode == 0, unloaded.stderr
     assert "Unloaded 1 model(s)." in unloaded.stdout
-    assert "Cancelled 2 request(s)" in unloaded.stdout
+    assert "Cancelled 3 request(s)" in unloaded.stdout
     assert ps(server) == []  # unloaded means unloaded
 
     openai = answers["openai"]
@@ -178,6 +182,10 @@ def test_unload_of_a_busy_model_cancels_its_requests(server: DmrServer) -> None:
     assert isinstance(ollama, httpx.Response), ollama
     last = json.loads(ollama.text.strip().splitlines()[-1])
     assert "was unloaded (dmr unload)" in last["error"]
+    openai_stream = answers["openai-stream"]
+    assert isinstance(openai_stream, httpx.Response), openai_stream
+    events = [line for line in openai_stream.text.splitlines() if line.startswith("data: {")]
+    assert "was unloaded (dmr unload)" in events[-1], events[-1]
 
 
 def test_ollama_keep_alive_zero_lets_a_busy_model_finish(server: DmrServer) -> None:
