@@ -105,6 +105,7 @@ _value(("--draft-max", "--draft", "--draft-n"), "draft_max", int)
 _value(("--draft-p-min",), "draft_p_min", float)
 _value(("-cram", "--cache-ram"), "cache_ram", int)
 _value(("--burst-gap-ms",), "burst_gap_ms", float)
+_value(("--batch-share",), "batch_share", int)
 _value(("--reasoning-budget",), "reasoning_budget", int)
 _value(("--chat-template-file",), "chat_template_file", str)
 _value(("-a", "--alias"), "alias", str)
@@ -161,6 +162,10 @@ class WorkerSettings:
     # dmr's own: how long an idle runner waits for the next request of a burst
     # before its first step (runner/batching.py); 0 starts at once.
     burst_gap_ms: float = 3.0
+    # dmr's own: how many batch requests (x-dmr-priority: batch) may be decoded in a
+    # step that holds an interactive request; -1 no limit. None: 0 on CPU, where each
+    # sequence adds to a step's time, no limit with GPU layers (docs/batch.md).
+    batch_share: int | None = None
     # llama-server's: thinking tokens a reasoning model may write (-1 unlimited, 0 none).
     reasoning_budget: int = -1
     chat_template_file: str | None = None
@@ -235,6 +240,8 @@ def _convert(name: str, raw: str) -> Any:
         raise ValueError(f"flag {name} must be positive, got {raw!r}")
     if attr == "burst_gap_ms" and not 0 <= value <= 1000:
         raise ValueError(f"flag {name} takes 0 to 1000 ms, got {raw!r}")
+    if attr == "batch_share" and value < -1:
+        raise ValueError(f"flag {name} takes -1 (no limit) or a number of requests")
     if attr == "reasoning_budget" and value < -1:
         raise ValueError(f"flag {name} takes -1 (unlimited), 0 (off) or a token count")
     if attr == "cache_ram" and value < 0:
@@ -323,7 +330,7 @@ def runner_arg_parser() -> argparse.ArgumentParser:
                 "--no-" + item.name.replace("_", "-"), dest=item.name, action="store_false"
             )
         else:
-            kind = {"ctx_size": int, "threads": int, "threads_batch": int}.get(
+            kind = {"ctx_size": int, "threads": int, "threads_batch": int, "batch_share": int}.get(
                 item.name, type(value) if value is not None else str
             )
             parser.add_argument(option, dest=item.name, type=kind, default=value)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from dmr.runner_support import BATCH_PRIORITY, PRIORITY_HEADER
 from dmr.scheduler.wait_queue import Priority, priority_headers, request_priority
+from dmr_llamacpp.settings import WorkerSettings, apply_flags
 from llamacpp_helpers import RunnerProcess, make_launch, short_socket
 
 pytestmark = pytest.mark.llama
@@ -68,17 +70,25 @@ async def predicted(client: httpx.AsyncClient) -> float:
     return metric(await metrics(client), "llamacpp:tokens_predicted_total")
 
 
-async def first_token_steps(client: httpx.AsyncClient) -> tuple[float, str]:
-    """Decode steps between sending a streamed interactive chat and its first token,
-    and the chat's whole text."""
+@dataclass
+class Chat:
+    first_token_steps: float  # decode steps from sending the chat to its first token
+    tokens_per_step: float  # tokens generated per step while the chat streamed
+    text: str
+
+
+async def stream_chat(client: httpx.AsyncClient) -> Chat:
+    """A streamed interactive chat, counted by the runner's metrics as it goes."""
     before = metric(await metrics(client), "llamacpp:decode_steps_total")
     body = {
         "messages": [{"role": "user", "content": "Say hello."}],
-        "max_tokens": 8,
+        "max_tokens": 24,
+        "ignore_eos": True,
         "temperature": 0,
         "stream": True,
     }
-    steps: float | None = None
+    counts: list[tuple[float, float]] = []  # (steps, tokens) at the 1st and 12th chunk
+    chunks = 0
     text = ""
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
@@ -86,11 +96,20 @@ async def first_token_steps(client: httpx.AsyncClient) -> tuple[float, str]:
             if not line.startswith("data: {"):
                 continue
             delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
-            if delta and steps is None:
-                steps = metric(await metrics(client), "llamacpp:decode_steps_total") - before
+            if delta:
+                chunks += 1
+                if chunks in (1, 12):
+                    text_now = await metrics(client)
+                    counts.append(
+                        (
+                            metric(text_now, "llamacpp:decode_steps_total"),
+                            metric(text_now, "llamacpp:tokens_predicted_total"),
+                        )
+                    )
             text += delta or ""
-    assert steps is not None, "the chat streamed no token"
-    return steps, text
+    assert len(counts) == 2, f"the chat streamed {chunks} chunks"
+    (steps0, tokens0), (steps1, tokens1) = counts
+    return Chat(steps0 - before, (tokens1 - tokens0) / max(1.0, steps1 - steps0), text)
 
 
 async def test_a_chat_takes_a_batch_slot_at_once_and_the_batch_answers_stay_the_same(
@@ -104,16 +123,19 @@ async def test_a_chat_takes_a_batch_slot_at_once_and_the_batch_answers_stay_the_
         batch = [asyncio.create_task(batch_completion(client, p)) for p in PROMPTS]
         # Far enough in that the cells to keep are worth a copy to host memory.
         await wait_generating(client, slots=2, since=since, tokens=40)
-        steps, chat = await first_token_steps(client)
+        chat = await stream_chat(client)
         # The chat ended while both batch requests still had tokens to go.
         assert not any(task.done() for task in batch)
         preempted = await asyncio.gather(*batch)
         after = metric(await metrics(client), "llamacpp:preemptions_total")
 
-    assert chat
+    assert chat.text
     # Admitted at the next step, not after a batch request's remaining ~120 tokens (the
     # count also takes in the steps run while the test reads it: 3 on an idle machine).
-    assert steps <= 10, steps
+    assert chat.first_token_steps <= 10, chat
+    # On CPU (batch share 0) the other batch request waited in its slot meanwhile: one
+    # token a step, the chat's (with it decoded too, two).
+    assert chat.tokens_per_step <= 1.3, chat
     assert after == preemptions + 1
     # Resumed where they stopped: the same greedy text, answered once each.
     assert preempted == alone
@@ -147,3 +169,10 @@ async def test_the_server_marks_only_batch_requests() -> None:
         assert priority_headers() == {"x-dmr-priority": "batch"}
     finally:
         request_priority.reset(token)
+
+
+def test_batch_share_takes_a_count_or_minus_one() -> None:
+    settings = apply_flags(WorkerSettings(), ["--batch-share", "2"])
+    assert settings.batch_share == 2
+    with pytest.raises(ValueError, match="--batch-share"):
+        apply_flags(WorkerSettings(), ["--batch-share", "-2"])

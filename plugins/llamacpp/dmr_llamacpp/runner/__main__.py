@@ -126,6 +126,7 @@ def load_into(
                 host_cache_bytes=settings.cache_ram * 1024 * 1024,
                 burst_gap_s=settings.burst_gap_ms / 1000,
                 projector=state.projector,
+                batch_share=batch_share(settings),
             )
         else:
             state.pooler = Pooler(
@@ -137,6 +138,19 @@ def load_into(
         state.load_error = f"failed to load {model_path.name}: {error}"
         print(state.load_error, file=sys.stderr, flush=True)
         on_failure()  # exit, so the scheduler sees a crash with this message on stderr
+
+
+def batch_share(settings: WorkerSettings) -> int:
+    """How many batch requests may share a step with an interactive one (-1: all).
+
+    On CPU a step's time grows with each sequence in it (SmolLM2 on 2 cores: 19 ms
+    for one, 82 ms for eight, docs/benchmarks.md), so a batch request decoded beside
+    a chat slows the chat: batch requests wait in their slots until it is done. With GPU
+    layers extra sequences cost little, and batch work shares every step.
+    """
+    if settings.batch_share is not None:
+        return settings.batch_share
+    return 0 if settings.n_gpu_layers == 0 else -1
 
 
 def load_projector(

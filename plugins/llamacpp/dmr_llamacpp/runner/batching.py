@@ -27,7 +27,9 @@ interactive job that finds no idle slot takes a batch job's slot at once; the ba
 goes back to the front of the batch queue with what it has generated so far (`_Resume`:
 its sampler, text and counters) and later continues from its prompt plus those tokens,
 whose KV cells its slot's cache or the host cache mostly still hold. Its handler sees
-one answer, as if nothing had happened.
+one answer, as if nothing had happened. While an interactive job is in a slot, at most
+`batch_share` batch jobs (-1: all) put tokens into a step; the others wait in their
+slots, so that batch work does not slow the chat's steps down.
 """
 
 from __future__ import annotations
@@ -269,8 +271,10 @@ class BatchedGenerator:
         host_cache_bytes: int = 0,
         burst_gap_s: float = BURST_GAP_S,
         projector: VisionProjector | None = None,
+        batch_share: int = -1,
     ) -> None:
         self.model = model
+        self.batch_share = batch_share
         self.projector = projector
         self.burst_gap_s = burst_gap_s
         self.host_cache = (
@@ -607,14 +611,17 @@ class BatchedGenerator:
         following = [offset for offset in job.images if offset >= at]
         return min(following) - at if following else len(slot.pending_prompt)
 
-    def _decode_images(self) -> None:
+    def _decode_images(self, held_back: set[int]) -> None:
         """Decode each slot's image that is next in its prompt, one decode per image
-        (llama_decode cannot mix embeddings and token ids in one batch)."""
+        (llama_decode cannot mix embeddings and token ids in one batch), but for the
+        slots `held_back` this step."""
         if self.projector is None:  # a text-only model: every step, so kept cheap
             return
         for slot in self.slots:
             job = slot.job
             if job is None or not job.images or not slot.pending_prompt:
+                continue
+            if slot.seq_id in held_back:
                 continue
             if slot.pending_prompt[0] >= 0 or job.cancelled:
                 continue
@@ -645,8 +652,20 @@ class BatchedGenerator:
             slot.tokens.extend(slot.pending_prompt[:n_cells])
             slot.pending_prompt = slot.pending_prompt[n_cells:]
 
+    def _held_back(self) -> set[int]:
+        """The seq_ids of batch jobs that sit this step out: past `batch_share` while
+        an interactive job is in a slot (the oldest batch jobs go first)."""
+        if self.batch_share < 0:
+            return set()
+        jobs = [(slot, slot.job) for slot in self.slots if slot.job is not None]
+        if all(job.batch for _slot, job in jobs):
+            return set()
+        batch = sorted((slot for slot, job in jobs if job.batch), key=lambda s: s.started_at)
+        return {slot.seq_id for slot in batch[self.batch_share :]}
+
     def _step(self) -> None:
-        drafts = self._propose_drafts()
+        held_back = self._held_back()
+        drafts = self._propose_drafts(held_back)
         batch = self._batch
         batch.clear()
         prompt_tokens_in_step = 0
@@ -655,6 +674,8 @@ class BatchedGenerator:
             slot.output_index = None
             slot.drafted = []
             slot.draft_indices = []
+            if slot.seq_id in held_back:
+                continue
             if slot.busy and slot.next_token is not None:
                 in_batch.append(slot)
                 slot.output_index = batch.add(
@@ -674,7 +695,11 @@ class BatchedGenerator:
         # Prompts fill the rest of the batch, oldest request first, in chunks;
         # interactive ones before batch work.
         prefilling = sorted(
-            (slot for slot in self.slots if slot.job is not None and slot.pending_prompt),
+            (
+                slot
+                for slot in self.slots
+                if slot.job is not None and slot.pending_prompt and slot.seq_id not in held_back
+            ),
             key=lambda slot: (slot.job is not None and slot.job.batch, slot.started_at),
         )
         for slot in prefilling:
@@ -697,7 +722,7 @@ class BatchedGenerator:
                     slot.output_index = index
             prompt_tokens_in_step += len(chunk)
         if batch.n_tokens == 0:
-            self._decode_images()
+            self._decode_images(held_back)
             return
         started = time.perf_counter()
         status = batch.decode(self.model)
@@ -721,12 +746,13 @@ class BatchedGenerator:
                 self._verify(slot)
             else:
                 self._sample(slot)
-        self._decode_images()
+        self._decode_images(held_back)
         self.stats.kv_cells_used = sum(len(slot.tokens) for slot in self.slots)
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
 
-    def _propose_drafts(self) -> dict[int, list[int]]:
-        """Draft tokens per generating slot, within the batch's room and each slot's limits."""
+    def _propose_drafts(self, held_back: set[int]) -> dict[int, list[int]]:
+        """Draft tokens per generating slot (but those `held_back`), within the batch's
+        room and each slot's limits."""
         if self.drafter is None:
             return {}
         # Not for prompts with images: the draft model has no projector to read them.
@@ -737,6 +763,7 @@ class BatchedGenerator:
             and slot.next_token is not None
             and slot.job is not None
             and not slot.job.images
+            and slot.seq_id not in held_back
         ]
         if not generating:
             return {}
