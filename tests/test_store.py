@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
+import mmap
 import multiprocessing
+import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -14,6 +18,7 @@ import pytest
 from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
 from dmr.errors import ConflictError, InvalidRequestError, ModelNotFoundError, StoreError
 from dmr.store import Store
+from dmr.store.writeback import WRITEBACK_STEP
 
 from tests.test_packaging import tiny_gguf
 
@@ -136,6 +141,48 @@ def test_blob_writer_hashes_what_was_written_even_from_a_reused_buffer(tmp_path:
         writer.commit()
     assert store.blob_path(digest).read_bytes() == b"".join(chunks)
     assert not [t for t in threading.enumerate() if t.name == "dmr-sha256"]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
+
+
+class _CacheStatRange(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
+
+
+def _dirty_pages(path: Path) -> int:
+    """The file's dirty pages in the page cache (Linux 6.5+ `cachestat`)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat = _CacheStat()
+        if libc.syscall(451, fd, ctypes.byref(_CacheStatRange(0, 0)), ctypes.byref(stat), 0):
+            pytest.skip(f"no cachestat here: {os.strerror(ctypes.get_errno())}")
+        return int(stat.dirty)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range and cachestat are Linux's")
+def test_blob_writer_sends_pages_to_disk_while_it_writes(tmp_path: Path) -> None:
+    # Left alone, the kernel would keep the whole blob dirty until the fsync before
+    # the rename, and the pull would wait for all of it there.
+    store = Store.open(tmp_path / "models")
+    chunk = os.urandom(1 << 20)
+    count = 3 * WRITEBACK_STEP // len(chunk)
+    digest = "sha256:" + hashlib.sha256(chunk * count).hexdigest()
+    with store.blob_writer(digest, len(chunk) * count) as writer:
+        for _ in range(count):
+            writer.write(chunk)
+        dirty = _dirty_pages(store.layout.incomplete_blob(digest)) * mmap.PAGESIZE
+        at_most = WRITEBACK_STEP + (1 << 20)  # the bytes since the last step, and a chunk
+        assert dirty <= at_most, f"{dirty} of {3 * WRITEBACK_STEP} bytes still dirty"
+        writer.commit()
+    assert store.blob_path(digest).stat().st_size == len(chunk) * count
 
 
 def test_purge_refuses_a_directory_that_is_no_store(tmp_path: Path) -> None:

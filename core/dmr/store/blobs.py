@@ -17,6 +17,7 @@ from filelock import FileLock
 from dmr.errors import InsufficientStorageError, StoreError
 from dmr.store.hashing import BackgroundHasher
 from dmr.store.layout import StoreLayout, digest_hex
+from dmr.store.writeback import EarlyWriteback
 
 __all__ = ["CHUNK", "BlobWriter", "copy_into_blobs", "hash_file", "link_or_copy", "put_bytes"]
 
@@ -90,7 +91,8 @@ class BlobWriter:
 
     The bytes are hashed as they are written (in a thread beside the writer's, see
     `hashing`), so `commit()` reads nothing back: each byte crosses memory once on
-    its way to disk and once into the hash.
+    its way to disk and once into the hash. Their writeback to disk starts as they
+    come (`writeback`), so the fsync before the rename has little left to do.
 
     A per-blob file lock keeps two pulls of the same model from appending to the
     same partial file; the second one waits and then finds the blob complete.
@@ -107,6 +109,7 @@ class BlobWriter:
         self._lock.acquire()
         self._hasher = BackgroundHasher()
         self._handle: BinaryIO | None = None
+        self._writeback: EarlyWriteback | None = None
         self.committed = False
         try:
             self._open()
@@ -139,6 +142,7 @@ class BlobWriter:
             remaining -= len(chunk)
         handle.seek(existing)
         self._handle = handle
+        self._writeback = EarlyWriteback(handle.fileno(), existing)
         self.offset = existing
 
     def write(self, data: bytes) -> None:
@@ -163,6 +167,8 @@ class BlobWriter:
             ) from None
         self._hasher.update(data)
         self.offset += len(data)
+        if self._writeback is not None:
+            self._writeback.advance(self.offset)
 
     def commit(self) -> Path:
         """Verify the digest (and size) and move the blob into place."""
