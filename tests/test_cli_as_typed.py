@@ -50,6 +50,9 @@ def test_ls_filters_to_a_model_and_shows_its_context(
     dmr_server_factory: Callable[..., DmrServer], tmp_path: Path
 ) -> None:
     server = dmr_server_factory()
+    # One creation time for every package: the same file then gives the same ID, whatever
+    # second each `dmr package` runs in (the `ls -q` check below relies on it).
+    server.env["SOURCE_DATE_EPOCH"] = "1700000000"
     gguf = tiny_gguf(tmp_path / "tiny.gguf")  # trained context: 2048 (llama.context_length)
     for args in (
         ("ai/tiny:v1",),
