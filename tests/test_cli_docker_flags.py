@@ -283,3 +283,67 @@ def test_a_cncf_packaged_smollm2_answers(
 
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout.strip()
+
+
+@pytest.mark.registry
+def test_cncf_artifacts_push_pull_and_lying_weights_are_refused(
+    dmr_server_factory: object, oci_registry: LocalRegistry, tmp_path: Path
+) -> None:
+    """A CNCF-packaged model goes to a registry and back as it is; a ModelPack raw layer
+    that claims to be GGUF weights (by its path) gets the GGUF header check on pull."""
+    import hashlib
+
+    import httpx
+    from dmr.store import Store
+
+    from tests.fixtures.hf_hub import tiny_gguf
+    from tests.fixtures.registry import upload_artifact
+
+    server: DmrServer = dmr_server_factory(INSECURE_REGISTRY="true")  # type: ignore[operator]
+    gguf = tmp_path / "weights.gguf"
+    gguf.write_bytes(tiny_gguf("cncf-round-trip"))
+    tag = f"{oci_registry.host}/tests/cncf:v1"
+    assert server.cli("package", "--gguf", str(gguf), "--format", "cncf", tag).returncode == 0
+    pushed_id = Store.open(server.models_path).get(tag).id
+    assert server.cli("push", tag).returncode == 0
+    assert server.cli("rm", tag).returncode == 0
+    pulled = server.cli("pull", tag)
+    assert pulled.returncode == 0, pulled.stderr
+    stored = Store.open(server.models_path).get(tag)
+    assert stored.id == pushed_id and stored.format == "gguf"
+    assert [p.name for p in (stored.bundle_dir / "model").iterdir()] == ["model.gguf"]
+
+    # Raw bytes that say GGUF and lie about their tensor count.
+    lying = b"GGUF" + (3).to_bytes(4, "little") + (2**40).to_bytes(8, "little") + bytes(8)
+    config = json.dumps(
+        {"descriptor": {"createdAt": "2026-01-01T00:00:00Z"},
+         "modelfs": {"type": "layers", "diffIds": []}, "config": {"format": "gguf"}}
+    ).encode()  # fmt: skip
+    config_type = "application/vnd.cncf.model.config.v1+json"
+    raw = "application/vnd.cncf.model.weight.v1.raw"
+    upload_artifact(oci_registry, "tests/lying", "blobs", config_type, config, [(raw, lying)])
+
+    def digest(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.cncf.model.manifest.v1+json",
+        "config": {"mediaType": config_type, "digest": digest(config), "size": len(config)},
+        "layers": [
+            {"mediaType": raw, "digest": digest(lying), "size": len(lying),
+             "annotations": {"org.cncf.model.filepath": "model.gguf"}},
+        ],
+    }  # fmt: skip
+    put = httpx.put(
+        f"{oci_registry.url}/v2/tests/lying/manifests/v1",
+        content=json.dumps(manifest),
+        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    put.raise_for_status()
+
+    refused = server.cli("pull", f"{oci_registry.host}/tests/lying:v1")
+
+    assert refused.returncode != 0
+    assert "GGUF weights" in refused.stderr and "unusable" in refused.stderr

@@ -256,7 +256,9 @@ def _pull_from(
     config, layers = parse_model_manifest(manifest)
     # Where each layer would land in the bundle (no `..`, no absolute path): checked
     # now, as `add_model` will, so a hostile manifest costs no download.
-    bundle_file_names(layers_of(parse_manifest(manifest)))
+    placed = bundle_file_names(layers_of(parse_manifest(manifest)))
+    # GGUF weights by where they land: a CNCF ModelPack raw layer is one by its path.
+    ggufs = {layer.digest for layer, name in placed if re.fullmatch(_GGUF_BUNDLE_NAME, name)}
     # The config is small: fetch and verify it in memory, and only store it once
     # every layer is in, so a failed pull adds nothing a model does not point to.
     config_bytes = client.fetch_small_blob(reference.repository, config.digest, config.size)
@@ -268,7 +270,7 @@ def _pull_from(
     for attempt in range(_ADD_ATTEMPTS):
         try:
             _download_missing(client, reference, store, layers, tracker, stop)
-            _check_weights(store, layers)
+            _check_weights(store, layers, ggufs)
             store.put_blob_bytes(config_bytes)
             model = store.add_model(manifest, [reference.familiar])
             break
@@ -281,9 +283,15 @@ def _pull_from(
 
 _ADD_ATTEMPTS = 3
 _GGUF_MEDIA_TYPES = frozenset({formats.GGUF, formats.CNCF_GGUF})
+# The bundle names GGUF weights get (dmr.store.bundle): model.gguf, model-0000N-of-0000M.gguf.
+_GGUF_BUNDLE_NAME = r"model(-\d{5}-of-\d{5})?\.gguf"
 
 
-def _check_weights(store: Store, layers: Sequence[Descriptor]) -> None:
+def _check_weights(
+    store: Store,
+    layers: Sequence[Descriptor],
+    gguf_digests: frozenset[str] | set[str] = frozenset(),
+) -> None:
     """Refuse GGUF weights whose header lies (counts, lengths, tensor offsets).
 
     A digest proves the bytes are the ones pushed, not that they are a model: a
@@ -292,7 +300,7 @@ def _check_weights(store: Store, layers: Sequence[Descriptor]) -> None:
     claim in it causes a large allocation.
     """
     for layer in layers:
-        if layer.media_type not in _GGUF_MEDIA_TYPES:
+        if layer.media_type not in _GGUF_MEDIA_TYPES and layer.digest not in gguf_digests:
             continue
         path = store.blob_path(layer.digest)
         try:
