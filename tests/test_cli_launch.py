@@ -177,6 +177,9 @@ def test_list_config_dry_run_and_errors(env: dict[str, str], test_engine_server:
     claw = launch(env, "openclaw", "--dry-run")
     assert "openclaw config set models.providers.docker-model-runner.baseUrl" in claw.stdout
 
+    loose = launch(env, "codex", "exec")
+    assert loose.returncode == 1 and "Use '--' to pass extra arguments" in loose.stderr
+
     unknown = launch(env, "emacs")
     assert unknown.returncode == 1 and "unsupported app 'emacs'" in unknown.stderr
 

@@ -338,6 +338,10 @@ def launch(
     if chosen is None:
         fail(f"unsupported app {app!r} (supported: {', '.join(sorted(APPS))})")
     extra = list(app_args)
+    if extra and "--" not in sys.argv[1:]:  # as DMR: the app's own arguments go after `--`
+        fail(
+            f"unexpected arguments: {' '.join(extra)}\nUse '--' to pass extra arguments to the app"
+        )
     base = _server_base()
     web_port = port or chosen.default_port
     if config_only:
