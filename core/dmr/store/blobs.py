@@ -15,8 +15,8 @@ from typing import BinaryIO
 from filelock import FileLock
 
 from dmr.errors import InsufficientStorageError, StoreError
-from dmr.store.hashing import BackgroundHasher
 from dmr.store.layout import StoreLayout, digest_hex
+from dmr.store.pipeline import BackgroundHasher, Chunk, ChunkWorker
 from dmr.store.writeback import EarlyWriteback
 
 __all__ = ["CHUNK", "BlobWriter", "copy_into_blobs", "hash_file", "link_or_copy", "put_bytes"]
@@ -89,10 +89,12 @@ class BlobWriter:
     """Writes one blob of known digest into `<hex>.incomplete`, resuming what an
     interrupted download left there; `commit()` verifies and renames it.
 
-    The bytes are hashed as they are written (in a thread beside the writer's, see
-    `hashing`), so `commit()` reads nothing back: each byte crosses memory once on
-    its way to disk and once into the hash. Their writeback to disk starts as they
-    come (`writeback`), so the fsync before the rename has little left to do.
+    The caller's thread only hands each chunk on: one thread writes it to disk and
+    another hashes it (`pipeline`), so `commit()` reads nothing back and each byte
+    crosses memory once into the file and once into the hash. The file's writeback
+    to disk starts as it grows (`writeback`), so the fsync before the rename has
+    little left to do. A write that failed in the writer thread (a full disk) is
+    raised by the next `write()` or by `commit()`.
 
     A per-blob file lock keeps two pulls of the same model from appending to the
     same partial file; the second one waits and then finds the blob complete.
@@ -108,8 +110,10 @@ class BlobWriter:
         self._lock = FileLock(str(self.partial_path) + ".lock")
         self._lock.acquire()
         self._hasher = BackgroundHasher()
+        self._disk = ChunkWorker(self._write_to_disk, "dmr-blob-write")
         self._handle: BinaryIO | None = None
         self._writeback: EarlyWriteback | None = None
+        self._on_disk = 0  # bytes in the file; the writer thread's own count
         self.committed = False
         try:
             self._open()
@@ -143,9 +147,17 @@ class BlobWriter:
         handle.seek(existing)
         self._handle = handle
         self._writeback = EarlyWriteback(handle.fileno(), existing)
-        self.offset = existing
+        self._on_disk = self.offset = existing
 
-    def write(self, data: bytes) -> None:
+    def _write_to_disk(self, chunk: Chunk) -> None:
+        """In the writer thread: append `chunk` and let its writeback start."""
+        if self._handle is None or self._writeback is None:
+            raise StoreError(f"blob writer for {self.digest} is closed")
+        self._handle.write(chunk)
+        self._on_disk += len(chunk)
+        self._writeback.advance(self._on_disk)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.committed:
             return
         if self._handle is None:
@@ -153,22 +165,24 @@ class BlobWriter:
         if self.size >= 0 and self.offset + len(data) > self.size:
             self.abort()
             raise StoreError(f"blob {self.digest} is larger than its declared size {self.size}")
-        try:
-            self._handle.write(data)
-        except OSError as error:
-            if error.errno not in _DISK_FULL:
-                raise
-            # A partial blob that filled the disk must not keep it full: the other
-            # models (and the next pull) need that space more than a resume does.
-            self.abort()
-            raise InsufficientStorageError(
-                f"no space left for blob {self.digest} ({self.size} bytes) under "
-                f"{self.layout.root}; the partial download was removed"
-            ) from None
+        self._raise_disk_failure()
+        self._disk.put(data)
         self._hasher.update(data)
         self.offset += len(data)
-        if self._writeback is not None:
-            self._writeback.advance(self.offset)
+
+    def _raise_disk_failure(self) -> None:
+        error = self._disk.failure
+        if error is None:
+            return
+        if not (isinstance(error, OSError) and error.errno in _DISK_FULL):
+            raise error
+        # A partial blob that filled the disk must not keep it full: the other
+        # models (and the next pull) need that space more than a resume does.
+        self.abort()
+        raise InsufficientStorageError(
+            f"no space left for blob {self.digest} ({self.size} bytes) under "
+            f"{self.layout.root}; the partial download was removed"
+        ) from None
 
     def commit(self) -> Path:
         """Verify the digest (and size) and move the blob into place."""
@@ -177,6 +191,8 @@ class BlobWriter:
             return self.final_path
         if self._handle is None:
             raise StoreError(f"blob writer for {self.digest} is closed")
+        self._disk.close()
+        self._raise_disk_failure()
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
@@ -200,6 +216,7 @@ class BlobWriter:
 
     def abort(self) -> None:
         """Drop the partial file (a resume would be pointless)."""
+        self._disk.close()
         if self._handle is not None:
             with contextlib.suppress(OSError):  # closing flushes: the disk may be full
                 self._handle.close()
@@ -210,6 +227,7 @@ class BlobWriter:
     def close(self) -> None:
         """Release without committing; the partial file stays for a later resume."""
         try:
+            self._disk.close()  # what was received is on file for a resume
             self._hasher.close()
             if self._handle is not None:
                 handle, self._handle = self._handle, None
