@@ -347,3 +347,21 @@ def test_cncf_artifacts_push_pull_and_lying_weights_are_refused(
 
     assert refused.returncode != 0
     assert "GGUF weights" in refused.stderr and "unusable" in refused.stderr
+
+
+def test_uninstall_runner_backend_goes_through_the_server(
+    test_engine_server: DmrServer, dmr_server_factory: object
+) -> None:
+    installed = test_engine_server.cli("uninstall-runner", "--backend", "test-engine")
+    assert installed.returncode == 1
+    assert "failed to uninstall test-engine backend: backend uninstall failed" in installed.stderr
+    assert "`pip uninstall dmr-test-engine`" in installed.stderr
+    unknown = test_engine_server.cli("uninstall-runner", "--backend", "tensorrt")
+    assert unknown.returncode == 1 and "backend not found: 'tensorrt'" in unknown.stderr
+
+    without_vllm: DmrServer = dmr_server_factory(DMR_DISABLED_PLUGINS="vllm")  # type: ignore[operator]
+    absent = without_vllm.cli("uninstall-runner", "--backend", "vllm")
+    assert absent.returncode == 0, absent.stderr
+    assert absent.stdout == "Uninstalled vllm backend\n"
+    with without_vllm.client() as http:
+        assert http.get("/").status_code == 200  # the server itself kept running

@@ -283,14 +283,35 @@ reinstall_runner = _restart_command(
     "Restart the dmr server with these flags (nothing to reinstall): restart-runner.",
     llama_version=True,
 )
-uninstall_runner = _stop_command(
-    "uninstall-runner",
-    "Stop the dmr server (`pip uninstall dmr` removes dmr itself): stop-runner.",
-    _refused("--images", "dmr runs no container images; nothing to remove"),
-    _refused(
-        "--backend",
-        "engines are Python plugins: `pip uninstall` their distribution"
-        " (POST /engines/uninstall-backend names it), then restart the server",
-        takes_value=True,
-    ),
-)
+
+
+def _uninstall_backend(backend: str) -> None:
+    """`uninstall-runner --backend NAME`, as DMR: POST /engines/uninstall-backend. dmr's
+    answer for an installed engine is the `pip uninstall` that removes it."""
+    from dmr.cli.client import ServerUnavailableError, connect
+    from dmr.cli.errors import error_message
+    from dmr.cli.http import HTTPError
+
+    try:
+        with connect() as client:
+            answer = client.post("/engines/uninstall-backend", json={"backend": backend})
+    except ServerUnavailableError as error:
+        fail(str(error))
+    except HTTPError as error:
+        fail(f"failed to uninstall {backend} backend: {error}")
+    if answer.status_code >= 400:
+        fail(f"failed to uninstall {backend} backend: {error_message(answer)}")
+    click.echo(f"Uninstalled {backend} backend")
+
+
+@click.command(name="uninstall-runner")
+@_MODELS_REFUSED
+@_refused("--images", "dmr runs no container images; nothing to remove")
+@click.option("--backend", help="Uninstall an engine (as DMR: through the running server).")
+def uninstall_runner(backend: str | None) -> None:
+    """Stop the dmr server (`pip uninstall dmr` removes dmr itself): stop-runner; with
+    --backend, remove that engine instead."""
+    if backend:
+        _uninstall_backend(backend)
+        return
+    _stop(Settings.from_env())
