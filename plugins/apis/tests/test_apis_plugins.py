@@ -19,7 +19,7 @@ from dmr.server.services import Services
 from dmr.settings import Settings
 from dmr.store import Store
 
-DIALECTS = ("openai", "ollama", "anthropic", "responses")
+DIALECTS = ("openai", "ollama", "anthropic", "responses", "batch")
 # A request each dialect answers, and one route only another dialect owns.
 PROBES = {
     "openai": ("POST", "/v1/chat/completions", {"model": "ai/smollm2", "messages": []}),
@@ -34,6 +34,7 @@ PROBES = {
         {"model": "ai/smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]},
     ),
     "responses": ("POST", "/v1/responses", {"model": "ai/smollm2", "input": "x"}),
+    "batch": ("GET", "/v1/batches", None),
 }
 
 
@@ -59,6 +60,10 @@ async def test_one_dialect_alone(
         engines={},
         devices=[],
     )
+    if kept == "batch":  # its state starts with the server, which this app never runs
+        from dmr_apis.batch.routes import dmr_server_startup
+
+        dmr_server_startup(app)
     transport = httpx.ASGITransport(app=app)
     with serve_runner(runner, scheduler.socket_path):
         async with httpx.AsyncClient(transport=transport, base_url="http://dmr.test") as http:
