@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +119,19 @@ def _is_number(text: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class _Wanted:
+    """What one request asks admission for; kept beside its `Waiter` while it waits."""
+
+    key: RunnerKey
+    model: str  # as the client named it
+    stored: StoredModel
+    spec: EngineSpec
+    keep_alive: float | None
+    device: tuple[str, int]
+    priority: Priority
+
+
 class Scheduler:
     def __init__(
         self,
@@ -139,7 +152,7 @@ class Scheduler:
         self._configs = ModelConfigs(store.root / CONFIGS_FILE)
         self._stopping: set[asyncio.Task[None]] = set()
         self._queue = WaitQueue()
-        self._pending: dict[Waiter, tuple[StoredModel, EngineSpec, float | None]] = {}
+        self._pending: dict[Waiter, _Wanted] = {}
         self._serve_scheduled = False
         self._recheck: asyncio.TimerHandle | None = None
         # Seconds each request waited for memory, by model: read by the metrics route.
@@ -220,12 +233,12 @@ class Scheduler:
         if self._closed:
             raise ServiceBusyError("the server is shutting down", RETRY_AFTER_SECONDS)
         device = device_key(choose_device(self.devices, spec.device_kinds))
+        wanted = _Wanted(key, model, stored, spec, keep_alive, device, priority)
         runner = None
         if not self._must_queue(key, device, priority):
-            runner = self._admit(key, model, stored, spec, keep_alive, priority)
+            runner = self._admit(wanted)
         if runner is None:
-            runner = await self._wait_for_turn(key, model, stored, spec, keep_alive, device,
-                                               priority)  # fmt: skip
+            runner = await self._wait_for_turn(wanted)
         try:
             await runner.ready.wait()
         except BaseException:
@@ -250,16 +263,8 @@ class Scheduler:
             return owed is not None
         return self._queue.wants_memory_on(device, priority, self._joinable())
 
-    async def _wait_for_turn(
-        self,
-        key: RunnerKey,
-        model: str,
-        stored: StoredModel,
-        spec: EngineSpec,
-        keep_alive: float | None,
-        device: tuple[str, int],
-        priority: Priority,
-    ) -> Runner:
+    async def _wait_for_turn(self, wanted: _Wanted) -> Runner:
+        model, priority = wanted.model, wanted.priority
         if len(self._queue) >= self.settings.max_queue:
             self.counters["rejected_busy"] += 1
             raise ServiceBusyError(
@@ -267,8 +272,8 @@ class Scheduler:
                 "for memory; retry later",
                 RETRY_AFTER_SECONDS,
             )
-        waiter = self._queue.add(key, model, device, priority)
-        self._pending[waiter] = (stored, spec, keep_alive)
+        waiter = self._queue.add(wanted.key, model, wanted.device, priority)
+        self._pending[waiter] = wanted
         log.info("%s waits for memory (%d queued)", model, len(self._queue))
         timeout = self.settings.queue_timeout if priority is Priority.INTERACTIVE else None
         try:
@@ -317,7 +322,7 @@ class Scheduler:
         self._serve_scheduled = False
         memory_held: set[tuple[str, int]] = set()
         for waiter in self._queue:
-            stored, spec, keep_alive = self._pending[waiter]
+            wanted = self._pending[waiter]
             if self._closed:
                 error: DmrError = ServiceBusyError(
                     "the server is shutting down", RETRY_AFTER_SECONDS
@@ -335,9 +340,7 @@ class Scheduler:
             elif waiter.device in memory_held:
                 continue
             try:
-                runner = self._admit(
-                    waiter.key, waiter.model, stored, spec, keep_alive, waiter.priority
-                )
+                runner = self._admit(wanted)
             except DmrError as refused:
                 self._settle(waiter, error=refused)
                 continue
@@ -356,16 +359,10 @@ class Scheduler:
         elif runner is not None:
             waiter.admitted.set_result(runner)
 
-    def _admit(
-        self,
-        key: RunnerKey,
-        model: str,
-        stored: StoredModel,
-        spec: EngineSpec,
-        keep_alive: float | None,
-        priority: Priority = Priority.INTERACTIVE,
-    ) -> Runner | None:
+    def _admit(self, wanted: _Wanted) -> Runner | None:
         """The runner to use (existing or just started), or None to wait for memory."""
+        key, model, stored, spec = wanted.key, wanted.model, wanted.stored, wanted.spec
+        keep_alive, priority = wanted.keep_alive, wanted.priority
         runner = self._runners.get(key)
         if runner is not None and runner.exited and not runner.loading:
             self._unregister(runner, reason="crashes")  # the watcher has not seen it yet
