@@ -9,7 +9,9 @@ settings. Everything goes through the official `openai` client, at `/engines/v1`
 
 1. `idle`: an interactive client streams `--chats` chats one after another on the
    otherwise idle server: TTFT of each, and its tokens/s (completion tokens after the
-   first ÷ time from the first token to the last).
+   first ÷ time from the first token to the last). Again after phase 4; the idle
+   figures are of both together, and the two phases' TTFT p50 are printed: far apart,
+   the machine was not quiet and the run says nothing.
 2. `batch alone`: a JSONL file of `--requests` chat lines (`--max-tokens` each,
    temperature 0) is uploaded and run as a batch; tokens/s = completion tokens in the
    output file ÷ the time from `batches.create` to `completed`.
@@ -215,7 +217,7 @@ async def measure(args: argparse.Namespace, base: str) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=base, timeout=60) as http:
         await chat_one_after_another(client, 1, 4)  # loads the model
         print("idle chats ...", flush=True)
-        idle = await chat_one_after_another(client, args.chats, args.chat_max_tokens)
+        idle_before = await chat_one_after_another(client, args.chats, args.chat_max_tokens)
         print("batch alone ...", flush=True)
         alone = await run_batch(client, _bodies(args.requests, args.max_tokens))
         print("client at full concurrency ...", flush=True)
@@ -233,6 +235,14 @@ async def measure(args: argparse.Namespace, base: str) -> dict[str, Any]:
         chats_done_before_batch = not batch_task.done()
         mixed = await batch_task
         preempted = await preemptions(http) - before
+        print("idle chats again ...", flush=True)
+        idle_after = await chat_one_after_another(client, args.chats, args.chat_max_tokens)
+    # Idle figures from before and after the batch phases together; phases far apart
+    # mean the machine was not quiet (compare `idle_phases_p50_ms`).
+    idle = Chats(
+        idle_before.ttft_ms + idle_after.ttft_ms,
+        idle_before.tokens_per_s + idle_after.tokens_per_s,
+    )
     ttft_ratio = busy.ttft_p50_ms / idle.ttft_p50_ms
     rate_ratio = busy.tokens_per_s_p50 / idle.tokens_per_s_p50
     batch_ratio = alone.tokens_per_s / direct.tokens_per_s
@@ -242,6 +252,7 @@ async def measure(args: argparse.Namespace, base: str) -> dict[str, Any]:
             "ttft_p50_ms": idle.ttft_p50_ms,
             "tokens_per_s_p50": idle.tokens_per_s_p50,
         },
+        "idle_phases_p50_ms": [idle_before.ttft_p50_ms, idle_after.ttft_p50_ms],
         "busy_chats": {
             **asdict(busy),
             "ttft_p50_ms": busy.ttft_p50_ms,
@@ -330,6 +341,10 @@ def main() -> None:
     args.gguf = args.gguf or ensure_smollm2_gguf()
     results = asyncio.run(main_async(args))
     idle, busy = results["idle_chats"], results["busy_chats"]
+    before, after = results["idle_phases_p50_ms"]
+    print(f"idle TTFT p50 before the batches {before:.0f} ms, after {after:.0f} ms")
+    if max(before, after) > 1.5 * min(before, after):
+        print("the idle phases differ by more than 1.5x: the machine was not quiet")
     print(
         f"chats idle: TTFT p50 {idle['ttft_p50_ms']:.0f} ms, {idle['tokens_per_s_p50']:.1f} "
         f"tok/s; during the batch: {busy['ttft_p50_ms']:.0f} ms "
