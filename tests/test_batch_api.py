@@ -403,3 +403,32 @@ def test_the_batch_cli_creates_follows_lists_and_writes_results(
     )
     missing = server.cli("batch", "inspect", "batch_nothing")
     assert missing.returncode == 1 and "No such Batch object" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "answer_object"),
+    [
+        ("/v1/completions", {"prompt": "once upon"}, "text_completion"),
+        ("/v1/responses", {"input": "hello there"}, "response"),
+        ("/v1/embeddings", {"input": ["a", "b"]}, "list"),
+    ],
+)
+def test_every_batch_endpoint_answers(
+    server: DmrServer, endpoint: str, body: dict[str, Any], answer_object: str
+) -> None:
+    client = client_of(server)
+    lines = [
+        {"custom_id": f"{i}", "method": "POST", "url": endpoint,
+         "body": {"model": "test/a", **body}}
+        for i in range(3)
+    ]  # fmt: skip
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)),
+        endpoint=endpoint,  # type: ignore[arg-type]
+        completion_window="24h",
+    )
+    batch = wait_ended(client, batch.id)
+    assert batch.status == "completed", batch
+    outputs = results(client, batch.output_file_id)
+    assert sorted(line["custom_id"] for line in outputs) == ["0", "1", "2"]
+    assert {line["response"]["body"]["object"] for line in outputs} == {answer_object}
