@@ -432,3 +432,11 @@ def test_every_batch_endpoint_answers(
     outputs = results(client, batch.output_file_id)
     assert sorted(line["custom_id"] for line in outputs) == ["0", "1", "2"]
     assert {line["response"]["body"]["object"] for line in outputs} == {answer_object}
+
+
+@pytest.mark.parametrize("file_id", ["a" * 400, "file_..", "file_0123", "file_" + "z" * 24])
+def test_a_file_id_that_is_not_one_is_404(server: DmrServer, file_id: str) -> None:
+    for method, path in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
+        answer = httpx.request(method, f"{server.url}/v1/files/{file_id}{path}", timeout=30)
+        assert answer.status_code == 404, (method, path, answer.text)
+        assert answer.json()["error"]["message"].startswith("No such File object")

@@ -107,6 +107,9 @@ def test_model_listing_matches_by_name(api_server: DmrServer) -> None:
         assert TAG in [m["name"] for m in tags]
         loaded = client.post("/api/generate", json={"model": TAG})  # Open WebUI's load
         assert loaded.status_code == 200, loaded.text
+        # An embedding runner of the same model too: Ollama still lists the model once.
+        embedded = client.post("/api/embed", json={"model": TAG, "input": "x"})
+        assert embedded.status_code == 200, embedded.text
         running = client.get("/api/ps").json()["models"]
         assert TAG in [m["name"] for m in running]
         assert TAG in [m["model"] for m in running]

@@ -200,7 +200,9 @@ async def ps() -> Response:
     services = get_services()
     # A runner's memory is VRAM only on a GPU; the CPU's device name is the processor's.
     gpus = {device.name for device in services.devices if device.is_gpu}
-    entries = []
+    # Ollama lists a model once; dmr may run it twice (a chat and an embedding runner):
+    # one entry, with their memory added up and the later expiry.
+    entries: dict[str, dict[str, Any]] = {}
     for item in services.scheduler.ps():
         model = services.store.find(str(item.get("model_id") or item.get("model_name") or ""))
         name = _listed_name(str(item.get("model_name") or ""), model)
@@ -223,8 +225,13 @@ async def ps() -> Response:
         }
         if "context_size" in item:
             entry["context_length"] = item["context_size"]
-        entries.append(entry)
-    return jsonify({"models": entries})
+        seen = entries.get(name)
+        if seen is not None:
+            entry["size"] += seen["size"]
+            entry["size_vram"] += seen["size_vram"]
+            entry["expires_at"] = max(entry["expires_at"], seen["expires_at"])
+        entries[name] = entry
+    return jsonify({"models": list(entries.values())})
 
 
 async def copy() -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -25,6 +26,9 @@ __all__ = ["PURPOSES", "FileNotFound", "FileStore", "StoredFile", "new_id", "wri
 PURPOSES = frozenset(
     {"assistants", "batch", "fine-tune", "vision", "user_data", "evals", "batch_output"}
 )
+
+
+_FILE_ID = re.compile(r"file_[0-9a-f]{24}")
 
 
 class FileNotFound(DmrError):
@@ -116,9 +120,11 @@ class FileStore:
         return stored
 
     def get(self, file_id: str) -> StoredFile:
-        path = self._meta_path(file_id)
-        if "/" in file_id or not path.is_file():
+        # Only IDs this store makes name a file: anything else (a path, a name too
+        # long for the file system) is simply not found.
+        if not _FILE_ID.fullmatch(file_id) or not self._meta_path(file_id).is_file():
             raise FileNotFound(f"No such File object: {file_id}")
+        path = self._meta_path(file_id)
         return StoredFile(**json.loads(path.read_text()))
 
     def list(
