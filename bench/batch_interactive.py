@@ -31,12 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -45,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from dmr_served import dmr_served
 from openai import AsyncOpenAI
 
 MODEL = "ai/smollm2"
@@ -274,12 +271,6 @@ async def measure(args: argparse.Namespace, base: str) -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _store_model(models_path: Path, gguf: Path) -> None:
     from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
     from dmr.store import Store
@@ -289,41 +280,11 @@ def _store_model(models_path: Path, gguf: Path) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="dmr-bench-batch-") as folder:
-        models_path = Path(folder) / "models"
-        _store_model(models_path, args.gguf)
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = dict(
-            os.environ,
-            MODELS_PATH=str(models_path),
-            MODEL_RUNNER_PORT=str(port),
-            MODEL_RUNNER_HOST=base,
-            MODEL_RUNNER_LOG_DIR=str(Path(folder) / "logs"),
-        )
-        with (Path(folder) / "server.log").open("wb") as log:
-            server = subprocess.Popen(  # noqa: ASYNC220
-                [sys.executable, "-m", "dmr", "serve"], env=env, stdout=log, stderr=log
-            )
-        try:
-            async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        if (await http.get("/")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        if time.monotonic() > deadline or server.poll() is not None:
-                            raise
-                    await asyncio.sleep(0.2)
+    with tempfile.TemporaryDirectory(prefix="dmr-bench-batch-") as name:
+        folder = Path(name)
+        _store_model(folder / "models", args.gguf)
+        async with dmr_served(folder) as base:
             return await measure(args, base)
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
 
 def main() -> None:

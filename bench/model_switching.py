@@ -35,11 +35,8 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from dmr_served import dmr_served
 
 MODELS = ("ai/smollm2", "ai/smollm2-other")
 CHAT = "/engines/v1/chat/completions"
@@ -210,52 +208,16 @@ async def run(args: argparse.Namespace, bench: Bench) -> list[dict[str, Any]]:
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="dmr-bench-switching-") as folder:
-        models_path = Path(folder) / "models"
-        _store_two_models(models_path, args.gguf)
-        port = _free_port()
-        log_path = Path(folder) / "server.log"
-        env = dict(
-            os.environ,
-            MODELS_PATH=str(models_path),
-            MODEL_RUNNER_PORT=str(port),
-            MODEL_RUNNER_HOST=f"http://127.0.0.1:{port}",
-            MODEL_RUNNER_LOG_DIR=str(Path(folder) / "logs"),
+    with tempfile.TemporaryDirectory(prefix="dmr-bench-switching-") as name:
+        folder = Path(name)
+        _store_two_models(folder / "models", args.gguf)
+        served = dmr_served(
+            folder,
             DMR_MEMORY_BUDGET=str(args.budget),
             DMR_FAIR_WAIT_SECONDS=str(args.fair_wait),
         )
-        with log_path.open("wb") as log:
-            server = subprocess.Popen(  # noqa: ASYNC220
-                [sys.executable, "-m", "dmr", "serve"], env=env, stdout=log, stderr=log
-            )
-        try:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", timeout=600
-            ) as client:
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        if (await client.get("/")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        if time.monotonic() > deadline or server.poll() is not None:
-                            raise
-                    await asyncio.sleep(0.2)
-                return await run(args, Bench(client, log_path, args.max_tokens))
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        async with served as base, httpx.AsyncClient(base_url=base, timeout=600) as client:
+            return await run(args, Bench(client, folder / "server.log", args.max_tokens))
 
 
 def main() -> None:
