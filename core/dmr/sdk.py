@@ -32,6 +32,7 @@ from dmr.records import (
     RunnerConfig,
     RunnerLaunch,
 )
+from dmr.scheduler.wait_queue import Priority, priority_headers, request_priority
 from dmr.store import Store, StoredModel
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "ModelPuller",
     "ModelSource",
     "PluginContractError",
+    "Priority",
     "ProgressCallback",
     "ProgressEvent",
     "ProxyRoute",
@@ -61,4 +63,6 @@ __all__ = [
     "Store",
     "StoredModel",
     "hookimpl",
+    "priority_headers",
+    "request_priority",
 ]

@@ -24,7 +24,7 @@ import httpx
 from dmr.errors import DmrError, RunnerError
 from dmr.records import Mode
 from dmr.scheduler import RunnerHandle
-from dmr.scheduler.wait_queue import priority_headers
+from dmr.sdk import priority_headers
 from dmr.server.metrics import note_model
 from dmr.server.recorder import ExchangeCapture, start_capture
 from dmr.server.services import get_services

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from dmr.durations import parse_duration
 from dmr.errors import ConflictError, DmrError, InvalidRequestError
-from dmr.scheduler import Priority, request_priority
+from dmr.sdk import Priority, request_priority
 
 from dmr_apis.batch.files import FileNotFound, FileStore, new_id, write_json
 from dmr_apis.batch.lines import (
