@@ -219,34 +219,26 @@ def _with(function: Any, *decorators: Callable[[Any], Any]) -> Any:
     return function
 
 
-def _start_command(name: str, summary: str, *, llama_version: bool) -> click.Command:
+def _start_command(
+    name: str, summary: str, *, llama_version: bool, restart: bool = False
+) -> click.Command:
+    """`start-runner`/`install-runner`, or with `restart` `restart-runner`/`reinstall-runner`,
+    which first stop the server running now, where it listens now."""
+
     def start(
         port: int | None, host: str | None, gpu: str, debug: bool, do_not_track: bool,
         backend: str | None,
     ) -> None:  # fmt: skip
         options = RunnerOptions(port, host, gpu, backend, debug)
+        if restart:
+            _stop(Settings.from_env())
         options.apply_to_environment()
         _start(Settings.from_env(), options)
 
     start.__doc__ = summary
+    start.__name__ = "restart" if restart else "start"
     extra = [_LLAMA_VERSION_REFUSED] if llama_version else []
     decorated = _with(start, _runner_options(backend=True), *_CONTAINER_FLAGS_REFUSED, *extra)
-    return click.command(name=name)(decorated)
-
-
-def _restart_command(name: str, summary: str, *, llama_version: bool) -> click.Command:
-    def restart(
-        port: int | None, host: str | None, gpu: str, debug: bool, do_not_track: bool,
-        backend: str | None,
-    ) -> None:  # fmt: skip
-        options = RunnerOptions(port, host, gpu, backend, debug)
-        _stop(Settings.from_env())  # the one running now, where it listens now
-        options.apply_to_environment()
-        _start(Settings.from_env(), options)
-
-    restart.__doc__ = summary
-    extra = [_LLAMA_VERSION_REFUSED] if llama_version else []
-    decorated = _with(restart, _runner_options(backend=True), *_CONTAINER_FLAGS_REFUSED, *extra)
     return click.command(name=name)(decorated)
 
 
@@ -266,10 +258,11 @@ start_runner = _start_command(
 stop_runner = _stop_command(
     "stop-runner", "Stop the dmr server of this environment (and its runners); fine if none runs."
 )
-restart_runner = _restart_command(
+restart_runner = _start_command(
     "restart-runner",
     "Stop the dmr server of this environment, then start a new one (with these flags).",
     llama_version=False,
+    restart=True,
 )
 # Docker Model Runner installs its runner as a container; dmr's is installed with pip,
 # so these are start-runner, restart-runner and stop-runner by DMR's other names.
@@ -278,10 +271,11 @@ install_runner = _start_command(
     "Start the dmr server (installed with pip, nothing else to install): start-runner.",
     llama_version=True,
 )
-reinstall_runner = _restart_command(
+reinstall_runner = _start_command(
     "reinstall-runner",
     "Restart the dmr server with these flags (nothing to reinstall): restart-runner.",
     llama_version=True,
+    restart=True,
 )
 
 
