@@ -112,6 +112,27 @@ def test_reconfigure_reloads_an_idle_runner(test_engine_server: DmrServer) -> No
     assert argv[argv.index("--ctx-size") + 1] == "4096"
 
 
+def test_configure_again_while_the_first_preload_loads(test_engine_server: DmrServer) -> None:
+    """`compose up` twice in a row: the second configure waits for the first's preload
+    (a load, not a running request) instead of answering 409, and wins."""
+    add_test_model(test_engine_server.models_path, "test/slow", load_seconds=2.0)
+    first = post(test_engine_server, "/engines/_configure", {"model": "test/slow",
+                                                             "context-size": 1024})  # fmt: skip
+    assert first.status_code == 202
+    wait_for(lambda: [r["loading"] for r in ps(test_engine_server)] == [True], message="load")
+
+    second = post(
+        test_engine_server, "/engines/_configure", {"model": "test/slow", "context-size": 2048}
+    )
+
+    assert second.status_code == 202, second.text
+    wait_for(
+        lambda: [r["loading"] for r in ps(test_engine_server)] == [False], message="reload"
+    )
+    argv = runner_argv(test_engine_server, "test/slow")
+    assert argv[argv.index("--ctx-size") + 1] == "2048"
+
+
 def test_configure_a_busy_runner_is_409(test_engine_server: DmrServer) -> None:
     add_test_model(test_engine_server.models_path, "test/a")
     body = chat_body("test/a", stream=True, test={"chunks": 40, "sleep": 0.05})

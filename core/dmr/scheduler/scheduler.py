@@ -14,6 +14,7 @@ asyncio (hypercorn + Quart) anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
 import tempfile
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 
 # Stands in for the runner's socket while its memory is estimated.
 _UNSET_SOCKET = Path("/nonexistent/dmr-runner.sock")
+
+# How long `configure` waits for the model's loads to end before judging it busy.
+_SETTLE_LOADS_SECONDS = 300.0
 
 # Seconds a client refused for a full queue is told to wait before retrying.
 RETRY_AFTER_SECONDS = 5
@@ -651,6 +655,7 @@ class Scheduler:
         if config.speculative_draft_model:
             self._resolve(config.speculative_draft_model)
         self._check_engine_accepts(model, stored, mode, spec, config)
+        await self._settle_loads(stored.id)
         mine = [r for r in self._runners.values() if r.key[1] == stored.id]
         busy = [r for r in mine if not r.evictable]
         if busy:
@@ -666,6 +671,22 @@ class Scheduler:
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
             self._signal_capacity()
+
+    async def _settle_loads(self, model_id: str) -> None:
+        """Let the model's runners that are loading finish first: a load (often the
+        preload an earlier `_configure` started) is not a running request, and
+        configuring twice in a row (`compose up` again) must not be refused for it."""
+        loading = [r for r in self._runners.values() if r.key[1] == model_id and r.loading]
+        if not loading:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_SETTLE_LOADS_SECONDS):
+                await asyncio.gather(*(r.ready.wait() for r in loading))
+        # A preload releases its runner a few loop turns after the load ends.
+        for _ in range(50):
+            if not any(r.in_use for r in loading if self._runners.get(r.key) is r):
+                break
+            await asyncio.sleep(0.02)
 
     def _check_engine_accepts(
         self,
