@@ -18,7 +18,9 @@ URL answers `POST /v1/chat/completions`):
 - `llama-cpp-server`: `python -m llama_cpp.server`, the weakest peer.
 
 `--threads/--threads-batch` pin every target's threads; by default each keeps its own.
-`--gpu-layers N` offloads layers where a GPU exists (same figure for every target).
+`--gpu-layers N` offloads layers where a GPU exists (same figure for every target);
+`--llama-server-flags "-ngl 999 --metrics"` gives llama-server alone Docker Model
+Runner's GPU arguments, for a `dmr serve` left to its own GPU probe (scripts/gpu-check).
 
 Cases, each measured for every target in interleaved rounds (the order of the
 targets reversed every other round) and reported as medians over rounds:
@@ -40,6 +42,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -201,6 +204,7 @@ async def llama_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.A
         "--jinja",
         "--no-repack",
         *_thread_flags(args),
+        *shlex.split(args.llama_server_flags),
     ]
     async with _served_on_tcp(argv, port, "/health") as client:
         yield client
@@ -307,11 +311,12 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
             MODEL_RUNNER_PORT=str(port),
             MODEL_RUNNER_HOST=f"http://127.0.0.1:{port}",
         )
+        log: Any = subprocess.DEVNULL
+        if args.dmr_artifacts:
+            args.dmr_artifacts.mkdir(parents=True, exist_ok=True)
+            log = (args.dmr_artifacts / "dmr-server.log").open("wb")
         server = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "dmr", "serve"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "dmr", "serve"], env=env, stdout=log, stderr=log
         )
         try:
             base = f"http://127.0.0.1:{port}"
@@ -346,6 +351,16 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
                     answer.raise_for_status()
             async with httpx.AsyncClient(base_url=base + "/engines", timeout=600) as client:
                 yield client
+                if args.dmr_artifacts:
+                    # The runners' own series (step and decode seconds among them) and
+                    # what the server saw: where a step's time went, read after the run.
+                    for name, path in [
+                        ("metrics.txt", "/metrics"),
+                        ("ps.json", "/engines/ps"),
+                        ("hardware.json", "/engines/hardware"),
+                    ]:
+                        answer = await client.get(base + path)
+                        (args.dmr_artifacts / name).write_bytes(answer.content)
         finally:
             _stop(server)
 
@@ -690,7 +705,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: each target's own")
     parser.add_argument("--threads-batch", type=int, default=None)
     parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument(
+        "--llama-server-flags",
+        default="",
+        help="more flags for llama-server alone, e.g. Docker Model Runner's '-ngl 999 --metrics'",
+    )
     parser.add_argument("--model-name", default="ai/smollm2")
+    parser.add_argument(
+        "--dmr-artifacts",
+        type=Path,
+        help="keep dmr serve's log, /metrics, /engines/ps and /engines/hardware here",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="measure every case this often")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

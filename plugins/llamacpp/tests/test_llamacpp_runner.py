@@ -333,6 +333,32 @@ async def test_requests_sent_together_share_their_first_step(burst_runner: Runne
     assert steps() - before == 1
 
 
+def test_step_timings_split_decode_from_the_python_around_it(
+    completion_runner: RunnerProcess,
+) -> None:
+    """`llamacpp:step_seconds_total` holds every step, `llamacpp:decode_seconds_total`
+    the llama_decode inside them, and `llamacpp:batch_tokens_total` every token
+    decoded: the figures scripts/gpu-check reads to say where a step's time goes."""
+    with completion_runner.client() as client:
+        names = ("step_seconds", "decode_seconds", "batch_tokens")
+        before = {name: metric(client, f"llamacpp:{name}_total") for name in names}
+        answer = client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "Count to twenty."}],
+                "max_tokens": 24,
+                "ignore_eos": True,
+                "cache_prompt": False,
+            },
+        )
+        assert answer.status_code == 200, answer.text
+        usage = answer.json()["usage"]
+        grown = {name: metric(client, f"llamacpp:{name}_total") - before[name] for name in names}
+    # The last sampled token is never decoded: prompt + completion - 1 tokens went in.
+    assert grown["batch_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] - 1
+    assert 0 < grown["decode_seconds"] < grown["step_seconds"]
+
+
 async def test_disconnect_frees_the_slot(completion_runner: RunnerProcess) -> None:
     request = {
         "prompt": "Write a very long essay about the sea.",

@@ -229,6 +229,11 @@ class GeneratorStats:
     host_cache_prompts: int = 0
     host_cache_bytes: int = 0
     preemptions_total: int = 0  # batch jobs that gave their slot to an interactive one
+    # Where a step's time goes: all of `_step` against the `llama_decode` inside it;
+    # the difference is the Python around the decode (batch building, sampling).
+    step_seconds_total: float = 0.0
+    decode_seconds_total: float = 0.0
+    batch_tokens_total: int = 0
 
 
 @dataclass
@@ -686,6 +691,13 @@ class BatchedGenerator:
         return max(0.0, self._interactive_at + INTERACTIVE_GRACE_S - time.perf_counter())
 
     def _step(self, held_back: set[int]) -> None:
+        started = time.perf_counter()
+        try:
+            self._build_and_decode(held_back)
+        finally:
+            self.stats.step_seconds_total += time.perf_counter() - started
+
+    def _build_and_decode(self, held_back: set[int]) -> None:
         drafts = self._propose_drafts(held_back)
         batch = self._batch
         batch.clear()
@@ -756,6 +768,8 @@ class BatchedGenerator:
             return
         sampled = [slot for slot in self.slots if slot.busy and slot.output_index is not None]
         self.stats.decode_steps += 1
+        self.stats.decode_seconds_total += elapsed
+        self.stats.batch_tokens_total += batch.n_tokens
         self.stats.max_batch_sequences = max(self.stats.max_batch_sequences, len(sampled))
         self.stats.prompt_tokens_total += prompt_tokens_in_step
         if batch.n_tokens:

@@ -70,6 +70,21 @@ class _StatsCollector(Collector):
             "Batches decoded: each holds every busy slot's next tokens and pending prompts.",
             value=stats.decode_steps,
         )
+        yield CounterMetricFamily(
+            "llamacpp:step_seconds",
+            "Seconds spent in decode steps: building the batch, llama_decode, sampling.",
+            value=stats.step_seconds_total,
+        )
+        yield CounterMetricFamily(
+            "llamacpp:decode_seconds",
+            "Seconds of those inside llama_decode (the rest is Python around it).",
+            value=stats.decode_seconds_total,
+        )
+        yield CounterMetricFamily(
+            "llamacpp:batch_tokens",
+            "Tokens decoded in those steps (generated and prompt tokens together).",
+            value=stats.batch_tokens_total,
+        )
         yield GaugeMetricFamily(
             "llamacpp:requests_deferred",
             "Requests waiting for a slot.",

@@ -265,7 +265,12 @@ class Batch:
 
     def decode(self, model: LoadedModel) -> int:
         self.raw.n_tokens = self.n_tokens
-        return int(llama_cpp.llama_decode(model.ctx, self.raw))
+        status = int(llama_cpp.llama_decode(model.ctx, self.raw))
+        if status == 0:
+            # On a GPU llama_decode only queues the work; sampling would wait for it
+            # anyway, and waiting here makes the step's decode time what it really is.
+            llama_cpp.llama_synchronize(model.ctx)
+        return status
 
     def free(self) -> None:
         llama_cpp.llama_batch_free(self.raw)
