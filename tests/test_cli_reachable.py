@@ -25,8 +25,9 @@ import httpx
 import openai
 import psutil
 import pytest
-from dmr.cli.autostart import ServerProcess, client_address
+from dmr.cli.autostart import client_address
 from dmr.server.serve import hypercorn_config
+from dmr.server_process import ServerProcess
 from dmr.settings import DEFAULT_PORT, Settings
 from dmr.testing import free_port
 

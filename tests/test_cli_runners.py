@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pexpect
 import pytest
-from dmr.formats import CONFIG_V01
+from dmr.media_types import CONFIG_V01
 
 from tests.fixtures.registry import LocalRegistry, upload_artifact
 from tests.fixtures.server import DmrServer

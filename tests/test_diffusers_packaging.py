@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dmr import formats, plugins
+from dmr import media_types, plugins
 from dmr.distribution.packaging import (
     PackageOptions,
     package_dduf,
@@ -44,12 +44,12 @@ def test_diffusers_directory_packages_as_format_diffusers(
     assert "safetensors" not in block
     manifest = json.loads(artifact.manifest)
     paths = {
-        layer["annotations"][formats.FILEPATH_ANNOTATION]: layer["mediaType"]
+        layer["annotations"][media_types.FILEPATH_ANNOTATION]: layer["mediaType"]
         for layer in manifest["layers"]
     }
-    assert paths["model_index.json"] == formats.MODEL_FILE
-    assert paths["unet/diffusion_pytorch_model.safetensors"] == formats.SAFETENSORS
-    assert paths["tokenizer/tokenizer.json"] == formats.MODEL_FILE
+    assert paths["model_index.json"] == media_types.MODEL_FILE
+    assert paths["unet/diffusion_pytorch_model.safetensors"] == media_types.SAFETENSORS
+    assert paths["tokenizer/tokenizer.json"] == media_types.MODEL_FILE
     # Deterministic, as every packaging is.
     again = package_safetensors_dir(tiny_diffusers_dir, PackageOptions(created=CREATED))
     assert again.digest == artifact.digest
@@ -68,7 +68,7 @@ def test_layers_alone_say_diffusers(tiny_diffusers_dir: Path) -> None:
     artifact = package_safetensors_dir(tiny_diffusers_dir)
     layers = layers_of(json.loads(artifact.manifest))
     assert format_for_layers(layers) == "diffusers"
-    config = normalise_config(formats.CONFIG_V02, json.dumps({"config": {}}).encode(), layers)
+    config = normalise_config(media_types.CONFIG_V02, json.dumps({"config": {}}).encode(), layers)
     assert config["config"]["format"] == "diffusers"
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dmr import formats
+from dmr import media_types
 from dmr.distribution.service import pull_model, source_for
 from dmr.errors import ModelNotFoundError
 from dmr.records import ProgressEvent
@@ -64,9 +64,9 @@ async def test_default_quant_mmproj_and_template(fake_hub: FakeHub, tmp_path: Pa
     events: list[ProgressEvent] = []
     model = await pull_model(store, "hf.co/TestOrg/Tiny-GGUF", events.append)
     assert model.tags == ("huggingface.co/testorg/tiny-gguf:latest",)
-    assert layer_bytes(store, model, formats.GGUF) == [files["tiny-Q4_K_M.gguf"]]
-    assert layer_bytes(store, model, formats.MMPROJ) == [files["mmproj-tiny-f16.gguf"]]
-    assert layer_bytes(store, model, formats.CHAT_TEMPLATE) == [TEMPLATE.encode()]
+    assert layer_bytes(store, model, media_types.GGUF) == [files["tiny-Q4_K_M.gguf"]]
+    assert layer_bytes(store, model, media_types.MMPROJ) == [files["mmproj-tiny-f16.gguf"]]
+    assert layer_bytes(store, model, media_types.CHAT_TEMPLATE) == [TEMPLATE.encode()]
     assert "tiny-Q8_0.gguf" not in fake_hub.downloads()
     assert any(e.type == "progress" and e.layer_id for e in events)
     # Deterministic: the same repository pulled again gives the same ID.
@@ -81,17 +81,17 @@ async def test_quant_tag_is_matched_case_insensitively(fake_hub: FakeHub, tmp_pa
     store = Store.open(tmp_path / "store")
     model = await pull_model(store, "hf.co/TestOrg/Tiny-GGUF:q8_0", lambda e: None)
     assert model.tags == ("huggingface.co/testorg/tiny-gguf:q8_0",)
-    assert layer_bytes(store, model, formats.GGUF) == [files["tiny-Q8_0.gguf"]]
+    assert layer_bytes(store, model, media_types.GGUF) == [files["tiny-Q8_0.gguf"]]
     # Q4_K must not take Q4_K_M.
     model = await pull_model(store, "hf.co/TestOrg/Tiny-GGUF:Q4_K", lambda e: None)
-    assert layer_bytes(store, model, formats.GGUF) == [files["tiny-Q4_K.gguf"]]
+    assert layer_bytes(store, model, media_types.GGUF) == [files["tiny-Q4_K.gguf"]]
 
 
 async def test_shards_are_kept_together_in_order(fake_hub: FakeHub, tmp_path: Path) -> None:
     files = gguf_repo(fake_hub)
     store = Store.open(tmp_path / "store")
     model = await pull_model(store, "hf.co/TestOrg/Tiny-GGUF:Q2_K", lambda e: None)
-    assert layer_bytes(store, model, formats.GGUF) == [
+    assert layer_bytes(store, model, media_types.GGUF) == [
         files["Q2_K/tiny-Q2_K-00001-of-00002.gguf"],
         files["Q2_K/tiny-Q2_K-00002-of-00002.gguf"],
     ]
@@ -111,8 +111,8 @@ async def test_first_gguf_without_the_default_quant_and_template_from_tokenizer_
     fake_hub.add_repo("org/no-default", files)
     store = Store.open(tmp_path / "store")
     model = await pull_model(store, "hf.co/org/no-default", lambda e: None)
-    assert layer_bytes(store, model, formats.GGUF) == [files["a-Q8_0.gguf"]]
-    assert layer_bytes(store, model, formats.CHAT_TEMPLATE) == [TEMPLATE.encode()]
+    assert layer_bytes(store, model, media_types.GGUF) == [files["a-Q8_0.gguf"]]
+    assert layer_bytes(store, model, media_types.CHAT_TEMPLATE) == [TEMPLATE.encode()]
 
 
 async def test_missing_quant_is_a_clear_error(fake_hub: FakeHub, tmp_path: Path) -> None:
@@ -139,16 +139,16 @@ async def test_safetensors_repository(fake_hub: FakeHub, tmp_path: Path) -> None
     fake_hub.add_repo("org/tiny-safetensors", files)
     store = Store.open(tmp_path / "store")
     model = await pull_model(store, "hf.co/org/tiny-safetensors", lambda e: None)
-    assert model.manifest["config"]["mediaType"] == formats.CONFIG_V02
+    assert model.manifest["config"]["mediaType"] == media_types.CONFIG_V02
     paths = {
-        layer["annotations"][formats.FILEPATH_ANNOTATION]: layer["mediaType"]
+        layer["annotations"][media_types.FILEPATH_ANNOTATION]: layer["mediaType"]
         for layer in model.manifest["layers"]
     }
     assert paths == {
-        "model.safetensors": formats.SAFETENSORS,
-        "config.json": formats.MODEL_FILE,
-        "tokenizer.json": formats.MODEL_FILE,
-        "tokenizer_config.json": formats.MODEL_FILE,
+        "model.safetensors": media_types.SAFETENSORS,
+        "config.json": media_types.MODEL_FILE,
+        "tokenizer.json": media_types.MODEL_FILE,
+        "tokenizer_config.json": media_types.MODEL_FILE,
     }
     assert model.format == "safetensors"
 
@@ -170,8 +170,8 @@ async def test_pull_reads_no_downloaded_file_back(fake_hub: FakeHub, tmp_path: P
     with reads_under(store.root) as reads:
         gguf = await pull_model(store, "hf.co/org/read-once-gguf", lambda e: None)
         safetensors = await pull_model(store, "hf.co/org/read-once-st", lambda e: None)
-    assert layer_bytes(store, gguf, formats.GGUF) == [weights]
-    assert layer_bytes(store, safetensors, formats.SAFETENSORS) == [tensors]
+    assert layer_bytes(store, gguf, media_types.GGUF) == [weights]
+    assert layer_bytes(store, safetensors, media_types.SAFETENSORS) == [tensors]
     # Headers only (GGUF metadata, the safetensors JSON): never the megabytes again.
     assert sum(reads.values()) < 64 * 1024, reads
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dmr import formats
+from dmr import media_types
 from dmr.distribution.gguf import GGUFError, read_gguf
 from dmr.distribution.packaging import (
     PackageOptions,
@@ -69,8 +69,8 @@ def test_gguf_metadata_in_config(tmp_path: Path) -> None:
     assert config["descriptor"] == {"created": "2025-01-01T00:00:00Z"}
     assert config["rootfs"]["diff_ids"] == [artifact.layers[0].digest]
     manifest = json.loads(artifact.manifest)
-    assert manifest["config"]["mediaType"] == formats.CONFIG_V01
-    assert manifest["layers"][0]["mediaType"] == formats.GGUF
+    assert manifest["config"]["mediaType"] == media_types.CONFIG_V01
+    assert manifest["layers"][0]["mediaType"] == media_types.GGUF
 
 
 def test_same_files_and_created_give_the_same_digest(tmp_path: Path) -> None:
@@ -145,15 +145,15 @@ def test_safetensors_directory_is_one_layer_per_file(tmp_path: Path) -> None:
     (model / ".git" / "HEAD").write_text("x")
     artifact = package_safetensors_dir(model, PackageOptions(created="2025-01-01T00:00:00Z"))
     manifest = json.loads(artifact.manifest)
-    assert manifest["config"]["mediaType"] == formats.CONFIG_V02
+    assert manifest["config"]["mediaType"] == media_types.CONFIG_V02
     paths = {
-        layer["annotations"][formats.FILEPATH_ANNOTATION]: layer["mediaType"]
+        layer["annotations"][media_types.FILEPATH_ANNOTATION]: layer["mediaType"]
         for layer in manifest["layers"]
     }
     assert paths == {
-        "config.json": formats.MODEL_FILE,
-        "model.safetensors": formats.SAFETENSORS,
-        "sub/tokenizer.json": formats.MODEL_FILE,
+        "config.json": media_types.MODEL_FILE,
+        "model.safetensors": media_types.SAFETENSORS,
+        "sub/tokenizer.json": media_types.MODEL_FILE,
     }
     block = json.loads(artifact.config)["config"]
     assert block["format"] == "safetensors" and block["parameters"] == "6"
@@ -196,8 +196,12 @@ def test_cncf_modelpack_config_is_read(tmp_path: Path) -> None:
     manifest: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": formats.CONFIG_CNCF, "digest": config_digest, "size": len(config)},
-        "layers": [{"mediaType": formats.CNCF_GGUF, "digest": weights, "size": size}],
+        "config": {
+            "mediaType": media_types.CONFIG_CNCF,
+            "digest": config_digest,
+            "size": len(config),
+        },
+        "layers": [{"mediaType": media_types.CNCF_GGUF, "digest": weights, "size": size}],
     }
     model = store.add_model(json.dumps(manifest).encode(), ["org/pack:v1"])
     assert model.format == "gguf" and model.model_config["parameters"] == "48"

@@ -25,7 +25,6 @@ from typing import Any
 import click
 
 from dmr.cli.autostart import (
-    ServerProcess,
     ServerUnavailableError,
     ensure_server,
     explicit_address,
@@ -34,6 +33,7 @@ from dmr.cli.autostart import (
     stop_server,
 )
 from dmr.cli.errors import fail, warn
+from dmr.server_process import ServerProcess
 from dmr.settings import Settings
 
 __all__ = [

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dmr import formats
+from dmr import media_types
 from dmr.distribution.credentials import resolve_credentials
 from dmr.distribution.gguf import GGUFError, read_gguf
 from dmr.errors import (
@@ -33,8 +33,8 @@ from dmr.errors import (
     RegistryError,
     UnsupportedMediaTypeError,
 )
-from dmr.formats import KNOWN_CONFIG_MEDIA_TYPES, MANIFEST_MAX_BYTES
 from dmr.hookspecs import hookimpl
+from dmr.media_types import KNOWN_CONFIG_MEDIA_TYPES, MANIFEST_MAX_BYTES
 from dmr.records import ModelSource, ProgressCallback
 from dmr.reference import DOCKER_HUB_ALIASES, ModelReference, is_model_id, parse_reference
 from dmr.settings import Settings
@@ -282,7 +282,7 @@ def _pull_from(
 
 
 _ADD_ATTEMPTS = 3
-_GGUF_MEDIA_TYPES = frozenset({formats.GGUF, formats.CNCF_GGUF})
+_GGUF_MEDIA_TYPES = frozenset({media_types.GGUF, media_types.CNCF_GGUF})
 # The bundle names GGUF weights get (dmr.store.bundle): model.gguf, model-0000N-of-0000M.gguf.
 _GGUF_BUNDLE_NAME = r"model(-\d{5}-of-\d{5})?\.gguf"
 

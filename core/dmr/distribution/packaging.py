@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dmr import formats
+from dmr import media_types
 from dmr.distribution.gguf import (
     GGUFError,
     merge_shards,
@@ -143,15 +143,15 @@ def _require_file(path: Path, what: str) -> Path:
 def _extras(options: PackageOptions) -> list[LayerFile]:
     verified = options.verified_digests
     layers = [
-        LayerFile.from_path(_require_file(path, "license"), formats.LICENSE, verified=verified)
+        LayerFile.from_path(_require_file(path, "license"), media_types.LICENSE, verified=verified)
         for path in options.licenses
     ]
     if options.mmproj is not None:
         mmproj = _require_file(options.mmproj, "mmproj")
-        layers.append(LayerFile.from_path(mmproj, formats.MMPROJ, verified=verified))
+        layers.append(LayerFile.from_path(mmproj, media_types.MMPROJ, verified=verified))
     if options.chat_template is not None:
         template = _require_file(options.chat_template, "chat template")
-        layers.append(LayerFile.from_path(template, formats.CHAT_TEMPLATE, verified=verified))
+        layers.append(LayerFile.from_path(template, media_types.CHAT_TEMPLATE, verified=verified))
     return layers
 
 
@@ -236,10 +236,10 @@ def package_gguf(paths: Sequence[Path], options: PackageOptions | None = None) -
         "gguf": metadata_strings(gguf),
     }
     weights = [
-        LayerFile.from_path(path, formats.GGUF, verified=options.verified_digests)
+        LayerFile.from_path(path, media_types.GGUF, verified=options.verified_digests)
         for path in shards
     ]
-    return _build(formats.CONFIG_V01, block, [*weights, *_extras(options)], options)
+    return _build(media_types.CONFIG_V01, block, [*weights, *_extras(options)], options)
 
 
 # ------------------------------------------------------------------------- safetensors
@@ -329,8 +329,10 @@ def package_safetensors_dir(directory: Path, options: PackageOptions | None = No
     layers = [
         LayerFile.from_path(
             path,
-            formats.SAFETENSORS if relative.endswith(".safetensors") else formats.MODEL_FILE,
-            {formats.FILEPATH_ANNOTATION: relative},
+            media_types.SAFETENSORS
+            if relative.endswith(".safetensors")
+            else media_types.MODEL_FILE,
+            {media_types.FILEPATH_ANNOTATION: relative},
             verified=options.verified_digests,
         )
         for relative, path in files
@@ -338,7 +340,7 @@ def package_safetensors_dir(directory: Path, options: PackageOptions | None = No
     block = _safetensors_block(root, weights, sum(layer.size for layer in layers))
     if (root / DIFFUSERS_INDEX).is_file():
         block = _diffusers_block(root, block)
-    return _build(formats.CONFIG_V02, block, [*layers, *_extras(options)], options)
+    return _build(media_types.CONFIG_V02, block, [*layers, *_extras(options)], options)
 
 
 def _diffusers_block(root: Path, block: dict[str, Any]) -> dict[str, Any]:
@@ -378,7 +380,7 @@ def package_dduf(path: Path, options: PackageOptions | None = None) -> Artifact:
     except (zipfile.BadZipFile, OSError) as error:
         raise InvalidRequestError(f"{path.name}: not a DDUF archive ({error})") from error
     components = sorted({name.split("/", 1)[0] for name in names if "/" in name})
-    layer = LayerFile.from_path(path, formats.DDUF, verified=options.verified_digests)
+    layer = LayerFile.from_path(path, media_types.DDUF, verified=options.verified_digests)
     block: dict[str, Any] = {
         "format": "diffusers",
         "size": human_size(layer.size),
@@ -386,7 +388,7 @@ def package_dduf(path: Path, options: PackageOptions | None = None) -> Artifact:
     }
     if not block["diffusers"]:
         del block["diffusers"]
-    return _build(formats.CONFIG_V01, block, [layer, *_extras(options)], options)
+    return _build(media_types.CONFIG_V01, block, [layer, *_extras(options)], options)
 
 
 # ------------------------------------------------------------------------- repackaging
@@ -416,9 +418,8 @@ def repackage(store: Store, model: StoredModel, options: PackageOptions | None =
             context_size=options.context_size,
             created=created if isinstance(created, str) else None,
         )
-    config_type = (
-        formats.CONFIG_V02 if any(layer.annotations for layer in layers) else formats.CONFIG_V01
-    )
+    annotated = any(layer.annotations for layer in layers)
+    config_type = media_types.CONFIG_V02 if annotated else media_types.CONFIG_V01
     return _build(config_type, block, [*layers, *_extras(options)], options)
 
 
@@ -428,13 +429,13 @@ def repackage(store: Store, model: StoredModel, options: PackageOptions | None =
 # Docker's layer media types and the ModelPack kind each becomes, as Docker Model
 # Runner's modelpack.MapLayerMediaType classifies them.
 _MODELPACK_KINDS: dict[str, str] = {
-    formats.GGUF: formats.CNCF_WEIGHT_RAW,
-    formats.SAFETENSORS: formats.CNCF_WEIGHT_RAW,
-    formats.DDUF: formats.CNCF_WEIGHT_RAW,
-    formats.MMPROJ: formats.CNCF_WEIGHT_RAW,
-    formats.CHAT_TEMPLATE: formats.CNCF_WEIGHT_CONFIG_RAW,
-    formats.MODEL_FILE: formats.CNCF_WEIGHT_CONFIG_RAW,
-    formats.LICENSE: formats.CNCF_DOC_RAW,
+    media_types.GGUF: media_types.CNCF_WEIGHT_RAW,
+    media_types.SAFETENSORS: media_types.CNCF_WEIGHT_RAW,
+    media_types.DDUF: media_types.CNCF_WEIGHT_RAW,
+    media_types.MMPROJ: media_types.CNCF_WEIGHT_RAW,
+    media_types.CHAT_TEMPLATE: media_types.CNCF_WEIGHT_CONFIG_RAW,
+    media_types.MODEL_FILE: media_types.CNCF_WEIGHT_CONFIG_RAW,
+    media_types.LICENSE: media_types.CNCF_DOC_RAW,
 }
 
 
@@ -442,15 +443,15 @@ def _modelpack_path(layer: LayerFile) -> str:
     """The layer's `org.cncf.model.filepath`: what tells a reader what a raw layer holds
     (dmr's reader: a `.gguf`, `.safetensors` or `.dduf` weight, `mmproj` in the name
     for a projector, a `.jinja` chat template)."""
-    given = layer.annotations.get(formats.FILEPATH_ANNOTATION)
+    given = layer.annotations.get(media_types.FILEPATH_ANNOTATION)
     if given:
         return given
     name = layer.path.name
-    if layer.media_type == formats.MMPROJ and "mmproj" not in name.lower():
+    if layer.media_type == media_types.MMPROJ and "mmproj" not in name.lower():
         return f"mmproj-{name}"
-    if layer.media_type == formats.CHAT_TEMPLATE and not name.endswith(".jinja"):
+    if layer.media_type == media_types.CHAT_TEMPLATE and not name.endswith(".jinja"):
         return "template.jinja"
-    if layer.media_type == formats.DDUF and not name.endswith(".dduf"):
+    if layer.media_type == media_types.DDUF and not name.endswith(".dduf"):
         return f"{name}.dduf"
     return name
 
@@ -473,7 +474,7 @@ def to_modelpack(artifact: Artifact) -> Artifact:
         kind = _MODELPACK_KINDS.get(layer.media_type)
         if kind is None:
             raise InvalidRequestError(f"no CNCF ModelPack layer type for {layer.media_type}")
-        annotations = {**layer.annotations, formats.FILEPATH_ANNOTATION: _modelpack_path(layer)}
+        annotations = {**layer.annotations, media_types.FILEPATH_ANNOTATION: _modelpack_path(layer)}
         layers.append(
             LayerFile(layer.path, kind, layer.digest, layer.size, dict(sorted(annotations.items())))
         )
@@ -500,9 +501,9 @@ def to_modelpack(artifact: Artifact) -> Artifact:
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "artifactType": formats.CNCF_MANIFEST_ARTIFACT_TYPE,
+        "artifactType": media_types.CNCF_MANIFEST_ARTIFACT_TYPE,
         "config": {
-            "mediaType": formats.CONFIG_CNCF,
+            "mediaType": media_types.CONFIG_CNCF,
             "size": len(config_bytes),
             "digest": "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
         },

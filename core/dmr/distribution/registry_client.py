@@ -29,7 +29,7 @@ import requests
 from dmr.distribution.credentials import RegistryCredentials
 from dmr.distribution.progress import TransferCancelledError
 from dmr.errors import ModelNotFoundError, RegistryError
-from dmr.formats import MANIFEST_MAX_BYTES
+from dmr.media_types import MANIFEST_MAX_BYTES
 
 __all__ = [
     "CHUNK_SIZE",

@@ -14,8 +14,8 @@ import socket
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from dmr.cli.autostart import ServerProcess
 from dmr.server.app import create_app
+from dmr.server_process import ServerProcess, is_dmr_serve
 from dmr.settings import Settings
 
 __all__ = [
@@ -184,8 +184,6 @@ def _port_holder(port: int) -> tuple[str, bool]:
         command = psutil.Process(pid).cmdline()
     except psutil.Error:
         return f"pid {pid}", False
-    from dmr.cli.autostart import is_dmr_serve
-
     shown = " ".join(command)
     shown = shown if len(shown) <= 100 else shown[:99] + "…"
     return f"pid {pid} ({shown})", is_dmr_serve(command)

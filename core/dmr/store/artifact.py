@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from dmr import formats
+from dmr import media_types
 from dmr.errors import InvalidRequestError, UnsupportedMediaTypeError
 from dmr.store.layout import is_digest
 
@@ -42,7 +42,7 @@ class Layer:
 
     @property
     def filepath(self) -> str | None:
-        return self.annotations.get(formats.FILEPATH_ANNOTATION)
+        return self.annotations.get(media_types.FILEPATH_ANNOTATION)
 
 
 def _descriptor(raw: object, where: str) -> Layer:
@@ -76,10 +76,10 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
             "invalid manifest: expected an OCI image manifest (schemaVersion 2)"
         )
     config = _descriptor(manifest.get("config"), "config")
-    if config.media_type not in formats.KNOWN_CONFIG_MEDIA_TYPES:
+    if config.media_type not in media_types.KNOWN_CONFIG_MEDIA_TYPES:
         raise UnsupportedMediaTypeError(
             f"unsupported model config media type {config.media_type!r}; "
-            f"dmr reads {', '.join(sorted(formats.KNOWN_CONFIG_MEDIA_TYPES))}"
+            f"dmr reads {', '.join(sorted(media_types.KNOWN_CONFIG_MEDIA_TYPES))}"
         )
     layers = manifest.get("layers")
     if not isinstance(layers, list):
@@ -103,34 +103,34 @@ def modelpack_role(layer: Layer) -> str:
     or "" for one the bundle does not need (docs, unknown weights)."""
     path = (layer.filepath or "").lower()
     name = path.rsplit("/", 1)[-1]
-    if layer.media_type == formats.CNCF_WEIGHT_RAW:
+    if layer.media_type == media_types.CNCF_WEIGHT_RAW:
         if "mmproj" in name:
-            return formats.MMPROJ
+            return media_types.MMPROJ
         if name.endswith(".gguf"):
-            return formats.GGUF
+            return media_types.GGUF
         if name.endswith(".safetensors"):
-            return formats.SAFETENSORS
+            return media_types.SAFETENSORS
         if name.endswith(".dduf"):
-            return formats.DDUF
+            return media_types.DDUF
         return ""
-    if layer.media_type == formats.CNCF_WEIGHT_CONFIG_RAW and path:
-        return formats.CHAT_TEMPLATE if name.endswith(".jinja") else formats.MODEL_FILE
+    if layer.media_type == media_types.CNCF_WEIGHT_CONFIG_RAW and path:
+        return media_types.CHAT_TEMPLATE if name.endswith(".jinja") else media_types.MODEL_FILE
     return ""
 
 
 def format_for_layers(layers: list[Layer]) -> str:
-    raw = {formats.CNCF_WEIGHT_RAW, formats.CNCF_WEIGHT_CONFIG_RAW}
-    media_types = {
+    raw = {media_types.CNCF_WEIGHT_RAW, media_types.CNCF_WEIGHT_CONFIG_RAW}
+    roles = {
         modelpack_role(layer) if layer.media_type in raw else layer.media_type for layer in layers
     }
-    if media_types & {formats.GGUF, formats.CNCF_GGUF}:
+    if roles & {media_types.GGUF, media_types.CNCF_GGUF}:
         return "gguf"
     # A diffusers pipeline's layers are safetensors too; its model_index.json tells.
     if any(layer.filepath == "model_index.json" for layer in layers):
         return "diffusers"
-    if media_types & {formats.SAFETENSORS, formats.CNCF_SAFETENSORS}:
+    if roles & {media_types.SAFETENSORS, media_types.CNCF_SAFETENSORS}:
         return "safetensors"
-    if formats.DDUF in media_types:
+    if media_types.DDUF in roles:
         return "diffusers"
     return ""
 
@@ -145,7 +145,7 @@ def normalise_config(media_type: str, data: bytes, layers: list[Layer]) -> dict[
         raise InvalidRequestError(f"invalid model config: not JSON ({error})") from error
     if not isinstance(raw, dict):
         raise InvalidRequestError("invalid model config: not a JSON object")
-    if media_type == formats.CONFIG_CNCF:
+    if media_type == media_types.CONFIG_CNCF:
         return _from_modelpack(raw, layers)
     block = raw.get("config")
     if not isinstance(block, dict):

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dmr import formats
+from dmr import media_types
 from dmr.errors import StoreError
 from dmr.store.artifact import Layer, layers_of, modelpack_role, safe_relative_path
 from dmr.store.blobs import link_or_copy
@@ -20,10 +20,14 @@ from dmr.store.layout import StoreLayout
 
 __all__ = ["bundle_file_names", "write_bundle"]
 
-_GGUF_TYPES = {formats.GGUF, formats.CNCF_GGUF}
-_SAFETENSORS_TYPES = {formats.SAFETENSORS, formats.CNCF_SAFETENSORS}
-_LEGACY_TARS = {formats.LEGACY_DIR_TAR, formats.LEGACY_VLLM_CONFIG_TAR}
-_MODELPACK_RAW = {formats.CNCF_WEIGHT_RAW, formats.CNCF_WEIGHT_CONFIG_RAW, formats.CNCF_DOC_RAW}
+_GGUF_TYPES = {media_types.GGUF, media_types.CNCF_GGUF}
+_SAFETENSORS_TYPES = {media_types.SAFETENSORS, media_types.CNCF_SAFETENSORS}
+_LEGACY_TARS = {media_types.LEGACY_DIR_TAR, media_types.LEGACY_VLLM_CONFIG_TAR}
+_MODELPACK_RAW = {
+    media_types.CNCF_WEIGHT_RAW,
+    media_types.CNCF_WEIGHT_CONFIG_RAW,
+    media_types.CNCF_DOC_RAW,
+}
 
 
 def _numbered(stem: str, suffix: str, count: int) -> list[str]:
@@ -50,13 +54,13 @@ def bundle_file_names(layers: list[Layer]) -> list[tuple[Layer, str]]:
         )
     for layer in layers:
         role = _role(layer)
-        if role == formats.MMPROJ:
+        if role == media_types.MMPROJ:
             placed.append((layer, "model.mmproj"))
-        elif role == formats.CHAT_TEMPLATE:
+        elif role == media_types.CHAT_TEMPLATE:
             placed.append((layer, "template.jinja"))
-        elif role == formats.DDUF:
+        elif role == media_types.DDUF:
             placed.append((layer, "model.dduf"))
-        elif role == formats.MODEL_FILE and layer.filepath:
+        elif role == media_types.MODEL_FILE and layer.filepath:
             placed.append((layer, str(safe_relative_path(layer.filepath))))
     seen: set[str] = set()
     for _, name in placed:

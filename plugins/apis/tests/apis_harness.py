@@ -28,7 +28,7 @@ import httpx2
 import ollama
 import openai
 import pytest
-from dmr.formats import CONFIG_V01, GGUF, MMPROJ
+from dmr.media_types import CONFIG_V01, GGUF, MMPROJ
 from dmr.plugins import new_plugin_manager
 from dmr.records import Mode, RunnerConfig
 from dmr.server.app import create_app

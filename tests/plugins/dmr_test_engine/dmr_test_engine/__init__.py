@@ -34,7 +34,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dmr.formats import CONFIG_V01
+from dmr.media_types import CONFIG_V01
 from dmr.sdk import (
     AcceleratorInfo,
     EngineSpec,
