@@ -6,9 +6,10 @@ built in one place. Light on purpose: runners import it too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dmr.errors import DmrError
+if TYPE_CHECKING:
+    from dmr.errors import DmrError
 
 __all__ = ["openai_error", "openai_error_body"]
 

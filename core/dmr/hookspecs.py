@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
-from dmr.records import (
-    AcceleratorInfo,
-    ApiDialect,
-    EngineSpec,
-    ModelFormat,
-    ModelSource,
-)
-
 if TYPE_CHECKING:
     import quart
+
+    from dmr.records import (
+        AcceleratorInfo,
+        ApiDialect,
+        EngineSpec,
+        ModelFormat,
+        ModelSource,
+    )
 
 __all__ = ["PROJECT_NAME", "DmrSpec", "hookimpl", "hookspec"]
 

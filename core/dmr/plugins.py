@@ -9,18 +9,20 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pluggy
 
 from dmr import hookspecs
-from dmr.records import (
-    AcceleratorInfo,
-    ApiDialect,
-    EngineSpec,
-    ModelFormat,
-    ModelSource,
-)
+
+if TYPE_CHECKING:
+    from dmr.records import (
+        AcceleratorInfo,
+        ApiDialect,
+        EngineSpec,
+        ModelFormat,
+        ModelSource,
+    )
 
 __all__ = [
     "BUILTIN_PLUGINS",

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmr import media_types
 from dmr.distribution.gguf import (
@@ -29,9 +29,11 @@ from dmr.distribution.gguf import (
 )
 from dmr.errors import InvalidRequestError, StoreError
 from dmr.sizes import human_parameters, human_size
-from dmr.store import Store, StoredModel
 from dmr.store.artifact import OCI_MANIFEST, layers_of
 from dmr.store.blobs import hash_file
+
+if TYPE_CHECKING:
+    from dmr.store import Store, StoredModel
 
 __all__ = [
     "Artifact",

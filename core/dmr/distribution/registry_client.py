@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import oras.auth.utils
 import oras.container
@@ -26,10 +26,12 @@ import oras.provider
 import oras.utils
 import requests
 
-from dmr.distribution.credentials import RegistryCredentials
 from dmr.distribution.progress import TransferCancelledError
 from dmr.errors import ModelNotFoundError, RegistryError
 from dmr.media_types import MANIFEST_MAX_BYTES
+
+if TYPE_CHECKING:
+    from dmr.distribution.credentials import RegistryCredentials
 
 __all__ = [
     "CHUNK_SIZE",

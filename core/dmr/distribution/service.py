@@ -9,10 +9,10 @@ import pluggy
 from dmr import plugins
 from dmr.distribution.oci import push_to_registry
 from dmr.errors import InvalidRequestError, ModelNotFoundError
-from dmr.records import ModelSource, ProgressCallback
 from dmr.reference import InvalidReferenceError, parse_reference
 
 if TYPE_CHECKING:
+    from dmr.records import ModelSource, ProgressCallback
     from dmr.store import Store, StoredModel
 
 __all__ = ["pull_model", "push_model", "source_for"]

@@ -15,13 +15,15 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from dmr.errors import InvalidRequestError
-from dmr.store import Store, StoredModel
 from dmr.store.artifact import config_descriptor, layers_of, parse_manifest
 from dmr.store.blobs import CHUNK
 from dmr.store.layout import digest_hex, is_digest
+
+if TYPE_CHECKING:
+    from dmr.store import Store, StoredModel
 
 __all__ = ["TarLoader", "iter_artifact_tar", "iter_model_tar", "iter_tar", "write_model_tar"]
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dmr.errors import InvalidRequestError
-from dmr.records import AcceleratorInfo, MemoryEstimate
+
+if TYPE_CHECKING:
+    from dmr.records import AcceleratorInfo, MemoryEstimate
 
 __all__ = [
     "Admission",

@@ -9,12 +9,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
-from dmr.errors import DmrError
 from dmr.records import AcceleratorInfo, EngineSpec, Mode, RunnerLaunch
-from dmr.scheduler.runner_process import RunnerProcess
+
+if TYPE_CHECKING:
+    from dmr.errors import DmrError
+    from dmr.scheduler.runner_process import RunnerProcess
 
 __all__ = ["Runner", "RunnerHandle", "RunnerKey", "Unloaded", "runner_client"]
 

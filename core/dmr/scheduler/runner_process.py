@@ -15,12 +15,14 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import httpx
 
 from dmr.errors import RunnerError
-from dmr.records import RunnerCommand
+
+if TYPE_CHECKING:
+    from dmr.records import RunnerCommand
 
 __all__ = ["RunnerProcess", "explain_exit", "log_timestamp"]
 

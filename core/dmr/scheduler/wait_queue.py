@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from dmr.records import Mode
 from dmr.runner_support import BATCH_PRIORITY, PRIORITY_HEADER
 
 if TYPE_CHECKING:
+    from dmr.records import Mode
     from dmr.scheduler.runner import Runner, RunnerKey
 
 __all__ = [

@@ -20,7 +20,7 @@ text; the docker CLI shows the body of a failed call as it is).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 from quart import Blueprint, Response, request
@@ -28,8 +28,10 @@ from quart import Blueprint, Response, request
 from dmr.engines_known import INSTALL_HINTS
 from dmr.error_bodies import openai_error
 from dmr.errors import InvalidRequestError, ModelNotFoundError
-from dmr.records import EngineSpec
 from dmr.server.services import get_services
+
+if TYPE_CHECKING:
+    from dmr.records import EngineSpec
 
 __all__ = ["blueprint", "engine_distribution"]
 

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
@@ -39,11 +39,13 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from quart import Blueprint, Response, current_app, has_request_context, request
 
-from dmr.records import ProgressEvent
 from dmr.reference import display_name
-from dmr.scheduler import RunnerHandle
-from dmr.server.recorder import ExchangeCapture
 from dmr.server.services import get_services
+
+if TYPE_CHECKING:
+    from dmr.records import ProgressEvent
+    from dmr.scheduler import RunnerHandle
+    from dmr.server.recorder import ExchangeCapture
 
 __all__ = [
     "METRICS_KEY",

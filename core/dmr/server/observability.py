@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from quart import Quart
 
-from dmr.records import ApiDialect
 from dmr.server import logs_api, metrics, recorder
-from dmr.settings import Settings
+
+if TYPE_CHECKING:
+    from dmr.records import ApiDialect
+    from dmr.settings import Settings
 
 __all__ = ["install_observability"]
 

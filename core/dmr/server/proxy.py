@@ -14,18 +14,20 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quart import Response
 
 from dmr.errors import DmrError, RunnerError
-from dmr.records import Mode
-from dmr.scheduler import RunnerHandle
 from dmr.scheduler.unix_http import RunnerConnectionError, open_request
 from dmr.scheduler.wait_queue import priority_headers
 from dmr.server.metrics import note_model
 from dmr.server.recorder import start_capture
 from dmr.server.services import Services, get_services
+
+if TYPE_CHECKING:
+    from dmr.records import Mode
+    from dmr.scheduler import RunnerHandle
 
 __all__ = ["Exchange", "open_exchange", "proxy_to_runner", "sse_error_event"]
 

@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart
@@ -37,13 +37,15 @@ from dmr.asgi_streams import (
 )
 from dmr.error_bodies import openai_error_body
 from dmr.errors import DmrError
-from dmr.records import ApiDialect, ProxyRoute
 from dmr.reference import display_name
 from dmr.server.metrics import SCOPE_KEY, ASGIApp, RequestObservation
 from dmr.server.model_names import resolve_model
 from dmr.server.proxy import Exchange, open_exchange
-from dmr.server.services import Services
-from dmr.settings import Settings
+
+if TYPE_CHECKING:
+    from dmr.records import ApiDialect, ProxyRoute
+    from dmr.server.services import Services
+    from dmr.settings import Settings
 
 __all__ = ["ProxyRoutes"]
 

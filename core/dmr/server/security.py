@@ -15,11 +15,13 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from quart import Quart, Response, jsonify, request
 
-from dmr.settings import Settings
+if TYPE_CHECKING:
+    from dmr.settings import Settings
 
 __all__ = ["LOCAL_ORIGINS", "OriginMatcher", "install_security"]
 

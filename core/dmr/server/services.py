@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from quart import current_app
 
-from dmr.records import AcceleratorInfo, EngineSpec
-from dmr.settings import Settings
-
 if TYPE_CHECKING:
+    from dmr.records import AcceleratorInfo, EngineSpec
     from dmr.scheduler import Scheduler
+    from dmr.settings import Settings
     from dmr.store import Store
 
 __all__ = ["Services", "get_services"]

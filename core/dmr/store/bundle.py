@@ -10,13 +10,15 @@ import tarfile
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmr import media_types
 from dmr.errors import StoreError
 from dmr.store.artifact import Layer, layers_of, modelpack_role, safe_relative_path
 from dmr.store.blobs import link_or_copy
-from dmr.store.layout import StoreLayout
+
+if TYPE_CHECKING:
+    from dmr.store.layout import StoreLayout
 
 __all__ = ["bundle_file_names", "write_bundle"]
 
