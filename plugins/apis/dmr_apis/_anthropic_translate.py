@@ -9,14 +9,14 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
-from dmr_apis._images import (
+from dmr_apis.common.images import (
     SUPPORTED_MEDIA_TYPES,
     base64_image_url,
     http_image_url,
     image_url_part,
 )
-from dmr_apis._runner import cached_prompt_tokens
-from dmr_apis._toolcalls import ToolCall, parse_arguments
+from dmr_apis.common.runner_calls import cached_prompt_tokens
+from dmr_apis.common.tool_calls import ToolCall, parse_arguments
 
 __all__ = [
     "anthropic_content",

@@ -22,10 +22,10 @@ from dmr.server.body_limit import lift_body_limit
 from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify, request
 
-from dmr_apis._body import optional_bool, read_json_object
-from dmr_apis._models import resolve_model
 from dmr_apis._ollama_translate import iso_time
-from dmr_apis._streaming import ndjson_line, stream_response
+from dmr_apis.common.body import optional_bool, read_json_object
+from dmr_apis.common.model_lookup import resolve_model
+from dmr_apis.common.streaming import ndjson_line, stream_response
 
 if TYPE_CHECKING:
     from dmr.store import StoredModel

@@ -11,8 +11,8 @@ from typing import Any
 from dmr.durations import parse_duration
 from dmr.errors import InvalidRequestError
 
-from dmr_apis._images import base64_image_url, checked_image_url, image_url_part
-from dmr_apis._toolcalls import ToolCall, parse_arguments
+from dmr_apis.common.images import base64_image_url, checked_image_url, image_url_part
+from dmr_apis.common.tool_calls import ToolCall, parse_arguments
 
 __all__ = [
     "OllamaRequestOptions",

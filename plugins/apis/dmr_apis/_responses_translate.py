@@ -10,9 +10,9 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
-from dmr_apis._images import checked_image_url, image_url_part
-from dmr_apis._runner import cached_prompt_tokens
-from dmr_apis._toolcalls import ToolCall
+from dmr_apis.common.images import checked_image_url, image_url_part
+from dmr_apis.common.runner_calls import cached_prompt_tokens
+from dmr_apis.common.tool_calls import ToolCall
 
 __all__ = [
     "UNSUPPORTED_TOOL_TYPES",

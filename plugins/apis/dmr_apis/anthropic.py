@@ -11,7 +11,6 @@ from dmr.hookspecs import hookimpl
 from dmr.records import ApiDialect, Mode
 from quart import Blueprint, Response, jsonify
 
-from dmr_apis._answer_fold import AnswerFold, fold_answer
 from dmr_apis._anthropic_translate import (
     anthropic_content,
     anthropic_stop_reason,
@@ -21,11 +20,12 @@ from dmr_apis._anthropic_translate import (
     openai_messages,
     openai_tools,
 )
-from dmr_apis._body import optional_bool, read_json_object, require_model
-from dmr_apis._errors import anthropic_error_body, install_error_handlers
-from dmr_apis._models import resolve_model
-from dmr_apis._runner import call_runner, stream_runner
-from dmr_apis._streaming import encode_event, stream_response
+from dmr_apis.common.answer_fold import AnswerFold, fold_answer
+from dmr_apis.common.body import optional_bool, read_json_object, require_model
+from dmr_apis.common.errors import anthropic_error_body, install_error_handlers
+from dmr_apis.common.model_lookup import resolve_model
+from dmr_apis.common.runner_calls import call_runner, stream_runner
+from dmr_apis.common.streaming import encode_event, stream_response
 
 __all__ = ["blueprint", "dmr_api_dialects"]
 

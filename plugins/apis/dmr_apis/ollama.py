@@ -20,10 +20,6 @@ from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify
 
 from dmr_apis import _ollama_models as models
-from dmr_apis._answer_fold import AnswerFold, fold_answer
-from dmr_apis._body import optional_bool, read_json_object, require_model
-from dmr_apis._errors import install_error_handlers, ollama_error_body
-from dmr_apis._models import resolve_model
 from dmr_apis._ollama_translate import (
     check_tools,
     final_stats,
@@ -38,8 +34,12 @@ from dmr_apis._ollama_translate import (
     response_format,
     user_content,
 )
-from dmr_apis._runner import call_runner, stream_runner
-from dmr_apis._streaming import ndjson_line, stream_response
+from dmr_apis.common.answer_fold import AnswerFold, fold_answer
+from dmr_apis.common.body import optional_bool, read_json_object, require_model
+from dmr_apis.common.errors import install_error_handlers, ollama_error_body
+from dmr_apis.common.model_lookup import resolve_model
+from dmr_apis.common.runner_calls import call_runner, stream_runner
+from dmr_apis.common.streaming import ndjson_line, stream_response
 
 __all__ = ["blueprint", "dmr_api_dialects", "dmr_server_startup"]
 

@@ -14,9 +14,9 @@ from dmr.records import ApiDialect, Mode, ProxyRoute
 from dmr.server.services import get_services
 from quart import Blueprint, Response, jsonify, request
 
-from dmr_apis._body import read_json_object, require_model
-from dmr_apis._errors import install_error_handlers, openai_error_body
-from dmr_apis._models import resolve_model
+from dmr_apis.common.body import read_json_object, require_model
+from dmr_apis.common.errors import install_error_handlers, openai_error_body
+from dmr_apis.common.model_lookup import resolve_model
 
 __all__ = ["blueprint", "dmr_api_dialects"]
 

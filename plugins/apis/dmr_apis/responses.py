@@ -18,10 +18,6 @@ from dmr.records import ApiDialect, Mode
 from dmr.server.services import get_services
 from quart import Blueprint, Response, jsonify, request
 
-from dmr_apis._answer_fold import AnswerFold, fold_answer
-from dmr_apis._body import optional_bool, read_json_object, require_model
-from dmr_apis._errors import install_error_handlers, openai_error_body
-from dmr_apis._models import resolve_model
 from dmr_apis._responses_store import ResponseStore, StoredResponse
 from dmr_apis._responses_translate import (
     chat_payload,
@@ -37,8 +33,12 @@ from dmr_apis._responses_translate import (
     response_object,
     usage_of,
 )
-from dmr_apis._runner import call_runner, stream_runner
-from dmr_apis._streaming import encode_event, stream_response
+from dmr_apis.common.answer_fold import AnswerFold, fold_answer
+from dmr_apis.common.body import optional_bool, read_json_object, require_model
+from dmr_apis.common.errors import install_error_handlers, openai_error_body
+from dmr_apis.common.model_lookup import resolve_model
+from dmr_apis.common.runner_calls import call_runner, stream_runner
+from dmr_apis.common.streaming import encode_event, stream_response
 from dmr_apis.openai import check_backend
 
 __all__ = ["blueprint", "dmr_api_dialects"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dmr_apis._answer_fold import AnswerFold, TextDelta, fold_answer
+from dmr_apis.common.answer_fold import AnswerFold, TextDelta, fold_answer
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 TIMINGS = {"prompt_n": 5, "predicted_n": 3}

@@ -1,4 +1,4 @@
-"""The image checks every dialect shares (dmr_apis._images), on their own."""
+"""The image checks every dialect shares (dmr_apis.common.images), on their own."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import base64
 
 import pytest
 from dmr.errors import InvalidRequestError
-from dmr_apis._images import base64_image_url, checked_image_url, sniff_media_type
+from dmr_apis.common.images import base64_image_url, checked_image_url, sniff_media_type
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(8)
 

@@ -12,7 +12,7 @@ from dmr_apis._ollama_translate import (
     response_format,
 )
 from dmr_apis._responses_store import ResponseStore, StoredResponse
-from dmr_apis._toolcalls import ToolCallAccumulator, parse_arguments
+from dmr_apis.common.tool_calls import ToolCallAccumulator, parse_arguments
 
 
 def test_tool_call_fragments_merge_by_index() -> None:

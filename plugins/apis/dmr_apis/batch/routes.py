@@ -17,10 +17,10 @@ from dmr.server.services import Services, get_services
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from quart import Blueprint, Quart, Response, jsonify, request, send_file
 
-from dmr_apis._body import read_json_object
-from dmr_apis._errors import install_error_handlers, openai_error_body
 from dmr_apis.batch.files import FileStore
 from dmr_apis.batch.service import BatchService, BatchSettings
+from dmr_apis.common.body import read_json_object
+from dmr_apis.common.errors import install_error_handlers, openai_error_body
 
 __all__ = ["blueprint", "dmr_api_dialects", "dmr_server_shutdown", "dmr_server_startup"]
 

@@ -29,7 +29,7 @@ from dmr.server.metrics import note_model
 from dmr.server.recorder import ExchangeCapture, start_capture
 from dmr.server.services import get_services
 
-from dmr_apis._streaming import iter_sse_json
+from dmr_apis.common.streaming import iter_sse_json
 
 __all__ = [
     "RunnerCall",

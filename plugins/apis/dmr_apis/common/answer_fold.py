@@ -15,7 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dmr_apis._toolcalls import ToolCall, ToolCallAccumulator
+from dmr_apis.common.tool_calls import ToolCall, ToolCallAccumulator
 
 __all__ = ["AnswerFold", "TextDelta", "fold_answer"]
 
