@@ -36,10 +36,9 @@ from dmr_apis._responses_translate import (
 from dmr_apis.common.answer_fold import AnswerFold, fold_answer
 from dmr_apis.common.body import optional_bool, read_json_object, require_model
 from dmr_apis.common.errors import install_error_handlers, openai_error_body
-from dmr_apis.common.model_lookup import resolve_model
+from dmr_apis.common.model_lookup import check_backend, resolve_model
 from dmr_apis.common.runner_calls import call_runner, stream_runner
 from dmr_apis.common.streaming import encode_event, stream_response
-from dmr_apis.openai import check_backend
 
 __all__ = ["blueprint", "dmr_api_dialects"]
 

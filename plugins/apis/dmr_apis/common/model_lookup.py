@@ -1,16 +1,18 @@
-"""Model names as clients send them, resolved through the store."""
+"""Model and backend names as clients send them, resolved through the store and the
+installed engines."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dmr.errors import ModelNotFoundError
 from dmr.server.model_names import resolve_model as resolve_in_store
 from dmr.server.services import get_services
 
 if TYPE_CHECKING:
     from dmr.store import StoredModel
 
-__all__ = ["display_name", "resolve_model"]
+__all__ = ["check_backend", "display_name", "resolve_model"]
 
 
 def resolve_model(name: str) -> tuple[str, StoredModel]:
@@ -21,3 +23,10 @@ def resolve_model(name: str) -> tuple[str, StoredModel]:
 
 def display_name(model: StoredModel) -> str:
     return model.tags[0] if model.tags else model.id
+
+
+def check_backend(backend: str | None) -> None:
+    """A backend named in the path (`/engines/{backend}/...`) must be an installed engine."""
+    if backend is not None and backend not in get_services().engines:
+        known = ", ".join(sorted(get_services().engines)) or "none"
+        raise ModelNotFoundError(f"unknown backend {backend!r} (installed: {known})")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmr.errors import ModelNotFoundError
 from dmr.hookspecs import hookimpl
 from dmr.records import ApiDialect, Mode, ProxyRoute
 from dmr.server.services import get_services
@@ -16,7 +15,7 @@ from quart import Blueprint, Response, jsonify, request
 
 from dmr_apis.common.body import read_json_object, require_model
 from dmr_apis.common.errors import install_error_handlers, openai_error_body
-from dmr_apis.common.model_lookup import resolve_model
+from dmr_apis.common.model_lookup import check_backend, resolve_model
 
 __all__ = ["blueprint", "dmr_api_dialects"]
 
@@ -34,12 +33,6 @@ _INFERENCE_ROUTES: tuple[tuple[str, str, Mode, str | None], ...] = (
     ("/score", "/v1/score", Mode.RERANKING, None),
     ("/v1/score", "/v1/score", Mode.RERANKING, None),
 )
-
-
-def check_backend(backend: str | None) -> None:
-    if backend is not None and backend not in get_services().engines:
-        known = ", ".join(sorted(get_services().engines)) or "none"
-        raise ModelNotFoundError(f"unknown backend {backend!r} (installed: {known})")
 
 
 def _model_item(model: Any) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The OpenAI dialect (its routes and hook: `dmr_apis.openai.routes`)."""
