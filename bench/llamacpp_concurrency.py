@@ -175,10 +175,15 @@ async def _served_on_tcp(
         _stop(process)
 
 
+# The yardstick's binary, from LLAMA_SERVER_PATH: `main` takes it out of the
+# environment, where it would make every dmr target run the native server instead of
+# dmr's own runner (docs/scheduler.md, "Native llama-server").
+_LLAMA_SERVER_PATH = os.environ.pop("LLAMA_SERVER_PATH", None)
+
+
 def llama_server_binary() -> Path:
-    configured = os.environ.get("LLAMA_SERVER_PATH")
-    if configured:
-        return Path(configured)
+    if _LLAMA_SERVER_PATH:
+        return Path(_LLAMA_SERVER_PATH)
     built = subprocess.run(
         [str(REPO / "scripts" / "build-llama-server")], capture_output=True, text=True, check=True
     )
