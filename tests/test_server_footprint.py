@@ -21,7 +21,7 @@ NOT_AT_START = (
     "torch", "vllm", "diffusers", "llama_cpp", "transformers", "safetensors", "numpy",
     "oras", "requests", "jsonschema", "huggingface_hub", "tqdm",
     "dmr.distribution.registry_client",
-    "dmr.distribution.packaging", "dmr.distribution.progress", "dmr_apis._go_template",
+    "dmr.distribution.packaging", "dmr.distribution.progress", "dmr_apis.ollama.go_template",
 )  # fmt: skip
 
 START_AND_ANSWER = textwrap.dedent(

@@ -35,7 +35,7 @@ from dmr.server.app import create_app
 from dmr.server.services import Services
 from dmr.settings import Settings
 from dmr.store import Store, StoredModel
-from dmr_apis._ollama_models import allow_large_blob_uploads
+from dmr_apis.ollama.model_routes import allow_large_blob_uploads
 from quart import Quart
 
 TIMINGS = {"prompt_n": 7, "prompt_ms": 12.5, "predicted_n": 3, "predicted_ms": 30.0}

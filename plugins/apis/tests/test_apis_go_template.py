@@ -17,7 +17,7 @@ from typing import Any
 
 import jinja2
 import pytest
-from dmr_apis._go_template import GoTemplateError, go_to_jinja, looks_like_go_template
+from dmr_apis.ollama.go_template import GoTemplateError, go_to_jinja, looks_like_go_template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 GOLDEN = json.loads((Path(__file__).parent / "go_templates" / "golden.json").read_text())

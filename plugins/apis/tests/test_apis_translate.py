@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from dmr.errors import InvalidRequestError
 from dmr_apis._anthropic_translate import anthropic_stop_reason, openai_messages
-from dmr_apis._ollama_translate import (
+from dmr_apis._responses_store import ResponseStore, StoredResponse
+from dmr_apis.common.tool_calls import ToolCallAccumulator, parse_arguments
+from dmr_apis.ollama.translate import (
     final_stats,
     options_to_openai,
     parse_keep_alive,
     response_format,
 )
-from dmr_apis._responses_store import ResponseStore, StoredResponse
-from dmr_apis.common.tool_calls import ToolCallAccumulator, parse_arguments
 
 
 def test_tool_call_fragments_merge_by_index() -> None:
@@ -156,7 +156,7 @@ def test_response_store_expires(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pull_progress_in_ollama_shape() -> None:
     from dmr.records import ProgressEvent
-    from dmr_apis._ollama_models import _ollama_progress
+    from dmr_apis.ollama.model_routes import _ollama_progress
 
     layer = ProgressEvent(
         type="progress",

@@ -1,0 +1,1 @@
+"""The Ollama dialect (its routes and hooks: `dmr_apis.ollama.routes`)."""

@@ -22,13 +22,13 @@ from dmr.server.body_limit import lift_body_limit
 from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify, request
 
-from dmr_apis._ollama_translate import iso_time
 from dmr_apis.common.body import optional_bool, read_json_object
 from dmr_apis.common.model_lookup import resolve_model
 from dmr_apis.common.streaming import ndjson_line, stream_response
+from dmr_apis.ollama.translate import iso_time
 
 if TYPE_CHECKING:
-    from dmr.store import StoredModel
+    from dmr.store import Store, StoredModel
 
 __all__ = ["allow_large_blob_uploads", "ollama_defaults", "register_routes"]
 
@@ -429,25 +429,11 @@ def _check_jinja(template: str) -> None:
         raise InvalidRequestError(f"'template' is not a valid chat template: {error}") from None
 
 
-async def create() -> Response:
-    _, body = await read_json_object()
-    target = _familiar(_model_name(body))
-    stream = optional_bool(body, "stream")
-    if body.get("quantize"):
-        raise InvalidRequestError("'quantize' is not supported: dmr stores models as given")
-    if body.get("adapters"):
-        raise InvalidRequestError("'adapters' are not supported")
-    files = body.get("files")
-    base_name = body.get("from")
-    template = body.get("template")
-    system = body.get("system")
-    parameters = _check_parameters(body.get("parameters"))
-    for field, value in (("template", template), ("system", system), ("from", base_name)):
-        if value is not None and not isinstance(value, str):
-            raise InvalidRequestError(f"'{field}' must be a string")
+def _jinja_and_go_template(template: str | None) -> tuple[str | None, str | None]:
+    """(the Jinja template runners apply, the Go template a client wrote, kept for show)."""
     # Only `/api/create` translates templates: the translator is imported here, not
     # with the dialect at server start.
-    from dmr_apis._go_template import GoTemplateError, go_to_jinja, looks_like_go_template
+    from dmr_apis.ollama.go_template import GoTemplateError, go_to_jinja, looks_like_go_template
 
     go_template: str | None = None
     if template and looks_like_go_template(template):
@@ -459,23 +445,74 @@ async def create() -> Response:
             raise InvalidRequestError(f"'template': {error}") from None
     if template:
         _check_jinja(template)
+    return template, go_template
+
+
+async def _uploaded_gguf_layers(
+    store: Store, files: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The layers of the GGUF blobs `files` names (uploaded before), and the config read
+    from the first."""
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise InvalidRequestError("'files' must map file names to sha256 digests")
+    ggufs = [(n, d) for n, d in files.items() if n.endswith(".gguf")]
+    if not ggufs:
+        raise InvalidRequestError("'files' must name at least one .gguf file")
+    layers: list[dict[str, Any]] = []
+    for file_name, digest in ggufs:
+        if not store.has_blob(digest):
+            raise InvalidRequestError(f"blob {digest} for {file_name} was not uploaded")
+        size = store.blob_path(digest).stat().st_size
+        layers.append({"mediaType": GGUF_MEDIA_TYPE, "digest": digest, "size": size})
+    config = await asyncio.to_thread(_gguf_config, store.blob_path(ggufs[0][1]))
+    return layers, config
+
+
+def _add_created_model(
+    store: Store, target: str, layers: list[dict[str, Any]], config: dict[str, Any]
+) -> None:
+    """The model's config (dated now, its rootfs the layers) and manifest stored and
+    tagged `target`."""
+    config.setdefault("descriptor", {})["created"] = iso_time()
+    config["rootfs"] = {"type": "rootfs", "diff_ids": [layer["digest"] for layer in layers]}
+    config_bytes = json.dumps(config, sort_keys=True).encode()
+    config_digest = store.put_blob_bytes(config_bytes)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": {
+            "mediaType": CONFIG_MEDIA_TYPE,
+            "digest": config_digest,
+            "size": len(config_bytes),
+        },
+        "layers": layers,
+    }
+    store.add_model(json.dumps(manifest).encode(), [target])
+
+
+async def create() -> Response:
+    _, body = await read_json_object()
+    target = _familiar(_model_name(body))
+    stream = optional_bool(body, "stream")
+    if body.get("quantize"):
+        raise InvalidRequestError("'quantize' is not supported: dmr stores models as given")
+    if body.get("adapters"):
+        raise InvalidRequestError("'adapters' are not supported")
+    files = body.get("files")
+    base_name = body.get("from")
+    system = body.get("system")
+    parameters = _check_parameters(body.get("parameters"))
+    for field in ("template", "system", "from"):
+        if body.get(field) is not None and not isinstance(body.get(field), str):
+            raise InvalidRequestError(f"'{field}' must be a string")
+    template, go_template = _jinja_and_go_template(body.get("template"))
     store = get_services().store
     layers: list[dict[str, Any]] = []
     config: dict[str, Any]
     if files:
-        if not isinstance(files, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
-        ):
-            raise InvalidRequestError("'files' must map file names to sha256 digests")
-        ggufs = [(n, d) for n, d in files.items() if n.endswith(".gguf")]
-        if not ggufs:
-            raise InvalidRequestError("'files' must name at least one .gguf file")
-        for file_name, digest in ggufs:
-            if not store.has_blob(digest):
-                raise InvalidRequestError(f"blob {digest} for {file_name} was not uploaded")
-            size = store.blob_path(digest).stat().st_size
-            layers.append({"mediaType": GGUF_MEDIA_TYPE, "digest": digest, "size": size})
-        config = await asyncio.to_thread(_gguf_config, store.blob_path(ggufs[0][1]))
+        layers, config = await _uploaded_gguf_layers(store, files)
     elif base_name:
         _, base = resolve_model(base_name)
         layers = [
@@ -502,21 +539,7 @@ async def create() -> Response:
         block["ollama"] = {"system": system or "", "parameters": parameters}
         if go_template:
             block["ollama"]["template"] = go_template
-    config.setdefault("descriptor", {})["created"] = iso_time()
-    config["rootfs"] = {"type": "rootfs", "diff_ids": [layer["digest"] for layer in layers]}
-    config_bytes = json.dumps(config, sort_keys=True).encode()
-    config_digest = store.put_blob_bytes(config_bytes)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": {
-            "mediaType": CONFIG_MEDIA_TYPE,
-            "digest": config_digest,
-            "size": len(config_bytes),
-        },
-        "layers": layers,
-    }
-    store.add_model(json.dumps(manifest).encode(), [target])
+    _add_created_model(store, target, layers, config)
     statuses = ["parsing modelfile", "writing manifest", "success"]
     if stream is False:
         return jsonify({"status": "success"})

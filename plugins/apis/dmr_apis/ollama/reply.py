@@ -47,7 +47,9 @@ class GenerationReply:
         line["done"] = False
         return line
 
-    def final(self, line: dict[str, Any], answer: AnswerFold, load_seconds: float) -> dict[str, Any]:
+    def final(
+        self, line: dict[str, Any], answer: AnswerFold, load_seconds: float
+    ) -> dict[str, Any]:
         """`line` made the last one: tool calls, why it stopped, and the stats."""
         if answer.tool_calls and self.route == "chat":
             # Sent whole, once every fragment has arrived.

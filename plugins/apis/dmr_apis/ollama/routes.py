@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -19,27 +18,25 @@ from dmr.records import ApiDialect, Mode
 from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify
 
-from dmr_apis import _ollama_models as models
-from dmr_apis._ollama_translate import (
+from dmr_apis.common.answer_fold import fold_answer
+from dmr_apis.common.body import optional_bool, read_json_object, require_model
+from dmr_apis.common.errors import install_error_handlers, ollama_error_body
+from dmr_apis.common.model_lookup import resolve_model
+from dmr_apis.common.runner_calls import call_runner, stream_runner
+from dmr_apis.common.streaming import stream_response
+from dmr_apis.ollama import model_routes
+from dmr_apis.ollama.reply import GenerationReply
+from dmr_apis.ollama.translate import (
     check_tools,
-    final_stats,
     iso_time,
     num_ctx,
-    ollama_done_reason,
     ollama_image_parts,
     ollama_messages_to_openai,
-    ollama_tool_calls,
     options_to_openai,
     parse_keep_alive,
     response_format,
     user_content,
 )
-from dmr_apis.common.answer_fold import AnswerFold, fold_answer
-from dmr_apis.common.body import optional_bool, read_json_object, require_model
-from dmr_apis.common.errors import install_error_handlers, ollama_error_body
-from dmr_apis.common.model_lookup import resolve_model
-from dmr_apis.common.runner_calls import call_runner, stream_runner
-from dmr_apis.common.streaming import ndjson_line, stream_response
 
 __all__ = ["blueprint", "dmr_api_dialects", "dmr_server_startup"]
 
@@ -47,7 +44,7 @@ log = logging.getLogger(__name__)
 
 blueprint = Blueprint("dmr_apis_ollama", __name__, url_prefix="/api")
 install_error_handlers(blueprint, ollama_error_body)
-models.register_routes(blueprint)
+model_routes.register_routes(blueprint)
 
 NDJSON = "application/x-ndjson"
 
@@ -118,7 +115,7 @@ def _with_model_defaults(
     model: Any, messages: list[dict[str, Any]] | None, body: dict[str, Any]
 ) -> None:
     """System prompt and parameters saved by `/api/create` apply unless the request sets them."""
-    defaults = models.ollama_defaults(model)
+    defaults = model_routes.ollama_defaults(model)
     system = defaults.get("system")
     if messages is not None and system and not any(m.get("role") == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
@@ -151,57 +148,14 @@ async def _generation(
         path = "/v1/completions"
     payload.update(_truncation(body))
     await _apply_num_ctx(name, model.id, body.get("options"))
-    display = body["model"]
-
-    def chunk(content: str, thinking: str | None = None) -> dict[str, Any]:
-        line: dict[str, Any] = {"model": display, "created_at": iso_time()}
-        if route == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": content}
-            if thinking:
-                message["thinking"] = thinking
-            line["message"] = message
-        else:
-            line["response"] = content
-            if thinking:
-                line["thinking"] = thinking
-        line["done"] = False
-        return line
-
-    def final(line: dict[str, Any], answer: AnswerFold, load_seconds: float) -> dict[str, Any]:
-        if answer.tool_calls and route == "chat":
-            # Sent whole, once every fragment has arrived.
-            line["message"]["tool_calls"] = ollama_tool_calls(answer.calls)
-        line["done"] = True
-        line["done_reason"] = ollama_done_reason(answer.finish_reason)
-        line.update(
-            final_stats(
-                total_seconds=time.monotonic() - started,
-                load_seconds=load_seconds,
-                timings=answer.timings,
-                usage=answer.usage,
-            )
-        )
-        return line
-
+    reply = GenerationReply(model=body["model"], route=route, started=started)
     if not stream:
         result = await call_runner(name, Mode.COMPLETION, path, payload, keep_alive=keep_alive)
-        answer = fold_answer(result.body)
-        line = chunk(answer.content, answer.reasoning)
-        return jsonify(final(line, answer, result.load_seconds))
+        return jsonify(reply.whole(fold_answer(result.body), result.load_seconds))
 
     upstream = await stream_runner(name, Mode.COMPLETION, path, payload, keep_alive=keep_alive)
-
-    async def lines() -> AsyncIterator[bytes]:
-        answer = AnswerFold()
-        try:
-            async for delta in answer.deltas(upstream.events()):
-                yield ndjson_line(chunk(delta.content, delta.reasoning))
-        except Exception as error:  # the stream broke after the 200 went out
-            yield ndjson_line({"error": str(error)})
-            return
-        yield ndjson_line(final(chunk(""), answer, upstream.load_seconds))
-
-    return stream_response(lines(), NDJSON, on_close=upstream.aclose)
+    lines = reply.lines(upstream.events(), upstream.load_seconds)
+    return stream_response(lines, NDJSON, on_close=upstream.aclose)
 
 
 @blueprint.post("/chat")
@@ -319,4 +273,4 @@ def dmr_api_dialects() -> list[ApiDialect]:
 
 @hookimpl
 def dmr_server_startup(app: Quart) -> None:
-    models.allow_large_blob_uploads(app)
+    model_routes.allow_large_blob_uploads(app)
