@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from dmr.errors import InvalidRequestError
-from dmr_apis._anthropic_translate import anthropic_stop_reason, openai_messages
 from dmr_apis._responses_store import ResponseStore, StoredResponse
+from dmr_apis.anthropic.translate import anthropic_stop_reason, openai_messages
 from dmr_apis.common.tool_calls import ToolCallAccumulator, parse_arguments
 from dmr_apis.ollama.translate import (
     final_stats,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 from dmr.errors import InvalidRequestError
 from quart import request
@@ -75,10 +75,27 @@ def optional_bool(body: Mapping[str, Any], field: str) -> bool | None:
     return value
 
 
-def optional_number(body: Mapping[str, Any], field: str) -> float | int | None:
+@overload
+def optional_number(
+    body: Mapping[str, Any], field: str, *, integer: Literal[True]
+) -> int | None: ...
+
+
+@overload
+def optional_number(
+    body: Mapping[str, Any], field: str, *, integer: bool = False
+) -> float | int | None: ...
+
+
+def optional_number(
+    body: Mapping[str, Any], field: str, *, integer: bool = False
+) -> float | int | None:
+    """`field`'s number (with `integer`, an integer), or None when absent. JSON's
+    true and false are no numbers, though Python's bool is an int."""
     value = body.get(field)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise _wrong_type(field, "a number", value)
+    kinds = int if integer else int | float
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+        raise _wrong_type(field, "an integer" if integer else "a number", value)
     return value
 
 

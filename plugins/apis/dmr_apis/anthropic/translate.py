@@ -9,6 +9,7 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
+from dmr_apis.common.body import optional_number
 from dmr_apis.common.images import (
     SUPPORTED_MEDIA_TYPES,
     base64_image_url,
@@ -212,18 +213,8 @@ def _tool_choice(choice: Any) -> Any:
     raise InvalidRequestError("'tool_choice.type' must be auto, any, tool or none")
 
 
-def _check_number(body: Mapping[str, Any], field: str, *, integer: bool = False) -> Any:
-    value = body.get(field)
-    if value is None:
-        return None
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise InvalidRequestError(f"'{field}' must be {'an integer' if integer else 'a number'}")
-    return value
-
-
 def anthropic_to_openai(body: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
-    max_tokens = _check_number(body, "max_tokens", integer=True)
+    max_tokens = optional_number(body, "max_tokens", integer=True)
     if max_tokens is None:
         raise InvalidRequestError("'max_tokens' is required")
     if max_tokens < 1:
@@ -235,10 +226,10 @@ def anthropic_to_openai(body: Mapping[str, Any], *, stream: bool) -> dict[str, A
         "stream": stream,
     }
     for field in ("temperature", "top_p"):
-        value = _check_number(body, field)
+        value = optional_number(body, field)
         if value is not None:
             payload[field] = value
-    top_k = _check_number(body, "top_k", integer=True)
+    top_k = optional_number(body, "top_k", integer=True)
     if top_k is not None:
         payload["top_k"] = top_k
     stops = body.get("stop_sequences")

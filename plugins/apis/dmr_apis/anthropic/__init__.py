@@ -1,0 +1,1 @@
+"""The Anthropic Messages dialect (its routes and hook: `dmr_apis.anthropic.routes`)."""
