@@ -187,6 +187,10 @@ class RunnerLaunch:
     # Bytes admission lets runners use on `device` (DMR_MEMORY_BUDGET, else its free
     # memory); engines size defaults such as the context by it. None: not known.
     memory_budget: int | None = None
+    # The store's folder for what a runner keeps of this model across loads (the
+    # llama.cpp runner's prompt caches): counted by `dmr df`, emptied by `dmr purge`,
+    # removed with the model. None: nothing may be kept.
+    prompt_cache_dir: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -304,6 +304,8 @@ def df() -> None:
     table = Table("TYPE", "SIZE", box=None)
     table.add_row("Models", human_size(int(usage.get("models_disk_usage", 0))))
     table.add_row("Inference engine", human_size(int(usage.get("default_backend_disk_usage", 0))))
+    if "prompt_cache_disk_usage" in usage:  # a Docker Model Runner does not report it
+        table.add_row("Prompt caches", human_size(int(usage["prompt_cache_disk_usage"])))
     print_table(table)
 
 

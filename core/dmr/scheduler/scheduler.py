@@ -868,6 +868,7 @@ class Scheduler:
             device=device,
             draft_bundle_dir=draft_dir,
             memory_budget=self.budget(device),
+            prompt_cache_dir=self.store.layout.prompt_cache(stored.id),
         )
 
     def _log_path(self, runner: Runner) -> Path | None:

@@ -81,4 +81,6 @@ async def engines_df() -> dict[str, int]:
     return {
         "models_disk_usage": services.store.disk_usage(),
         "default_backend_disk_usage": engine_disk,
+        # dmr's own: runners' prompt caches kept across loads (docs/scheduler.md).
+        "prompt_cache_disk_usage": services.store.prompt_cache_usage(),
     }

@@ -81,6 +81,14 @@ class StoreLayout:
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def prompt_cache_dir(self) -> Path:
+        """Runners' prompt caches, one folder per model (docs/scheduler.md)."""
+        return self.root / "prompt-cache"
+
+    def prompt_cache(self, model_id: str) -> Path:
+        return self.prompt_cache_dir / digest_hex(model_id)
+
     def blob(self, digest: str) -> Path:
         return self.blobs_dir / digest_hex(digest)
 

@@ -175,18 +175,13 @@ class Store:
             raise ModelNotFoundError(f"model {model_id} not found") from error
 
     def disk_usage(self) -> int:
-        """Bytes used, counting each hard-linked file once."""
-        seen: set[int] = set()
-        total = 0
-        for path in self.root.rglob("*"):
-            try:
-                stat = path.lstat()
-            except FileNotFoundError:
-                continue
-            if path.is_file() and stat.st_ino not in seen:
-                seen.add(stat.st_ino)
-                total += stat.st_size
-        return total
+        """Bytes used by models, counting each hard-linked file once (runners' prompt
+        caches apart: `prompt_cache_usage`)."""
+        return _disk_usage(self.root, skip=self.layout.prompt_cache_dir)
+
+    def prompt_cache_usage(self) -> int:
+        """Bytes of runners' prompt caches kept across loads."""
+        return _disk_usage(self.layout.prompt_cache_dir)
 
     # ------------------------------------------------------------------ writing blobs
 
@@ -321,6 +316,7 @@ class Store:
             self._cache.pop(entry.id, None)
             digests = set(entry.files) | self._manifest_digests(entry.id)
             shutil.rmtree(self.layout.bundle(entry.id), ignore_errors=True)
+            shutil.rmtree(self.layout.prompt_cache(entry.id), ignore_errors=True)
             self.layout.manifest(entry.id).unlink(missing_ok=True)
             for digest in digests - in_use:
                 self.layout.blob(digest).unlink(missing_ok=True)
@@ -349,11 +345,28 @@ class Store:
         if not self.layout.layout_file.exists():
             raise StoreError(f"refusing to purge {self.root}: no layout.json, not a model store")
         with self.index.lock:
-            for directory in ("blobs", "manifests", "bundles", "tmp"):
+            for directory in ("blobs", "manifests", "bundles", "tmp", "prompt-cache"):
                 shutil.rmtree(self.root / directory, ignore_errors=True)
             self._cache.clear()
             self.index.write([])
             self.layout.initialise()
+
+
+def _disk_usage(root: Path, skip: Path | None = None) -> int:
+    """Bytes of the files under `root` but those under `skip`, each hard-linked file once."""
+    seen: set[int] = set()
+    total = 0
+    for path in root.rglob("*"):
+        if skip is not None and path.is_relative_to(skip):
+            continue
+        try:
+            stat = path.lstat()
+        except FileNotFoundError:
+            continue
+        if path.is_file() and stat.st_ino not in seen:
+            seen.add(stat.st_ino)
+            total += stat.st_size
+    return total
 
 
 def _sha256(data: bytes) -> str:

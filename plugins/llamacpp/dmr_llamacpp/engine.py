@@ -37,6 +37,7 @@ __all__ = [
     "MAX_DEFAULT_CONTEXT_SIZE",
     "LlamaCppEngine",
     "find_llama_server",
+    "prompt_cache_max_bytes",
     "worker_settings",
 ]
 
@@ -54,6 +55,27 @@ GPU_ALL_LAYERS = 999
 COMPUTE_MARGIN_BYTES = 256 * 1024 * 1024
 COMPUTE_MARGIN_FRACTION = 0.10
 KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625}
+# Disk for prompt caches kept across loads, all models together (docs/scheduler.md).
+PROMPT_CACHE_MAX_BYTES_ENV = "DMR_PROMPT_CACHE_MAX_BYTES"
+DEFAULT_PROMPT_CACHE_MAX_BYTES = 1024**3
+
+
+def prompt_cache_max_bytes(environ: dict[str, str] | None = None) -> int:
+    """`DMR_PROMPT_CACHE_MAX_BYTES` (bytes, 0 = keep none), else 1 GiB."""
+    env = os.environ if environ is None else environ
+    raw = env.get(PROMPT_CACHE_MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PROMPT_CACHE_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(
+            f"{PROMPT_CACHE_MAX_BYTES_ENV}={raw!r}: expected a number of bytes (0 keeps no "
+            "prompt cache on disk)"
+        )
+    return value
 
 
 def _context_size(
@@ -213,6 +235,14 @@ class LlamaCppEngine:
                 argv += [option, str(value)]
         if bundle.mmproj is not None:
             argv += ["--mmproj", str(bundle.mmproj)]
+        max_bytes = prompt_cache_max_bytes()
+        if launch.mode is Mode.COMPLETION and launch.prompt_cache_dir is not None and max_bytes:
+            argv += [
+                "--prompt-cache-dir",
+                str(launch.prompt_cache_dir),
+                "--prompt-cache-max-bytes",
+                str(max_bytes),
+            ]
         if launch.draft_bundle_dir is not None:
             if launch.mode is not Mode.COMPLETION:
                 raise ValueError("a speculative draft model only applies to completion runners")

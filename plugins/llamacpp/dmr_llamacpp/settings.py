@@ -318,6 +318,10 @@ def runner_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mmproj")
     parser.add_argument("--model-draft")
     parser.add_argument("--served-model-name")
+    # Where prompt caches outlive the runner (the store's folder for this model), and
+    # the cap on all of them (runner/prompt_files.py); 0 keeps nothing on disk.
+    parser.add_argument("--prompt-cache-dir")
+    parser.add_argument("--prompt-cache-max-bytes", type=int, default=0)
     default = WorkerSettings()
     for item in fields(WorkerSettings):
         if item.name in {"extra", "jinja", "cont_batching"}:

@@ -260,3 +260,24 @@ def test_default_context_is_the_trained_one_where_memory_allows(
     assert _ctx(engine, replace(sized, memory_budget=1 << 30)) == 8192
     embedding = make_launch(llama_bundle, tmp_path / "r.sock", Mode.EMBEDDING, context_size=None)
     assert _ctx(engine, replace(embedding, memory_budget=16 << 30)) == 4096
+
+
+def test_completion_runners_get_the_store_folder_for_prompt_caches(
+    llama_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "prompt-cache" / ("a" * 64)
+    launch = replace(make_launch(llama_bundle, tmp_path / "r.sock"), prompt_cache_dir=folder)
+    argv = list(LlamaCppEngine().runner_command(launch).argv)
+    assert argv[argv.index("--prompt-cache-dir") + 1] == str(folder)
+    assert argv[argv.index("--prompt-cache-max-bytes") + 1] == str(1024**3)
+    monkeypatch.setenv("DMR_PROMPT_CACHE_MAX_BYTES", "5000000")
+    argv = list(LlamaCppEngine().runner_command(launch).argv)
+    assert argv[argv.index("--prompt-cache-max-bytes") + 1] == "5000000"
+    # Embeddings keep no prompts; a cap of 0 keeps none on disk.
+    embedding = replace(launch, mode=Mode.EMBEDDING)
+    assert "--prompt-cache-dir" not in LlamaCppEngine().runner_command(embedding).argv
+    monkeypatch.setenv("DMR_PROMPT_CACHE_MAX_BYTES", "0")
+    assert "--prompt-cache-dir" not in LlamaCppEngine().runner_command(launch).argv
+    monkeypatch.setenv("DMR_PROMPT_CACHE_MAX_BYTES", "1GB")
+    with pytest.raises(ValueError, match="DMR_PROMPT_CACHE_MAX_BYTES='1GB': expected a number"):
+        LlamaCppEngine().runner_command(launch)

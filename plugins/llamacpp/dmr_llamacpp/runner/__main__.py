@@ -18,7 +18,8 @@ from dmr_llamacpp.settings import WorkerSettings, runner_arg_parser, settings_fr
 from dmr_llamacpp.threads import default_threads
 
 if TYPE_CHECKING:
-    from dmr_llamacpp.runner.model import LoadedModel
+    from dmr_llamacpp.runner.model import ContextOptions, LoadedModel
+    from dmr_llamacpp.runner.prompt_files import PromptFiles
     from dmr_llamacpp.runner.vision import VisionProjector
 
 
@@ -29,9 +30,11 @@ def load_into(
     on_failure: Callable[[], None],
     draft_path: Path | None = None,
     mmproj_path: Path | None = None,
+    prompt_cache: tuple[Path, int] | None = None,
 ) -> None:
     """Load the model, and its projector for a completion runner with `mmproj_path`
-    (in a thread, so /health answers 503 meanwhile)."""
+    (in a thread, so /health answers 503 meanwhile); a completion runner with a
+    `prompt_cache` (folder, cap in bytes) reads back the prompts saved there."""
     import llama_cpp
 
     from dmr_llamacpp.runner.batching import BatchedGenerator
@@ -127,6 +130,7 @@ def load_into(
                 burst_gap_s=settings.burst_gap_ms / 1000,
                 projector=state.projector,
                 batch_share=batch_share(settings),
+                prompt_files=prompt_files(prompt_cache, model_path, options, settings),
             )
         else:
             state.pooler = Pooler(
@@ -138,6 +142,37 @@ def load_into(
         state.load_error = f"failed to load {model_path.name}: {error}"
         print(state.load_error, file=sys.stderr, flush=True)
         on_failure()  # exit, so the scheduler sees a crash with this message on stderr
+
+
+def prompt_files(
+    prompt_cache: tuple[Path, int] | None,
+    model_path: Path,
+    options: ContextOptions,
+    settings: WorkerSettings,
+) -> PromptFiles | None:
+    """The saved prompts of this model and of runners set up as this one (None: none
+    kept). The key holds what the cells depend on: another llama.cpp, context shape,
+    cache types, attention kernel or device computes or lays out other cells."""
+    import llama_cpp
+
+    from dmr_llamacpp.runner.prompt_files import CacheKey, PromptFiles
+
+    if prompt_cache is None or prompt_cache[1] <= 0:
+        return None
+    folder, max_bytes = prompt_cache
+    key = CacheKey(
+        llama_cpp_version=llama_cpp.__version__,
+        model_file=f"{model_path.name}:{model_path.stat().st_size}",
+        ctx_per_slot=options.n_ctx // options.n_seq_max,
+        parallel=options.n_seq_max,
+        n_batch=options.n_batch,
+        n_ubatch=options.n_ubatch,
+        cache_type_k=settings.cache_type_k,
+        cache_type_v=settings.cache_type_v,
+        flash_attn=settings.flash_attn,
+        n_gpu_layers=settings.n_gpu_layers,
+    )
+    return PromptFiles(folder, key, max_bytes)
 
 
 def batch_share(settings: WorkerSettings) -> int:
@@ -196,7 +231,12 @@ async def main_async(argv: list[str] | None = None) -> None:
     def load(fail: Callable[[], None]) -> None:
         draft = Path(args.model_draft) if args.model_draft else None
         mmproj = Path(args.mmproj) if args.mmproj and args.mode == "completion" else None
-        load_into(state, model_path, settings.chat_template_file, fail, draft, mmproj)
+        saved = (
+            (Path(args.prompt_cache_dir), args.prompt_cache_max_bytes)
+            if args.prompt_cache_dir
+            else None
+        )
+        load_into(state, model_path, settings.chat_template_file, fail, draft, mmproj, saved)
 
     try:
         await serve_runner(app, Path(args.socket), load)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import queue
 import secrets
@@ -50,7 +51,13 @@ import numpy as np
 
 from dmr_llamacpp.runner.burst import BURST_GAP_S, collect_burst
 from dmr_llamacpp.runner.model import Batch, LoadedModel
-from dmr_llamacpp.runner.prompt_cache import HostPromptCache, common_prefix_length
+from dmr_llamacpp.runner.prompt_cache import (
+    HostPromptCache,
+    common_prefix_length,
+    copy_sequence_state,
+    restore_sequence_state,
+)
+from dmr_llamacpp.runner.prompt_files import PromptFile, PromptFiles, SavedState
 from dmr_llamacpp.runner.reasoning import THINK_CLOSE, THINK_OPEN, ThinkingBudget, partial_tag
 from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
 from dmr_llamacpp.runner.speculative import Drafter
@@ -58,6 +65,8 @@ from dmr_llamacpp.runner.text import StreamedText
 
 if TYPE_CHECKING:  # libmtmd is loaded only for a model with a projector
     from dmr_llamacpp.runner.vision import MultimodalPrompt, VisionProjector
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BatchedGenerator",
@@ -84,11 +93,19 @@ SAVE_AT_LEAST = 16
 # out of the way of a multi-turn chat's next turn, which comes within milliseconds.
 IDLE_SAVE_AFTER_S = 0.05
 
+# Prompt tokens decoded again when a cache holds the whole prompt (`_reuse_prefix`).
+REDECODED_TOKENS = 2
+
 # Batch jobs held back by `batch_share` stay held this long after the last interactive
 # job left its slot: a client's or an agent's next request, which comes within tens of
 # milliseconds of an answer, then finds the runner free rather than behind a step of
 # batch work (82 ms for eight sequences of SmolLM2 on 2 CPU cores).
 INTERACTIVE_GRACE_S = 0.1
+
+# How long a stopping runner may spend writing its prompt caches to disk: the scheduler
+# kills a runner 5 s after SIGTERM, and the server's graceful shutdown takes up to 2 s
+# of that first (docs/scheduler.md).
+SAVE_TO_DISK_S = 2.5
 
 # An image's placeholder ids: -(1 + (id_hash << IMAGE_CELL_BITS) + cell), so two images
 # differ from their first cell and the cell index says how far into its image a cell is.
@@ -283,8 +300,10 @@ class BatchedGenerator:
         burst_gap_s: float = BURST_GAP_S,
         projector: VisionProjector | None = None,
         batch_share: int = -1,
+        prompt_files: PromptFiles | None = None,
     ) -> None:
         self.model = model
+        self.prompt_files = prompt_files
         self.batch_share = batch_share
         self._interactive_at = -math.inf  # when a step last held an interactive job
         self.projector = projector
@@ -304,6 +323,8 @@ class BatchedGenerator:
         self._batch = Batch(self.n_batch)
         self._touched: list[GenerationJob] = []  # jobs with events in their outbox
         self._stopping = False
+        if prompt_files is not None:  # before the decode thread owns the context
+            self._restore_from_disk(prompt_files)
         self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
         self._thread.start()
 
@@ -320,9 +341,15 @@ class BatchedGenerator:
         self._incoming.put(job)
 
     def close(self) -> None:
+        deadline = time.monotonic() + SAVE_TO_DISK_S
         self._stopping = True
         self._incoming.put(None)
         self._thread.join(timeout=10)
+        if self.prompt_files is not None and not self._thread.is_alive():
+            try:
+                self._save_to_disk(self.prompt_files, deadline)
+            except Exception as error:  # never in the way of stopping
+                logger.warning("could not save the prompt caches: %r", error)
         for slot in self.slots:
             self._release(slot)
         for job in self._waiting:
@@ -331,6 +358,73 @@ class BatchedGenerator:
         self._batch.free()
         if self.drafter is not None:
             self.drafter.close()
+
+    # ------------------------------------------------------------------ disk
+
+    def _restore_from_disk(self, files: PromptFiles) -> None:
+        """Read the prompts an earlier runner saved back into the slots, newest first,
+        then into the host cache while it has room."""
+        now = time.perf_counter()
+        empty = list(self.slots)
+        for_host: list[PromptFile] = []
+        host_bytes = 0
+        restored = 0
+        for saved in files.load():
+            if len(saved.tokens) >= self.ctx_per_slot:
+                continue
+            if empty:
+                slot = empty[0]
+                if not restore_sequence_state(
+                    self.model.ctx, self.model.memory, saved.state, slot.seq_id
+                ):
+                    logger.warning(
+                        "ignoring the saved prompt cache %s: llama.cpp refused it", saved.path
+                    )
+                    saved.path.unlink(missing_ok=True)
+                    continue
+                empty.pop(0)
+                slot.tokens = list(saved.tokens)
+                slot.n_past = len(slot.tokens)
+                slot.last_used = now - restored * 1e-3  # older files go first
+            elif self.host_cache is not None and host_bytes + saved.state.nbytes <= (
+                self.host_cache.budget_bytes
+            ):
+                for_host.append(saved)
+                host_bytes += saved.state.nbytes
+            else:
+                break
+            files.touch(saved.path)
+            restored += 1
+        for saved in reversed(for_host):  # the host cache's newest entry comes last
+            assert self.host_cache is not None
+            self.host_cache.keep(saved.tokens, saved.state)
+        if restored:
+            logger.info("restored %d saved prompt caches from %s", restored, files.folder)
+        self._note_host_cache()
+
+    def _save_to_disk(self, files: PromptFiles, deadline: float) -> None:
+        """Write the slots' caches and the host cache's, most recently used first,
+        leaving out any that a more recent one extends (it serves their requests)."""
+        chosen: list[SavedState] = []
+
+        def extended(tokens: tuple[int, ...]) -> bool:
+            return any(other.tokens[: len(tokens)] == tokens for other in chosen)
+
+        for slot in sorted(self.slots, key=lambda slot: -slot.last_used):
+            tokens = tuple(slot.tokens)
+            # Image placeholders stand for cells that only their image's id can match.
+            if len(tokens) < SAVE_AT_LEAST or min(tokens) < 0 or extended(tokens):
+                continue
+            state = copy_sequence_state(self.model.ctx, slot.seq_id, files.max_bytes)
+            if state is not None:
+                chosen.append(SavedState(tokens, state))
+        if self.host_cache is not None:
+            for entry in self.host_cache.newest_first():
+                if min(entry.tokens) >= 0 and not extended(entry.tokens):
+                    chosen.append(SavedState(entry.tokens, entry.state))
+        if chosen:
+            written = files.save(chosen, deadline)
+            logger.info("saved %d prompt caches to %s", written, files.folder)
 
     # ------------------------------------------------------------------ thread
 
@@ -599,8 +693,12 @@ class BatchedGenerator:
                 else:  # nothing of the slot's own cache is known to be left
                     self.model.forget_sequence(slot.seq_id)
                     slot.tokens, common = [], 0
-        # At least the prompt's last token is decoded again: its logits pick the first token.
-        common = min(common, len(prompt) - 1)
+        # At least the prompt's last token is decoded again: its logits pick the first
+        # token. Two, in fact: llama.cpp's CPU matrix products take another path for a
+        # batch of one token, whose rounding can tip a near-tie in greedy decoding; from
+        # two tokens on, the last token's logits are bit for bit a cold prefill's, so a
+        # reused prompt answers as it did the first time (tests/test_prompt_cache_reload.py).
+        common = max(0, min(common, len(prompt) - REDECODED_TOKENS))
         if self.projector is not None and common:
             common = self._image_safe_prefix(slot.tokens, common)
         if common < len(slot.tokens):

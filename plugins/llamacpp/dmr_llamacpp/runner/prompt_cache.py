@@ -12,7 +12,13 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-__all__ = ["HostPromptCache", "SavedPrompt", "common_prefix_length"]
+__all__ = [
+    "HostPromptCache",
+    "SavedPrompt",
+    "common_prefix_length",
+    "copy_sequence_state",
+    "restore_sequence_state",
+]
 
 
 def common_prefix_length(first: list[int], second: list[int]) -> int:
@@ -30,6 +36,32 @@ def common_prefix_length(first: list[int], second: list[int]) -> int:
     return low
 
 
+def copy_sequence_state(ctx: Any, seq_id: int, limit_bytes: int) -> np.ndarray | None:
+    """The sequence's KV cells as `llama_state_seq_get_data` writes them (uint8), or
+    None when there are none or they take more than `limit_bytes`."""
+    size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
+    if size <= 0 or size > limit_bytes:
+        return None
+    # Not a ctypes array: that would be zeroed first, which cost three times the
+    # copy itself (45 ms for a 1,800-token prompt of SmolLM2-135M, 15 without).
+    state = np.empty(size, dtype=np.uint8)
+    pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+    if int(llama_cpp.llama_state_seq_get_data(ctx, pointer, size, seq_id)) != size:
+        return None
+    return state
+
+
+def restore_sequence_state(ctx: Any, memory: Any, state: np.ndarray, seq_id: int) -> bool:
+    """Replace the sequence's cells with `state`; False when llama.cpp refuses it (the
+    sequence is then empty)."""
+    llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
+    pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+    if int(llama_cpp.llama_state_seq_set_data(ctx, pointer, state.nbytes, seq_id)) > 0:
+        return True
+    llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
+    return False
+
+
 @dataclass(frozen=True)
 class SavedPrompt:
     tokens: tuple[int, ...]
@@ -38,10 +70,6 @@ class SavedPrompt:
     @property
     def size(self) -> int:
         return int(self.state.nbytes)
-
-    @property
-    def pointer(self) -> Any:
-        return self.state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
 class HostPromptCache:
@@ -68,15 +96,16 @@ class HostPromptCache:
         key = tuple(tokens)
         if not key or key in self._entries:
             return
-        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq_id))
-        if size <= 0 or size > self.budget_bytes:
-            return
-        # Not a ctypes array: that would be zeroed first, which cost three times the
-        # copy itself (45 ms for a 1,800-token prompt of SmolLM2-135M, 15 without).
-        state = np.empty(size, dtype=np.uint8)
-        pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-        if int(llama_cpp.llama_state_seq_get_data(self._ctx, pointer, size, seq_id)) != size:
-            return
+        state = copy_sequence_state(self._ctx, seq_id, self.budget_bytes)
+        if state is not None:
+            self.keep(key, state)
+
+    def keep(self, key: tuple[int, ...], state: np.ndarray) -> bool:
+        """Add a copied state (`save`'s, or one read from disk) as the newest entry;
+        False when it does not fit the budget."""
+        size = int(state.nbytes)
+        if not key or key in self._entries or size > self.budget_bytes:
+            return False
         # A saved prompt that this one extends can only serve requests this one serves too.
         for older in [old for old in self._entries if key[: len(old)] == old]:
             self._drop(older)
@@ -84,6 +113,10 @@ class HostPromptCache:
             self._drop(next(iter(self._entries)))
         self._entries[key] = SavedPrompt(key, state)
         self.bytes_used += size
+        return True
+
+    def newest_first(self) -> list[SavedPrompt]:
+        return list(reversed(self._entries.values()))
 
     def best_match(self, prompt: list[int]) -> tuple[SavedPrompt | None, int]:
         """The saved prompt sharing the longest prefix with `prompt`, and that length."""
@@ -99,9 +132,7 @@ class HostPromptCache:
         """Replace the sequence's cells with the saved ones; the entry leaves the cache
         (the slot holds it now, and saves it again when it is taken)."""
         self._drop(entry.tokens)
-        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        copied = llama_cpp.llama_state_seq_set_data(self._ctx, entry.pointer, entry.size, seq_id)
-        return int(copied) > 0
+        return restore_sequence_state(self._ctx, self._memory, entry.state, seq_id)
 
     def _drop(self, key: tuple[int, ...]) -> None:
         entry = self._entries.pop(key, None)

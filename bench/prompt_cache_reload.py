@@ -1,0 +1,191 @@
+"""Prompt caches across an unload: the time to first token of a ~1,800-token prompt
+cold, warm, and after its runner was unloaded and loaded again.
+
+    python bench/prompt_cache_reload.py [--rounds 5] [--sentences 92] [--json FILE]
+
+`dmr serve` (defaults, a temp store holding SmolLM2) answers, streamed, at
+temperature 0, `--max-tokens` tokens. Each round has a prompt of its own (a unique
+first line, then the same long document and question), asked three times:
+
+- `cold`: first seen, the whole prompt is decoded;
+- `warm`: asked again at once, the runner's slot still holds it (in memory);
+- `reload`: `POST /engines/unload` (the runner writes its prompt caches under the
+  store as it stops: the `unload` time), then a short unrelated request loads the
+  model again (the `load` time: reading the saved prompts back is part of it), then
+  the prompt.
+
+TTFT is measured by the client, from sending the request to the first chunk with
+text. The figures are medians over the rounds; the targets (issue 28) are
+reload <= 2 x warm and cold >= 5 x reload, with the three answers of every round
+identical (greedy) and the reload's `cached_tokens` > 0. Run it with the machine
+otherwise idle: on 2 cores anything else running moves every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from dmr_served import dmr_served
+
+MODEL = "ai/smollm2"
+CHAT = "/engines/v1/chat/completions"
+
+
+@dataclass
+class Answer:
+    ttft_s: float
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+def document(sentences: int) -> str:
+    return " ".join(
+        f"Entry {index}: the harbour log records ship {index * 7 % 101} at berth {index % 13}."
+        for index in range(sentences)
+    )
+
+
+async def ask(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Answer:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first: float | None = None
+    text: list[str] = []
+    usage: dict[str, Any] = {}
+    async with client.stream("POST", CHAT, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {(await response.aread()).decode()}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(str(chunk["error"]))
+            for choice in chunk.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    first = first or time.perf_counter()
+                    text.append(piece)
+            usage = chunk.get("usage") or usage
+    details = usage.get("prompt_tokens_details") or {}
+    return Answer(
+        ttft_s=(first or time.perf_counter()) - started,
+        text="".join(text),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        cached_tokens=int(details.get("cached_tokens") or 0),
+    )
+
+
+async def one_round(
+    client: httpx.AsyncClient, args: argparse.Namespace, index: int
+) -> dict[str, Any]:
+    prompt = (
+        f"Log {uuid.uuid4().hex}.\n{document(args.sentences)}\n\n"
+        "Which berth appears most often? Answer briefly."
+    )
+    cold = await ask(client, prompt, args.max_tokens)
+    warm = await ask(client, prompt, args.max_tokens)
+    started = time.perf_counter()
+    unloaded = await client.post("/engines/unload", json={"models": [MODEL]})
+    unloaded.raise_for_status()
+    unload_s = time.perf_counter() - started
+    started = time.perf_counter()
+    await ask(client, f"Say hello to visitor {uuid.uuid4().hex}.", 1)  # loads the model
+    load_s = time.perf_counter() - started
+    reload = await ask(client, prompt, args.max_tokens)
+    figures = {
+        "round": index,
+        "prompt_tokens": cold.prompt_tokens,
+        "cold_ttft_ms": round(cold.ttft_s * 1000, 1),
+        "warm_ttft_ms": round(warm.ttft_s * 1000, 1),
+        "reload_ttft_ms": round(reload.ttft_s * 1000, 1),
+        "warm_cached_tokens": warm.cached_tokens,
+        "reload_cached_tokens": reload.cached_tokens,
+        "unload_s": round(unload_s, 2),
+        "load_s": round(load_s, 2),
+        "same_answers": cold.text == warm.text == reload.text,
+    }
+    print(json.dumps(figures), flush=True)
+    return figures
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
+    from dmr.store import Store
+
+    with tempfile.TemporaryDirectory(prefix="dmr-bench-prompt-cache-") as name:
+        folder = Path(name)
+        store = Store.open(folder / "models")
+        write_to_store(store, package_gguf([args.gguf], PackageOptions()), [MODEL])
+        async with (
+            dmr_served(folder) as base,
+            httpx.AsyncClient(base_url=base, timeout=600) as client,
+        ):
+            await ask(client, "Hello.", 1)  # the first load, not measured
+            rounds = [await one_round(client, args, index) for index in range(args.rounds)]
+            usage = (await client.get("/engines/df")).json()
+
+    def median(key: str) -> float:
+        return float(statistics.median(item[key] for item in rounds))
+
+    cold, warm, reload = median("cold_ttft_ms"), median("warm_ttft_ms"), median("reload_ttft_ms")
+    summary = {
+        "rounds": len(rounds),
+        "prompt_tokens": rounds[0]["prompt_tokens"],
+        "cold_ttft_ms": cold,
+        "warm_ttft_ms": warm,
+        "reload_ttft_ms": reload,
+        "reload_over_warm": round(reload / warm, 2),
+        "cold_over_reload": round(cold / reload, 2),
+        "unload_s": median("unload_s"),
+        "load_s": median("load_s"),
+        "prompt_cache_disk_bytes": usage.get("prompt_cache_disk_usage"),
+        "all_answers_identical": all(item["same_answers"] for item in rounds),
+        "all_reloads_cached": all(item["reload_cached_tokens"] > 0 for item in rounds),
+    }
+    summary["targets_met"] = bool(
+        summary["reload_over_warm"] <= 2.0
+        and summary["cold_over_reload"] >= 5.0
+        and summary["all_answers_identical"]
+        and summary["all_reloads_cached"]
+    )
+    return {"rounds": rounds, "summary": summary}
+
+
+def main() -> None:
+    from dmr.samples import ensure_smollm2_gguf
+
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--gguf", type=Path, default=None, help="default: SmolLM2-135M Q4_1")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sentences", type=int, default=92, help="92: about 1,800 tokens")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    args.gguf = args.gguf or ensure_smollm2_gguf()
+    results = asyncio.run(main_async(args))
+    print(json.dumps(results["summary"]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print("all targets met" if results["summary"]["targets_met"] else "targets missed")
+
+
+if __name__ == "__main__":
+    main()

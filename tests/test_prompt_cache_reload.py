@@ -1,0 +1,150 @@
+"""Prompt caches that outlive their runner (docs/scheduler.md, "Prompt caches across
+reloads"), through a real `dmr serve` and the real SmolLM2 runner: saved under the
+store when the runner is unloaded, read back by the next runner of the model, shown
+by `dmr df`, removed by `dmr rm` and `dmr purge`, and a damaged file ignored."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.server import DmrServer
+from tests.fixtures.store import package_smollm2
+from tests.fixtures.test_engine import ps
+
+pytestmark = [pytest.mark.llama, pytest.mark.slow]
+
+ServerFactory = Callable[..., DmrServer]
+MODEL = "ai/smollm2"
+CHAT = "/engines/v1/chat/completions"
+
+
+def long_document(sentences: int) -> str:
+    """About 14 tokens per sentence, the same text every time."""
+    return " ".join(
+        f"Entry {index}: the harbour log records ship {index * 7 % 101} at berth {index % 13}."
+        for index in range(sentences)
+    )
+
+
+# About 1,800 tokens of SmolLM2 with the chat template.
+LONG_PROMPT = long_document(92) + "\n\nWhich berth appears most often? Answer briefly."
+
+
+def chat(server: DmrServer, prompt: str, max_tokens: int = 24) -> dict[str, Any]:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    with server.client(timeout=300) as client:
+        answer = client.post(CHAT, json=body)
+    assert answer.status_code == 200, answer.text
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+def cached(answer: dict[str, Any]) -> int:
+    return int((answer["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+def unload(server: DmrServer) -> None:
+    with server.client() as client:
+        assert client.post("/engines/unload", json={"models": [MODEL]}).status_code == 200
+    assert ps(server) == []
+
+
+def cache_files(server: DmrServer) -> list[Path]:
+    return sorted((server.models_path / "prompt-cache").glob("*/*/*.kv"))
+
+
+def runner_log(server: DmrServer) -> str:
+    return "".join(path.read_text(errors="replace") for path in server_logs(server))
+
+
+def server_logs(server: DmrServer) -> list[Path]:
+    return sorted((server.models_path.parent / "logs").glob("runner-*.log"))
+
+
+@pytest.fixture
+def server(dmr_server_factory: ServerFactory, smollm2_gguf: Path) -> DmrServer:
+    started = dmr_server_factory()
+    package_smollm2(started.models_path, smollm2_gguf, MODEL)
+    return started
+
+
+def test_a_prompt_seen_before_an_unload_skips_its_prefill_after_it(server: DmrServer) -> None:
+    cold = chat(server, LONG_PROMPT)
+    prompt_tokens = cold["usage"]["prompt_tokens"]
+    assert 1700 < prompt_tokens < 1900
+    assert cached(cold) < prompt_tokens // 2
+    unload(server)
+    assert cache_files(server), "unloading saved no prompt cache"
+
+    reloaded = chat(server, LONG_PROMPT)
+    assert cached(reloaded) == prompt_tokens - 2  # batching.REDECODED_TOKENS
+    assert reloaded["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
+    assert "restored 1 saved prompt caches" in runner_log(server)
+
+
+def test_a_damaged_cache_file_is_logged_and_ignored(server: DmrServer) -> None:
+    cold = chat(server, LONG_PROMPT)
+    unload(server)
+    [saved] = cache_files(server)
+    data = bytearray(saved.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(byte ^ 0xFF for byte in data[middle : middle + 64])
+    saved.write_bytes(bytes(data))
+
+    again = chat(server, LONG_PROMPT)
+    assert cached(again) < again["usage"]["prompt_tokens"] // 2  # decoded anew
+    assert again["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
+    log = runner_log(server)
+    assert f"ignoring the saved prompt cache {saved}: checksum mismatch" in log
+    # The damaged file was removed; the runner still saves the prompt when it stops.
+    unload(server)
+    [resaved] = cache_files(server)
+    assert resaved.read_bytes() != bytes(data)
+
+
+def test_a_truncated_cache_file_is_logged_and_ignored(server: DmrServer) -> None:
+    chat(server, long_document(12), max_tokens=4)
+    unload(server)
+    [saved] = cache_files(server)
+    saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 3])
+
+    again = chat(server, long_document(12), max_tokens=4)
+    assert cached(again) == 0
+    assert f"ignoring the saved prompt cache {saved}: truncated state" in runner_log(server)
+
+
+def test_df_counts_the_caches_rm_and_purge_remove_them(
+    server: DmrServer, smollm2_gguf: Path
+) -> None:
+    chat(server, long_document(12), max_tokens=4)
+    unload(server)
+    [saved] = cache_files(server)
+    with server.client() as client:
+        usage = client.get("/engines/df").json()
+    assert usage["prompt_cache_disk_usage"] == saved.stat().st_size
+    listed = server.cli("df")
+    assert listed.returncode == 0, listed.stderr
+    assert "Prompt caches" in listed.stdout
+
+    removed = server.cli("rm", MODEL)
+    assert removed.returncode == 0, removed.stderr
+    assert not saved.parent.parent.exists()  # <store>/prompt-cache/<model digest>
+    with server.client() as client:
+        assert client.get("/engines/df").json()["prompt_cache_disk_usage"] == 0
+
+    package_smollm2(server.models_path, smollm2_gguf, MODEL)
+    chat(server, long_document(12), max_tokens=4)
+    unload(server)
+    assert cache_files(server)
+    purged = server.cli("purge", "--force")
+    assert purged.returncode == 0, purged.stderr
+    assert cache_files(server) == []
