@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from dmr.errors import InvalidRequestError
-from dmr_apis._responses_store import ResponseStore, StoredResponse
 from dmr_apis.anthropic.translate import anthropic_stop_reason, openai_messages
 from dmr_apis.common.tool_calls import ToolCallAccumulator, parse_arguments
 from dmr_apis.ollama.translate import (
@@ -13,6 +12,7 @@ from dmr_apis.ollama.translate import (
     parse_keep_alive,
     response_format,
 )
+from dmr_apis.responses.store import ResponseStore, StoredResponse
 
 
 def test_tool_call_fragments_merge_by_index() -> None:
@@ -142,7 +142,7 @@ def test_anthropic_images_and_unknown_blocks() -> None:
 
 
 def test_response_store_expires(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dmr_apis._responses_store as module
+    import dmr_apis.responses.store as module
 
     now = [1000.0]
     monkeypatch.setattr(module.time, "monotonic", lambda: now[0])

@@ -10,6 +10,7 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
+from dmr_apis.common.body import optional_number
 from dmr_apis.common.images import checked_image_url, image_url_part
 from dmr_apis.common.runner_calls import cached_prompt_tokens
 from dmr_apis.common.tool_calls import ToolCall
@@ -218,16 +219,6 @@ def _text_format(text: Any) -> dict[str, Any] | None:
     raise InvalidRequestError("'text.format.type' must be text, json_object or json_schema")
 
 
-def _number(body: Mapping[str, Any], field: str, *, integer: bool = False) -> Any:
-    value = body.get(field)
-    if value is None:
-        return None
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise InvalidRequestError(f"'{field}' must be {'an integer' if integer else 'a number'}")
-    return value
-
-
 def _tool_choice(choice: Any) -> Any:
     if choice is None or choice in ("auto", "none", "required"):
         return choice
@@ -244,14 +235,14 @@ def chat_payload(
         raise InvalidRequestError("'instructions' must be a string")
     full = ([{"role": "system", "content": instructions}] if instructions else []) + messages
     payload: dict[str, Any] = {"model": body["model"], "messages": full, "stream": stream}
-    max_tokens = _number(body, "max_output_tokens", integer=True)
+    max_tokens = optional_number(body, "max_output_tokens", integer=True)
     if max_tokens is not None:
         payload["max_tokens"] = max_tokens
     for field in ("temperature", "top_p"):
-        value = _number(body, field)
+        value = optional_number(body, field)
         if value is not None:
             payload[field] = value
-    seed = _number(body, "seed", integer=True)
+    seed = optional_number(body, "seed", integer=True)
     if seed is not None:
         payload["seed"] = seed
     fmt = _text_format(body.get("text"))

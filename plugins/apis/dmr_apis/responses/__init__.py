@@ -1,0 +1,1 @@
+"""The OpenAI Responses dialect (its routes and hook: `dmr_apis.responses.routes`)."""
