@@ -16,8 +16,11 @@ first line, then the same long document and question), asked three times:
 
 TTFT is measured by the client, from sending the request to the first chunk with
 text. The figures are medians over the rounds; the targets (issue 28) are
-reload <= 2 x warm and cold >= 5 x reload, with the three answers of every round
-identical (greedy) and the reload's `cached_tokens` > 0. Run it with the machine
+reload <= 2 x warm and cold >= 5 x reload, the reload's `cached_tokens` > 0, and
+the three answers of every round identical (greedy); the bench reports apart
+whether the reload's answer equals the warm one (the same cells: it must) and the
+cold one (llama.cpp's kernels round by batch shape, so a cached prompt's answer can
+differ from a cold prefill's; docs/scheduler.md). Run it with the machine
 otherwise idle: on 2 cores anything else running moves every figure.
 """
 
@@ -120,7 +123,10 @@ async def one_round(
         "reload_cached_tokens": reload.cached_tokens,
         "unload_s": round(unload_s, 2),
         "load_s": round(load_s, 2),
-        "same_answers": cold.text == warm.text == reload.text,
+        # The reload must give the cells, so the answer, of the warm request exactly;
+        # a cold prefill's answer can differ in llama.cpp (docs/scheduler.md).
+        "reload_same_as_warm": reload.text == warm.text,
+        "warm_same_as_cold": warm.text == cold.text,
     }
     print(json.dumps(figures), flush=True)
     return figures
@@ -157,15 +163,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "unload_s": median("unload_s"),
         "load_s": median("load_s"),
         "prompt_cache_disk_bytes": usage.get("prompt_cache_disk_usage"),
-        "all_answers_identical": all(item["same_answers"] for item in rounds),
+        "reloads_same_as_warm": all(item["reload_same_as_warm"] for item in rounds),
+        "reloads_same_as_cold": all(
+            item["reload_same_as_warm"] and item["warm_same_as_cold"] for item in rounds
+        ),
         "all_reloads_cached": all(item["reload_cached_tokens"] > 0 for item in rounds),
     }
-    summary["targets_met"] = bool(
-        summary["reload_over_warm"] <= 2.0
-        and summary["cold_over_reload"] >= 5.0
-        and summary["all_answers_identical"]
-        and summary["all_reloads_cached"]
-    )
+    summary["checks"] = {
+        "reload <= 2 x warm": summary["reload_over_warm"] <= 2.0,
+        "cold >= 5 x reload": summary["cold_over_reload"] >= 5.0,
+        "reload answers = warm answers": summary["reloads_same_as_warm"],
+        "reload answers = cold answers": summary["reloads_same_as_cold"],
+        "reload cached_tokens > 0": summary["all_reloads_cached"],
+    }
+    summary["targets_met"] = all(summary["checks"].values())
     return {"rounds": rounds, "summary": summary}
 
 
@@ -184,7 +195,8 @@ def main() -> None:
     print(json.dumps(results["summary"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print("all targets met" if results["summary"]["targets_met"] else "targets missed")
+    missed = [name for name, met in results["summary"]["checks"].items() if not met]
+    print("all targets met" if not missed else f"targets missed: {'; '.join(missed)}")
 
 
 if __name__ == "__main__":

@@ -67,16 +67,15 @@ def test_common_prefix_length() -> None:
     assert common_prefix_length(long, [*long[:4321], -1]) == 4321
 
 
-def test_repeated_prompt_decodes_only_its_last_two_tokens(completion_runner: RunnerProcess) -> None:
+def test_repeated_prompt_decodes_only_its_last_token(completion_runner: RunnerProcess) -> None:
     messages = conversation("owls")
     first, fresh = first_token_logprobs(completion_runner, messages)
     again, reused = first_token_logprobs(completion_runner, messages)
     prompt = first["usage"]["prompt_tokens"]
     assert cached(first) < prompt // 2  # only the template's frame could have been cached
-    # All but the last two prompt tokens come from the cache (batching.REDECODED_TOKENS);
-    # the last one's logits pick the first token.
-    assert cached(again) == prompt - 2
-    assert again["timings"]["prompt_n"] == 2 and again["timings"]["cache_n"] == prompt - 2
+    # All but the last prompt token come from the cache; its logits pick the first token.
+    assert cached(again) == prompt - 1
+    assert again["timings"]["prompt_n"] == 1 and again["timings"]["cache_n"] == prompt - 1
     assert_same_logits(fresh, reused)
 
 
@@ -107,8 +106,8 @@ def test_interleaved_conversations_keep_their_own_slots(completion_runner: Runne
         completion_runner,
         [*first_b, {"role": "assistant", "content": "Cold."}, {"role": "user", "content": "More?"}],
     )
-    assert cached(a2) >= a1["usage"]["prompt_tokens"] - 2 - 4
-    assert cached(b2) >= b1["usage"]["prompt_tokens"] - 2 - 4
+    assert cached(a2) >= a1["usage"]["prompt_tokens"] - 1 - 4
+    assert cached(b2) >= b1["usage"]["prompt_tokens"] - 1 - 4
 
 
 def test_a_prompt_whose_slot_was_taken_comes_back_from_host_memory(
@@ -121,7 +120,7 @@ def test_a_prompt_whose_slot_was_taken_comes_back_from_host_memory(
     for topic in ("a", "b", "c", "d", "e", "f", "g", "h"):
         chat(completion_runner, conversation(f"the letter {topic}"), max_tokens=2)
     again, restored = first_token_logprobs(completion_runner, first)
-    assert cached(again) == again["usage"]["prompt_tokens"] - 2
+    assert cached(again) == again["usage"]["prompt_tokens"] - 1
     assert_same_logits(fresh, restored)
 
 
@@ -134,7 +133,7 @@ def test_cache_prompt_false_decodes_the_whole_prompt(completion_runner: RunnerPr
     assert again["timings"]["prompt_n"] == again["usage"]["prompt_tokens"]
     # It did not take the slot it would have matched: that cache is still there.
     third = chat(completion_runner, messages)
-    assert cached(third) == third["usage"]["prompt_tokens"] - 2
+    assert cached(third) == third["usage"]["prompt_tokens"] - 1
 
 
 def test_cache_prompt_must_be_a_boolean(completion_runner: RunnerProcess) -> None:
@@ -184,5 +183,5 @@ def test_an_idle_runner_copies_its_slots_to_host_memory(fresh_runner: RunnerProc
     for topic in ("rivers", "deserts"):
         chat(fresh_runner, conversation(topic), max_tokens=2)
     again, restored = first_token_logprobs(fresh_runner, first)
-    assert cached(again) == again["usage"]["prompt_tokens"] - 2
+    assert cached(again) == again["usage"]["prompt_tokens"] - 1
     assert_same_logits(fresh, restored)

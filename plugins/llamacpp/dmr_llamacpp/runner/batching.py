@@ -93,9 +93,6 @@ SAVE_AT_LEAST = 16
 # out of the way of a multi-turn chat's next turn, which comes within milliseconds.
 IDLE_SAVE_AFTER_S = 0.05
 
-# Prompt tokens decoded again when a cache holds the whole prompt (`_reuse_prefix`).
-REDECODED_TOKENS = 2
-
 # Batch jobs held back by `batch_share` stay held this long after the last interactive
 # job left its slot: a client's or an agent's next request, which comes within tens of
 # milliseconds of an answer, then finds the runner free rather than behind a step of
@@ -437,7 +434,10 @@ class BatchedGenerator:
                     self._save_idle(unsaved)
                     continue
             else:
-                self._take_incoming(block=not busy)
+                # Idle with requests already waiting (a wave of streams beyond the slots
+                # whose slots just freed) is no reason to wait for another: blocking here
+                # held them up to `first_timeout_s` (0.5 s) between every two waves.
+                self._take_incoming(block=not busy and not self._waiting)
             self._drop_cancelled()
             self._admit_waiting()
             if any(slot.busy for slot in self.slots):
@@ -693,12 +693,8 @@ class BatchedGenerator:
                 else:  # nothing of the slot's own cache is known to be left
                     self.model.forget_sequence(slot.seq_id)
                     slot.tokens, common = [], 0
-        # At least the prompt's last token is decoded again: its logits pick the first
-        # token. Two, in fact: llama.cpp's CPU matrix products take another path for a
-        # batch of one token, whose rounding can tip a near-tie in greedy decoding; from
-        # two tokens on, the last token's logits are bit for bit a cold prefill's, so a
-        # reused prompt answers as it did the first time (tests/test_prompt_cache_reload.py).
-        common = max(0, min(common, len(prompt) - REDECODED_TOKENS))
+        # At least the prompt's last token is decoded again: its logits pick the first token.
+        common = min(common, len(prompt) - 1)
         if self.projector is not None and common:
             common = self._image_safe_prefix(slot.tokens, common)
         if common < len(slot.tokens):
