@@ -14,7 +14,7 @@ import pytest
 
 from tests.fixtures.server import DmrServer, start_server
 from tests.fixtures.store import package_smollm2
-from tests.fixtures.test_engine import ps
+from tests.fixtures.test_engine import ps, wait_for
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 
@@ -116,6 +116,17 @@ def test_a_prompt_seen_before_a_server_restart_skips_its_prefill_after_it(
         second.stop()
     assert cached(again) == again["usage"]["prompt_tokens"] - 1
     assert again["choices"][0]["message"]["content"] == warm["choices"][0]["message"]["content"]
+
+
+def test_an_idle_timeout_saves_the_prompts_too(
+    dmr_server_factory: ServerFactory, smollm2_gguf: Path
+) -> None:
+    server = dmr_server_factory(DMR_IDLE_TIMEOUT_SECONDS="1")
+    package_smollm2(server.models_path, smollm2_gguf, MODEL)
+    chat(server, long_document(12), max_tokens=4)
+    wait_for(lambda: ps(server) == [] and bool(cache_files(server)), 30, "the idle unload")
+    again = chat(server, long_document(12), max_tokens=4)
+    assert cached(again) == again["usage"]["prompt_tokens"] - 1
 
 
 def test_a_damaged_cache_file_is_logged_and_ignored(server: DmrServer) -> None:

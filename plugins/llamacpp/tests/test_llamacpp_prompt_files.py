@@ -111,3 +111,14 @@ def test_nothing_is_written_past_the_deadline_or_over_the_cap(tmp_path: Path) ->
     assert store.save([prompt(1, size=600)], later()) == 0  # larger than the whole cap
     assert store.save([prompt(2, size=10)], time.monotonic() - 1) == 0
     assert list(store.load()) == []
+
+
+def test_a_temp_file_left_by_a_killed_runner_goes_at_the_next_save(tmp_path: Path) -> None:
+    store = files(tmp_path)
+    store.save([prompt(1)], later())
+    stale, fresh = store.folder / ".abc.tmp", store.folder / ".def.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    store.save([prompt(2)], later())
+    assert not stale.exists() and fresh.exists()

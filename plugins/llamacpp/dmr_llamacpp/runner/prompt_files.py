@@ -44,6 +44,8 @@ SUFFIX = ".kv"
 _HEADER_LENGTH = struct.Struct("<I")
 _MAX_HEADER = 64 * 1024
 TOKEN_DTYPE = np.dtype("<i4")
+# A temp file this old belongs to no runner still writing (a save takes seconds).
+STALE_TEMP_S = 600
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,12 @@ class PromptFiles:
             raise
 
     def enforce_cap(self) -> None:
-        """Remove the least recently used files of every model until all fit the cap."""
+        """Remove the least recently used files of every model until all fit the cap,
+        and what a runner killed while writing left behind."""
+        for leftover in self.root.glob("*/*/.*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - leftover.stat().st_mtime > STALE_TEMP_S:
+                    leftover.unlink()
         files = []
         for path in self.root.glob(f"*/*/*{SUFFIX}"):
             try:
