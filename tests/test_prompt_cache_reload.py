@@ -1,7 +1,8 @@
 """Prompt caches that outlive their runner (docs/scheduler.md, "Prompt caches across
 reloads"), through a real `dmr serve` and the real SmolLM2 runner: saved under the
-store when the runner is unloaded, read back by the next runner of the model, shown
-by `dmr df`, removed by `dmr rm` and `dmr purge`, and a damaged file ignored."""
+store when the runner stops (unload, idle timeout, eviction, server restart), read
+back by the next runner of the model, shown by `dmr df`, removed by `dmr rm` and
+`dmr purge`, and a damaged file ignored."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
+from dmr.store import Store
 
 from tests.fixtures.server import DmrServer, start_server
 from tests.fixtures.store import package_smollm2
@@ -125,6 +128,25 @@ def test_an_idle_timeout_saves_the_prompts_too(
     package_smollm2(server.models_path, smollm2_gguf, MODEL)
     chat(server, long_document(12), max_tokens=4)
     wait_for(lambda: ps(server) == [] and bool(cache_files(server)), 30, "the idle unload")
+    again = chat(server, long_document(12), max_tokens=4)
+    assert cached(again) == again["usage"]["prompt_tokens"] - 1
+
+
+def test_an_eviction_for_another_model_saves_the_prompts_too(
+    dmr_server_factory: ServerFactory, smollm2_gguf: Path
+) -> None:
+    # A budget for one SmolLM2 runner (about 1.9 GiB): the second model evicts the first.
+    server = dmr_server_factory(DMR_MEMORY_BUDGET=str(2 * 1024**3))
+    package_smollm2(server.models_path, smollm2_gguf, MODEL)
+    other = "ai/smollm2-other"
+    artifact = package_gguf([smollm2_gguf], PackageOptions(created="2024-11-02T00:00:00Z"))
+    write_to_store(Store.open(server.models_path), artifact, [other])
+    chat(server, long_document(12), max_tokens=4)
+    body = {"model": other, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with server.client(timeout=300) as client:
+        assert client.post(CHAT, json=body).status_code == 200
+    assert [runner["model_name"] for runner in ps(server)] == [other]
+    assert cache_files(server)
     again = chat(server, long_document(12), max_tokens=4)
     assert cached(again) == again["usage"]["prompt_tokens"] - 1
 
