@@ -52,6 +52,8 @@ def test_saved_prompts_read_back_newest_first(tmp_path: Path) -> None:
         (prompt(1).tokens, prompt(1).state.tobytes()),
         (prompt(2).tokens, prompt(2).state.tobytes()),
     ]
+    # They hold the prompts: readable by their owner only (docs/security.md).
+    assert {saved.path.stat().st_mode & 0o777 for saved in store.load()} == {0o600}
     # A file read back counts as used: it comes first now.
     [_, older] = list(store.load())
     time.sleep(0.01)
