@@ -297,4 +297,3 @@ def test_a_bad_llama_server_version_fails_the_build(fake_pip: Path) -> None:
     script = run_instruction('case "$LLAMA_VARIANT"')
     result = run_script(script, fake_pip, LLAMA_VARIANT="cpu", LLAMA_SERVER_VERSION="v0.0.4-cpu")
     assert result.returncode != 0 and "LLAMA_SERVER_VERSION must be" in result.stderr
-

@@ -126,9 +126,7 @@ def test_configure_again_while_the_first_preload_loads(test_engine_server: DmrSe
     )
 
     assert second.status_code == 202, second.text
-    wait_for(
-        lambda: [r["loading"] for r in ps(test_engine_server)] == [False], message="reload"
-    )
+    wait_for(lambda: [r["loading"] for r in ps(test_engine_server)] == [False], message="reload")
     argv = runner_argv(test_engine_server, "test/slow")
     assert argv[argv.index("--ctx-size") + 1] == "2048"
 

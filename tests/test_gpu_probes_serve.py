@@ -35,8 +35,10 @@ def fake_tools(folder: Path, **tools: str) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     for name, output in tools.items():
         recorded = RECORDED / output
-        body = f"cat {shlex.quote(str(recorded))}" if recorded.is_file() else (
-            f"printf '%s\\n' {shlex.quote(output)}"
+        body = (
+            f"cat {shlex.quote(str(recorded))}"
+            if recorded.is_file()
+            else (f"printf '%s\\n' {shlex.quote(output)}")
         )
         script = folder / name.replace("rocm_smi", "rocm-smi")  # keywords have no "-"
         header = f"#!/bin/sh\n# FAKE {script.name} for dmr's tests (no such GPU here)\n"
@@ -91,9 +93,7 @@ def test_a_vulkan_gpu_is_used_and_llvmpipe_is_not(
     dmr_server_factory: ServerFactory, tmp_path: Path
 ) -> None:
     server = dmr_server_factory(
-        PATH=fake_tools(
-            tmp_path / "fake-gpu-tools", vulkaninfo="vulkaninfo-radv-and-llvmpipe.txt"
-        ),
+        PATH=fake_tools(tmp_path / "fake-gpu-tools", vulkaninfo="vulkaninfo-radv-and-llvmpipe.txt"),
         DMR_TEST_ENGINE_DEVICE_KINDS="vulkan",
     )
     add_test_model(server.models_path, "test/small", memory=8 * MiB)

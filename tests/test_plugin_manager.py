@@ -105,7 +105,6 @@ def test_a_probe_that_raises_is_skipped_and_reported(
     assert "test-engine: RuntimeError: no driver for the frobnicator" in status.stdout
 
 
-
 class _AsyncEngines:
     @hookimpl
     async def dmr_engines(self) -> list[object]:

@@ -393,7 +393,6 @@ def test_a_plugin_format_is_known_by_its_layers_media_type(
     assert any(r["model_name"].startswith("test/unnamed") for r in ps(test_engine_server))
 
 
-
 def test_install_hints_name_what_installs_the_engine(dmr_server_factory: ServerFactory) -> None:
     """The plugins install from the checkout's plugins/ folder, as the README does; no
     `dmr[extra]` that pip could not resolve from an index."""

@@ -213,5 +213,3 @@ def list_plugins(pm: pluggy.PluginManager | None = None) -> list[PluginInfo]:
             )
         )
     return infos
-
-

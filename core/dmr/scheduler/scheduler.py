@@ -887,5 +887,3 @@ def _keep_alive_text(seconds: float | None) -> str | None:
     if seconds is None:
         return None
     return format_duration(seconds)
-
-

@@ -115,7 +115,9 @@ def fake_amdsmi(
     module.amdsmi_get_gpu_memory_total = lambda gpu, kind: call("total", gpu.total)  # type: ignore[attr-defined]
     module.amdsmi_get_gpu_memory_usage = lambda gpu, kind: call("usage", gpu.used)  # type: ignore[attr-defined]
     module.amdsmi_get_gpu_asic_info = lambda gpu: {  # type: ignore[attr-defined]
-        "market_name": gpu.name, "vendor_id": 0x1002, "target_graphics_version": "gfx942",
+        "market_name": gpu.name,
+        "vendor_id": 0x1002,
+        "target_graphics_version": "gfx942",
     }
     module.amdsmi_get_gpu_driver_info = lambda gpu: call(  # type: ignore[attr-defined]
         "driver", {"driver_name": "amdgpu", "driver_version": "6.8.5", "driver_date": "2015/01/01"}

@@ -114,9 +114,7 @@ class MessageStream:
         if not self.text_open:
             self.text_open = True
             events.append(_block_start(self.block_index, {"type": "text", "text": ""}))
-        events.append(
-            _block_delta(self.block_index, {"type": "text_delta", "text": delta.content})
-        )
+        events.append(_block_delta(self.block_index, {"type": "text_delta", "text": delta.content}))
         return events
 
     def tool_use_blocks(self) -> list[bytes]:

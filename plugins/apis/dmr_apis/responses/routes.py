@@ -122,9 +122,7 @@ async def create(backend: str | None = None) -> Response:
     upstream = await stream_runner(
         name, Mode.COMPLETION, "/v1/chat/completions", payload, backend=backend
     )
-    writer = ResponseStream(
-        body, response_id=response_id, created_at=created_at, remember=remember
-    )
+    writer = ResponseStream(body, response_id=response_id, created_at=created_at, remember=remember)
     return stream_response(
         writer.events(upstream.events()), "text/event-stream", on_close=upstream.aclose
     )
