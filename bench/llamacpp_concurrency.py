@@ -14,6 +14,8 @@ URL answers `POST /v1/chat/completions`):
 - `dmr-server`: `dmr serve` on a temporary store with the GGUF packaged as
   `ai/smollm2`, **default settings** but the context, configured to the same
   4096 per slot (dmr's own default follows the memory), hit over TCP.
+- `llama-server-dmr`: the same binary as Docker Model Runner starts it (`-ngl 999
+  --metrics --ctx-size 4096 --jinja`, llama-server's own slot default).
 - `runner`: the dmr runner alone on its unix socket, as the engine starts it.
 - `llama-cpp-server`: `python -m llama_cpp.server`, the weakest peer.
 
@@ -21,6 +23,11 @@ URL answers `POST /v1/chat/completions`):
 `--gpu-layers N` offloads layers where a GPU exists (same figure for every target);
 `--llama-server-flags "-ngl 999 --metrics"` gives llama-server alone Docker Model
 Runner's GPU arguments, for a `dmr serve` left to its own GPU probe (scripts/gpu-check).
+
+`--models smollm2,random-0.6b,NAME=PATH` measures several models in one run, one after
+the other (random-0.6b: a ~0.6B Q8_0 llama written once by bench/random_gguf.py).
+A case that stalls past `--round-timeout` seconds is reported with what it asked and
+left out of the medians.
 
 Cases, each measured for every target in interleaved rounds (the order of the
 targets reversed every other round) and reported as medians over rounds:
@@ -216,6 +223,33 @@ async def llama_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.A
 
 
 @contextlib.asynccontextmanager
+async def llama_server_dmr_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
+    """llama-server as Docker Model Runner starts it: `-ngl 999 --metrics --ctx-size 4096
+    --jinja` and llama-server's own slot default (`-np` auto: 4 slots over one unified
+    KV pool). `--no-repack` as for the tuned target (this CPU's AMX buffers)."""
+    port = _free_port()
+    argv = [
+        str(llama_server_binary()),
+        "--model",
+        str(args.gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-ngl",
+        "999",
+        "--metrics",
+        "--ctx-size",
+        str(args.ctx_size),
+        "--jinja",
+        "--no-repack",
+        *_thread_flags(args),
+    ]
+    async with _served_on_tcp(argv, port, "/health") as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
 async def runner_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
     """The dmr llama.cpp runner, started as the engine starts it, hit on its unix socket."""
     from dmr.records import AcceleratorInfo, Mode, RunnerConfig, RunnerLaunch
@@ -375,6 +409,7 @@ DMR_DEFAULT_PARALLEL = 8
 
 TARGETS: dict[str, Target] = {
     "llama-server": llama_server_target,
+    "llama-server-dmr": llama_server_dmr_target,
     "dmr-server": dmr_server_target,
     "runner": runner_target,
     "llama-cpp-server": llama_cpp_server_target,
@@ -554,18 +589,49 @@ async def main_async(args: argparse.Namespace) -> list[Measurement]:
                 levels = args.concurrency if case == "streams" else [1]
                 for concurrency in levels:
                     for name in order:
-                        client = clients[name]
-                        if case == "streams":
-                            result = await streams_case(client, name, number, concurrency, args)
-                        elif case == "long":
-                            result = await long_case(client, name, number, args)
-                        else:
-                            result = await multiturn_case(client, name, number, args)
+                        result = await _timed_case(
+                            clients[name], name, case, number, concurrency, args
+                        )
                         measurements.append(result)
                         print(_line(result), flush=True)
     print()
     print(summary(measurements, args))
     return measurements
+
+
+async def _timed_case(
+    client: httpx.AsyncClient,
+    name: str,
+    case: str,
+    number: int,
+    concurrency: int,
+    args: argparse.Namespace,
+) -> Measurement:
+    """One case for one target, given up after `--round-timeout` seconds: a round that
+    stalls is reported with what it asked and, having no complete stream, left out of
+    the medians (`summary`) instead of holding the whole run."""
+    try:
+        if case == "streams":
+            call = streams_case(client, name, number, concurrency, args)
+        elif case == "long":
+            call = long_case(client, name, number, args)
+        else:
+            call = multiturn_case(client, name, number, args)
+        return await asyncio.wait_for(call, timeout=args.round_timeout)
+    except TimeoutError:
+        asked = f"{case}, {concurrency} stream(s), max_tokens {args.max_tokens}"
+        return Measurement(
+            target=name,
+            case=case,
+            concurrency=concurrency,
+            round=number,
+            wall_s=args.round_timeout,
+            completion_tokens=0,
+            tokens_per_s=0.0,
+            ttft_ms=[],
+            texts=[""] * concurrency,
+            errors=[f"stalled: no whole answer within {args.round_timeout:.0f} s ({asked})"],
+        )
 
 
 def _line(m: Measurement) -> str:
@@ -695,6 +761,18 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument(
+        "--models",
+        default="",
+        help="several models in one run, each measured in turn: smollm2, random-0.6b "
+        "(written once by bench/random_gguf.py), or NAME=PATH to a GGUF",
+    )
+    parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a stalled case is given up, reported and left out",
+    )
     parser.add_argument("--targets", default="llama-server,dmr-server")
     parser.add_argument(
         "--compare", default="dmr-server", help="the target set against llama-server"
@@ -731,19 +809,80 @@ def main() -> None:
     unknown = sorted(set(args.targets) - set(TARGETS))
     if unknown:
         parser.error(f"unknown targets {unknown}; known: {sorted(TARGETS)}")
-    if "llama-server" in args.targets and not shutil.which(str(llama_server_binary())):
+    native = any(target.startswith("llama-server") for target in args.targets)
+    if native and not shutil.which(str(llama_server_binary())):
         parser.error("no llama-server binary: run scripts/build-llama-server")
-    measurements = asyncio.run(main_async(args))
+    if not args.models:
+        measurements = asyncio.run(main_async(args))
+        if args.json:
+            args.json.write_text(json.dumps(_records(measurements), indent=2))
+        return
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for name, gguf in bench_models(args.models):
+        print(f"\n## {name} ({gguf})\n", flush=True)
+        args.gguf, args.model_name = gguf, f"ai/{name}"
+        by_model[name] = _records(asyncio.run(main_async(args)))
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                [
-                    {**asdict(m), "ttft_p50_ms": m.ttft_p50_ms, "ttft_p95_ms": m.ttft_p95_ms}
-                    for m in measurements
-                ],
-                indent=2,
-            )
-        )
+        args.json.write_text(json.dumps(by_model, indent=2))
+
+
+def _records(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    return [
+        {**asdict(m), "ttft_p50_ms": m.ttft_p50_ms, "ttft_p95_ms": m.ttft_p95_ms}
+        for m in measurements
+    ]
+
+
+# A ~0.6B llama in Q8_0 (SmolLM2's vocabulary, random weights): the size at which
+# issue 28 saw dmr fall behind at 8 streams.
+RANDOM_06B = [
+    "--embedding",
+    "1024",
+    "--layers",
+    "32",
+    "--heads",
+    "16",
+    "--kv-heads",
+    "4",
+    "--ffn",
+    "4096",
+    "--context",
+    "8192",
+    "--weights",
+    "q8_0",
+]
+
+
+def bench_models(spec: str) -> list[tuple[str, Path]]:
+    """(name, GGUF) for each entry of `--models`, writing the random one once."""
+    from dmr.samples import cache_dir, ensure_smollm2_gguf
+
+    chosen: list[tuple[str, Path]] = []
+    for entry in (part.strip() for part in spec.split(",") if part.strip()):
+        if "=" in entry:
+            name, path = entry.split("=", 1)
+            chosen.append((name, Path(path)))
+        elif entry == "smollm2":
+            chosen.append(("smollm2", ensure_smollm2_gguf()))
+        elif entry == "random-0.6b":
+            target = cache_dir() / "samples" / "random-0.6b-q8_0.gguf"
+            if not target.exists():
+                vocab = target.with_suffix(".vocab.json")
+                script = str(REPO / "bench" / "random_gguf.py")
+                subprocess.run(
+                    [sys.executable, script, "vocab", str(ensure_smollm2_gguf()), str(vocab)],
+                    check=True,
+                )
+                partial = target.with_suffix(".partial")
+                subprocess.run(
+                    [sys.executable, script, "write", str(vocab), str(partial), *RANDOM_06B],
+                    check=True,
+                )
+                partial.rename(target)
+            chosen.append(("random-0.6b", target))
+        else:
+            raise SystemExit(f"unknown model {entry!r}: smollm2, random-0.6b or NAME=PATH")
+    return chosen
 
 
 if __name__ == "__main__":
