@@ -198,27 +198,29 @@ def llama_server_binary() -> Path:
 
 
 @contextlib.asynccontextmanager
-async def llama_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
-    """llama.cpp's native server with dmr's default slots and context per slot."""
+async def _llama_server(
+    args: argparse.Namespace, flags: list[str]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The native binary on the bench's GGUF and a free port, with `flags`, `--jinja`,
+    `--no-repack` (this CPU's AMX buffers) and the pinned threads."""
     port = _free_port()
     argv = [
         str(llama_server_binary()),
-        "--model",
-        str(args.gguf),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--parallel",
-        str(args.parallel),
-        "--ctx-size",
-        str(args.ctx_size * args.parallel),
+        *("--model", str(args.gguf), "--host", "127.0.0.1", "--port", str(port)),
+        *flags,
         "--jinja",
         "--no-repack",
         *_thread_flags(args),
-        *shlex.split(args.llama_server_flags),
     ]
     async with _served_on_tcp(argv, port, "/health") as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def llama_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
+    """llama.cpp's native server with dmr's default slots and context per slot."""
+    slots = ["--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size * args.parallel)]
+    async with _llama_server(args, [*slots, *shlex.split(args.llama_server_flags)]) as client:
         yield client
 
 
@@ -226,26 +228,9 @@ async def llama_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.A
 async def llama_server_dmr_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
     """llama-server as Docker Model Runner starts it: `-ngl 999 --metrics --ctx-size 4096
     --jinja` and llama-server's own slot default (`-np` auto: 4 slots over one unified
-    KV pool). `--no-repack` as for the tuned target (this CPU's AMX buffers)."""
-    port = _free_port()
-    argv = [
-        str(llama_server_binary()),
-        "--model",
-        str(args.gguf),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-ngl",
-        "999",
-        "--metrics",
-        "--ctx-size",
-        str(args.ctx_size),
-        "--jinja",
-        "--no-repack",
-        *_thread_flags(args),
-    ]
-    async with _served_on_tcp(argv, port, "/health") as client:
+    KV pool)."""
+    dmr_flags = ["-ngl", "999", "--metrics", "--ctx-size", str(args.ctx_size)]
+    async with _llama_server(args, dmr_flags) as client:
         yield client
 
 
