@@ -241,6 +241,7 @@ async def _until_busy(client: httpx.AsyncClient) -> None:
     raise AssertionError("the first model's runner never became busy")
 
 
+@pytest.mark.serial
 def test_a_lone_client_of_the_second_model_gets_its_turn_within_the_bound(
     tmp_path: Path, smollm2_gguf: Path
 ) -> None:
