@@ -202,6 +202,10 @@ class RunnerCommand:
     cwd: Path | None = None
     # Seconds to wait for GET /health to answer 200 before giving up.
     startup_timeout: float = 120.0
+    # The runner answers `POST /cpu-share {"busy_runners": n}` by computing with 1/n
+    # of its threads: the scheduler sends it while n runners compute on the CPU
+    # (docs/scheduler.md, "CPU runners share the cores").
+    cpu_share: bool = False
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ class Settings:
     queue_timeout: float = 120.0
     # Seconds a runner must have been idle before batch work may evict it.
     batch_evict_after: float = 30.0
+    # CPU runners that compute at once divide the cores (docs/scheduler.md);
+    # DMR_CPU_SHARE=0 leaves every runner at its own thread count.
+    cpu_share: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -117,6 +120,7 @@ class Settings:
             fair_wait=_seconds(env, "DMR_FAIR_WAIT_SECONDS", 3.0),
             queue_timeout=_seconds(env, "DMR_QUEUE_TIMEOUT_SECONDS", 120.0),
             batch_evict_after=_seconds(env, "DMR_BATCH_EVICT_AFTER_SECONDS", 30.0),
+            cpu_share=env.get("DMR_CPU_SHARE", "1").strip().lower() not in ("0", "false", "no"),
         )
 
 

@@ -108,6 +108,10 @@ class Runner:
         self.ready = asyncio.Event()
         self.error: DmrError | None = None
         self.in_use = 0
+        # Set from its command at load: it takes `POST /cpu-share` (cpu_share.py), and
+        # the runner count it was last told (it starts as if alone).
+        self.cpu_share = False
+        self.cpu_share_sent = 1
         self.last_used = time.monotonic()
         self.last_used_wall = time.time()
         self.unload_when_idle = False

@@ -55,6 +55,7 @@ from dmr.scheduler.admission import (
     format_bytes,
     plan_admission,
 )
+from dmr.scheduler.cpu_share import CpuShare
 from dmr.scheduler.keepalive import idle_deadline_seconds
 from dmr.scheduler.model_configs import (
     CONFIGS_FILE,
@@ -152,6 +153,7 @@ class Scheduler:
         self.devices = list(devices)
         self._formats = {fmt.name: fmt for fmt in formats} if formats is not None else None
         self._runners: dict[RunnerKey, Runner] = {}
+        self.cpu_share = CpuShare(self._runners.values, enabled=settings.cpu_share)
         # Remembered `_configure` settings, kept in the store across restarts.
         self._configs = ModelConfigs(store.root / CONFIGS_FILE)
         self._stopping: set[asyncio.Task[None]] = set()
@@ -182,6 +184,7 @@ class Scheduler:
         runners = list(self._runners.values())
         self._runners.clear()
         self._signal_capacity()
+        await self.cpu_share.aclose()
         await asyncio.gather(*(runner.stop() for runner in runners), return_exceptions=True)
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
@@ -380,6 +383,8 @@ class Scheduler:
                     RETRY_AFTER_SECONDS,
                 )
             runner.in_use += 1
+            if runner.in_use == 1:
+                self.cpu_share.refresh()
             runner.cancel_idle_timer()
             runner.unload_when_idle = False
             if keep_alive is not None:
@@ -466,6 +471,8 @@ class Scheduler:
 
     def _release(self, runner: Runner) -> None:
         runner.in_use -= 1
+        if runner.in_use == 0:
+            self.cpu_share.refresh()
         runner.touch()
         if runner.in_use == 0 and self._runners.get(runner.key) is runner and not runner.loading:
             self._schedule_idle(runner)
@@ -487,6 +494,7 @@ class Scheduler:
                 raise InvalidRequestError(str(error)) from error
             process = RunnerProcess(command, name=name, log_path=self._log_path(runner))
             runner.process = process
+            runner.cpu_share = command.cpu_share
             log.info(
                 "starting %s (estimated %s on %s): %s",
                 name,
@@ -499,6 +507,7 @@ class Scheduler:
             await process.wait_healthy(runner.handle.client, command.startup_timeout)
             runner.watch_task = asyncio.create_task(self._watch(runner), name=f"watch {name}")
             self.counters["loads"] += 1
+            self.cpu_share.refresh()  # it computes from now on, for its waiting requests
             log.info("%s ready in %.1fs", name, time.monotonic() - started)
             self.switch_seconds.observe(time.monotonic() - admitted)
         except BaseException as error:
@@ -563,6 +572,8 @@ class Scheduler:
         self.counters[reason] += 1
         self._track_stop(runner.stop())
         self._signal_capacity()
+        if runner.in_use:
+            self.cpu_share.refresh()
 
     def _track_stop(self, stopping: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(stopping)

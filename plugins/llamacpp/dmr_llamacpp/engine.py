@@ -247,7 +247,10 @@ class LlamaCppEngine:
             if launch.mode is not Mode.COMPLETION:
                 raise ValueError("a speculative draft model only applies to completion runners")
             argv += ["--model-draft", str(find_gguf_bundle(launch.draft_bundle_dir).model)]
-        return RunnerCommand(argv=tuple(argv), env={}, startup_timeout=120.0)
+        # Threads set by hand stay as set; llama-server (above) cannot change its own.
+        shares = launch.device.kind == "cpu" and settings.threads is None
+        shares = shares and settings.threads_batch is None
+        return RunnerCommand(argv=tuple(argv), env={}, startup_timeout=120.0, cpu_share=shares)
 
     def _native_command(
         self, binary: Path, launch: RunnerLaunch, settings: WorkerSettings, ctx_size: int

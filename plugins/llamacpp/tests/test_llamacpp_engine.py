@@ -281,3 +281,16 @@ def test_completion_runners_get_the_store_folder_for_prompt_caches(
     monkeypatch.setenv("DMR_PROMPT_CACHE_MAX_BYTES", "1GB")
     with pytest.raises(ValueError, match="DMR_PROMPT_CACHE_MAX_BYTES='1GB': expected a number"):
         LlamaCppEngine().runner_command(launch)
+
+
+def test_only_cpu_runners_on_default_threads_take_a_cpu_share(
+    llama_bundle: Path, tmp_path: Path
+) -> None:
+    def shares(**options: object) -> bool:
+        launch = make_launch(llama_bundle, tmp_path / "r.sock", **options)  # type: ignore[arg-type]
+        return LlamaCppEngine().runner_command(launch).cpu_share
+
+    assert shares()
+    assert not shares(device=GPU)  # the GPU computes; its runner's threads only feed it
+    assert not shares(runtime_flags=("--threads", "2"))  # set by hand: kept as set
+    assert not shares(runtime_flags=("--threads-batch", "2"))

@@ -16,8 +16,9 @@ __all__ = ["render_metrics"]
 class _StatsCollector(Collector):
     # Subclassed, not only shaped like one: `Collector` is an ABC in some
     # prometheus_client releases (a Protocol in others), where shape is not enough.
-    def __init__(self, stats: Callable[[], GeneratorStats]) -> None:
+    def __init__(self, stats: Callable[[], GeneratorStats], threads: int) -> None:
         self._stats = stats
+        self._threads = threads
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -105,9 +106,15 @@ class _StatsCollector(Collector):
             "Bytes of host memory those prompts take.",
             value=stats.host_cache_bytes,
         )
+        yield GaugeMetricFamily(
+            "llamacpp:threads",
+            "Threads llama_decode computes with now: fewer while other runners share the"
+            " CPU's cores (POST /cpu-share); 0 while loading.",
+            value=self._threads,
+        )
 
 
-def render_metrics(stats: Callable[[], GeneratorStats]) -> bytes:
+def render_metrics(stats: Callable[[], GeneratorStats], threads: int = 0) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats))
+    registry.register(_StatsCollector(stats, threads))
     return generate_latest(registry)

@@ -122,7 +122,34 @@ class LoadedModel:
             raise RuntimeError("failed to create the llama context (out of memory?)")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        # (threads, threads_batch) llama_decode computes with now, and the count asked
+        # for by `share_threads`, taken up by the decoding thread before its next batch.
+        self.threads = (options.threads, options.threads_batch)
+        self._wanted_threads: tuple[int, int] | None = None
         self._piece_buffer = ctypes.create_string_buffer(256)
+
+    def share_threads(self, busy_runners: int) -> tuple[int, int]:
+        """Compute with the loaded thread counts divided by `busy_runners`, the runners
+        computing on these cores now (at least one thread); says what it will use.
+
+        llama.cpp's threads spin at the barrier after every matrix product: two runners
+        with a thread per core each on the same cores hold a core while they spin and
+        their other thread waits for it (SmolLM2 on 2 cores: 12 ms a step alone, 78 ms
+        each side by side, 18 ms each with one thread each; docs/scheduler.md).
+        """
+        wanted = (
+            max(1, self.options.threads // busy_runners),
+            max(1, self.options.threads_batch // busy_runners),
+        )
+        self._wanted_threads = wanted
+        return wanted
+
+    def apply_thread_share(self) -> None:
+        """Take up the thread count `share_threads` asked for (decoding thread only)."""
+        wanted, self._wanted_threads = self._wanted_threads, None
+        if wanted is not None and wanted != self.threads:
+            llama_cpp.llama_set_n_threads(self.ctx, *wanted)
+            self.threads = wanted
 
     # ------------------------------------------------------------------ metadata
 
@@ -264,6 +291,7 @@ class Batch:
         return self.capacity - self.n_tokens
 
     def decode(self, model: LoadedModel) -> int:
+        model.apply_thread_share()
         self.raw.n_tokens = self.n_tokens
         status = int(llama_cpp.llama_decode(model.ctx, self.raw))
         if status == 0:

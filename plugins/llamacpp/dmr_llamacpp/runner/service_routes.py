@@ -57,10 +57,29 @@ async def models() -> Response:
 
 @blueprint.get("/metrics")
 async def metrics() -> Response:
-    generator = runner_state().generator
+    state = runner_state()
+    generator = state.generator
     # Runners without a generator (loading, or pooling) report zeroed counters.
     stats = GeneratorStats if generator is None else lambda: generator.stats
-    return Response(render_metrics(stats), content_type="text/plain; version=0.0.4")
+    threads = 0 if state.model is None else state.model.threads[0]
+    return Response(render_metrics(stats, threads), content_type="text/plain; version=0.0.4")
+
+
+@blueprint.post("/cpu-share")
+async def cpu_share() -> Response:
+    """`{"busy_runners": n}`: n runners compute on this machine's cores now, this one
+    included; compute with 1/n of the threads it loaded with (the scheduler's
+    `CpuShare` sends it, docs/scheduler.md)."""
+    body = await request_body()
+    busy = body.get("busy_runners")
+    if not isinstance(busy, int) or isinstance(busy, bool) or busy < 1:
+        raise BadRequest("'busy_runners' must be an integer of at least 1", "busy_runners")
+    state = runner_state()
+    threads, threads_batch = state.require_model().share_threads(busy)
+    generator = state.generator
+    if generator is not None and generator.drafter is not None:
+        generator.drafter.model.share_threads(busy)
+    return json_response({"threads": threads, "threads_batch": threads_batch})
 
 
 @blueprint.post("/tokenize")
