@@ -43,6 +43,9 @@ from dmr.reference import display_name
 from dmr.server.services import get_services
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+    from quart import Quart
+
     from dmr.records import ProgressEvent
     from dmr.scheduler import RunnerHandle
     from dmr.server.recorder import ExchangeCapture
@@ -57,6 +60,7 @@ __all__ = [
     "counting_pull_bytes",
     "merge_runner_metrics",
     "note_model",
+    "register_collector",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +99,16 @@ def note_model(model: str) -> None:
     observation = request.scope.get(SCOPE_KEY)
     if isinstance(observation, RequestObservation):
         observation.model = display_name(model)
+
+
+def register_collector(app: Quart, collector: Collector) -> bool:
+    """Add a plugin's Prometheus collector to `app`'s `GET /metrics`; False when the
+    server keeps no metrics (`DISABLE_METRICS=1`)."""
+    metrics: ServerMetrics | None = app.extensions.get(METRICS_KEY)
+    if metrics is None:
+        return False
+    metrics.registry.register(collector)
+    return True
 
 
 class ServerMetrics:

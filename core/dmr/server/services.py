@@ -9,12 +9,14 @@ import pluggy
 from quart import current_app
 
 if TYPE_CHECKING:
+    from quart import Quart
+
     from dmr.records import AcceleratorInfo, EngineSpec
     from dmr.scheduler import Scheduler
     from dmr.settings import Settings
     from dmr.store import Store
 
-__all__ = ["Services", "get_services"]
+__all__ = ["Services", "get_services", "services_for"]
 
 
 @dataclass
@@ -31,4 +33,10 @@ class Services:
 
 def get_services() -> Services:
     services: Services = current_app.extensions["dmr"]
+    return services
+
+
+def services_for(app: Quart) -> Services:
+    """`app`'s services outside a request (`dmr_server_startup(app)`, a background task)."""
+    services: Services = app.extensions["dmr"]
     return services
