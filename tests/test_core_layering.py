@@ -136,3 +136,14 @@ def test_the_server_never_imports_the_cli() -> None:
 def test_the_shared_bottom_modules_import_no_core_module(bottom: str) -> None:
     """The store and the CLI and server import these; they must not import back up."""
     assert [i.imported for i in core_imports() if i.importer == bottom and i.module_level] == []
+
+
+def test_the_scheduler_imports_no_plugins() -> None:
+    """The scheduler is given the engines and formats (docs/architecture.md, "Scheduler"):
+    no module of it asks the plugin manager, not even lazily."""
+    asking = [
+        f"{i.importer}:{i.line}"
+        for i in core_imports()
+        if i.importer.startswith("dmr.scheduler") and i.imported == "dmr.plugins"
+    ]
+    assert asking == []

@@ -29,7 +29,11 @@ CREATED = "2025-01-01T00:00:00Z"
 def _scheduler(store: Store) -> Scheduler:
     engines = {spec.name: spec for spec in plugins.engines()}
     return Scheduler(
-        settings=Settings.from_env(), store=store, engines=engines, devices=[probe_cpu()]
+        settings=Settings.from_env(),
+        store=store,
+        engines=engines,
+        devices=[probe_cpu()],
+        formats=plugins.model_formats(),
     )
 
 

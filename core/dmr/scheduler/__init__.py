@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dmr.scheduler.configuration import validate_runtime_flags
+from dmr.scheduler.model_configs import ConfiguredModel
 from dmr.scheduler.runner import RunnerHandle
-from dmr.scheduler.scheduler import ConfiguredModel, Scheduler, validate_runtime_flags
+from dmr.scheduler.scheduler import Scheduler
 from dmr.scheduler.wait_queue import Priority, request_priority
 
 __all__ = [

@@ -26,6 +26,7 @@ __all__ = [
     "choose_device",
     "device_key",
     "format_bytes",
+    "memory_budget",
     "plan_admission",
 ]
 
@@ -61,6 +62,12 @@ def choose_device(
 
 def device_key(device: AcceleratorInfo) -> tuple[str, int]:
     return (device.kind, device.index)
+
+
+def memory_budget(device: AcceleratorInfo, override: int | None) -> int:
+    """Bytes runners may hold on `device`: `override` (`DMR_MEMORY_BUDGET`) when set, else
+    the device's probed free memory."""
+    return override if override is not None else device.free_memory
 
 
 def bytes_needed(device: AcceleratorInfo, estimate: MemoryEstimate) -> int:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dmr.durations import format_duration
-from dmr.engines_known import install_hint
 from dmr.errors import (
     ConflictError,
     DmrError,
@@ -37,15 +36,7 @@ from dmr.errors import (
     RunnerError,
     ServiceBusyError,
 )
-from dmr.records import (
-    AcceleratorInfo,
-    EngineSpec,
-    MemoryEstimate,
-    Mode,
-    ModelFormat,
-    RunnerConfig,
-    RunnerLaunch,
-)
+from dmr.records import Mode
 from dmr.reference import display_name
 from dmr.scheduler.admission import (
     Resident,
@@ -53,75 +44,39 @@ from dmr.scheduler.admission import (
     choose_device,
     device_key,
     format_bytes,
+    memory_budget,
     plan_admission,
 )
+from dmr.scheduler.configuration import ModelConfiguration
 from dmr.scheduler.cpu_share import CpuShare
+from dmr.scheduler.engine_resolver import EngineResolver
 from dmr.scheduler.keepalive import idle_deadline_seconds
-from dmr.scheduler.model_configs import (
-    CONFIGS_FILE,
-    ConfiguredModel,
-    ModelConfigs,
-    describe_config,
-)
+from dmr.scheduler.model_configs import ConfiguredModel
 from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey, Unloaded
 from dmr.scheduler.runner_process import RunnerProcess
 from dmr.scheduler.wait_queue import Priority, QueuedModel, Waiter, WaitQueue, request_priority
 from dmr.scheduler.wait_times import SecondsHistogram, WaitTimes
-from dmr.settings import Settings
 
 if TYPE_CHECKING:
+    from dmr.records import (
+        AcceleratorInfo,
+        EngineSpec,
+        MemoryEstimate,
+        ModelFormat,
+        RunnerConfig,
+    )
+    from dmr.settings import Settings
     from dmr.store import Store, StoredModel
 
-__all__ = ["ConfiguredModel", "Scheduler", "validate_runtime_flags"]
+__all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
-
-# Stands in for the runner's socket while its memory is estimated.
-_UNSET_SOCKET = Path("/nonexistent/dmr-runner.sock")
 
 # How long `configure` waits for the model's loads to end before judging it busy.
 _SETTLE_LOADS_SECONDS = 300.0
 
 # Seconds a client refused for a full queue is told to wait before retrying.
 RETRY_AFTER_SECONDS = 5
-
-
-def validate_runtime_flags(spec: EngineSpec, flags: Sequence[str]) -> tuple[str, ...]:
-    """Flags through the engine's allow-list; no value may name a path (docs/compatibility.md §5).
-
-    `--flag=value` and `--flag value` are both accepted; a bare value must
-    follow an allowed flag.
-    """
-    checked: list[str] = []
-    for flag in flags:
-        if "/" in flag or "\\" in flag:
-            raise InvalidRequestError(f"runtime flag {flag!r} may not contain '/' or '\\'")
-        if flag.startswith("-") and not _is_number(flag):
-            name = flag.split("=", 1)[0]
-            if name not in spec.allowed_flags:
-                allowed = ", ".join(sorted(spec.allowed_flags)) or "none"
-                raise InvalidRequestError(
-                    f"runtime flag {name!r} is not allowed for {spec.name} (allowed: {allowed})"
-                )
-        elif not checked or not checked[-1].startswith("-") or "=" in checked[-1]:
-            raise InvalidRequestError(f"runtime flag value {flag!r} does not follow a flag")
-        checked.append(flag)
-    return tuple(checked)
-
-
-def split_raw_flags(raw: str) -> list[str]:
-    try:
-        return shlex.split(raw)
-    except ValueError as error:
-        raise InvalidRequestError(f"raw-runtime-flags: {error}") from error
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -145,17 +100,20 @@ class Scheduler:
         store: Store,
         engines: Mapping[str, EngineSpec],
         devices: Sequence[AcceleratorInfo],
-        formats: Sequence[ModelFormat] | None = None,
+        formats: Iterable[ModelFormat],
     ) -> None:
         self.settings = settings
         self.store = store
         self.engines = dict(engines)
         self.devices = list(devices)
-        self._formats = {fmt.name: fmt for fmt in formats} if formats is not None else None
+        # Engine choice for a model, from the formats the plugin manager collected.
+        self.resolver = EngineResolver(self.engines, formats)
+        # Remembered `_configure` settings, kept in the store across restarts.
+        self.configuration = ModelConfiguration(
+            settings=settings, store=store, resolver=self.resolver, devices=self.devices
+        )
         self._runners: dict[RunnerKey, Runner] = {}
         self.cpu_share = CpuShare(self._runners.values, enabled=settings.cpu_share)
-        # Remembered `_configure` settings, kept in the store across restarts.
-        self._configs = ModelConfigs(store.root / CONFIGS_FILE)
         self._stopping: set[asyncio.Task[None]] = set()
         self._queue = WaitQueue()
         self._pending: dict[Waiter, _Wanted] = {}
@@ -175,8 +133,7 @@ class Scheduler:
 
     async def start(self) -> None:
         self._closed = False
-        present = {entry.id for entry in self.store.index.read()}
-        self._configs.load(present.__contains__)
+        self.configuration.load()
 
     async def aclose(self) -> None:
         """Stop every runner (SIGTERM, then SIGKILL after a grace period)."""
@@ -395,7 +352,7 @@ class Scheduler:
         device = choose_device(self.devices, spec.device_kinds)
         # The socket directory is made only once the runner is admitted: queued
         # requests run this again at every release.
-        launch = self._launch(model, stored, key[2], config, device, _UNSET_SOCKET)
+        launch = self.configuration.launch(model, stored, key[2], config, device)
         try:
             estimate = spec.engine.estimate_memory(launch)
         except ValueError as error:
@@ -660,12 +617,7 @@ class Scheduler:
         `persist` is False); an idle runner of it is unloaded so the next load uses it, a
         busy one is a `ConflictError`."""
         mode = Mode(mode) if mode else Mode.COMPLETION
-        stored = self._resolve(model)
-        spec = self.engine_for(stored, mode, backend)
-        validate_runtime_flags(spec, config.runtime_flags)
-        if config.speculative_draft_model:
-            self._resolve(config.speculative_draft_model)
-        self._check_engine_accepts(model, stored, mode, spec, config)
+        stored, spec = self.configuration.check(model, mode, backend, config)
         await self._settle_loads(stored.id)
         mine = [r for r in self._runners.values() if r.key[1] == stored.id]
         busy = [r for r in mine if not r.evictable]
@@ -674,7 +626,7 @@ class Scheduler:
                 f"{model} is in use by a running request; configure it once it is idle"
             )
         configured = ConfiguredModel(model_name=model, backend=spec.name, mode=mode, config=config)
-        self._configs.set(stored.id, configured, persist=persist)
+        self.configuration.remember(stored.id, configured, persist=persist)
         stops = []
         for runner in mine:
             del self._runners[runner.key]
@@ -699,52 +651,12 @@ class Scheduler:
                 break
             await asyncio.sleep(0.02)
 
-    def _check_engine_accepts(
-        self,
-        model: str,
-        stored: StoredModel,
-        mode: Mode,
-        spec: EngineSpec,
-        config: RunnerConfig,
-    ) -> None:
-        """Refuse now what the engine would refuse at load time (its own options, such
-        as the `vllm` block), instead of in the background preload `_configure` starts.
-
-        Only ValueError, the engines' "refused" signal, counts here; anything else
-        the estimate raises is reported by admission when the runner is loaded.
-        """
-        launch = self._launch(
-            model, stored, mode, config, choose_device(self.devices, spec.device_kinds),
-            _UNSET_SOCKET,
-        )  # fmt: skip
-        try:
-            spec.engine.estimate_memory(launch)
-        except ValueError as error:
-            raise InvalidRequestError(str(error)) from error
-        except Exception as error:
-            log.debug("%s could not estimate %s while configuring: %r", spec.name, model, error)
-
     def config_for(self, model_id: str) -> RunnerConfig:
-        configured = self._configs.get(model_id)
-        return configured.config if configured else RunnerConfig()
+        return self.configuration.config_for(model_id)
 
     def configs(self, model: str | None = None) -> list[dict[str, Any]]:
         """`GET /engines/_configure` items: each value in effect, and its `sources`."""
-        wanted: str | None = None
-        if model:
-            wanted = self._resolve(model).id
-        default_keep_alive = self.settings.idle_timeout or -1
-        items = []
-        for model_id, configured in self._configs:
-            if wanted is not None and model_id != wanted:
-                continue
-            stored = self.store.find(model_id)
-            if stored is None:
-                continue  # removed since it was configured; start-up drops the entry
-            block = stored.config.get("config")
-            packaged = block if isinstance(block, Mapping) else {}
-            items.append(describe_config(model_id, configured, packaged, default_keep_alive))
-        return items
+        return self.configuration.describe(model)
 
     # ------------------------------------------------------------------ status
 
@@ -779,9 +691,7 @@ class Scheduler:
         return [runner.handle for runner in self._runners.values() if not runner.loading]
 
     def budget(self, device: AcceleratorInfo) -> int:
-        if self.settings.memory_budget is not None:
-            return self.settings.memory_budget
-        return device.free_memory
+        return memory_budget(device, self.settings.memory_budget)
 
     @property
     def queued(self) -> int:
@@ -797,90 +707,13 @@ class Scheduler:
         return self.store.get(model)  # raises ModelNotFoundError (404) for an unknown name
 
     def formats(self) -> dict[str, ModelFormat]:
-        if self._formats is None:
-            from dmr import plugins
-
-            self._formats = {fmt.name: fmt for fmt in plugins.model_formats()}
-        return self._formats
+        return self.resolver.formats
 
     def model_format(self, stored: StoredModel) -> str:
-        """The format the model's config names, else the plugin format whose media types
-        its layers carry (`ModelFormat.media_types`): the store knows only the built-in
-        ones, so a third-party format's model need not name itself in its config."""
-        if stored.format:
-            return stored.format
-        layer_types = {
-            str(layer.get("mediaType"))
-            for layer in stored.manifest.get("layers") or []
-            if isinstance(layer, dict)
-        }
-        for fmt in self.formats().values():
-            if layer_types & set(fmt.media_types):
-                return fmt.name
-        return ""
+        return self.resolver.model_format(stored)
 
     def engine_for(self, stored: StoredModel, mode: Mode, backend: str | None) -> EngineSpec:
-        """`backend` when given, else the engine preferred for the model's format."""
-        model_format = self.model_format(stored)
-        if backend:
-            spec = self.engines.get(backend)
-            if spec is None:
-                installed = ", ".join(sorted(self.engines)) or "none"
-                raise InvalidRequestError(
-                    f"engine {backend!r} is not installed (installed: {installed})"
-                )
-            if model_format and spec.formats and model_format not in spec.formats:
-                raise InvalidRequestError(
-                    f"engine {backend!r} cannot run {model_format or 'this'} models"
-                )
-        else:
-            preferred = self.formats().get(model_format)
-            spec_or_none = self.engines.get(preferred.preferred_engine) if preferred else None
-            if spec_or_none is None:
-                capable = [s for s in self.engines.values() if model_format in s.formats]
-                if not capable:
-                    wanted = preferred.preferred_engine if preferred else "an engine"
-                    raise InvalidRequestError(
-                        f"{stored.tags[0] if stored.tags else stored.id} is a "
-                        f"{model_format or 'unknown-format'} model and needs {wanted}, "
-                        f"which is not installed ({install_hint(wanted)})"
-                    )
-                spec_or_none = capable[0]
-            spec = spec_or_none
-        if mode not in spec.modes:
-            modes = ", ".join(sorted(m.value for m in spec.modes))
-            raise InvalidRequestError(
-                f"engine {spec.name!r} cannot serve {mode.value} requests (it serves: {modes})"
-            )
-        return spec
-
-    def _launch(
-        self,
-        model: str,
-        stored: StoredModel,
-        mode: Mode,
-        config: RunnerConfig,
-        device: AcceleratorInfo,
-        socket_path: Path,
-    ) -> RunnerLaunch:
-        draft_dir = None
-        if config.speculative_draft_model:
-            draft_dir = self._resolve(config.speculative_draft_model).bundle_dir
-        block = stored.config.get("config")
-        return RunnerLaunch(
-            model_id=stored.id,
-            # Metrics, ps and logs label a runner by this: one spelling per model.
-            model_name=display_name(model),
-            bundle_dir=stored.bundle_dir,
-            model_config=block if isinstance(block, Mapping) else {},
-            mode=mode,
-            socket_path=socket_path,
-            config=config,
-            device=device,
-            draft_bundle_dir=draft_dir,
-            memory_budget=self.budget(device),
-            prompt_cache_dir=self.store.layout.prompt_cache(stored.id),
-        )
+        return self.resolver.engine_for(stored, mode, backend)
 
     def _log_path(self, runner: Runner) -> Path | None:
         if self.settings.log_dir is None:

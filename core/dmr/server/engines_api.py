@@ -17,7 +17,7 @@ from quart import Blueprint, Response, jsonify, request
 from dmr.durations import parse_duration
 from dmr.errors import DmrError, InvalidRequestError
 from dmr.records import Mode, RunnerConfig
-from dmr.scheduler.scheduler import split_raw_flags
+from dmr.scheduler.configuration import split_raw_flags
 from dmr.server.services import get_services
 
 __all__ = ["blueprint", "parse_configure_body"]
