@@ -2,9 +2,11 @@
 `DMR_CPU_SHARE=0`, and two native llama-servers, one per model, as Docker Model
 Runner and Ollama run two models (each with a thread per core).
 
-    python bench/cpu_share.py [--streams 4] [--max-tokens 64] [--rounds 3] [--json out.json]
+    python bench/cpu_share.py [--models smollm2,smollm2] [--streams 4] [--max-tokens 64]
+                              [--rounds 3] [--json out.json]
 
-The two models are the SmolLM2 GGUF packaged twice (two model IDs, two runners).
+`--models` names the two GGUFs as `bench/llamacpp_concurrency.py` does (`smollm2`,
+`random-0.6b`, `NAME=PATH`); the default is SmolLM2 twice (two model IDs, two runners).
 Each round streams `--streams` chats to each model at once and measures the
 aggregate tokens/s of all of them (every stream's tokens over the wall time from the
 first request to the last token) and the slowest stream's tokens/s. A `one model`
@@ -27,21 +29,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from dmr.testing import free_port, sample_gguf
+from dmr.testing import free_port
 from dmr_served import dmr_served
-from llamacpp_concurrency import llama_server_binary
+from llamacpp_concurrency import bench_models, llama_server_binary
 
 MODELS = ("ai/smollm2-a", "ai/smollm2-b")
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
-def store_two_models(models_path: Path, gguf: Path) -> None:
+def store_two_models(models_path: Path, ggufs: list[Path]) -> None:
     from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
     from dmr.store import Store
 
     store = Store.open(models_path)
-    for tag, created in zip(MODELS, ("2024-11-01T00:00:00Z", "2024-11-02T00:00:00Z"), strict=True):
-        write_to_store(store, package_gguf([gguf], PackageOptions(created=created)), [tag])
+    created = ("2024-11-01T00:00:00Z", "2024-11-02T00:00:00Z")
+    for tag, gguf, when in zip(MODELS, ggufs, created, strict=True):
+        write_to_store(store, package_gguf([gguf], PackageOptions(created=when)), [tag])
 
 
 async def stream(client: httpx.AsyncClient, path: str, model: str, tokens: int) -> float:
@@ -110,14 +113,16 @@ async def llama_server(gguf: Path, streams: int) -> AsyncIterator[httpx.AsyncCli
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    gguf = sample_gguf()
+    ggufs = [path for _name, path in bench_models(args.models)]
+    if len(ggufs) != 2:
+        raise SystemExit("--models names two GGUFs")
     cases: dict[str, Callable[[], Awaitable[dict[str, float]]]] = {}
     chat = "/engines/v1/chat/completions"
     with tempfile.TemporaryDirectory(prefix="dmr-cpu-share-") as temp:
         async with contextlib.AsyncExitStack() as stack:
             for name, share in (("dmr", "1"), ("dmr DMR_CPU_SHARE=0", "0")):
                 folder = Path(temp) / share
-                store_two_models(folder / "models", gguf)
+                store_two_models(folder / "models", ggufs)
                 base = await stack.enter_async_context(dmr_served(folder, DMR_CPU_SHARE=share))
                 client = await stack.enter_async_context(
                     httpx.AsyncClient(base_url=base, timeout=600)
@@ -130,7 +135,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     one = [(client, chat, MODELS[0])]
                     cases["dmr, one model"] = round_of(one, 2 * args.streams, args.max_tokens)
             servers = [
-                await stack.enter_async_context(llama_server(gguf, args.streams)) for _ in MODELS
+                await stack.enter_async_context(llama_server(gguf, args.streams)) for gguf in ggufs
             ]
             for server in servers:
                 await stream(server, "/v1/chat/completions", "x", 2)
@@ -153,6 +158,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="smollm2,smollm2", help="the two GGUFs")
     parser.add_argument("--streams", type=int, default=4, help="streams per model")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
