@@ -10,11 +10,16 @@ In a view (a request of the server's app):
 - `resolve_model(store, name)` finds a client's model name in the store (tags,
   bare names, IDs, Ollama's `smollm2:latest`): (the name to hand the scheduler,
   the `StoredModel`), or `ModelNotFoundError`;
-- `proxy_to_runner(...)` forwards a request to the model's runner and its answer
-  back byte for byte, as a Quart response; `open_exchange(services, ...)` is the
-  same as an `Exchange` for a dialect that sends the bytes itself. Each loads the
-  runner if needed, waits its turn, records the exchange for `GET
-  /engines/requests` and labels the request's metrics with the model;
+- `call_runner(model, mode, path, payload)` posts to the model's runner and answers
+  its JSON object (`RunnerCall`: `body`, `load_seconds`); `stream_runner(...)`
+  answers a `RunnerStream` whose `events()` are the decoded SSE events of a
+  streamed answer; `proxy_to_runner(...)` forwards a request and the runner's
+  answer back byte for byte, as a Quart response; `open_exchange(services, ...)`
+  is that answer as an `Exchange`, for a dialect that sends the bytes itself. All
+  four take one path: they load the runner if needed, wait their turn, record the
+  exchange for `GET /engines/requests`, label the request's metrics with the
+  model, and raise a runner's error answer as a `DmrError` with its status
+  (`runner_error(status, body)`);
 - `openai_error_body(error)` / `openai_error(...)` are OpenAI's error shape;
   `lift_body_limit(app, name, is_upload)` lifts the request body cap for upload
   routes; `register_collector(app, collector)` adds series to `GET /metrics`;
@@ -49,6 +54,13 @@ if TYPE_CHECKING:
     from dmr.server.metrics import register_collector
     from dmr.server.model_names import resolve_model
     from dmr.server.proxy import Exchange, open_exchange, proxy_to_runner
+    from dmr.server.runner_calls import (
+        RunnerCall,
+        RunnerStream,
+        call_runner,
+        runner_error,
+        stream_runner,
+    )
     from dmr.server.services import Services, get_services, services_for
 
 __all__ = [
@@ -58,9 +70,12 @@ __all__ = [
     "HTTPError",
     "InvalidReferenceError",
     "ModelReference",
+    "RunnerCall",
+    "RunnerStream",
     "ServerClient",
     "ServerResponse",
     "Services",
+    "call_runner",
     "connect",
     "display_name",
     "error_message",
@@ -78,8 +93,10 @@ __all__ = [
     "push_model",
     "register_collector",
     "resolve_model",
+    "runner_error",
     "services_for",
     "sniff_media_type",
+    "stream_runner",
 ]
 
 if not TYPE_CHECKING:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -26,8 +27,12 @@ from dmr.server.recorder import start_capture
 from dmr.server.services import Services, get_services
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
     from dmr.records import Mode
     from dmr.scheduler import RunnerHandle
+    from dmr.scheduler.unix_http import UnixResponse
+    from dmr.server.recorder import ExchangeCapture
 
 __all__ = ["Exchange", "open_exchange", "proxy_to_runner", "sse_error_event"]
 
@@ -62,7 +67,8 @@ async def _runner_failure(handle: RunnerHandle, error: Exception) -> RunnerError
 class Exchange:
     """A runner's answer on its way to the client: whole (`content`) or streamed
     (`chunks`). The runner's lease is given back once the answer has been read,
-    or by `aclose` when it never will be."""
+    or by `aclose` when it never will be. `load_seconds`: how long the runner took
+    to be ready (a load, a wait for memory), 0 for one already serving."""
 
     status: int
     headers: dict[str, str]
@@ -70,16 +76,37 @@ class Exchange:
     chunks: AsyncIterator[bytes] | None
     _cleanup: Callable[[], Coroutine[Any, Any, None]]
     _released: Callable[[], bool]
+    load_seconds: float = 0.0
 
     @property
     def released(self) -> bool:
         return self._released()
+
+    async def read(self) -> bytes:
+        """The whole answer: `content`, or every chunk of the stream joined."""
+        if self.chunks is None:
+            return self.content or b""
+        return b"".join([chunk async for chunk in self.chunks])
 
     async def aclose(self) -> None:
         if self.chunks is not None:
             with contextlib.suppress(BaseException):
                 await self.chunks.aclose()  # type: ignore[attr-defined]
         await self._cleanup()
+
+
+class _Lease:
+    """A runner's lease from `Scheduler.acquire`, given back once however the exchange
+    ends (it may end in another task than the one that took it)."""
+
+    def __init__(self, lease: AbstractAsyncContextManager[RunnerHandle]) -> None:
+        self._lease = lease
+        self.released = False
+
+    async def release(self) -> None:
+        if not self.released:
+            self.released = True
+            await self._lease.__aexit__(None, None, None)
 
 
 async def open_exchange(
@@ -94,26 +121,61 @@ async def open_exchange(
     method: str = "POST",
     headers: Mapping[str, str] | None = None,
     extensions: Mapping[str, Any] | None = None,
+    in_band_errors: bool = True,
 ) -> Exchange:
     """Acquire `model`'s runner, send `body` to `path` and start reading the answer.
 
     A `DmrError` (no such model, no capacity, a runner that failed) comes before
     any byte of the answer. Closing the upstream request, when the stream is
     closed or the client goes away, makes the runner stop the generation and
-    free its slot.
+    free its slot. A stream that breaks half-way ends with an SSE error event
+    (`in_band_errors`, for bytes a client reads) or raises the `RunnerError`
+    (for a caller that reads the events itself).
     """
+    started = time.monotonic()
     lease = services.scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive)
     handle = await lease.__aenter__()
-    released = False
+    load_seconds = time.monotonic() - started
+    held = _Lease(lease)
+    upstream = await _send(handle, held, method, path, body, headers)
 
-    async def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
-            await lease.__aexit__(None, None, None)
+    async def cleanup() -> None:
+        with contextlib.suppress(BaseException):
+            await upstream.aclose()
+        await held.release()
 
+    kept = {name: upstream.headers[name] for name in _KEPT_HEADERS if name in upstream.headers}
+    capture = start_capture(
+        model=model,
+        model_id=handle.model_id,
+        backend=handle.backend,
+        mode=handle.mode.value,
+        path=path,
+        body=body,
+        extensions=extensions,
+    )
+    exchange = Exchange(
+        upstream.status, kept, None, None, cleanup, lambda: held.released, load_seconds
+    )
+    if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+        exchange.chunks = _relay(upstream, handle, capture, held, in_band_errors)
+    else:
+        exchange.content = await _read_whole(upstream, handle, capture, cleanup)
+    return exchange
+
+
+async def _send(
+    handle: RunnerHandle,
+    held: _Lease,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: Mapping[str, str] | None,
+) -> UnixResponse:
+    """Send the request on the runner's socket and read the head of its answer; the
+    lease is given back when that fails."""
     try:
-        upstream = await open_request(
+        return await open_request(
             handle.socket_path,
             method,
             path,
@@ -125,66 +187,64 @@ async def open_exchange(
             },
         )
     except RunnerConnectionError as error:
-        await release()
+        await held.release()
         raise await _runner_failure(handle, error) from error
     except BaseException:
-        await release()
+        await held.release()
         raise
 
-    async def cleanup() -> None:
+
+async def _read_whole(
+    upstream: UnixResponse,
+    handle: RunnerHandle,
+    capture: ExchangeCapture | None,
+    cleanup: Callable[[], Coroutine[Any, Any, None]],
+) -> bytes:
+    """A whole answer, read before anything is sent; the lease is given back after."""
+    try:
+        content = await upstream.read()
+    except RunnerConnectionError as error:
+        raise await _runner_failure(handle, error) from error
+    finally:
+        await cleanup()
+    if upstream.status >= 500 and handle.stop_reason is not None:
+        # The runner was stopped under the request: its shutdown's bare 500 says nothing.
+        raise RunnerError(handle.stop_reason)
+    if capture is not None:
+        # Decoding the answer for the recorder must not delay sending it.
+        asyncio.get_running_loop().call_soon(capture.finish, upstream.status, content)
+    return content
+
+
+async def _relay(
+    upstream: UnixResponse,
+    handle: RunnerHandle,
+    capture: ExchangeCapture | None,
+    held: _Lease,
+    in_band_errors: bool,
+) -> AsyncIterator[bytes]:
+    """A streamed answer's chunks as they come; the lease is given back at its end."""
+    try:
+        async for chunk in upstream.iter_body():
+            if capture is not None:
+                capture.feed(chunk)  # a bounded copy; parsed once the stream ends
+            yield chunk
+    except RunnerConnectionError as error:
+        failure = await _runner_failure(handle, error)
+        if not in_band_errors:
+            raise failure from error
+        log.error("stream from %s broke: %s", handle.model_name, failure.message)
+        if capture is not None:
+            capture.feed(sse_error_event(failure))
+        yield sse_error_event(failure)
+    finally:
+        if capture is not None:
+            capture.finish(upstream.status)
+        # On a client disconnect this runs in a cancelled task: closing the
+        # upstream connection is what tells the runner to stop generating.
         with contextlib.suppress(BaseException):
             await upstream.aclose()
-        await release()
-
-    kept = {name: upstream.headers[name] for name in _KEPT_HEADERS if name in upstream.headers}
-    content_type = upstream.headers.get("content-type", "")
-    capture = start_capture(
-        model=model,
-        model_id=handle.model_id,
-        backend=handle.backend,
-        mode=handle.mode.value,
-        path=path,
-        body=body,
-        extensions=extensions,
-    )
-
-    if not content_type.startswith("text/event-stream"):
-        try:
-            content = await upstream.read()
-        except RunnerConnectionError as error:
-            raise await _runner_failure(handle, error) from error
-        finally:
-            await cleanup()
-        if upstream.status >= 500 and handle.stop_reason is not None:
-            # The runner was stopped under the request: its shutdown's bare 500 says nothing.
-            raise RunnerError(handle.stop_reason)
-        if capture is not None:
-            # Decoding the answer for the recorder must not delay sending it.
-            asyncio.get_running_loop().call_soon(capture.finish, upstream.status, content)
-        return Exchange(upstream.status, kept, content, None, cleanup, lambda: released)
-
-    async def stream() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in upstream.iter_body():
-                if capture is not None:
-                    capture.feed(chunk)  # a bounded copy; parsed once the stream ends
-                yield chunk
-        except RunnerConnectionError as error:
-            failure = await _runner_failure(handle, error)
-            log.error("stream from %s broke: %s", handle.model_name, failure.message)
-            if capture is not None:
-                capture.feed(sse_error_event(failure))
-            yield sse_error_event(failure)
-        finally:
-            if capture is not None:
-                capture.finish(upstream.status)
-            # On a client disconnect this runs in a cancelled task: closing the
-            # upstream connection is what tells the runner to stop generating.
-            with contextlib.suppress(BaseException):
-                await upstream.aclose()
-            await release()
-
-    return Exchange(upstream.status, kept, None, stream(), cleanup, lambda: released)
+        await held.release()
 
 
 async def proxy_to_runner(

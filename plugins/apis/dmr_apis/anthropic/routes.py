@@ -7,6 +7,7 @@ from typing import Any
 from dmr.errors import InvalidRequestError
 from dmr.hookspecs import hookimpl
 from dmr.records import ApiDialect, Mode
+from dmr.sdk.dialect import call_runner, stream_runner
 from quart import Blueprint, Response, jsonify
 
 from dmr_apis.anthropic.stream import MessageStream, stop_of
@@ -22,7 +23,6 @@ from dmr_apis.common.answer_fold import fold_answer
 from dmr_apis.common.body import optional_bool, read_json_object, require_model
 from dmr_apis.common.errors import anthropic_error_body, install_error_handlers
 from dmr_apis.common.model_lookup import resolve_model
-from dmr_apis.common.runner_calls import call_runner, stream_runner
 from dmr_apis.common.streaming import stream_response
 
 __all__ = ["blueprint", "dmr_api_dialects"]

@@ -9,6 +9,7 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
+from dmr_apis.common.answer_fold import cached_prompt_tokens
 from dmr_apis.common.body import optional_number
 from dmr_apis.common.images import (
     SUPPORTED_MEDIA_TYPES,
@@ -16,7 +17,6 @@ from dmr_apis.common.images import (
     http_image_url,
     image_url_part,
 )
-from dmr_apis.common.runner_calls import cached_prompt_tokens
 from dmr_apis.common.tool_calls import ToolCall, parse_arguments
 
 __all__ = [

@@ -1,2 +1,2 @@
-"""What the dialects share: request bodies, errors, model names, runner calls, streams,
+"""What the dialects share: request bodies, errors, model names, streams,
 images and tool calls."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from dmr_apis.common.tool_calls import ToolCall, ToolCallAccumulator
 
-__all__ = ["AnswerFold", "TextDelta", "fold_answer"]
+__all__ = ["AnswerFold", "TextDelta", "cached_prompt_tokens", "fold_answer"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,9 @@ def fold_answer(body: Mapping[str, Any]) -> AnswerFold:
     fold = AnswerFold()
     fold.add({**body, "choices": [choice]})
     return fold
+
+
+def cached_prompt_tokens(usage: Mapping[str, Any]) -> int:
+    """OpenAI's `prompt_tokens_details.cached_tokens`: prompt tokens reused from a cache."""
+    details = usage.get("prompt_tokens_details")
+    return int((details.get("cached_tokens") if isinstance(details, Mapping) else 0) or 0)

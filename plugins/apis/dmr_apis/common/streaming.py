@@ -1,29 +1,14 @@
-"""Streams: reading the runner's OpenAI SSE, writing SSE or NDJSON to clients."""
+"""Streams to clients: SSE events and NDJSON lines."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from quart import Response
 
-__all__ = ["encode_event", "iter_sse_json", "ndjson_line", "stream_response"]
-
-
-async def iter_sse_json(lines: AsyncIterable[str]) -> AsyncIterator[dict[str, Any]]:
-    """Each `data:` payload of an OpenAI-style SSE stream, decoded, until `[DONE]`."""
-    async for line in lines:
-        if not line.startswith("data:"):
-            continue  # blank separators, comments, `event:` names
-        # OpenAI-style streams carry each event on a single data line.
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            return
-        if payload:
-            event = json.loads(payload)
-            if isinstance(event, dict):
-                yield event
+__all__ = ["encode_event", "ndjson_line", "stream_response"]
 
 
 def encode_event(event: str | None, data: dict[str, Any]) -> bytes:

@@ -15,6 +15,7 @@ import dmr
 from dmr.errors import ConflictError, InvalidRequestError
 from dmr.hookspecs import hookimpl
 from dmr.records import ApiDialect, Mode
+from dmr.sdk.dialect import call_runner, stream_runner
 from dmr.server.services import get_services
 from quart import Blueprint, Quart, Response, jsonify
 
@@ -22,7 +23,6 @@ from dmr_apis.common.answer_fold import fold_answer
 from dmr_apis.common.body import optional_bool, read_json_object, require_model
 from dmr_apis.common.errors import install_error_handlers, ollama_error_body
 from dmr_apis.common.model_lookup import resolve_model
-from dmr_apis.common.runner_calls import call_runner, stream_runner
 from dmr_apis.common.streaming import stream_response
 from dmr_apis.ollama import model_routes
 from dmr_apis.ollama.reply import GenerationReply

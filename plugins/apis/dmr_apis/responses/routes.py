@@ -14,6 +14,7 @@ from typing import Any
 from dmr.errors import InvalidRequestError, ModelNotFoundError
 from dmr.hookspecs import hookimpl
 from dmr.records import ApiDialect, Mode
+from dmr.sdk.dialect import call_runner, stream_runner
 from dmr.server.services import get_services
 from quart import Blueprint, Response, jsonify, request
 
@@ -21,7 +22,6 @@ from dmr_apis.common.answer_fold import fold_answer
 from dmr_apis.common.body import optional_bool, read_json_object, require_model
 from dmr_apis.common.errors import install_error_handlers, openai_error_body
 from dmr_apis.common.model_lookup import check_backend, resolve_model
-from dmr_apis.common.runner_calls import call_runner, stream_runner
 from dmr_apis.common.streaming import stream_response
 from dmr_apis.responses.store import ResponseStore, StoredResponse
 from dmr_apis.responses.stream import ResponseStream, finish_status

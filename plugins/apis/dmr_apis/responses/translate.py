@@ -10,9 +10,9 @@ from typing import Any
 
 from dmr.errors import InvalidRequestError
 
+from dmr_apis.common.answer_fold import cached_prompt_tokens
 from dmr_apis.common.body import optional_number
 from dmr_apis.common.images import checked_image_url, image_url_part
-from dmr_apis.common.runner_calls import cached_prompt_tokens
 from dmr_apis.common.tool_calls import ToolCall
 
 __all__ = [
