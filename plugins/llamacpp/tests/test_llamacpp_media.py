@@ -17,7 +17,7 @@ from dmr_llamacpp.runner.media import (
     image_dimensions,
     load_images,
 )
-from dmr_llamacpp.runner.requests import normalise_messages
+from dmr_llamacpp.runner.requests import parse_chat_prompt
 
 
 def _image(fmt: str, size: tuple[int, int]) -> bytes:
@@ -137,7 +137,6 @@ async def test_fetches_http_images() -> None:
 def test_prompt_text_around_images() -> None:
     """llama-server's join: text parts on lines of their own, a marker glued to both
     neighbours; text-only part lists on lines of their own too."""
-    urls: list[str] = []
     body = {
         "messages": [
             {
@@ -156,12 +155,12 @@ def test_prompt_text_around_images() -> None:
             },
         ]
     }
-    messages, _grammar, _tools = normalise_messages(body, media_marker="<M>", image_urls=urls)
-    assert messages[0]["content"] == "Look:<M>and\nthis<M>"
-    assert messages[1]["content"] == "a\nb"
-    assert urls == ["data:one", "data:two"]
+    prompt = parse_chat_prompt(body, media_marker="<M>")
+    assert prompt.messages[0]["content"] == "Look:<M>and\nthis<M>"
+    assert prompt.messages[1]["content"] == "a\nb"
+    assert prompt.image_urls == ("data:one", "data:two")
     with pytest.raises(BadRequest, match="'input_audio'"):
-        normalise_messages({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})
+        parse_chat_prompt({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})
 
 
 def test_image_placeholders() -> None:

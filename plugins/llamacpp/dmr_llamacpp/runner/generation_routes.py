@@ -41,16 +41,15 @@ from dmr_llamacpp.runner.reasoning import (
     ThinkingBudget,
     starts_thinking,
 )
-from dmr_llamacpp.runner.requests import normalise_messages, sampling_from_body
+from dmr_llamacpp.runner.requests import (
+    ChatRequest,
+    parse_chat_request,
+    parse_completion_request,
+)
 from dmr_llamacpp.runner.sampling import SamplingParams
 from dmr_llamacpp.runner.state import RunnerState, request_body, runner_state
 from dmr_llamacpp.runner.streaming import Answer
-from dmr_llamacpp.runner.truncation import (
-    Truncation,
-    fit_messages,
-    fit_tokens,
-    wants_truncation,
-)
+from dmr_llamacpp.runner.truncation import Truncation, fit_messages, fit_tokens
 
 __all__ = ["blueprint", "chat_answer", "completion_answer", "streamed_answers"]
 
@@ -92,51 +91,29 @@ def _response(answer: GenerationAnswer) -> Response:
     return Response(answer, content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _include_usage(body: dict[str, Any]) -> bool:
-    return bool((body.get("stream_options") or {}).get("include_usage"))
-
-
 async def chat_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAnswer:
     """The whole answer, or for `stream` its SSE events (see `StreamingRoutes`)."""
-    image_urls: list[str] = []
-    messages, tool_grammar, with_tools = normalise_messages(
-        body, media_marker=state.media_marker, image_urls=image_urls
+    request = parse_chat_request(
+        body,
+        state.settings,
+        media_marker=state.media_marker,
+        accepts_images=state.require_projector,  # a text-only model: a 400 before any download
     )
-    if image_urls:
-        state.require_projector()  # a text-only model: a 400 before any download
-    params = sampling_from_body(body, state.settings, chat=True, grammar=tool_grammar)
-    budget, template_kwargs = _reasoning_budget(body, state.settings.reasoning_budget)
-    truncation = wants_truncation(body)
-    if truncation is not None and not image_urls:
-        model = state.require_model()
-        prompt = fit_messages(
-            messages,
-            lambda kept: state.render_prompt(kept, body, template_kwargs),
-            lambda text: len(model.tokenize(text, add_special=True, parse_special=True)),
-            context=state.require_generator().ctx_per_slot,
-            n_keep=truncation.n_keep,
-        )
-    else:
-        prompt = state.render_prompt(messages, body, template_kwargs)
+    prompt = _chat_prompt(state, request)
     thinking = starts_thinking(prompt)
-    limit = None
-    if budget >= 0:
-        close = state.require_model().tokenize(
-            THINK_CLOSE + "\n\n", add_special=False, parse_special=True
-        )
-        limit = ThinkingBudget(budget, tuple(close), inside=thinking)
-    if image_urls:
-        images = await load_images(image_urls, state.image_limits)
+    limit = _thinking_limit(state, request.thinking_budget, inside=thinking)
+    params = request.sampling
+    if request.prompt.image_urls:
+        images = await load_images(request.prompt.image_urls, state.image_limits)
         job = await start_image_job(state, prompt, images, params, limit)
     else:
-        job = _start_job(state, prompt, params, limit, truncation)
+        job = _start_job(state, prompt, params, limit, request.truncation)
     base = answer_base("chatcmpl", state.model_name)
-    # llama-server's `reasoning_format: "none"` leaves the thinking in the content.
-    split = body.get("reasoning_format") != "none"
-    if body.get("stream"):
+    split, with_tools = request.split_reasoning, request.prompt.with_tools
+    if request.stream:
         splitter = ReasoningSplitter(thinking=thinking) if split else None
         return _chat_stream(
-            job, base, splitter, with_tools=with_tools, include_usage=_include_usage(body)
+            job, base, splitter, with_tools=with_tools, include_usage=request.include_usage
         )
     logprobs = params.logprobs is not None
     return await _whole_answer(
@@ -147,41 +124,39 @@ async def chat_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAns
     )
 
 
-def _reasoning_budget(body: dict[str, Any], default: int) -> tuple[int, dict[str, Any] | None]:
-    """The request's thinking budget (-1: unlimited) and its chat template variables.
+def _chat_prompt(state: RunnerState, request: ChatRequest) -> str:
+    """The rendered chat; with truncation asked for (and no images), the oldest messages
+    go while it does not fit the slot."""
+    truncation = request.truncation
+    if truncation is None or request.prompt.image_urls:
+        return state.render_prompt(request.prompt)
+    model = state.require_model()
+    return fit_messages(
+        list(request.prompt.messages),
+        lambda kept: state.render_prompt(request.prompt, kept),
+        lambda text: len(model.tokenize(text, add_special=True, parse_special=True)),
+        context=state.require_generator().ctx_per_slot,
+        n_keep=truncation.n_keep,
+    )
 
-    A request's `reasoning_budget` (dmr's, what the Ollama and Anthropic dialects send)
-    or `chat_template_kwargs.enable_thinking: false` (llama-server's) overrides the
-    runner's `--reasoning-budget`; a budget of 0 renders the template with
-    `enable_thinking` false, the switch Qwen3-style templates know.
-    """
-    kwargs = body.get("chat_template_kwargs")
-    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
-    budget = default
-    raw = body.get("reasoning_budget")
-    if raw is not None:
-        if not isinstance(raw, int) or isinstance(raw, bool) or raw < -1:
-            message = "'reasoning_budget' must be -1, 0 or a token count"
-            raise BadRequest(message, "reasoning_budget")
-        budget = raw
-    if kwargs.get("enable_thinking") is False:
-        budget = 0
-    if budget == 0:
-        kwargs.setdefault("enable_thinking", False)
-    return budget, kwargs or None
+
+def _thinking_limit(state: RunnerState, budget: int, *, inside: bool) -> ThinkingBudget | None:
+    """The thinking budget's stop (None: unlimited); `inside`: the prompt opened the thinking."""
+    if budget < 0:
+        return None
+    close = state.require_model().tokenize(
+        THINK_CLOSE + "\n\n", add_special=False, parse_special=True
+    )
+    return ThinkingBudget(budget, tuple(close), inside=inside)
 
 
 async def completion_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAnswer:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise BadRequest("'prompt' must be a string", "prompt")
-    params = sampling_from_body(body, state.settings, chat=False)
-    job = _start_job(state, prompt, params, truncation=wants_truncation(body))
+    request = parse_completion_request(body, state.settings)
+    params = request.sampling
+    job = _start_job(state, request.prompt, params, truncation=request.truncation)
     base = answer_base("cmpl", state.model_name)
-    if body.get("stream"):
-        return _completion_stream(job, base, _include_usage(body))
+    if request.stream:
+        return _completion_stream(job, base, request.include_usage)
     logprobs = params.logprobs is not None
     return await _whole_answer(
         job, base, "text_completion", lambda whole: _completion_choice(whole, logprobs)

@@ -1,17 +1,158 @@
-"""Reading OpenAI request bodies into sampling parameters; bad fields become 400s."""
+"""Reading OpenAI request bodies, once, into the records the rest of the runner reads.
+
+A generation route parses its body here (`parse_chat_request`,
+`parse_completion_request`, `parse_chat_prompt` for `/apply-template`) into a frozen
+record: the messages as the template takes them, the tools and their grammar, the
+sampling parameters (grammar, stops and logprobs among them), the image URLs and the
+stream options. Bad fields become 400s, in the order the fields are read below.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dmr.runner_support import BadRequest
 
 from dmr_llamacpp.runner.chat import add_instruction, plan_tools, schema_grammar
 from dmr_llamacpp.runner.sampling import SamplingParams
+from dmr_llamacpp.runner.truncation import Truncation, wants_truncation
 from dmr_llamacpp.settings import WorkerSettings
 
-__all__ = ["DEFAULT_MEDIA_MARKER", "normalise_messages", "sampling_from_body"]
+__all__ = [
+    "DEFAULT_MEDIA_MARKER",
+    "ChatPrompt",
+    "ChatRequest",
+    "CompletionRequest",
+    "parse_chat_prompt",
+    "parse_chat_request",
+    "parse_completion_request",
+    "sampling_from_body",
+]
+
+# libmtmd's default media marker; the runner renders its projector's own (random) one.
+DEFAULT_MEDIA_MARKER = "<__media__>"
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """What the chat template renders for a chat body."""
+
+    # The messages as the template takes them: content parts joined into text (an
+    # image as the media marker), earlier tool calls as text, and with tools the
+    # instruction to call them added to the system message.
+    messages: tuple[dict[str, Any], ...]
+    tools: list[Any] | None  # the request's `tools`, which the template may show
+    # The template's variables: the request's `chat_template_kwargs` (for a chat
+    # request, with `enable_thinking` set by its thinking budget).
+    variables: dict[str, Any] | None
+    with_tools: bool  # tools are in play: the answer is a tool call or a response
+    tool_grammar: str | None  # what a tools answer must follow
+    image_urls: tuple[str, ...]  # the images' URLs, in prompt order
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A `/v1/chat/completions` body."""
+
+    prompt: ChatPrompt
+    sampling: SamplingParams
+    thinking_budget: int  # tokens of thinking allowed; -1: unlimited
+    truncation: Truncation | None  # None: a prompt too long is refused
+    # Thinking goes to `reasoning_content` (llama-server's `reasoning_format: "none"`
+    # leaves it in the content).
+    split_reasoning: bool
+    stream: bool
+    include_usage: bool  # `stream_options.include_usage`
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A `/v1/completions` body."""
+
+    prompt: str
+    sampling: SamplingParams
+    truncation: Truncation | None
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat_request(
+    body: dict[str, Any],
+    defaults: WorkerSettings,
+    *,
+    media_marker: str = DEFAULT_MEDIA_MARKER,
+    accepts_images: Callable[[], object] | None = None,
+) -> ChatRequest:
+    """`body` read once; `accepts_images` is called (and may raise its 400) when the
+    messages carry images, before the sampling fields are read."""
+    prompt = parse_chat_prompt(body, media_marker=media_marker)
+    if prompt.image_urls and accepts_images is not None:
+        accepts_images()
+    sampling = sampling_from_body(body, defaults, chat=True, grammar=prompt.tool_grammar)
+    budget, variables = _reasoning_budget(body, prompt.variables, defaults.reasoning_budget)
+    stream, include_usage = _stream_options(body)
+    return ChatRequest(
+        prompt=replace(prompt, variables=variables),
+        sampling=sampling,
+        thinking_budget=budget,
+        truncation=wants_truncation(body),
+        split_reasoning=body.get("reasoning_format") != "none",
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def parse_completion_request(body: dict[str, Any], defaults: WorkerSettings) -> CompletionRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be a string", "prompt")
+    sampling = sampling_from_body(body, defaults, chat=False)
+    stream, include_usage = _stream_options(body)
+    return CompletionRequest(
+        prompt=prompt,
+        sampling=sampling,
+        truncation=wants_truncation(body),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(`stream`, `stream_options.include_usage`); the latter only counts when streaming."""
+    stream = bool(body.get("stream"))
+    options = body.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
+    return stream, include_usage
+
+
+def _reasoning_budget(
+    body: dict[str, Any], variables: dict[str, Any] | None, default: int
+) -> tuple[int, dict[str, Any] | None]:
+    """The request's thinking budget (-1: unlimited) and its chat template variables.
+
+    A request's `reasoning_budget` (dmr's, what the Ollama and Anthropic dialects send)
+    or `chat_template_kwargs.enable_thinking: false` (llama-server's) overrides the
+    runner's `--reasoning-budget`; a budget of 0 renders the template with
+    `enable_thinking` false, the switch Qwen3-style templates know.
+    """
+    kwargs = dict(variables) if variables is not None else {}
+    budget = default
+    raw = body.get("reasoning_budget")
+    if raw is not None:
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < -1:
+            message = "'reasoning_budget' must be -1, 0 or a token count"
+            raise BadRequest(message, "reasoning_budget")
+        budget = raw
+    if kwargs.get("enable_thinking") is False:
+        budget = 0
+    if budget == 0:
+        kwargs.setdefault("enable_thinking", False)
+    return budget, kwargs or None
 
 
 def _number(body: dict[str, Any], name: str, default: float, *, low: float | None = None) -> float:
@@ -128,10 +269,6 @@ def sampling_from_body(
     )
 
 
-# libmtmd's default media marker; the runner renders its projector's own (random) one.
-DEFAULT_MEDIA_MARKER = "<__media__>"
-
-
 def _image_url(part: dict[str, Any]) -> str:
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
@@ -178,38 +315,19 @@ def _content_text(content: Any, media_marker: str, image_urls: list[str]) -> str
     return text
 
 
-def normalise_messages(
-    body: dict[str, Any],
-    *,
-    media_marker: str = DEFAULT_MEDIA_MARKER,
-    image_urls: list[str] | None = None,
-) -> tuple[list[dict[str, Any]], str | None, bool]:
-    """(messages for the template, tool grammar, whether tools are in play).
+def parse_chat_prompt(
+    body: dict[str, Any], *, media_marker: str = DEFAULT_MEDIA_MARKER
+) -> ChatPrompt:
+    """The messages, tools and template variables of a chat body.
 
-    Image parts become `media_marker` in the text; their URLs, in prompt order, are
-    appended to `image_urls` (when given).
+    Image parts become `media_marker` in the text; their URLs go to `image_urls`, in
+    prompt order.
     """
-    urls: list[str] = [] if image_urls is None else image_urls
+    urls: list[str] = []
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
-    rendered: list[dict[str, Any]] = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest("each message needs a 'role'", "messages")
-        item = dict(message)
-        item["content"] = _content_text(message.get("content"), media_marker, urls)
-        if message.get("tool_calls") and not item["content"]:
-            # Earlier calls, shown to the model in the same format it must answer in.
-            call = message["tool_calls"][0].get("function", {})
-            try:
-                arguments = json.loads(call.get("arguments") or "{}")
-            except json.JSONDecodeError:
-                arguments = call.get("arguments")
-            item["content"] = json.dumps(
-                {"tool_call": {"name": call.get("name"), "arguments": arguments}}
-            )
-        rendered.append(item)
+    rendered = [_template_message(message, media_marker, urls) for message in messages]
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise BadRequest("'tools' must be a list", "tools")
@@ -217,6 +335,33 @@ def normalise_messages(
         plan = plan_tools(tools or [], body.get("tool_choice"))
     except (KeyError, TypeError, ValueError) as error:
         raise BadRequest(f"invalid tools: {error}", "tools") from None
-    if plan is None:
-        return rendered, None, False
-    return add_instruction(rendered, plan.instruction), plan.grammar, True
+    variables = body.get("chat_template_kwargs")
+    if plan is not None:
+        rendered = add_instruction(rendered, plan.instruction)
+    return ChatPrompt(
+        messages=tuple(rendered),
+        tools=tools,
+        variables=variables if isinstance(variables, dict) else None,
+        with_tools=plan is not None,
+        tool_grammar=plan.grammar if plan is not None else None,
+        image_urls=tuple(urls),
+    )
+
+
+def _template_message(message: Any, media_marker: str, urls: list[str]) -> dict[str, Any]:
+    """One message as the template takes it (see `ChatPrompt.messages`)."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRequest("each message needs a 'role'", "messages")
+    item = dict(message)
+    item["content"] = _content_text(message.get("content"), media_marker, urls)
+    if message.get("tool_calls") and not item["content"]:
+        # Earlier calls, shown to the model in the same format it must answer in.
+        call = message["tool_calls"][0].get("function", {})
+        try:
+            arguments = json.loads(call.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            arguments = call.get("arguments")
+        item["content"] = json.dumps(
+            {"tool_call": {"name": call.get("name"), "arguments": arguments}}
+        )
+    return item

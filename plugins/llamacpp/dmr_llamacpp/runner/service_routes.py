@@ -10,7 +10,7 @@ from quart import Blueprint, Response
 
 from dmr_llamacpp.runner.batching import GeneratorStats
 from dmr_llamacpp.runner.metrics import render_metrics
-from dmr_llamacpp.runner.requests import normalise_messages
+from dmr_llamacpp.runner.requests import parse_chat_prompt
 from dmr_llamacpp.runner.state import request_body, runner_state
 
 __all__ = ["blueprint"]
@@ -104,6 +104,5 @@ async def detokenize() -> Response:
 
 @blueprint.post("/apply-template")
 async def apply_template() -> Response:
-    body = await request_body()
-    messages, _grammar, _tools = normalise_messages(body)
-    return json_response({"prompt": runner_state().render_prompt(messages, body)})
+    prompt = parse_chat_prompt(await request_body())
+    return json_response({"prompt": runner_state().render_prompt(prompt)})

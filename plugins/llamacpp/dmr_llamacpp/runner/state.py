@@ -1,8 +1,10 @@
-"""What the runner's routes share: the loaded model and its engines, and the request body."""
+"""What the runner's routes share: the loaded model and its engines, and the request body
+(decoded here; `requests.py` reads it into the route's record)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +16,7 @@ from dmr_llamacpp.runner.chat import ChatTemplate
 from dmr_llamacpp.runner.media import ImageLimits
 from dmr_llamacpp.runner.model import LoadedModel
 from dmr_llamacpp.runner.pooling import Pooler
-from dmr_llamacpp.runner.requests import DEFAULT_MEDIA_MARKER
+from dmr_llamacpp.runner.requests import DEFAULT_MEDIA_MARKER, ChatPrompt
 from dmr_llamacpp.settings import WorkerSettings
 
 if TYPE_CHECKING:  # libmtmd is loaded only for a model with a projector
@@ -85,22 +87,16 @@ class RunnerState:
         return self.pooler
 
     def render_prompt(
-        self,
-        messages: list[dict[str, Any]],
-        body: dict[str, Any],
-        template_kwargs: dict[str, Any] | None = None,
+        self, prompt: ChatPrompt, messages: Sequence[dict[str, Any]] | None = None
     ) -> str:
-        """The chat template applied to `messages` (and the request's `tools`), with
-        `template_kwargs`, or else the request's `chat_template_kwargs`, as variables."""
-        if template_kwargs is None:
-            template_kwargs = body.get("chat_template_kwargs")
-            if not isinstance(template_kwargs, dict):
-                template_kwargs = None
+        """The chat template applied to `prompt`: its messages (or `messages`, some of
+        them kept by truncation), its tools and its variables."""
         assert self.template is not None or self.model is None
         if self.template is None:
             raise BadRequest("the model is still loading")
+        kept = list(prompt.messages if messages is None else messages)
         try:
-            return self.template.render(messages, tools=body.get("tools"), extra=template_kwargs)
+            return self.template.render(kept, tools=prompt.tools, extra=prompt.variables)
         except ValueError as error:
             raise BadRequest(str(error), "messages") from None
 
