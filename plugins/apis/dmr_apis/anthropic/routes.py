@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmr.errors import InvalidRequestError
-from dmr.hookspecs import hookimpl
-from dmr.records import ApiDialect, Mode
+from dmr.sdk import ApiDialect, InvalidRequestError, Mode, hookimpl
 from dmr.sdk.dialect import call_runner, stream_runner
 from quart import Blueprint, Response, jsonify
 

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from dmr.errors import InvalidRequestError
+from dmr.sdk import InvalidRequestError
 
 from dmr_apis.common.answer_fold import cached_prompt_tokens
 from dmr_apis.common.body import optional_number

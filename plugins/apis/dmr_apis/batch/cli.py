@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from dmr.cli.client import connect
-from dmr.cli.errors import error_message, fail
-from dmr.cli.http import HTTPError, ServerClient, ServerResponse
+from dmr.sdk.dialect import HTTPError, ServerClient, ServerResponse, connect, error_message, fail
 
 __all__ = ["batch"]
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dmr.errors import DmrError, InvalidRequestError, PayloadTooLargeError
+from dmr.sdk import DmrError, InvalidRequestError, PayloadTooLargeError
 
 __all__ = ["PURPOSES", "FileNotFound", "FileStore", "StoredFile", "new_id", "write_json"]
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from dmr.errors import InvalidRequestError, PayloadTooLargeError
-from dmr.hookspecs import hookimpl
-from dmr.records import ApiDialect
-from dmr.server.body_limit import lift_body_limit
-from dmr.server.services import Services, get_services
+from dmr.sdk import ApiDialect, InvalidRequestError, PayloadTooLargeError, hookimpl
+from dmr.sdk.dialect import get_services, lift_body_limit, register_collector, services_for
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from quart import Blueprint, Quart, Response, jsonify, request, send_file
 
@@ -215,7 +212,7 @@ def dmr_api_dialects() -> list[ApiDialect]:
 
 @hookimpl
 def dmr_server_startup(app: Quart) -> None:
-    services: Services = app.extensions["dmr"]
+    services = services_for(app)
     root = services.settings.models_path / "batch"
     files = FileStore(root / "files")
     service = BatchService(
@@ -224,16 +221,12 @@ def dmr_server_startup(app: Quart) -> None:
     services.extras[_SERVICE] = service
     # Uploads are limited by DMR_FILES_MAX_BYTES, not the app's request-body cap.
     lift_body_limit(app, "batch_files", _is_file_upload)
-    from dmr.server.metrics import METRICS_KEY
-
-    metrics = app.extensions.get(METRICS_KEY)
-    if metrics is not None:
-        metrics.registry.register(_BatchMetrics(service))
+    register_collector(app, _BatchMetrics(service))
     service.start()
 
 
 @hookimpl
 async def dmr_server_shutdown(app: Quart) -> None:
-    service = app.extensions["dmr"].extras.get(_SERVICE)
+    service = services_for(app).extras.get(_SERVICE)
     if isinstance(service, BatchService):
         await service.aclose()

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from dmr.durations import parse_duration
-from dmr.errors import ConflictError, DmrError, InvalidRequestError
-from dmr.sdk import Priority, request_priority
+from dmr.sdk import ConflictError, DmrError, InvalidRequestError, Priority, request_priority
+from dmr.sdk.dialect import parse_duration
 
 from dmr_apis.batch.files import FileNotFound, FileStore, new_id, write_json
 from dmr_apis.batch.lines import (

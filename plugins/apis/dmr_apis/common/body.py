@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal, overload
 
-from dmr.errors import InvalidRequestError
+from dmr.sdk import InvalidRequestError
 from quart import request
 
 __all__ = [

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-from dmr.error_bodies import openai_error_body
-from dmr.errors import DmrError, InvalidRequestError, PayloadTooLargeError
+from dmr.sdk import DmrError, InvalidRequestError, PayloadTooLargeError
+from dmr.sdk.dialect import openai_error_body
 from quart import Blueprint, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 

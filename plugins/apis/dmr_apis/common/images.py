@@ -17,8 +17,8 @@ import binascii
 from typing import Any
 from urllib.parse import urlsplit
 
-from dmr.errors import InvalidRequestError
-from dmr.image_types import SUPPORTED_FORMATS, SUPPORTED_MEDIA_TYPES, sniff_media_type
+from dmr.sdk import InvalidRequestError
+from dmr.sdk.dialect import SUPPORTED_FORMATS, SUPPORTED_MEDIA_TYPES, sniff_media_type
 
 __all__ = [
     "SUPPORTED_MEDIA_TYPES",

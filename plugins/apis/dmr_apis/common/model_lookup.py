@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dmr.errors import ModelNotFoundError
-from dmr.server.model_names import resolve_model as resolve_in_store
-from dmr.server.services import get_services
+from dmr.sdk import ModelNotFoundError
+from dmr.sdk.dialect import get_services
+from dmr.sdk.dialect import resolve_model as resolve_in_store
 
 if TYPE_CHECKING:
-    from dmr.store import StoredModel
+    from dmr.sdk import StoredModel
 
 __all__ = ["check_backend", "display_name", "resolve_model"]
 

@@ -15,11 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dmr.errors import DmrError, InvalidRequestError
-from dmr.records import ProgressEvent
-from dmr.reference import InvalidReferenceError, display_name, parse_reference
-from dmr.server.body_limit import lift_body_limit
-from dmr.server.services import get_services
+from dmr.sdk import DmrError, InvalidRequestError, ProgressEvent
+from dmr.sdk.dialect import (
+    InvalidReferenceError,
+    display_name,
+    get_services,
+    lift_body_limit,
+    parse_reference,
+)
 from quart import Blueprint, Quart, Response, jsonify, request
 
 from dmr_apis.common.body import optional_bool, read_json_object
@@ -28,7 +31,7 @@ from dmr_apis.common.streaming import ndjson_line, stream_response
 from dmr_apis.ollama.translate import iso_time
 
 if TYPE_CHECKING:
-    from dmr.store import Store, StoredModel
+    from dmr.sdk import Store, StoredModel
 
 __all__ = ["allow_large_blob_uploads", "ollama_defaults", "register_routes"]
 
@@ -180,7 +183,7 @@ def _as_seconds(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str) and value:
-        from dmr.durations import parse_duration
+        from dmr.sdk.dialect import parse_duration
 
         with contextlib.suppress(ValueError):
             return parse_duration(value)
@@ -331,7 +334,7 @@ async def pull() -> Response:
     _, body = await read_json_object()
     reference = _model_name(body)
     stream = optional_bool(body, "stream")
-    from dmr.distribution.service import pull_model
+    from dmr.sdk.dialect import pull_model
 
     services = get_services()
 
@@ -347,7 +350,7 @@ async def push() -> Response:
     _, body = await read_json_object()
     name, _ = resolve_model(_model_name(body))
     stream = optional_bool(body, "stream")
-    from dmr.distribution.service import push_model
+    from dmr.sdk.dialect import push_model
 
     store = get_services().store
 
@@ -553,7 +556,7 @@ async def create() -> Response:
 
 def _gguf_config(path: Path) -> dict[str, Any]:
     """The OCI config (docs/compatibility.md §2) the packaging module writes for this GGUF."""
-    from dmr.distribution.packaging import package_gguf
+    from dmr.sdk.dialect import package_gguf
 
     config = json.loads(package_gguf([path]).config)
     return config if isinstance(config, dict) else {"config": {"format": "gguf"}}

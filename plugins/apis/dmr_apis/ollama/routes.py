@@ -11,12 +11,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import dmr
-from dmr.errors import ConflictError, InvalidRequestError
-from dmr.hookspecs import hookimpl
-from dmr.records import ApiDialect, Mode
-from dmr.sdk.dialect import call_runner, stream_runner
-from dmr.server.services import get_services
+from dmr.sdk import ApiDialect, ConflictError, InvalidRequestError, Mode, dmr_version, hookimpl
+from dmr.sdk.dialect import call_runner, get_services, stream_runner
 from quart import Blueprint, Quart, Response, jsonify
 
 from dmr_apis.common.answer_fold import fold_answer
@@ -51,7 +47,7 @@ NDJSON = "application/x-ndjson"
 
 @blueprint.get("/version")
 async def version() -> Response:
-    return jsonify({"version": dmr.__version__})
+    return jsonify({"version": dmr_version()})
 
 
 async def _apply_num_ctx(name: str, model_id: str, options: dict[str, Any] | None) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from dmr.durations import parse_duration
-from dmr.errors import InvalidRequestError
+from dmr.sdk import InvalidRequestError
+from dmr.sdk.dialect import parse_duration
 
 from dmr_apis.common.images import base64_image_url, checked_image_url, image_url_part
 from dmr_apis.common.tool_calls import ToolCall, parse_arguments

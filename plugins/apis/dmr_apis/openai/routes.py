@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmr.hookspecs import hookimpl
-from dmr.records import ApiDialect, Mode, ProxyRoute
-from dmr.server.services import get_services
+from dmr.sdk import ApiDialect, Mode, ProxyRoute, hookimpl
+from dmr.sdk.dialect import get_services
 from quart import Blueprint, Response, jsonify, request
 
 from dmr_apis.common.body import read_json_object, require_model
@@ -68,7 +67,7 @@ for _prefix in ("/engines", "/engines/<backend>", ""):
 
 def _make_inference_view(runner_path: str, mode: Mode, default_backend: str | None) -> Any:
     async def inference(backend: str | None = None) -> Response:
-        from dmr.server.proxy import proxy_to_runner
+        from dmr.sdk.dialect import proxy_to_runner
 
         check_backend(backend)
         raw, body = await read_json_object()

@@ -11,11 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from dmr.errors import InvalidRequestError, ModelNotFoundError
-from dmr.hookspecs import hookimpl
-from dmr.records import ApiDialect, Mode
-from dmr.sdk.dialect import call_runner, stream_runner
-from dmr.server.services import get_services
+from dmr.sdk import ApiDialect, InvalidRequestError, Mode, ModelNotFoundError, hookimpl
+from dmr.sdk.dialect import call_runner, get_services, stream_runner
 from quart import Blueprint, Response, jsonify, request
 
 from dmr_apis.common.answer_fold import fold_answer
