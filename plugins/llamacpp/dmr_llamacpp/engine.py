@@ -13,14 +13,14 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from dmr.distribution.gguf import read_gguf
-from dmr.records import (
+from dmr.sdk import (
     EngineState,
     EngineStatus,
     MemoryEstimate,
     Mode,
     RunnerCommand,
     RunnerLaunch,
+    read_gguf,
 )
 
 from dmr_llamacpp.bundle import find_gguf_bundle

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dmr.runner_support import serve_runner
+from dmr.sdk.runner import serve_runner
 
 from dmr_llamacpp.runner.app import RunnerState, create_asgi
 from dmr_llamacpp.settings import WorkerSettings, runner_arg_parser, settings_from_namespace

@@ -3,7 +3,7 @@ blueprint per route family, behind the fast path for streamed generations."""
 
 from __future__ import annotations
 
-from dmr.runner_support import BadRequest, error_response
+from dmr.sdk.runner import BadRequest, error_response
 from quart import Quart, Response
 
 from dmr_llamacpp.runner import generation_routes, pooling_routes, service_routes

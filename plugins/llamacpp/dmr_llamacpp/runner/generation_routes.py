@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dmr.runner_support import BadRequest, error_response, json_response
+from dmr.sdk.runner import BadRequest, error_response, json_response
 from quart import Blueprint, Response
 
 from dmr_llamacpp.runner.batching import Failed, Finished, GenerationJob, TextDelta, TokenLogprob

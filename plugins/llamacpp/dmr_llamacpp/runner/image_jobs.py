@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from dmr.runner_support import BadRequest
+from dmr.sdk.runner import BadRequest
 
 from dmr_llamacpp.runner.batching import GenerationJob, image_placeholders
 from dmr_llamacpp.runner.priority import batch_request

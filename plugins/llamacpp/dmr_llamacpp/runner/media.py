@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from dmr.image_types import sniff_media_type
-from dmr.runner_support import BadRequest
+from dmr.sdk.runner import BadRequest, sniff_media_type
 
 __all__ = [
     "ImageLimits",

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import anyio
-from dmr.runner_support import BadRequest, json_response
+from dmr.sdk.runner import BadRequest, json_response
 from quart import Blueprint, Response
 
 from dmr_llamacpp.runner.state import RunnerState, request_body, runner_state

@@ -10,8 +10,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any
 
-from dmr.asgi_streams import Receive, Send
-from dmr.runner_support import BATCH_PRIORITY, PRIORITY_HEADER
+from dmr.sdk.runner import BATCH_PRIORITY, PRIORITY_HEADER, Receive, Send
 
 __all__ = ["PriorityScope", "batch_request"]
 

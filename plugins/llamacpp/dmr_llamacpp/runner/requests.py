@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dmr.runner_support import BadRequest
+from dmr.sdk.runner import BadRequest
 
 from dmr_llamacpp.runner.chat import add_instruction, plan_tools, schema_grammar
 from dmr_llamacpp.runner.sampling import SamplingParams

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmr.runner_support import BadRequest, error_response, json_response
+from dmr.sdk.runner import BadRequest, error_response, json_response
 from quart import Blueprint, Response
 
 from dmr_llamacpp.runner.batching import GeneratorStats

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dmr.runner_support import BadRequest
+from dmr.sdk.runner import BadRequest
 from quart import Quart, current_app, request
 
 from dmr_llamacpp.runner.batching import BatchedGenerator

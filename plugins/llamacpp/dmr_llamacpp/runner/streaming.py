@@ -17,8 +17,16 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from dmr.asgi_streams import Receive, Send, read_body, replay, send_streamed, send_whole
-from dmr.runner_support import BadRequest, error_bytes
+from dmr.sdk.runner import (
+    BadRequest,
+    Receive,
+    Send,
+    error_bytes,
+    read_body,
+    replay,
+    send_streamed,
+    send_whole,
+)
 
 __all__ = ["StreamingRoutes"]
 
