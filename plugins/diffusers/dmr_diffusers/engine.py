@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from dmr.records import (
+from dmr.sdk import (
     AcceleratorInfo,
     EngineState,
     EngineStatus,

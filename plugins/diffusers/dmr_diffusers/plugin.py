@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dmr.hookspecs import hookimpl
-from dmr.records import EngineSpec, Mode
+from dmr.sdk import EngineSpec, Mode, hookimpl
 
 from dmr_diffusers.engine import DiffusersEngine
 

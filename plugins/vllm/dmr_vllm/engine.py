@@ -15,14 +15,7 @@ from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from dmr.records import (
-    EngineState,
-    EngineStatus,
-    MemoryEstimate,
-    Mode,
-    RunnerCommand,
-    RunnerLaunch,
-)
+from dmr.sdk import EngineState, EngineStatus, MemoryEstimate, Mode, RunnerCommand, RunnerLaunch
 
 from dmr_vllm.model_info import ModelFacts, find_model_dir, read_model_facts
 from dmr_vllm.settings import VllmSettings, resolve_settings

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dmr.runner_support import serve_runner
+from dmr.sdk.runner import serve_runner
 
 from dmr_diffusers.runner.app import RunnerState, create_app
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dmr.runner_support import BadRequest, error_response, json_response
+from dmr.sdk.runner import BadRequest, error_response, json_response
 from quart import Quart, Response, request
 
 from dmr_diffusers.runner.requests import parse_image_request

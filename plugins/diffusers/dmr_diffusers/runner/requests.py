@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dmr.runner_support import BadRequest
+from dmr.sdk.runner import BadRequest
 
 __all__ = ["MAX_IMAGES", "BadRequest", "ImageRequest", "parse_image_request"]
 
