@@ -34,8 +34,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dmr.media_types import CONFIG_V01
 from dmr.sdk import (
+    CONFIG_V01,
     AcceleratorInfo,
     EngineSpec,
     EngineState,
