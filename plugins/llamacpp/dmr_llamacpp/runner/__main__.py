@@ -18,9 +18,27 @@ from dmr_llamacpp.settings import WorkerSettings, runner_arg_parser, settings_fr
 from dmr_llamacpp.threads import default_threads
 
 if TYPE_CHECKING:
+    from dmr_llamacpp.runner.batching import BatchedGenerator
+    from dmr_llamacpp.runner.chat import ChatTemplate
     from dmr_llamacpp.runner.model import ContextOptions, LoadedModel
     from dmr_llamacpp.runner.prompt_files import PromptFiles
+    from dmr_llamacpp.runner.speculative import Drafter
     from dmr_llamacpp.runner.vision import VisionProjector
+
+
+# llama.cpp's ggml_type numbers for the KV cache types `--cache-type-k/-v` name.
+CACHE_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "q8_0": 8,
+    "iq4_nl": 20,
+    "bf16": 30,
+}
+FLASH_ATTN = {"on": 1, "off": 0, "auto": -1}
 
 
 def load_into(
@@ -35,102 +53,26 @@ def load_into(
     """Load the model, and its projector for a completion runner with `mmproj_path`
     (in a thread, so /health answers 503 meanwhile); a completion runner with a
     `prompt_cache` (folder, cap in bytes) reads back the prompts saved there."""
-    import llama_cpp
-
-    from dmr_llamacpp.runner.batching import BatchedGenerator
-    from dmr_llamacpp.runner.chat import ChatTemplate
-    from dmr_llamacpp.runner.model import ContextOptions, LoadedModel, silence_llama_logs
+    from dmr_llamacpp.runner.model import silence_llama_logs
     from dmr_llamacpp.runner.pooling import Pooler
-    from dmr_llamacpp.runner.speculative import Drafter
 
     settings = state.settings
     silence_llama_logs()
-    # llama.cpp's own defaults (llama-server's): a thread per physical core for
-    # every step, one-token or batched (docs/benchmarks.md has the measurements).
-    threads = settings.threads or default_threads()
-    threads_batch = settings.threads_batch or threads
-    ctx_per_slot = settings.ctx_size or 4096
-    flash = {"on": 1, "off": 0, "auto": -1}[settings.flash_attn]
-    cache_types = {
-        "f32": 0,
-        "f16": 1,
-        "q4_0": 2,
-        "q4_1": 3,
-        "q5_0": 6,
-        "q5_1": 7,
-        "q8_0": 8,
-        "iq4_nl": 20,
-        "bf16": 30,
-    }
     try:
-        if state.mode == "completion":
-            options = ContextOptions(
-                n_ctx=ctx_per_slot * settings.parallel,
-                n_batch=settings.batch_size,
-                n_ubatch=min(settings.ubatch_size, settings.batch_size),
-                n_seq_max=settings.parallel,
-                threads=threads,
-                threads_batch=threads_batch,
-                flash_attn=flash,
-                type_k=cache_types[settings.cache_type_k],
-                type_v=cache_types[settings.cache_type_v],
-                kv_unified=False,
-            )
-        else:
-            # Pooling needs each input whole in one micro-batch.
-            options = ContextOptions(
-                n_ctx=ctx_per_slot,
-                n_batch=ctx_per_slot,
-                n_ubatch=ctx_per_slot,
-                n_seq_max=min(settings.parallel, 64),
-                threads=threads,
-                threads_batch=threads_batch,
-                embeddings=True,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                flash_attn=flash,
-            )
-        model = LoadedModel(
-            model_path,
-            options,
-            n_gpu_layers=settings.n_gpu_layers,
-            use_mmap=settings.mmap,
-            use_mlock=settings.mlock,
-        )
-        if state.mode == "reranking" and model.n_cls_out > 0:
-            model.close()
-            options = ContextOptions(
-                **{**options.__dict__, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_RANK}
-            )
-            model = LoadedModel(model_path, options, n_gpu_layers=settings.n_gpu_layers)
-        template_source = Path(template_file).read_text() if template_file else model.chat_template
-        state.template = ChatTemplate(
-            template_source,
-            bos_token=model.token_text(model.bos_token) if model.bos_token >= 0 else "",
-            eos_token=model.token_text(model.eos_token) if model.eos_token >= 0 else "",
-        )
+        options = context_options(state.mode, settings)
+        model = load_model(model_path, options, state.mode, settings)
+        state.template = chat_template(model, template_file)
         if state.mode == "completion":
             drafter = None
             if draft_path is not None:
-                draft = LoadedModel(draft_path, options, n_gpu_layers=settings.n_gpu_layers)
-                if draft.n_vocab != model.n_vocab:
-                    draft.close()
-                    raise ValueError(
-                        f"the draft model {draft_path.name} has {draft.n_vocab} tokens in its "
-                        f"vocabulary and the model {model.n_vocab}; they must share one"
-                    )
-                drafter = Drafter(draft, max_tokens=settings.draft_max, p_min=settings.draft_p_min)
+                drafter = load_drafter(draft_path, model, options, settings)
             if mmproj_path is not None:
-                state.projector = load_projector(mmproj_path, model, threads_batch, settings)
-            state.generator = BatchedGenerator(
-                model,
-                n_parallel=settings.parallel,
-                ctx_per_slot=ctx_per_slot,
-                drafter=drafter,
-                host_cache_bytes=settings.cache_ram * 1024 * 1024,
-                burst_gap_s=settings.burst_gap_ms / 1000,
-                projector=state.projector,
-                batch_share=batch_share(settings),
-                prompt_files=prompt_files(prompt_cache, model_path, options, settings),
+                state.projector = load_projector(
+                    mmproj_path, model, options.threads_batch, settings
+                )
+            saved = prompt_files(prompt_cache, model_path, options, settings)
+            state.generator = start_generator(
+                model, options, settings, drafter, state.projector, saved
             )
         else:
             state.pooler = Pooler(
@@ -142,6 +84,124 @@ def load_into(
         state.load_error = f"failed to load {model_path.name}: {error}"
         print(state.load_error, file=sys.stderr, flush=True)
         on_failure()  # exit, so the scheduler sees a crash with this message on stderr
+
+
+def context_options(mode: str, settings: WorkerSettings) -> ContextOptions:
+    """The llama context for `mode`: a generation runner's holds `parallel` slots of
+    `ctx_size` tokens each; a pooling runner's takes each input whole."""
+    import llama_cpp
+
+    from dmr_llamacpp.runner.model import ContextOptions
+
+    # llama.cpp's own defaults (llama-server's): a thread per physical core for
+    # every step, one-token or batched (docs/benchmarks.md has the measurements).
+    threads = settings.threads or default_threads()
+    threads_batch = settings.threads_batch or threads
+    ctx_per_slot = settings.ctx_size or 4096
+    flash = FLASH_ATTN[settings.flash_attn]
+    if mode == "completion":
+        return ContextOptions(
+            n_ctx=ctx_per_slot * settings.parallel,
+            n_batch=settings.batch_size,
+            n_ubatch=min(settings.ubatch_size, settings.batch_size),
+            n_seq_max=settings.parallel,
+            threads=threads,
+            threads_batch=threads_batch,
+            flash_attn=flash,
+            type_k=CACHE_TYPES[settings.cache_type_k],
+            type_v=CACHE_TYPES[settings.cache_type_v],
+            kv_unified=False,
+        )
+    # Pooling needs each input whole in one micro-batch.
+    return ContextOptions(
+        n_ctx=ctx_per_slot,
+        n_batch=ctx_per_slot,
+        n_ubatch=ctx_per_slot,
+        n_seq_max=min(settings.parallel, 64),
+        threads=threads,
+        threads_batch=threads_batch,
+        embeddings=True,
+        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+        flash_attn=flash,
+    )
+
+
+def load_model(
+    model_path: Path, options: ContextOptions, mode: str, settings: WorkerSettings
+) -> LoadedModel:
+    """The model's weights and context; a reranking runner's model with a classifier
+    head is loaded again with rank pooling."""
+    import llama_cpp
+
+    from dmr_llamacpp.runner.model import ContextOptions, LoadedModel
+
+    model = LoadedModel(
+        model_path,
+        options,
+        n_gpu_layers=settings.n_gpu_layers,
+        use_mmap=settings.mmap,
+        use_mlock=settings.mlock,
+    )
+    if mode == "reranking" and model.n_cls_out > 0:
+        model.close()
+        options = ContextOptions(
+            **{**options.__dict__, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_RANK}
+        )
+        model = LoadedModel(model_path, options, n_gpu_layers=settings.n_gpu_layers)
+    return model
+
+
+def chat_template(model: LoadedModel, template_file: str | None) -> ChatTemplate:
+    """The packaged template file when there is one, else the GGUF's own."""
+    from dmr_llamacpp.runner.chat import ChatTemplate
+
+    template_source = Path(template_file).read_text() if template_file else model.chat_template
+    return ChatTemplate(
+        template_source,
+        bos_token=model.token_text(model.bos_token) if model.bos_token >= 0 else "",
+        eos_token=model.token_text(model.eos_token) if model.eos_token >= 0 else "",
+    )
+
+
+def load_drafter(
+    draft_path: Path, model: LoadedModel, options: ContextOptions, settings: WorkerSettings
+) -> Drafter:
+    """The speculative draft model, which must share the model's vocabulary."""
+    from dmr_llamacpp.runner.model import LoadedModel
+    from dmr_llamacpp.runner.speculative import Drafter
+
+    draft = LoadedModel(draft_path, options, n_gpu_layers=settings.n_gpu_layers)
+    if draft.n_vocab != model.n_vocab:
+        draft.close()
+        raise ValueError(
+            f"the draft model {draft_path.name} has {draft.n_vocab} tokens in its "
+            f"vocabulary and the model {model.n_vocab}; they must share one"
+        )
+    return Drafter(draft, max_tokens=settings.draft_max, p_min=settings.draft_p_min)
+
+
+def start_generator(
+    model: LoadedModel,
+    options: ContextOptions,
+    settings: WorkerSettings,
+    drafter: Drafter | None,
+    projector: VisionProjector | None,
+    saved_prompts: PromptFiles | None,
+) -> BatchedGenerator:
+    """The completion runner's decode loop over its `parallel` slots."""
+    from dmr_llamacpp.runner.batching import BatchedGenerator
+
+    return BatchedGenerator(
+        model,
+        n_parallel=settings.parallel,
+        ctx_per_slot=options.n_ctx // options.n_seq_max,
+        drafter=drafter,
+        host_cache_bytes=settings.cache_ram * 1024 * 1024,
+        burst_gap_s=settings.burst_gap_ms / 1000,
+        projector=projector,
+        batch_share=batch_share(settings),
+        prompt_files=saved_prompts,
+    )
 
 
 def prompt_files(
