@@ -288,7 +288,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    from dmr.samples import ensure_smollm2_gguf
+    from dmr.sample_model import ensure_smollm2_gguf
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--gguf", type=Path, default=None)

@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
-    from dmr.samples import ensure_smollm2_gguf
+    from dmr.sample_model import ensure_smollm2_gguf
 
     gguf = ensure_smollm2_gguf()
     with tempfile.TemporaryDirectory(prefix="dmr-clibench-") as tmp:

@@ -742,7 +742,7 @@ def _target_checks(
 
 
 def main() -> None:
-    from dmr.samples import ensure_smollm2_gguf
+    from dmr.sample_model import ensure_smollm2_gguf
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--gguf", type=Path, default=None)
@@ -840,7 +840,7 @@ RANDOM_06B = [
 
 def bench_models(spec: str) -> list[tuple[str, Path]]:
     """(name, GGUF) for each entry of `--models`, writing the random one once."""
-    from dmr.samples import cache_dir, ensure_smollm2_gguf
+    from dmr.sample_model import cache_dir, ensure_smollm2_gguf
 
     chosen: list[tuple[str, Path]] = []
     for entry in (part.strip() for part in spec.split(",") if part.strip()):

@@ -28,7 +28,7 @@ from typing import IO, Any
 import httpx
 
 from dmr.records import AcceleratorInfo, Engine, Mode, RunnerConfig, RunnerLaunch
-from dmr.samples import ensure_smollm2_gguf
+from dmr.sample_model import ensure_smollm2_gguf
 
 __all__ = [
     "CPU",

@@ -104,7 +104,7 @@ def _check_started(options: RunnerOptions, base_url: str, socket_path: Any) -> N
         return
     from dmr.cli.client import auth_headers
     from dmr.cli.http import HTTPError, ServerClient
-    from dmr.engines_known import install_hint
+    from dmr.engine_install_hints import install_hint
 
     socket = str(socket_path) if socket_path else None
     with ServerClient(base_url, socket_path=socket, headers=auth_headers()) as client:

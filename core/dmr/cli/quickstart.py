@@ -17,7 +17,7 @@ from dmr.cli.client import connect
 from dmr.cli.errors import fail
 from dmr.cli.http import HTTPError
 from dmr.cli.main import console
-from dmr.samples import ensure_smollm2_gguf
+from dmr.sample_model import ensure_smollm2_gguf
 
 SAMPLE_MODEL = "ai/smollm2"
 DEFAULT_PROMPT = "In one sentence, what is a container image?"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from dmr.engines_known import install_hint
+from dmr.engine_install_hints import install_hint
 from dmr.errors import InvalidRequestError
 
 if TYPE_CHECKING:

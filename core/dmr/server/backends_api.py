@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from quart import Blueprint, Response, request
 
-from dmr.engines_known import INSTALL_HINTS
+from dmr.engine_install_hints import INSTALL_HINTS
 from dmr.error_bodies import openai_error
 from dmr.errors import InvalidRequestError, ModelNotFoundError
 from dmr.server.services import get_services

@@ -7,7 +7,7 @@ from typing import Any
 from quart import Blueprint, Response
 
 from dmr import __version__
-from dmr.engines_known import INSTALL_HINTS
+from dmr.engine_install_hints import INSTALL_HINTS
 from dmr.plugins import probe_hardware_report
 from dmr.records import EngineState, EngineStatus
 from dmr.server.services import get_services
