@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import click
 
-from dmr.cli.http import HTTPError, ServerClient
+from dmr.cli.http import HTTPError, ServerClient, ndjson_events
 
 __all__ = ["compose"]
 
@@ -73,13 +73,7 @@ def _pull_missing(client: ServerClient, models: tuple[str, ...]) -> None:
         with client.stream("POST", "/models/create", json={"from": model}, timeout=None) as pull:
             if pull.status_code >= 400:
                 _error(f"Failed to pull model: {_error_text(pull)}")
-            for raw in pull.iter_lines():
-                if not raw.strip():
-                    continue
-                try:
-                    event = json.loads(raw)
-                except ValueError:
-                    continue
+            for event in ndjson_events(pull.iter_lines()):
                 if event.get("type") == "error":
                     _error(f"Failed to pull model: {event.get('message', 'unknown error')}")
                 if event.get("message"):

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-__all__ = ["HTTPError", "ServerClient", "ServerResponse", "TransportError"]
+__all__ = ["HTTPError", "ServerClient", "ServerResponse", "TransportError", "ndjson_events"]
 
 # How long to wait for a connection: a local server accepts at once or not at all.
 CONNECT_TIMEOUT = 5.0
@@ -239,3 +239,17 @@ class ServerClient:
 
     def delete(self, path: str, **kwargs: Any) -> ServerResponse:
         return self.request("DELETE", path, **kwargs)
+
+
+def ndjson_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of an NDJSON stream (pull and push progress), skipping blank
+    lines and any that are not an object: progress is advisory, the end event counts."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            event = jsonlib.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            yield event

@@ -22,7 +22,7 @@ from dmr.cli.autostart import ServerAddress, ensure_server
 from dmr.cli.chat_images import image_data_url, images_in_prompt, user_message
 from dmr.cli.client import connect
 from dmr.cli.errors import CliError, error_message, fail, report
-from dmr.cli.http import HTTPError, ServerClient, ServerResponse, TransportError
+from dmr.cli.http import HTTPError, ServerClient, ServerResponse, TransportError, ndjson_events
 from dmr.cli.images import ImageOptions, is_image_model, write_images
 from dmr.durations import parse_duration
 
@@ -304,13 +304,7 @@ def _ensure_model(client: ServerClient, model: str) -> None:
     click.echo(f"Unable to find model '{model}' locally. Pulling from the server.", err=True)
     with client.stream("POST", "/models/create", json={"from": model}, timeout=None) as response:
         _check(response)
-        for line in response.iter_lines():
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
+        for event in ndjson_events(response.iter_lines()):
             if event.get("type") == "error":
                 raise CliError(f"pulling {model} failed: {event.get('message')}")
             if event.get("type") == "success":

@@ -7,7 +7,6 @@ running the same command again resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -16,7 +15,7 @@ import click
 
 from dmr.cli.client import connect
 from dmr.cli.errors import error_message, fail
-from dmr.cli.http import HTTPError, TransportError
+from dmr.cli.http import HTTPError, TransportError, ndjson_events
 from dmr.cli.main import console
 
 if TYPE_CHECKING:
@@ -75,13 +74,7 @@ def _stream(path: str, body: dict[str, Any], *, verb: str, retry_hint: str) -> N
             if response.status_code >= 400:
                 fail(error_message(response))
             with progress:
-                for line in response.iter_lines():
-                    if not line.strip():
-                        continue
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        continue
+                for event in ndjson_events(response.iter_lines()):
                     kind = event.get("type")
                     if kind == "error":
                         progress.stop()
