@@ -20,7 +20,9 @@ In a view (a request of the server's app):
   exchange for `GET /engines/requests`, label the request's metrics with the
   model, and raise a runner's error answer as a `DmrError` with its status
   (`runner_error(status, body)`);
-- `openai_error_body(error)` / `openai_error(...)` are OpenAI's error shape;
+- `openai_error_body(error)` / `openai_error(...)` are OpenAI's error shape, and
+  `error_json_response(error, body)` answers a `DmrError` with a body of any shape
+  (its status, and `Retry-After` when it has one);
   `lift_body_limit(app, name, is_upload)` lifts the request body cap for upload
   routes; `register_collector(app, collector)` adds series to `GET /metrics`;
 - `pull_model`, `push_model` and `package_gguf` pull, push and package models
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from dmr.image_types import SUPPORTED_FORMATS, SUPPORTED_MEDIA_TYPES, sniff_media_type
     from dmr.reference import InvalidReferenceError, ModelReference, display_name, parse_reference
     from dmr.server.body_limit import lift_body_limit
+    from dmr.server.error_responses import error_json_response
     from dmr.server.metrics import register_collector
     from dmr.server.model_names import resolve_model
     from dmr.server.proxy import Exchange, open_exchange, proxy_to_runner
@@ -78,6 +81,7 @@ __all__ = [
     "call_runner",
     "connect",
     "display_name",
+    "error_json_response",
     "error_message",
     "fail",
     "get_services",

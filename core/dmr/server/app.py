@@ -9,13 +9,14 @@ from http import HTTPStatus
 from typing import Any, cast
 
 import pluggy
-from quart import Quart, Response, jsonify, request
+from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from dmr import plugins
 from dmr.error_bodies import openai_error_body
 from dmr.errors import DmrError, PayloadTooLargeError
 from dmr.server import backends_api, engines_api, models_api, openapi, root, ui
+from dmr.server.error_responses import error_json_response
 from dmr.server.observability import install_observability
 from dmr.server.security import install_security
 from dmr.server.services import Services
@@ -75,12 +76,7 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
 
     @app.errorhandler(DmrError)
     async def handle_dmr_error(error: DmrError) -> Response:
-        response = jsonify(openai_error_body(error))
-        response.status_code = error.status
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            response.headers["Retry-After"] = str(retry_after)
-        return response
+        return error_json_response(error, openai_error_body(error))
 
     @app.errorhandler(413)
     async def handle_too_large(_: Exception) -> Response:

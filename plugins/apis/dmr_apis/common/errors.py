@@ -13,8 +13,8 @@ from http import HTTPStatus
 from typing import Any
 
 from dmr.sdk import DmrError, InvalidRequestError, PayloadTooLargeError
-from dmr.sdk.dialect import openai_error_body
-from quart import Blueprint, Response, current_app, jsonify
+from dmr.sdk.dialect import error_json_response, openai_error_body
+from quart import Blueprint, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 __all__ = [
@@ -84,12 +84,7 @@ def render_error(error: BaseException, renderer: ErrorRenderer) -> Response:
     dmr_error = to_dmr_error(error)
     if dmr_error.status >= 500 and not isinstance(error, DmrError):
         log.exception("unexpected error in an API route", exc_info=error)
-    response = jsonify(renderer(dmr_error))
-    response.status_code = dmr_error.status
-    retry_after = getattr(dmr_error, "retry_after", None)
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(retry_after)
-    return response
+    return error_json_response(dmr_error, renderer(dmr_error))
 
 
 def install_error_handlers(blueprint: Blueprint, renderer: ErrorRenderer) -> None:
