@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -210,29 +210,30 @@ def _ray_address(name: str, value: Any) -> str:
     return value
 
 
+def _text(_name: str, value: Any) -> str:
+    return str(value)
+
+
+# Each option this engine owns (its long `--` form): the field it sets and the check
+# that turns the flag's or `_configure`'s value into the field's.
+_SETTERS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "--ray-address": ("ray_address", _ray_address),
+    "--ray-per-worker-gpus": ("ray_per_worker_gpus", _fraction),
+    "--max-num-seqs": ("max_num_seqs", _positive_int),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", _fraction),
+    "--tensor-parallel-size": ("tensor_parallel_size", _positive_int),
+    "--pipeline-parallel-size": ("pipeline_parallel_size", _positive_int),
+    "--distributed-executor-backend": ("distributed_executor_backend", _backend),
+    "--hf-overrides": ("hf_overrides", _json_object),
+    "--speculative-config": ("speculative_config", _json_object),
+    "--kv-cache-dtype": ("kv_cache_dtype", _text),
+}
+
+
 def _apply(settings: VllmSettings, name: str, value: Any) -> VllmSettings:
     """`settings` with one owned option set (name in its long `--` form)."""
-    if name == "--ray-address":
-        return replace(settings, ray_address=_ray_address(name, value))
-    if name == "--ray-per-worker-gpus":
-        return replace(settings, ray_per_worker_gpus=_fraction(name, value))
-    if name == "--max-num-seqs":
-        return replace(settings, max_num_seqs=_positive_int(name, value))
-    if name == "--gpu-memory-utilization":
-        return replace(settings, gpu_memory_utilization=_fraction(name, value))
-    if name == "--tensor-parallel-size":
-        return replace(settings, tensor_parallel_size=_positive_int(name, value))
-    if name == "--pipeline-parallel-size":
-        return replace(settings, pipeline_parallel_size=_positive_int(name, value))
-    if name == "--distributed-executor-backend":
-        return replace(settings, distributed_executor_backend=_backend(name, value))
-    if name == "--hf-overrides":
-        return replace(settings, hf_overrides=_json_object(name, value))
-    if name == "--speculative-config":
-        return replace(settings, speculative_config=_json_object(name, value))
-    if name == "--kv-cache-dtype":
-        return replace(settings, kv_cache_dtype=str(value))
-    raise AssertionError(name)
+    field_name, check = _SETTERS[name]
+    return replace(settings, **{field_name: check(name, value)})
 
 
 def resolve_settings(block: Mapping[str, Any] | None, flags: Sequence[str]) -> VllmSettings:
