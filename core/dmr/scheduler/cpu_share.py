@@ -9,7 +9,7 @@ a step in 12 ms alone, 78 ms each side by side, and 18 ms each with one thread e
 
 A runner computes while it holds requests (`in_use`). Runners whose command says
 `cpu_share` get `POST /cpu-share {"busy_runners": n}` whenever n changes while they
-compute; the others (llama-server, vLLM, diffusers) still count in n, as they use
+compute; the others (llama-server, vLLM) still count in n, as they use
 the cores too. An idle runner is told again when it next computes.
 """
 

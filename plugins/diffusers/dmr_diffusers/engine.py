@@ -85,7 +85,12 @@ class DiffusersEngine:
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         }
-        return RunnerCommand(argv=argv, env=env, startup_timeout=STARTUP_TIMEOUT_SECONDS)
+        return RunnerCommand(
+            argv=argv,
+            env=env,
+            startup_timeout=STARTUP_TIMEOUT_SECONDS,
+            cpu_share=launch.device.kind == "cpu",
+        )
 
     def estimate_memory(self, launch: RunnerLaunch) -> MemoryEstimate:
         """Sum of the weight files plus a margin for activations and the runtime."""

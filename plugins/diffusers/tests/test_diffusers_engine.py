@@ -70,13 +70,16 @@ def test_runner_command_for_a_diffusers_directory(dir_bundle: Path, tmp_path: Pa
     assert argv[argv.index("--served-model-name") + 1] == "ai/tiny-sd:latest"
     assert argv[argv.index("--work-dir") + 1] == str(tmp_path)
     assert command.env["HF_HUB_OFFLINE"] == "1"
+    assert command.cpu_share  # on the CPU it takes its share of the cores
 
 
 def test_runner_command_for_a_dduf_on_a_gpu(dduf_bundle: Path, tmp_path: Path) -> None:
     launch = make_launch(dduf_bundle, tmp_path / "r.sock", device=GPU)
-    argv = list(DiffusersEngine().runner_command(launch).argv)
+    command = DiffusersEngine().runner_command(launch)
+    argv = list(command.argv)
     assert argv[argv.index("--model") + 1] == str(dduf_bundle / "model" / "model.dduf")
     assert argv[argv.index("--device") + 1] == "cuda:1"
+    assert not command.cpu_share  # the GPU computes
 
 
 def test_runner_command_refuses_other_modes_and_flags(dir_bundle: Path, tmp_path: Path) -> None:

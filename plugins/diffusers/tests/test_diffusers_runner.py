@@ -47,6 +47,33 @@ def test_generates_pngs_of_the_requested_size(image_runner: RunnerProcess) -> No
     assert images[0].tobytes() != images[1].tobytes()  # n images, not n copies
 
 
+def _threads(client: httpx.Client) -> int:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("diffusers:threads "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no diffusers:threads")
+
+
+def test_a_cpu_share_takes_effect_at_the_next_generation(image_runner: RunnerProcess) -> None:
+    body = {"prompt": "a red square", "size": "64x64", "steps": 2, "seed": 1}
+    with image_runner.client() as client:
+        loaded = _threads(client)
+        assert loaded >= 1
+        try:
+            answer = client.post("/cpu-share", json={"busy_runners": 2})
+            assert answer.status_code == 200
+            assert answer.json()["threads"] == _threads(client) == max(1, loaded // 2)
+            assert len(_images(client.post("/v1/images/generations", json=body))) == 1
+            assert client.post("/cpu-share", json={"busy_runners": 64}).json()["threads"] == 1
+            for bad in (0, -1, 1.5, "2", True, None):
+                refused = client.post("/cpu-share", json={"busy_runners": bad})
+                assert refused.status_code == 400 and "busy_runners" in refused.text
+        finally:
+            assert client.post("/cpu-share", json={"busy_runners": 1}).status_code == 200
+        assert _threads(client) == loaded
+        assert len(_images(client.post("/v1/images/generations", json=body))) == 1
+
+
 def test_same_seed_same_image_and_other_formats(image_runner: RunnerProcess) -> None:
     body = {"prompt": "a cat", "size": "64x64", "steps": 2, "seed": 42}
     with image_runner.client() as client:

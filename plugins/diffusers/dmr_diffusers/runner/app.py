@@ -49,6 +49,13 @@ def _metrics_text(state: RunnerState) -> str:
             "Seconds spent generating.",
             state.generation_seconds,
         ),
+        (
+            "diffusers:threads",
+            "gauge",
+            "torch threads the next generation computes with (fewer while other runners"
+            " share the CPU, POST /cpu-share); 0 while loading.",
+            0 if state.pipeline is None else state.pipeline.threads,
+        ),
     ):
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
     return "\n".join(lines) + "\n"
@@ -105,6 +112,23 @@ def create_app(state: RunnerState) -> Quart:
         return json_response(
             {"created": int(time.time()), "data": [{"b64_json": b} for b in images]}
         )
+
+    @app.post("/cpu-share")
+    async def cpu_share() -> Response:
+        """`{"busy_runners": n}`: n runners compute on the CPU now, this one included
+        (the scheduler's CpuShare sends it; docs/scheduler.md)."""
+        try:
+            body = json.loads(await request.get_data() or b"null")
+        except ValueError:
+            return error_response("the request body is not valid JSON")
+        busy = body.get("busy_runners") if isinstance(body, dict) else None
+        if not isinstance(busy, int) or isinstance(busy, bool) or busy < 1:
+            return error_response(
+                "'busy_runners' must be an integer of at least 1", param="busy_runners"
+            )
+        if state.pipeline is None:
+            return error_response("the pipeline is still loading", 503)
+        return json_response({"threads": state.pipeline.share_threads(busy)})
 
     @app.errorhandler(413)
     async def too_large(_error: Exception) -> Response:

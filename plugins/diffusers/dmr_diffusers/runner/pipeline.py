@@ -62,6 +62,17 @@ def _dtype(device: str) -> torch.dtype:
 class LoadedPipeline:
     pipeline: Any  # a DiffusionPipeline subclass; typed loosely as diffusers is untyped
     device: str
+    # torch's intra-op threads at load, and the count the next generation computes with:
+    # fewer while other runners compute on the same cores (`share_threads`).
+    loaded_threads: int = 1
+    threads: int = 1
+
+    def share_threads(self, busy_runners: int) -> int:
+        """Compute with the loaded threads divided by `busy_runners`, the runners busy
+        on these cores now (at least one), from the next generation on. torch's OpenMP
+        threads spin at their barriers as llama.cpp's do (docs/scheduler.md)."""
+        self.threads = max(1, self.loaded_threads // busy_runners)
+        return self.threads
 
     @property
     def class_name(self) -> str:
@@ -90,6 +101,8 @@ class LoadedPipeline:
         ):
             if value is not None:
                 options[name] = value
+        if self.device == "cpu" and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
                 images = self.pipeline(**options).images
@@ -120,4 +133,5 @@ def load_pipeline(model: Path, device: str, work_dir: Path | None = None) -> Loa
             shutil.rmtree(folder, ignore_errors=True)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
-    return LoadedPipeline(pipeline=pipeline, device=device)
+    threads = torch.get_num_threads()
+    return LoadedPipeline(pipeline=pipeline, device=device, loaded_threads=threads, threads=threads)
