@@ -214,7 +214,9 @@ def test_ctrl_c_stops_the_pull_and_the_next_pull_resumes(
     digest = model.manifest["layers"][0]["digest"]
     size = model.manifest["layers"][0]["size"]
 
-    registry_proxy.bytes_per_second = 1_500_000
+    # Slow enough that the Ctrl-C lands mid-pull even on a loaded machine: at 1.5 MB/s
+    # CI once saw the whole 5 MB arrive before the test got to send it.
+    registry_proxy.bytes_per_second = 500_000
     reference = f"{registry_proxy.host}/tests/ctrl-c:v1"
     cli = _start_cli_pull(server, reference)
     try:
