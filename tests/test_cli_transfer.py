@@ -132,13 +132,20 @@ def _wait_for_partial(models_path: Path, at_least: int, timeout: float = 60) -> 
 
 
 def _start_cli_pull(server: DmrServer, reference: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dmr", "pull", reference],
-        env=server.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # The CLI must get Ctrl-C as in a terminal even when the tests run as a background
+    # job, which starts with SIGINT ignored: a child inherits an ignored signal, while
+    # a handled one is reset to the default across exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dmr", "pull", reference],
+            env=server.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_pull_killed_half_way_resumes_with_only_the_rest(
