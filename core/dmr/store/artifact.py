@@ -63,14 +63,20 @@ def _descriptor(raw: object, where: str) -> Layer:
     return Layer(media_type=media_type, digest=digest, size=size, annotations=annotations)
 
 
+def _load_json(data: bytes, what: str, max_bytes: int, max_words: str) -> Any:
+    """`data` decoded, or an `InvalidRequestError` naming `what` for a document over
+    `max_bytes` or one that is no JSON."""
+    if len(data) > max_bytes:
+        raise InvalidRequestError(f"invalid {what}: larger than {max_words}")
+    try:
+        return json.loads(data)
+    except ValueError as error:
+        raise InvalidRequestError(f"invalid {what}: not JSON ({error})") from error
+
+
 def parse_manifest(data: bytes) -> dict[str, Any]:
     """A validated OCI image manifest whose config media type dmr understands."""
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise InvalidRequestError("invalid manifest: larger than 4 MiB")
-    try:
-        manifest = json.loads(data)
-    except ValueError as error:
-        raise InvalidRequestError(f"invalid manifest: not JSON ({error})") from error
+    manifest = _load_json(data, "manifest", MAX_MANIFEST_BYTES, "4 MiB")
     if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
         raise InvalidRequestError(
             "invalid manifest: expected an OCI image manifest (schemaVersion 2)"
@@ -137,12 +143,7 @@ def format_for_layers(layers: list[Layer]) -> str:
 
 def normalise_config(media_type: str, data: bytes, layers: list[Layer]) -> dict[str, Any]:
     """The config blob as Docker's shape (`{"config", "descriptor", "rootfs"}`)."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise InvalidRequestError("invalid model config: larger than 64 MiB")
-    try:
-        raw = json.loads(data)
-    except ValueError as error:
-        raise InvalidRequestError(f"invalid model config: not JSON ({error})") from error
+    raw = _load_json(data, "model config", MAX_CONFIG_BYTES, "64 MiB")
     if not isinstance(raw, dict):
         raise InvalidRequestError("invalid model config: not a JSON object")
     if media_type == media_types.CONFIG_CNCF:
