@@ -233,19 +233,16 @@ class Store:
                     files=[*(layer.digest for layer in layers), descriptor.digest],
                 )
                 entries.append(entry)
-            orphans = self._move_tags(entries, entry, wanted_tags)
-            self.index.write(entries)
-            self._remove_unreferenced(entries, orphans)
+            self._retag(entries, entry, wanted_tags)
         model = self._load(entry)
         if model is None:
             raise StoreError(f"model {model_id} vanished while it was being added")
         return model
 
-    def _move_tags(
-        self, entries: list[IndexEntry], target: IndexEntry, tags: list[str]
-    ) -> list[IndexEntry]:
-        """Point `tags` at `target`; models left without a tag by the move are dropped
-        from `entries` and returned (a re-pulled `latest` must not pile up old copies)."""
+    def _retag(self, entries: list[IndexEntry], target: IndexEntry, tags: list[str]) -> None:
+        """Point `tags` at `target` and write the index; models left without a tag by
+        the move are dropped with their unshared blobs (a re-pulled `latest` must not
+        pile up old copies). Called with the index lock held."""
         orphans: list[IndexEntry] = []
         for tag in tags:
             for other in entries:
@@ -257,16 +254,15 @@ class Store:
                 target.tags.append(tag)
         for orphan in orphans:
             entries.remove(orphan)
-        return orphans
+        self.index.write(entries)
+        self._remove_unreferenced(entries, orphans)
 
     def tag(self, name: str, new_tag: str) -> StoredModel:
         tag = normalise_tag(new_tag)
         with self.index.lock:
             entries = self.index.read()
             entry, _ = self._resolve(entries, name)
-            orphans = self._move_tags(entries, entry, [tag])
-            self.index.write(entries)
-            self._remove_unreferenced(entries, orphans)
+            self._retag(entries, entry, [tag])
         model = self._load(entry)
         if model is None:
             raise ModelNotFoundError(f"model {name!r} not found")
