@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from dmr.distribution.threaded_puller import ThreadedPuller
 from dmr.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_QUANT",
     "HF_SOURCE",
-    "HuggingFacePuller",
     "RepoPlan",
     "dmr_model_sources",
     "plan_repository",
@@ -459,27 +459,10 @@ def _package(
     return str(model.id)
 
 
-class HuggingFacePuller:
-    """`ModelPuller` for the Hugging Face Hub."""
-
-    async def pull(
-        self,
-        reference: str,
-        store: Any,
-        progress: ProgressCallback,
-        *,
-        bearer_token: str | None = None,
-    ) -> str:
-        from dmr.distribution.progress import loop_callback, run_transfer
-
-        emit = loop_callback(progress)
-        return await run_transfer(
-            lambda stop: _pull_blocking(reference, store, emit, bearer_token, stop), emit
-        )
-
-
 HF_SOURCE = ModelSource(
-    name="huggingface", prefixes=(f"{HUGGINGFACE_REGISTRY}/",), puller=HuggingFacePuller()
+    name="huggingface",
+    prefixes=(f"{HUGGINGFACE_REGISTRY}/",),
+    puller=ThreadedPuller(_pull_blocking),
 )
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from dmr import media_types
 from dmr.distribution.credentials import resolve_credentials
 from dmr.distribution.gguf import GGUFError, read_gguf
+from dmr.distribution.threaded_puller import ThreadedPuller
 from dmr.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 __all__ = [
     "OCI_SOURCE",
     "Descriptor",
-    "OciPuller",
     "dmr_model_sources",
     "inspect_remote_blocking",
     "push_to_registry",
@@ -189,12 +189,13 @@ def parse_model_manifest(body: bytes) -> tuple[Descriptor, list[Descriptor]]:
 
 
 def _pull_blocking(
-    reference: ModelReference,
+    name: str,
     store: Store,
     emit: ProgressCallback,
     bearer_token: str | None,
     stop: threading.Event,
 ) -> str:
+    reference = parse_reference(name)
     client, body = _fetch_manifest(reference, bearer_token, stop)
     return _pull_from(client, reference, body, store, emit, stop)
 
@@ -364,26 +365,6 @@ def _unique(layers: Sequence[Descriptor]) -> list[Descriptor]:
     return list({layer.digest: layer for layer in layers}.values())
 
 
-class OciPuller:
-    """`ModelPuller` for OCI registries."""
-
-    async def pull(
-        self,
-        reference: str,
-        store: Any,
-        progress: ProgressCallback,
-        *,
-        bearer_token: str | None = None,
-    ) -> str:
-        from dmr.distribution.progress import loop_callback, run_transfer
-
-        parsed = parse_reference(reference)
-        emit = loop_callback(progress)
-        return await run_transfer(
-            lambda stop: _pull_blocking(parsed, store, emit, bearer_token, stop), emit
-        )
-
-
 # --------------------------------------------------------------------------- push
 
 
@@ -456,7 +437,7 @@ async def push_to_registry(
     )
 
 
-OCI_SOURCE = ModelSource(name="oci", prefixes=(), puller=OciPuller())
+OCI_SOURCE = ModelSource(name="oci", prefixes=(), puller=ThreadedPuller(_pull_blocking))
 
 
 @hookimpl
