@@ -44,17 +44,11 @@ async def embeddings() -> Response:
     except ValueError as error:
         raise BadRequest(str(error), "input") from None
     total = sum(len(tokens) for tokens in token_lists)
-    return json_response(
-        {
-            "object": "list",
-            "model": state.model_name,
-            "data": [
-                {"object": "embedding", "index": index, "embedding": vector.tolist()}
-                for index, vector in enumerate(vectors)
-            ],
-            "usage": _usage(total),
-        }
-    )
+    data = [
+        {"object": "embedding", "index": index, "embedding": vector.tolist()}
+        for index, vector in enumerate(vectors)
+    ]
+    return _list_answer(state, total, data=data)
 
 
 @blueprint.post("/v1/rerank")
@@ -79,14 +73,7 @@ async def rerank() -> Response:
         if body.get("return_documents"):
             item["document"] = {"text": texts[index]}
         results.append(item)
-    return json_response(
-        {
-            "model": state.model_name,
-            "object": "list",
-            "results": results,
-            "usage": _usage(tokens),
-        }
-    )
+    return _list_answer(state, tokens, results=results)
 
 
 @blueprint.post("/v1/score")
@@ -99,20 +86,19 @@ async def score() -> Response:
     if not isinstance(seconds, list) or not seconds or not all(isinstance(s, str) for s in seconds):
         raise BadRequest("'text_2' must be a string or a non-empty list of strings", "text_2")
     scores, tokens = await _scores(state, first, seconds)
-    return json_response(
-        {
-            "id": f"score-{uuid.uuid4().hex}",
-            "object": "list",
-            "created": int(time.time()),
-            "model": state.model_name,
-            "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
-            "usage": _usage(tokens),
-        }
+    return _list_answer(
+        state,
+        tokens,
+        id=f"score-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        data=[{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
     )
 
 
-def _usage(tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": tokens, "total_tokens": tokens}
+def _list_answer(state: RunnerState, tokens: int, **fields: Any) -> Response:
+    """A `list` object of the three routes: `fields`, and the tokens read as usage."""
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return json_response({"object": "list", "model": state.model_name, **fields, "usage": usage})
 
 
 def _string(body: dict[str, Any], key: str) -> str:
