@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
@@ -120,15 +120,50 @@ class ImageChunk:
 Chunk = TextChunk | ImageChunk
 
 
-class MultimodalPrompt:
+class _LibmtmdObject:
+    """Owns one libmtmd pointer, freed once by `close()` or on leaving a `with`."""
+
+    _freed_message = "the libmtmd object was freed"
+
+    def __init__(self, handle: int) -> None:
+        self._handle: int | None = handle
+
+    def _free(self, handle: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def handle(self) -> int:
+        if self._handle is None:
+            raise RuntimeError(self._freed_message)
+        return self._handle
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._free(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class MultimodalPrompt(_LibmtmdObject):
     """A tokenized prompt with images: owns libmtmd's `mtmd_input_chunks`.
 
     Freed by `close()` (or when garbage collected); its `ImageChunk` handles are
     invalid after that.
     """
 
+    _freed_message = "the prompt's chunks were freed"
+
     def __init__(self, raw: int) -> None:
-        self._raw: int | None = raw
+        super().__init__(raw)
         self.chunks: list[Chunk] = []
         for index in range(mtmd.mtmd_input_chunks_size(raw)):
             chunk = mtmd.mtmd_input_chunks_get(raw, index)
@@ -154,16 +189,6 @@ class MultimodalPrompt:
                 raise InvalidImageError("only images are supported")
 
     @property
-    def raw(self) -> int:
-        if self._raw is None:
-            raise RuntimeError("the prompt's chunks were freed")
-        return self._raw
-
-    @property
-    def closed(self) -> bool:
-        return self._raw is None
-
-    @property
     def n_tokens(self) -> int:
         """KV cells the prompt takes (llama-server's prompt_tokens count)."""
         return sum(chunk.n_tokens for chunk in self.chunks)
@@ -177,22 +202,14 @@ class MultimodalPrompt:
     def images(self) -> list[ImageChunk]:
         return [chunk for chunk in self.chunks if isinstance(chunk, ImageChunk)]
 
-    def close(self) -> None:
-        if self._raw is not None:
-            mtmd.mtmd_input_chunks_free(self._raw)
-            self._raw = None
-
-    def __enter__(self) -> MultimodalPrompt:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
+    def _free(self, handle: int) -> None:
+        mtmd.mtmd_input_chunks_free(handle)
 
     def __del__(self) -> None:
         self.close()
 
 
-class VisionProjector:
+class VisionProjector(_LibmtmdObject):
     """A projector GGUF loaded for one text model (libmtmd's `mtmd_context`).
 
     `model` is the text model's `llama_model *` (`LoadedModel.model`, or
@@ -202,6 +219,8 @@ class VisionProjector:
     last encoded image's embeddings in the context), so one thread, the decode
     thread, does those.
     """
+
+    _freed_message = "the projector was closed"
 
     def __init__(
         self,
@@ -230,7 +249,7 @@ class VisionProjector:
                 f"failed to load the projector {path} (a projector of another model, "
                 "or not a projector: the log above tells which)"
             )
-        self._handle: int | None = handle
+        super().__init__(handle)
         self._lock = threading.Lock()
         self.marker = self._marker_bytes.decode()
         self.supports_vision = bool(mtmd.mtmd_support_vision(handle))
@@ -245,22 +264,8 @@ class VisionProjector:
         # The width of one image embedding: the text model's input embedding width.
         self.n_embd = int(llama_cpp.llama_model_n_embd_inp(model))
 
-    @property
-    def handle(self) -> int:
-        if self._handle is None:
-            raise RuntimeError("the projector was closed")
-        return self._handle
-
-    def close(self) -> None:
-        if self._handle is not None:
-            mtmd.mtmd_free(self._handle)
-            self._handle = None
-
-    def __enter__(self) -> VisionProjector:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
+    def _free(self, handle: int) -> None:
+        mtmd.mtmd_free(handle)
 
     # ------------------------------------------------------------------ prompts
 
@@ -415,7 +420,7 @@ class VisionProjector:
         n_batch: int,
         logits_last: bool,
     ) -> int:
-        handle = mtmd.mtmd_input_chunks_get(prompt.raw, index)
+        handle = mtmd.mtmd_input_chunks_get(prompt.handle, index)
         # The helper adds the text tokens it decodes to *new_n_past (it does not set it),
         # so it starts at n_past.
         new_n_past = llama_cpp.llama_pos(n_past)
