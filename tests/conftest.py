@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fixtures.apis",
     "tests.fixtures.hf_hub",
     "tests.fixtures.model",
+    "tests.fixtures.long_context_model",
     "tests.fixtures.registry",
     "tests.fixtures.test_engine",
     "tests.fixtures.diffusers_model",
