@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "ALLOWED_RUNTIME_FLAGS",
@@ -22,6 +22,8 @@ __all__ = [
     "resolve_settings",
     "split_flags",
 ]
+
+_N = TypeVar("_N", int, float)
 
 EXECUTOR_BACKENDS = frozenset({"mp", "ray", "uni", "external_launcher"})
 
@@ -166,24 +168,31 @@ def split_flags(flags: Sequence[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _number(
+    name: str, value: Any, parse: Callable[[Any], _N], accepts: Callable[[_N], bool], what: str
+) -> _N:
+    """`value` (a number or its text; never a bool) as `parse` reads it, where `accepts`
+    it; else a ValueError saying `name` expects `what`."""
+    refusal = ValueError(f"{name} expects {what}, got {value!r}")
     try:
-        number = int(value)
+        number = parse(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} expects a positive integer, got {value!r}") from None
-    if isinstance(value, bool) or number <= 0 or str(number) != str(value).strip():
-        raise ValueError(f"{name} expects a positive integer, got {value!r}")
+        raise refusal from None
+    if isinstance(value, bool) or not accepts(number):
+        raise refusal
     return number
+
+
+def _positive_int(name: str, value: Any) -> int:
+    # The text must be the number: 2.5 or "07" is refused, not read as 2 or 7.
+    def accepts(number: int) -> bool:
+        return number > 0 and str(number) == str(value).strip()
+
+    return _number(name, value, int, accepts, "a positive integer")
 
 
 def _fraction(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} expects a number in (0, 1], got {value!r}") from None
-    if isinstance(value, bool) or not 0 < number <= 1:
-        raise ValueError(f"{name} expects a number in (0, 1], got {value!r}")
-    return number
+    return _number(name, value, float, lambda number: 0 < number <= 1, "a number in (0, 1]")
 
 
 def _json_object(name: str, value: Any) -> dict[str, Any]:
