@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-from dmr.testing import free_port
+from dmr.testing import free_port, stop_process
 
 __all__ = ["dmr_served"]
 
@@ -49,9 +49,4 @@ async def dmr_served(folder: Path, **env: str) -> AsyncIterator[str]:
                 await asyncio.sleep(0.2)
         yield base
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, grace=30)

@@ -51,7 +51,6 @@ import math
 import os
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from dmr.testing import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,21 +142,6 @@ async def _wait_healthy(
     raise RuntimeError("server did not become healthy")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _thread_flags(args: argparse.Namespace) -> list[str]:
     flags: list[str] = []
     if args.threads:
@@ -179,7 +164,7 @@ async def _served_on_tcp(
             await _wait_healthy(client, health_path, process)
             yield client
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 # The yardstick's binary, from LLAMA_SERVER_PATH: `main` takes it out of the
@@ -203,7 +188,7 @@ async def _llama_server(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The native binary on the bench's GGUF and a free port, with `flags`, `--jinja`,
     `--no-repack` (this CPU's AMX buffers) and the pinned threads."""
-    port = _free_port()
+    port = free_port()
     argv = [
         str(llama_server_binary()),
         *("--model", str(args.gguf), "--host", "127.0.0.1", "--port", str(port)),
@@ -268,7 +253,7 @@ async def runner_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncCl
                 await _wait_healthy(client, "/health", process)
                 yield client
         finally:
-            _stop(process)
+            stop_process(process)
 
 
 # llama.cpp's AMX weight buffers crash on multi-token batches on this kind of CPU
@@ -290,7 +275,7 @@ runpy.run_module("llama_cpp.server", run_name="__main__")
 @contextlib.asynccontextmanager
 async def llama_cpp_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncClient]:
     """`python -m llama_cpp.server` (needs the llama-cpp-python[server] extra)."""
-    port = _free_port()
+    port = free_port()
     argv = [
         sys.executable,
         "-c",
@@ -328,7 +313,7 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
             yield client
         return
     with tempfile.TemporaryDirectory(prefix="dmr-bench-server-") as folder:
-        port = _free_port()
+        port = free_port()
         env = dict(
             os.environ,
             MODELS_PATH=str(Path(folder) / "models"),
@@ -386,7 +371,7 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
                         answer = await client.get(base + path)
                         (args.dmr_artifacts / name).write_bytes(answer.content)
         finally:
-            _stop(server)
+            stop_process(server)
 
 
 DMR_DEFAULT_CTX = 4096  # tokens per slot, as llama-server is given
