@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-KIT = ("dmr.sdk", "dmr.sdk.runner", "dmr.sdk.dialect")
+KIT = ("dmr.sdk", "dmr.sdk.runner", "dmr.sdk.dialect", "dmr.sdk.cluster")
 PACKAGES = sorted(
     [
         *(REPO / "plugins").glob("*/dmr_*/__init__.py"),

@@ -183,15 +183,15 @@ def test_a_model_source_with_its_own_scheme_is_reachable(
 
 
 def test_the_plugin_guide_documents_every_hook_and_every_public_name() -> None:
-    """docs/plugins.md must cover each hook and each name the plugin kit's three tiers
-    (`dmr.sdk`, `dmr.sdk.runner`, `dmr.sdk.dialect`) and `dmr.testing` export (as
-    datasette checks its plugin hooks page)."""
+    """docs/plugins.md must cover each hook and each name the plugin kit's four tiers
+    (`dmr.sdk`, `dmr.sdk.runner`, `dmr.sdk.dialect`, `dmr.sdk.cluster`) and
+    `dmr.testing` export (as datasette checks its plugin hooks page)."""
     from dmr import sdk, testing
-    from dmr.sdk import dialect, runner
+    from dmr.sdk import cluster, dialect, runner
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
     missing = [f"`{name}" for name in HOOK_NAMES if f"`{name}" not in guide]
-    for tier in (sdk, runner, dialect):
+    for tier in (sdk, runner, dialect, cluster):
         missing += [f"`{name}`" for name in tier.__all__ if f"`{name}`" not in guide]
     missing += [f"`{name}" for name in testing.__all__ if f"`{name}" not in guide]
     assert not missing, f"docs/plugins.md does not mention {missing}"

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
         EngineSpec,
         ModelFormat,
         ModelSource,
+        RunnerPlacement,
     )
+    from dmr.settings import Settings
 
 __all__ = ["PROJECT_NAME", "DmrSpec", "hookimpl", "hookspec"]
 
@@ -110,6 +112,24 @@ class DmrSpec:
                 total, free = read_rocm_memory()
                 return [AcceleratorInfo(name="MI300X", kind="rocm", index=0,
                                         total_memory=total, free_memory=free)]
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- placement
+
+    @hookspec(firstresult=True)
+    def dmr_runner_placement(self, settings: Settings) -> RunnerPlacement | None:
+        """Where runners run when not on this machine: a cluster's placement for these
+        settings (the Ray plugin's when `settings.ray_address` is set), or None. The
+        first plugin that returns one wins; without one, runners are local processes.
+
+        Example::
+
+            @hookimpl
+            def dmr_runner_placement(settings):
+                if settings.ray_address:
+                    return RayPlacement(settings)
+                return None
         """
         raise NotImplementedError
 

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
         EngineSpec,
         ModelFormat,
         ModelSource,
+        RunnerPlacement,
     )
+    from dmr.settings import Settings
 
 __all__ = [
     "BUILTIN_PLUGINS",
@@ -40,6 +42,7 @@ __all__ = [
     "probe_hardware",
     "probe_hardware_report",
     "resolve",
+    "runner_placement",
 ]
 
 # Modules inside dmr that register through the same hooks a third party uses.
@@ -153,6 +156,16 @@ def model_formats(pm: pluggy.PluginManager | None = None) -> list[ModelFormat]:
 
 def api_dialects(pm: pluggy.PluginManager | None = None) -> list[ApiDialect]:
     return _unique("API dialect", _registered(pm, "dmr_api_dialects"))
+
+
+def runner_placement(
+    settings: Settings, pm: pluggy.PluginManager | None = None
+) -> RunnerPlacement | None:
+    """The cluster placement a plugin offers for `settings`, or None (local runners)."""
+    placement: RunnerPlacement | None = (pm or get_plugin_manager()).hook.dmr_runner_placement(
+        settings=settings
+    )
+    return placement
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,13 @@ __all__ = [
     "ModelFormat",
     "ModelPuller",
     "ModelSource",
+    "PlacedRunner",
     "ProgressCallback",
     "ProgressEvent",
     "RunnerCommand",
     "RunnerConfig",
     "RunnerLaunch",
+    "RunnerPlacement",
 ]
 
 
@@ -61,6 +63,8 @@ class AcceleratorInfo:
     cores: int | None = None
     driver: str | None = None
     details: Mapping[str, str] = field(default_factory=dict)
+    # The cluster node it is on (a `RunnerPlacement`'s node ID); None: this machine.
+    node: str | None = None
 
     @property
     def is_gpu(self) -> bool:
@@ -169,6 +173,8 @@ class RunnerConfig:
     speculative_num_tokens: int | None = None
     speculative_min_acceptance_rate: float | None = None
     engine_options: Mapping[str, Any] = field(default_factory=dict)  # "vllm", "llamacpp" blocks
+    # Runners of the model to keep on different cluster nodes (`--replicas`); None = 1.
+    replicas: int | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,75 @@ class RunnerCommand:
     # of its threads: the scheduler sends it while n runners compute on the CPU
     # (docs/scheduler.md, "CPU runners share the cores").
     cpu_share: bool = False
+
+
+@runtime_checkable
+class PlacedRunner(Protocol):
+    """A runner a `RunnerPlacement` started on a cluster node: the surface the
+    scheduler uses of a local runner process, plus where it listens."""
+
+    name: str
+    stopping: bool
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs; its exit code (or -9 for a lost node) once ended."""
+        ...
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of its HTTP endpoint, once `start` returned."""
+        ...
+
+    async def start(self) -> RunnerCommand:
+        """Get the model onto the node, verify it, start the runner there; the
+        command the node's engine built (its startup timeout, its `cpu_share`)."""
+        ...
+
+    async def wait_healthy(self, client: Any, startup_timeout: float) -> None: ...
+
+    async def wait(self) -> int: ...
+
+    async def stop(self) -> None: ...
+
+    def tail(self, count: int = 20) -> list[str]: ...
+
+    def failure_message(self, count: int = 5) -> str: ...
+
+
+@runtime_checkable
+class RunnerPlacement(Protocol):
+    """Puts runners on the nodes of a cluster instead of this machine
+    (`dmr_runner_placement`; the Ray plugin's: docs/cluster.md)."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect; raise `DmrError` with a clear message, within a deadline, if not."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    def devices(self) -> list[AcceleratorInfo]:
+        """The live nodes runners may go to, one device each (`node` set)."""
+        ...
+
+    def status(self) -> Mapping[str, Any]:
+        """For `dmr status` and the health route: address, connected, nodes, error."""
+        ...
+
+    def place(
+        self, engine: str, launch: RunnerLaunch, *, name: str, memory: int, log_path: Path | None
+    ) -> PlacedRunner:
+        """A runner for `launch` on the node of `launch.device` (not started yet), which
+        admission gave `memory` bytes there."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,14 @@ class Settings:
     # CPU runners that compute at once divide the cores (docs/scheduler.md);
     # DMR_CPU_SHARE=0 leaves every runner at its own thread count.
     cpu_share: bool = True
+    # A Ray cluster to place runners on (`dmr serve --ray-address`, DMR_RAY_ADDRESS;
+    # the dmr-ray plugin, docs/cluster.md); None = runners on this machine.
+    ray_address: str | None = None
+    # The store is on storage every node mounts at the same path: nodes load from it
+    # (after verifying its digests) instead of pulling into their own store.
+    ray_shared_store: bool = False
+    # Seconds to reach the cluster before `dmr serve` gives up with an error.
+    ray_connect_timeout: float = 30.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -121,6 +129,9 @@ class Settings:
             queue_timeout=_seconds(env, "DMR_QUEUE_TIMEOUT_SECONDS", 120.0),
             batch_evict_after=_seconds(env, "DMR_BATCH_EVICT_AFTER_SECONDS", 30.0),
             cpu_share=env.get("DMR_CPU_SHARE", "1").strip().lower() not in ("0", "false", "no"),
+            ray_address=env.get("DMR_RAY_ADDRESS", "").strip() or None,
+            ray_shared_store=_flag("DMR_RAY_SHARED_STORE"),
+            ray_connect_timeout=_seconds(env, "DMR_RAY_CONNECT_TIMEOUT_SECONDS", 30.0),
         )
 
 

@@ -32,8 +32,17 @@ __all__ = ["list_plugins", "serve", "version"]
     "--models-path", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
     help="The model store (MODELS_PATH; default ~/.docker/models).",
 )  # fmt: skip
+@click.option(
+    "--ray-address", metavar="HOST:PORT",
+    help="Place runners on the nodes of this Ray cluster (DMR_RAY_ADDRESS; needs the"
+    " dmr-ray plugin).",
+)  # fmt: skip
 def serve(
-    host: str | None, port: int | None, socket_path: Path | None, models_path: Path | None
+    host: str | None,
+    port: int | None,
+    socket_path: Path | None,
+    models_path: Path | None,
+    ray_address: str | None,
 ) -> None:
     """Start the model runner server: TCP 127.0.0.1:12434 by default.
 
@@ -58,6 +67,8 @@ def serve(
         env["MODEL_RUNNER_SOCK"] = str(socket_path.expanduser().absolute())
     if models_path is not None:
         env["MODELS_PATH"] = str(models_path.expanduser().absolute())
+    if ray_address is not None:
+        env["DMR_RAY_ADDRESS"] = ray_address
     try:
         run_server()
     except ListenError as error:

@@ -273,7 +273,8 @@ def _pull_from(
             _download_missing(client, reference, store, layers, tracker, stop)
             _check_weights(store, layers, ggufs)
             store.put_blob_bytes(config_bytes)
-            model = store.add_model(manifest, [reference.familiar])
+            # Pulled by digest (`repo@sha256:…`), as `docker pull` does: no tag.
+            model = store.add_model(manifest, [] if reference.digest else [reference.familiar])
             break
         except BlobMissingError:
             if attempt + 1 == _ADD_ATTEMPTS:

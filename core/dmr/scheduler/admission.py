@@ -61,7 +61,9 @@ def choose_device(
 
 
 def device_key(device: AcceleratorInfo) -> tuple[str, int]:
-    return (device.kind, device.index)
+    """(kind, index) on this machine; a cluster node's devices are told apart by node."""
+    kind = device.kind if device.node is None else f"{device.kind}@{device.node}"
+    return (kind, device.index)
 
 
 def memory_budget(device: AcceleratorInfo, override: int | None) -> int:

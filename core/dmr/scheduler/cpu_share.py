@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -66,9 +67,12 @@ class CpuShare:
         while self._changed.is_set():
             self._changed.clear()
             busy = [runner for runner in self._runners() if computes_on_cpu(runner)]
+            # Runners on different cluster nodes do not share cores: count per device.
+            per_device = Counter(runner.device_key for runner in busy)
             for runner in busy:
-                if runner.cpu_share and runner.cpu_share_sent != len(busy):
-                    await self._send(runner, len(busy))
+                sharing = per_device[runner.device_key]
+                if runner.cpu_share and runner.cpu_share_sent != sharing:
+                    await self._send(runner, sharing)
 
     async def _send(self, runner: Runner, busy_runners: int) -> None:
         runner.cpu_share_sent = busy_runners  # not sent again on failure: it may be gone

@@ -14,12 +14,16 @@ from typing import TYPE_CHECKING
 import httpx
 
 from dmr.records import AcceleratorInfo, EngineSpec, Mode, RunnerLaunch
+from dmr.scheduler.admission import device_key
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from dmr.errors import DmrError
+    from dmr.records import PlacedRunner
     from dmr.scheduler.runner_process import RunnerProcess
 
-__all__ = ["Runner", "RunnerHandle", "RunnerKey", "Unloaded", "runner_client"]
+__all__ = ["Runner", "RunnerHandle", "RunnerKey", "RunnerTable", "Unloaded", "runner_client"]
 
 # httpx logs every request at INFO: one line per proxied request is noise on the hot path.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -28,11 +32,19 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 RunnerKey = tuple[str, str, Mode]
 
 
-def runner_client(socket_path: Path) -> httpx.AsyncClient:
-    """HTTP over the runner's unix socket; no read timeout, generations can be slow."""
+def runner_client(address: Path | tuple[str, int]) -> httpx.AsyncClient:
+    """HTTP to the runner, over its unix socket or (host, port) on a cluster node; no
+    read timeout, generations can be slow."""
+    if isinstance(address, tuple):
+        host, port = address
+        transport = httpx.AsyncHTTPTransport()
+        base_url = f"http://{host}:{port}"
+    else:
+        transport = httpx.AsyncHTTPTransport(uds=str(address))
+        base_url = "http://runner"
     return httpx.AsyncClient(
-        transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
-        base_url="http://runner",
+        transport=transport,
+        base_url=base_url,
         timeout=httpx.Timeout(None, connect=10.0),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
     )
@@ -58,6 +70,21 @@ class RunnerHandle:
     client: httpx.AsyncClient
     # The scheduler's record; None in handles built by tests or other schedulers.
     runner: Runner | None = field(default=None, repr=False, compare=False)
+    # (host, port) of a runner on a cluster node; None: `socket_path` on this machine.
+    tcp_address: tuple[str, int] | None = None
+    # The cluster node it runs on (shown by `ps`); None: this machine.
+    node: str | None = None
+
+    @property
+    def address(self) -> Path | tuple[str, int]:
+        """Where requests go: the node's (host, port), else the unix socket."""
+        return self.tcp_address if self.tcp_address is not None else self.socket_path
+
+    async def use_tcp(self, address: tuple[str, int]) -> None:
+        """Talk to the runner at `address` from now on (it was placed on a node)."""
+        self.tcp_address = address
+        old, self.client = self.client, runner_client(address)
+        await old.aclose()
 
     @property
     def stop_reason(self) -> str | None:
@@ -103,7 +130,8 @@ class Runner:
         self.memory = memory
         self.keep_alive = keep_alive
         self.socket_dir = socket_dir
-        self.process: RunnerProcess | None = None
+        # A local subprocess, or a runner a cluster placement started on a node.
+        self.process: RunnerProcess | PlacedRunner | None = None
         self.loading = True
         self.ready = asyncio.Event()
         self.error: DmrError | None = None
@@ -133,7 +161,7 @@ class Runner:
     # Admission reads these through the `Resident` protocol.
     @property
     def device_key(self) -> tuple[str, int]:
-        return (self.device.kind, self.device.index)
+        return device_key(self.device)
 
     @property
     def evictable(self) -> bool:
@@ -165,3 +193,43 @@ class Runner:
                 await self.watch_task
         await self.handle.client.aclose()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+class RunnerTable:
+    """The scheduler's runners: one per (engine, model, mode), or several replicas of
+    it on different cluster nodes (`RunnerConfig.replicas`)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[RunnerKey, list[Runner]] = {}
+
+    def replicas(self, key: RunnerKey) -> list[Runner]:
+        return list(self._by_key.get(key, ()))
+
+    def add(self, runner: Runner) -> None:
+        self._by_key.setdefault(runner.key, []).append(runner)
+
+    def holds(self, runner: Runner) -> bool:
+        return any(held is runner for held in self._by_key.get(runner.key, ()))
+
+    def discard(self, runner: Runner) -> bool:
+        """Forget `runner`; False when it was not (or no longer) held."""
+        held = self._by_key.get(runner.key, [])
+        for index, candidate in enumerate(held):
+            if candidate is runner:
+                del held[index]
+                if not held:
+                    del self._by_key[runner.key]
+                return True
+        return False
+
+    def values(self) -> list[Runner]:
+        return [runner for held in self._by_key.values() for runner in held]
+
+    def __iter__(self) -> Iterator[Runner]:
+        return iter(self.values())
+
+    def keys(self) -> set[RunnerKey]:
+        return set(self._by_key)
+
+    def clear(self) -> None:
+        self._by_key.clear()

@@ -1,4 +1,5 @@
-"""The scheduler: one runner subprocess per (engine, model, mode), started on demand.
+"""The scheduler: one runner subprocess per (engine, model, mode), started on demand
+(or, with a cluster placement, several replicas of it on different nodes).
 
 Every decision (reuse, admit, evict, queue) is taken synchronously between two
 awaits, so the event loop itself serialises them and no lock is needed. Loads
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import shlex
 import tempfile
@@ -52,7 +54,7 @@ from dmr.scheduler.cpu_share import CpuShare
 from dmr.scheduler.engine_resolver import EngineResolver
 from dmr.scheduler.keepalive import idle_deadline_seconds
 from dmr.scheduler.model_configs import ConfiguredModel
-from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey, Unloaded
+from dmr.scheduler.runner import Runner, RunnerHandle, RunnerKey, RunnerTable, Unloaded
 from dmr.scheduler.runner_process import RunnerProcess
 from dmr.scheduler.wait_queue import Priority, QueuedModel, Waiter, WaitQueue, request_priority
 from dmr.scheduler.wait_times import SecondsHistogram, WaitTimes
@@ -63,8 +65,13 @@ if TYPE_CHECKING:
         EngineSpec,
         MemoryEstimate,
         ModelFormat,
+        PlacedRunner,
+        RunnerCommand,
         RunnerConfig,
+        RunnerLaunch,
+        RunnerPlacement,
     )
+    from dmr.scheduler.admission import Admission
     from dmr.settings import Settings
     from dmr.store import Store, StoredModel
 
@@ -78,6 +85,13 @@ _SETTLE_LOADS_SECONDS = 300.0
 # Seconds a client refused for a full queue is told to wait before retrying.
 RETRY_AFTER_SECONDS = 5
 
+# A conversation goes back to the replica its prompt hashes to (whose prompt cache
+# holds it) unless that replica has this many more requests than the least busy one.
+AFFINITY_SLACK = 2
+
+# The request's prompt prefix, computed only when there are replicas to choose from.
+Affinity = Callable[[], str | None]
+
 
 @dataclass(frozen=True)
 class _Wanted:
@@ -90,6 +104,19 @@ class _Wanted:
     keep_alive: float | None
     device: tuple[str, int]
     priority: Priority
+    affinity: Affinity | None = None
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where a new runner can go, and what admission decided for it there."""
+
+    device: AcceleratorInfo
+    launch: RunnerLaunch
+    estimate: MemoryEstimate
+    needed: int
+    plan: Admission
+    room: int  # budget left on the device once it is in
 
 
 class Scheduler:
@@ -101,18 +128,21 @@ class Scheduler:
         engines: Mapping[str, EngineSpec],
         devices: Sequence[AcceleratorInfo],
         formats: Iterable[ModelFormat],
+        placement: RunnerPlacement | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.engines = dict(engines)
         self.devices = list(devices)
+        # Puts runners on a cluster's nodes while connected (the Ray plugin).
+        self.placement = placement
         # Engine choice for a model, from the formats the plugin manager collected.
         self.resolver = EngineResolver(self.engines, formats)
         # Remembered `_configure` settings, kept in the store across restarts.
         self.configuration = ModelConfiguration(
             settings=settings, store=store, resolver=self.resolver, devices=self.devices
         )
-        self._runners: dict[RunnerKey, Runner] = {}
+        self._runners = RunnerTable()
         self.cpu_share = CpuShare(self._runners.values, enabled=settings.cpu_share)
         self._stopping: set[asyncio.Task[None]] = set()
         self._queue = WaitQueue()
@@ -134,6 +164,8 @@ class Scheduler:
     async def start(self) -> None:
         self._closed = False
         self.configuration.load()
+        if self.placement is not None:
+            await self.placement.start()  # raises a clear DmrError when unreachable
 
     async def aclose(self) -> None:
         """Stop every runner (SIGTERM, then SIGKILL after a grace period)."""
@@ -145,6 +177,8 @@ class Scheduler:
         await asyncio.gather(*(runner.stop() for runner in runners), return_exceptions=True)
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
+        if self.placement is not None:
+            await self.placement.aclose()
 
     # ------------------------------------------------------------------ requests
 
@@ -157,16 +191,18 @@ class Scheduler:
         backend: str | None = None,
         keep_alive: float | None = None,
         priority: Priority | None = None,
+        affinity: Affinity | None = None,
     ) -> AsyncIterator[RunnerHandle]:
         """A ready runner for `model` in `mode`, held until the block ends.
 
         A request that must wait for memory waits its turn (`WaitQueue`), for at most
         `Settings.queue_timeout` seconds when interactive. `priority` defaults to the
-        task's `request_priority`.
+        task's `request_priority`. `affinity` gives the request's prompt prefix, so
+        that a model's replicas each see the same conversations.
         """
         if priority is None:
             priority = request_priority.get()
-        runner = await self._obtain(model, Mode(mode), backend, keep_alive, priority)
+        runner = await self._obtain(model, Mode(mode), backend, keep_alive, priority, affinity)
         try:
             yield runner.handle
         finally:
@@ -190,14 +226,15 @@ class Scheduler:
         backend: str | None,
         keep_alive: float | None,
         priority: Priority,
+        affinity: Affinity | None = None,
     ) -> Runner:
         stored = self._resolve(model)
         spec = self.engine_for(stored, mode, backend)
         key: RunnerKey = (spec.name, stored.id, mode)
         if self._closed:
             raise ServiceBusyError("the server is shutting down", RETRY_AFTER_SECONDS)
-        device = device_key(choose_device(self.devices, spec.device_kinds))
-        wanted = _Wanted(key, model, stored, spec, keep_alive, device, priority)
+        device = device_key(choose_device(self.placement_devices(), spec.device_kinds))
+        wanted = _Wanted(key, model, stored, spec, keep_alive, device, priority, affinity)
         runner = None
         if not self._must_queue(key, device, priority):
             runner = self._admit(wanted)
@@ -214,7 +251,7 @@ class Scheduler:
         return runner
 
     def _joinable(self) -> set[RunnerKey]:
-        return {key for key, runner in self._runners.items() if not runner.exited}
+        return {runner.key for runner in self._runners if not runner.exited}
 
     def _must_queue(self, key: RunnerKey, device: tuple[str, int], priority: Priority) -> bool:
         """Whether a new request waits behind the queue instead of trying admission now:
@@ -325,17 +362,17 @@ class Scheduler:
 
     def _admit(self, wanted: _Wanted) -> Runner | None:
         """The runner to use (existing or just started), or None to wait for memory."""
-        key, model, stored, spec = wanted.key, wanted.model, wanted.stored, wanted.spec
-        keep_alive, priority = wanted.keep_alive, wanted.priority
-        runner = self._runners.get(key)
-        if runner is not None and runner.exited and not runner.loading:
-            self._unregister(runner, reason="crashes")  # the watcher has not seen it yet
-            runner = None
-        if runner is not None:
+        for stale in self._runners.replicas(wanted.key):
+            if stale.exited and not stale.loading:
+                self._unregister(stale, reason="crashes")  # the watcher has not seen it yet
+        config = self.config_for(wanted.stored.id)
+        replicas = self._runners.replicas(wanted.key)
+        if replicas:
+            runner = self._balance(replicas, wanted.affinity)
             if runner.in_use >= self.settings.max_runner_requests:
                 self.counters["rejected_busy"] += 1
                 raise ServiceBusyError(
-                    f"{model}'s runner already holds {runner.in_use} requests "
+                    f"{wanted.model}'s runner already holds {runner.in_use} requests "
                     f"(DMR_MAX_RUNNER_REQUESTS={self.settings.max_runner_requests}); retry later",
                     RETRY_AFTER_SECONDS,
                 )
@@ -344,56 +381,137 @@ class Scheduler:
                 self.cpu_share.refresh()
             runner.cancel_idle_timer()
             runner.unload_when_idle = False
-            if keep_alive is not None:
-                runner.keep_alive = keep_alive
-            return runner
+            if wanted.keep_alive is not None:
+                runner.keep_alive = wanted.keep_alive
+        else:
+            may_evict = self._evictable_for(wanted.priority)
+            placement = self._place(wanted, config, avoid=set(), may_evict=may_evict)
+            if placement is None:
+                return None
+            runner = self._start_runner(wanted, config, placement, in_use=1)
+        self._add_replicas(wanted, config)
+        return runner
 
-        config = self.config_for(stored.id)
-        device = choose_device(self.devices, spec.device_kinds)
-        # The socket directory is made only once the runner is admitted: queued
-        # requests run this again at every release.
-        launch = self.configuration.launch(model, stored, key[2], config, device)
+    def _place(
+        self,
+        wanted: _Wanted,
+        config: RunnerConfig,
+        *,
+        avoid: set[tuple[str, int]],
+        may_evict: Callable[[Resident], bool] | None,
+    ) -> _Placement | None:
+        """The device (a cluster node, or this machine's device) a new runner of
+        `wanted` goes to: one where it fits as things are, the most room left first,
+        else the one that evicts the fewest runners; None to wait for memory. A
+        model that fits no device even alone is refused."""
+        devices = [d for d in self._candidates(wanted.spec) if device_key(d) not in avoid]
+        fitting: list[_Placement] = []
+        never: list[tuple[AcceleratorInfo, int, int]] = []
+        for device in devices:
+            launch = self.configuration.launch(
+                wanted.model, wanted.stored, wanted.key[2], config, device
+            )
+            estimate = self._estimate(wanted, launch)
+            needed = bytes_needed(device, estimate)
+            budget = self.budget(device)
+            residents = [r for r in self._runners if r.device_key == device_key(device)]
+            plan = plan_admission(needed, budget, residents, may_evict=may_evict)
+            if plan.fits:
+                room = budget - needed - sum(r.memory for r in residents if r not in plan.evict)
+                fitting.append(_Placement(device, launch, estimate, needed, plan, room))
+            elif plan.never_fits:
+                never.append((device, needed, budget))
+        if fitting:
+            return min(fitting, key=lambda option: (len(option.plan.evict), -option.room))
+        if never and len(never) == len(devices):
+            self.counters["rejected_memory"] += 1
+            raise _never_fits(wanted.model, never)
+        return None
+
+    def _estimate(self, wanted: _Wanted, launch: RunnerLaunch) -> MemoryEstimate:
         try:
-            estimate = spec.engine.estimate_memory(launch)
+            return wanted.spec.engine.estimate_memory(launch)
         except ValueError as error:
             raise InvalidRequestError(str(error)) from error
         except Exception as error:
             raise RunnerError(
-                f"{spec.name} could not estimate {model}'s memory: {error}"
+                f"{wanted.spec.name} could not estimate {wanted.model}'s memory: {error}"
             ) from error
-        needed = bytes_needed(device, estimate)
-        budget = self.budget(device)
-        residents = [r for r in self._runners.values() if r.device_key == device_key(device)]
-        plan = plan_admission(needed, budget, residents, may_evict=self._evictable_for(priority))
-        if not plan.fits:
-            if plan.never_fits:
-                self.counters["rejected_memory"] += 1
-                raise InsufficientMemoryError(
-                    f"{model} needs {format_bytes(needed)} ({needed} bytes) on {device.name} "
-                    f"but the memory budget is {format_bytes(budget)} ({budget} bytes); "
-                    "try a smaller context size or a smaller quantization"
-                )
-            return None
+
+    def _start_runner(
+        self, wanted: _Wanted, config: RunnerConfig, placement: _Placement, *, in_use: int
+    ) -> Runner:
+        # The socket directory is made only once the runner is admitted: queued
+        # requests run `_place` again at every release.
         socket_dir = Path(tempfile.mkdtemp(prefix="dmr-runner-"))
-        launch = replace(launch, socket_path=socket_dir / "runner.sock")
-        for victim in plan.evict:
+        launch = replace(placement.launch, socket_path=socket_dir / "runner.sock")
+        for victim in placement.plan.evict:
             assert isinstance(victim, Runner)
-            log.info("evicting idle %s to make room for %s", _describe(victim), model)
+            log.info("evicting idle %s to make room for %s", _describe(victim), wanted.model)
             self._unregister(victim, reason="evictions")
         runner = Runner(
-            key=key,
-            spec=spec,
+            key=wanted.key,
+            spec=wanted.spec,
             launch=launch,
-            memory=needed,
-            keep_alive=keep_alive if keep_alive is not None else config.keep_alive,
+            memory=placement.needed,
+            keep_alive=wanted.keep_alive if wanted.keep_alive is not None else config.keep_alive,
             socket_dir=socket_dir,
         )
-        runner.in_use = 1
-        self._runners[key] = runner
+        runner.in_use = in_use
+        self._runners.add(runner)
         runner.load_task = asyncio.create_task(
-            self._load(runner, estimate), name=f"load {_describe(runner)}"
+            self._load(runner, placement.estimate), name=f"load {_describe(runner)}"
         )
         return runner
+
+    def _add_replicas(self, wanted: _Wanted, config: RunnerConfig) -> None:
+        """Start the replicas `config` asks for that are missing, each on a node with
+        none of them, where it fits without evicting anything; the others wait for
+        the next request (a node joins, memory frees)."""
+        replicas = self._runners.replicas(wanted.key)
+        missing = (config.replicas or 1) - len(replicas)
+        avoid = {runner.device_key for runner in replicas}
+        for _ in range(missing):
+            try:
+                placement = self._place(wanted, config, avoid=avoid, may_evict=_never_evict)
+            except DmrError:
+                return  # fits no other node: the replicas there are enough
+            if placement is None:
+                return
+            spare = self._start_runner(wanted, config, placement, in_use=0)
+            avoid.add(spare.device_key)
+
+    def _balance(self, replicas: list[Runner], affinity: Affinity | None) -> Runner:
+        """The replica a request joins: the one its prompt prefix hashes to while that
+        one is not much busier than the least busy, else the least busy; ready ones
+        before loading ones."""
+        ready = [runner for runner in replicas if not runner.loading] or replicas
+        if len(ready) == 1:
+            return ready[0]
+        least = min(runner.in_use for runner in ready)
+        prefix = affinity() if affinity is not None else None
+        if prefix:
+            preferred = max(ready, key=lambda runner: _rendezvous(prefix, runner))
+            if preferred.in_use < least + AFFINITY_SLACK:
+                return preferred
+        return min(ready, key=lambda runner: (runner.in_use, runner.last_used))
+
+    def placement_devices(self) -> list[AcceleratorInfo]:
+        """Where runners may go: the cluster's live nodes while the placement is
+        connected and has any, else this machine's devices."""
+        if self.placement is not None and self.placement.connected:
+            nodes = self.placement.devices()
+            if nodes:
+                return nodes
+        return self.devices
+
+    def _candidates(self, spec: EngineSpec) -> list[AcceleratorInfo]:
+        devices = self.placement_devices()
+        chosen = choose_device(devices, spec.device_kinds)  # raises for no usable kind
+        if chosen.node is None:
+            return [chosen]  # this machine: the GPU with most free memory, else the CPU
+        usable = [d for d in devices if spec.device_kinds is None or d.kind in spec.device_kinds]
+        return [d for d in usable if d.is_gpu] or usable
 
     def _evictable_for(self, priority: Priority) -> Callable[[Resident], bool] | None:
         """Batch work evicts only runners idle for `batch_evict_after` seconds: a model
@@ -431,7 +549,7 @@ class Scheduler:
         if runner.in_use == 0:
             self.cpu_share.refresh()
         runner.touch()
-        if runner.in_use == 0 and self._runners.get(runner.key) is runner and not runner.loading:
+        if runner.in_use == 0 and self._runners.holds(runner) and not runner.loading:
             self._schedule_idle(runner)
         self._signal_capacity()
 
@@ -445,23 +563,11 @@ class Scheduler:
             # Evicted runners must be gone before this one claims their memory.
             if self._stopping:
                 await asyncio.gather(*list(self._stopping), return_exceptions=True)
-            try:
-                command = runner.spec.engine.runner_command(runner.launch)
-            except ValueError as error:
-                raise InvalidRequestError(str(error)) from error
-            process = RunnerProcess(command, name=name, log_path=self._log_path(runner))
-            runner.process = process
-            runner.cpu_share = command.cpu_share
-            log.info(
-                "starting %s (estimated %s on %s): %s",
-                name,
-                format_bytes(estimate.total),
-                runner.device.name,
-                shlex.join(command.argv),
-            )
             started = time.monotonic()
-            await process.start()
-            await process.wait_healthy(runner.handle.client, command.startup_timeout)
+            command = await self._start_process(runner, name, estimate)
+            runner.cpu_share = command.cpu_share
+            assert runner.process is not None
+            await runner.process.wait_healthy(runner.handle.client, command.startup_timeout)
             runner.watch_task = asyncio.create_task(self._watch(runner), name=f"watch {name}")
             self.counters["loads"] += 1
             self.cpu_share.refresh()  # it computes from now on, for its waiting requests
@@ -476,8 +582,7 @@ class Scheduler:
             else:
                 runner.error = RunnerError(f"{name} failed to start: {error}")
             log.error("%s", runner.error.message)
-            if self._runners.get(runner.key) is runner:
-                del self._runners[runner.key]
+            self._runners.discard(runner)
             # Also removes the socket directory and closes the handle's client; by the
             # time this task runs, this load task has finished.
             self._track_stop(runner.stop())
@@ -490,6 +595,36 @@ class Scheduler:
             if runner.error is None and runner.in_use == 0:
                 self._schedule_idle(runner)
 
+    async def _start_process(
+        self, runner: Runner, name: str, estimate: MemoryEstimate
+    ) -> RunnerCommand:
+        """Start the runner's process: here, or on its cluster node through the
+        placement (which builds the command there, where the model's files are)."""
+        where = f"{format_bytes(estimate.total)} on {runner.device.name}"
+        if runner.device.node is not None and self.placement is not None:
+            placed: PlacedRunner = self.placement.place(
+                runner.spec.name,
+                runner.launch,
+                name=name,
+                memory=runner.memory,
+                log_path=self._log_path(runner),
+            )
+            runner.process = placed
+            log.info("placing %s (estimated %s)", name, where)
+            command = await placed.start()
+            await runner.handle.use_tcp(placed.address)
+            runner.handle.node = runner.device.node
+            return command
+        try:
+            command = runner.spec.engine.runner_command(runner.launch)
+        except ValueError as error:
+            raise InvalidRequestError(str(error)) from error
+        process = RunnerProcess(command, name=name, log_path=self._log_path(runner))
+        runner.process = process
+        log.info("starting %s (estimated %s): %s", name, where, shlex.join(command.argv))
+        await process.start()
+        return command
+
     async def _watch(self, runner: Runner) -> None:
         """Notice a runner that dies on its own: evict it and say why."""
         assert runner.process is not None
@@ -497,7 +632,7 @@ class Scheduler:
         if runner.process.stopping:
             return
         log.error("runner crashed: %s", runner.process.failure_message(10))
-        if self._runners.get(runner.key) is runner:
+        if self._runners.holds(runner):
             self._unregister(runner, reason="crashes")
 
     # ------------------------------------------------------------------ unloading
@@ -517,15 +652,14 @@ class Scheduler:
 
     async def _expire(self, runner: Runner, seconds: float) -> None:
         await asyncio.sleep(seconds)
-        if runner.in_use == 0 and self._runners.get(runner.key) is runner:
+        if runner.in_use == 0 and self._runners.holds(runner):
             runner.idle_task = None  # do not cancel ourselves while stopping
             log.info("unloading %s after %s idle", _describe(runner), format_duration(seconds))
             self._unregister(runner, reason="idle_unloads")
 
     def _unregister(self, runner: Runner, *, reason: str) -> None:
         """Forget a runner now and stop its process in the background."""
-        if self._runners.get(runner.key) is runner:
-            del self._runners[runner.key]
+        self._runners.discard(runner)
         self.counters[reason] += 1
         self._track_stop(runner.stop())
         self._signal_capacity()
@@ -593,8 +727,7 @@ class Scheduler:
                     _describe(runner),
                     runner.in_use,
                 )
-            if self._runners.get(runner.key) is runner:
-                del self._runners[runner.key]
+            self._runners.discard(runner)
             self.counters["unloads"] += 1
             stops.append(runner.stop())
         if stops:
@@ -629,7 +762,7 @@ class Scheduler:
         self.configuration.remember(stored.id, configured, persist=persist)
         stops = []
         for runner in mine:
-            del self._runners[runner.key]
+            self._runners.discard(runner)
             stops.append(runner.stop())
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
@@ -647,7 +780,7 @@ class Scheduler:
                 await asyncio.gather(*(r.ready.wait() for r in loading))
         # A preload releases its runner a few loop turns after the load ends.
         for _ in range(50):
-            if not any(r.in_use for r in loading if self._runners.get(r.key) is r):
+            if not any(r.in_use for r in loading if self._runners.holds(r)):
                 break
             await asyncio.sleep(0.02)
 
@@ -680,6 +813,9 @@ class Scheduler:
                 ),
                 "memory": runner.memory,
                 "device": runner.device.name,
+                # The cluster node's ID (None on this machine), and its address.
+                "node": runner.device.node,
+                "node_address": runner.device.details.get("address"),
                 "pid": runner.process.pid if runner.process else None,
                 "waiting": waiting.get(runner.key, 0),
             }
@@ -721,6 +857,32 @@ class Scheduler:
         backend, model_id, mode = runner.key
         short = model_id.removeprefix("sha256:")[:12]
         return self.settings.log_dir / f"runner-{backend}-{short}-{mode.value}.log"
+
+
+def _never_evict(resident: Resident) -> bool:
+    return False
+
+
+def _rendezvous(prefix: str, runner: Runner) -> int:
+    """Highest-random-weight hashing: a prefix keeps its replica while the set of
+    replicas stays the same, and only the lost replica's prefixes move."""
+    digest = hashlib.blake2b(f"{prefix}|{runner.device_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _never_fits(model: str, refusals: list[tuple[AcceleratorInfo, int, int]]) -> DmrError:
+    device, needed, budget = max(refusals, key=lambda refusal: refusal[2])
+    if device.node is None:
+        return InsufficientMemoryError(
+            f"{model} needs {format_bytes(needed)} ({needed} bytes) on {device.name} "
+            f"but the memory budget is {format_bytes(budget)} ({budget} bytes); "
+            "try a smaller context size or a smaller quantization"
+        )
+    return InsufficientMemoryError(
+        f"{model} needs {format_bytes(needed)} ({needed} bytes) and fits no node of the "
+        f"cluster: the largest, {device.name}, has {format_bytes(budget)} ({budget} bytes); "
+        "add a node with more memory, or try a smaller context size or quantization"
+    )
 
 
 def _describe(runner: Runner) -> str:

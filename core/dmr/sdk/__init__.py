@@ -1,6 +1,6 @@
 """The plugin kit: everything a plugin imports from dmr (docs/plugins.md).
 
-Three tiers, one module each:
+Four tiers, one module each:
 
 - `dmr.sdk` (this module), registration: the hook marker, the records hooks return
   and receive, the store a model source writes to, the errors a plugin raises for
@@ -9,12 +9,15 @@ Three tiers, one module each:
   needs to serve the runner protocol;
 - `dmr.sdk.dialect`, the dialect kit: what an API dialect's views need to resolve
   a model, call, stream or proxy to its runner, limit bodies, pull, push and
-  package models, answer errors, and what a plugin's CLI command needs.
+  package models, answer errors, and what a plugin's CLI command needs;
+- `dmr.sdk.cluster`, the cluster kit: what a placement plugin needs to start
+  runners on other machines (get and verify a model there, build and watch its
+  runner).
 
     from dmr.sdk import EngineSpec, RunnerCommand, hookimpl
 
 Other `dmr` modules are internal and may change; the bundled plugins import only
-from these three (tests/test_plugin_kit.py). A name is imported from its core
+from these four (tests/test_plugin_kit.py). A name is imported from its core
 module when first used (`dmr.sdk._lazy`), so importing a tier costs nothing.
 """
 
@@ -50,12 +53,14 @@ if TYPE_CHECKING:
         ModelFormat,
         ModelPuller,
         ModelSource,
+        PlacedRunner,
         ProgressCallback,
         ProgressEvent,
         ProxyRoute,
         RunnerCommand,
         RunnerConfig,
         RunnerLaunch,
+        RunnerPlacement,
     )
     from dmr.scheduler.wait_queue import Priority, priority_headers, request_priority
     from dmr.store import Store, StoredModel
@@ -81,6 +86,7 @@ __all__ = [
     "ModelPuller",
     "ModelSource",
     "PayloadTooLargeError",
+    "PlacedRunner",
     "PluginContractError",
     "Priority",
     "ProgressCallback",
@@ -91,6 +97,7 @@ __all__ = [
     "RunnerConfig",
     "RunnerError",
     "RunnerLaunch",
+    "RunnerPlacement",
     "Store",
     "StoredModel",
     "dmr_version",

@@ -22,7 +22,10 @@ from dmr.server.security import install_security
 from dmr.server.services import Services
 from dmr.settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["STARTUP_ERROR", "create_app"]
+
+# `app.extensions` key of the message of a start-up that failed (see `start_services`).
+STARTUP_ERROR = "dmr_startup_error"
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +106,15 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
 
     @app.before_serving
     async def start_services() -> None:
-        services = await build_services(settings, pm)
-        app.extensions["dmr"] = services
-        await services.scheduler.start()
+        try:
+            services = await build_services(settings, pm)
+            app.extensions["dmr"] = services
+            await services.scheduler.start()
+        except DmrError as error:
+            # hypercorn reports a failed start-up as its own error: `run_server` says
+            # this one instead (an unreachable cluster, a missing plugin).
+            app.extensions[STARTUP_ERROR] = error.message
+            raise
         for result in pm.hook.dmr_server_startup(app=app):
             await plugins.resolve(result)
 
@@ -161,8 +170,19 @@ async def build_services(settings: Settings, pm: pluggy.PluginManager) -> Servic
     engines = {spec.name: spec for spec in plugins.engines(pm)}
     devices = await plugins.probe_hardware(pm)
     formats = plugins.model_formats(pm)  # this manager's, not the process-wide one
+    placement = plugins.runner_placement(settings, pm)
+    if settings.ray_address and placement is None:
+        raise DmrError(
+            f"DMR_RAY_ADDRESS / --ray-address ({settings.ray_address}) needs the dmr-ray"
+            " plugin: pip install -e plugins/ray (docs/cluster.md)"
+        )
     scheduler = Scheduler(
-        settings=settings, store=store, engines=engines, devices=devices, formats=formats
+        settings=settings,
+        store=store,
+        engines=engines,
+        devices=devices,
+        formats=formats,
+        placement=placement,
     )
     return Services(
         settings=settings,

@@ -176,7 +176,7 @@ async def _send(
     lease is given back when that fails."""
     try:
         return await open_request(
-            handle.socket_path,
+            handle.address,
             method,
             path,
             body,

@@ -14,7 +14,7 @@ import socket
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from dmr.server.app import create_app
+from dmr.server.app import STARTUP_ERROR, create_app
 from dmr.server_process import ServerProcess, is_dmr_serve
 from dmr.settings import Settings
 
@@ -104,6 +104,11 @@ def run_server(settings: Settings | None = None) -> None:
             if error.errno != errno.EADDRINUSE or settings.port is None:
                 raise
             raise AddressInUseError(address_in_use_message(settings)) from error
+        except Exception as error:
+            failed = app.extensions.get(STARTUP_ERROR)
+            if failed is None:
+                raise
+            raise ListenError(f"the server did not start: {failed}") from error
     finally:
         if pid_file is not None:
             pid_file.remove(os.getpid())  # only while it names this process
