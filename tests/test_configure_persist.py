@@ -104,6 +104,7 @@ def test_configure_show_sources_and_the_new_flags(test_engine_server: DmrServer)
         "--hf_overrides", '{"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}',
         "--gpu-memory-utilization", "0.8",
         "--think=false",
+        "--replicas", "2",
         "test/a",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -118,10 +119,12 @@ def test_configure_show_sources_and_the_new_flags(test_engine_server: DmrServer)
     # Nothing packaged or configured: the engine picks the context when it loads.
     assert item["context-size"] is None
     assert item["keep_alive"] == "1m"  # the server's DMR_IDLE_TIMEOUT_SECONDS
+    assert item["replicas"] == 2
     assert item["sources"] == {
         "context-size": "default",
         "runtime-flags": "default",
         "keep_alive": "default",
+        "replicas": "configure",
         "speculative": "configure",
         "vllm": "configure",
         "llamacpp": "configure",
@@ -134,7 +137,8 @@ def test_configure_show_sources_and_the_new_flags(test_engine_server: DmrServer)
     assert rows[0].split() == ["test/a", "test-engine", "completion", "context-size",
                                "(engine", "default)", "default"]  # fmt: skip
     assert rows[2].split() == ["keep_alive", "1m", "default"]
-    assert rows[3].split() == ["speculative", '{"min_acceptance_rate":', "0.5,",
+    assert rows[3].split() == ["replicas", "2", "configure"]
+    assert rows[4].split() == ["speculative", '{"min_acceptance_rate":', "0.5,",
                                '"num_tokens":', "4}", "configure"]  # fmt: skip
     wrong = server.cli("configure", "show", "--format", "yaml")
     assert wrong.returncode == 2 and "'yaml' is not one of 'json', 'text'" in wrong.stderr

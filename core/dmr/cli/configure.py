@@ -136,6 +136,12 @@ class _ConfigureCommand(click.Command):
     help="Ray cluster for vLLM's workers (HOST:PORT or auto); with "
     "`-- --distributed-executor-backend ray`.",
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    help="Runners of the model to keep, each on another node of the server's Ray"
+    " cluster (dmr serve --ray-address); requests are balanced between them.",
+)
 @click.option("--backend", help="Engine to configure.")
 def configure(
     model: str,
@@ -152,6 +158,7 @@ def configure(
     think_value: str | None,
     reasoning_budget: int | None,
     ray_address: str | None,
+    replicas: int | None,
     backend: str | None,
 ) -> None:
     """Configure MODEL's runner; engine FLAGS go after `--`.
@@ -174,6 +181,8 @@ def configure(
         body["keep_alive"] = keep_alive
     if mode:
         body["mode"] = mode
+    if replicas is not None:
+        body["replicas"] = replicas
     speculative: dict[str, Any] = {}
     if draft_model:
         speculative["draft_model"] = draft_model
@@ -243,7 +252,9 @@ def show(model: str | None, output: str) -> None:
 
 
 # The order `configure show --format text` lists settings in (the server's JSON sorts keys).
-SETTING_ORDER = ("context-size", "runtime-flags", "keep_alive", "speculative", "llamacpp", "vllm")
+SETTING_ORDER = (
+    "context-size", "runtime-flags", "keep_alive", "replicas", "speculative", "llamacpp", "vllm",
+)  # fmt: skip
 
 
 def _setting_order(entry: tuple[str, Any]) -> tuple[int, str]:

@@ -130,7 +130,9 @@ def ps() -> None:
         # Older servers (and Docker Model Runner) have no queue route: nothing waits.
         queue_answer = client.get("/engines/queue")
         queued = queue_answer.json() if queue_answer.status_code == 200 else []
-    rows = [("MODEL NAME", "BACKEND", "MODE", "STATE", "WAITING", "LAST USED", "UNTIL")]
+    rows: list[tuple[str, ...]] = [
+        ("MODEL NAME", "BACKEND", "MODE", "STATE", "WAITING", "LAST USED", "UNTIL")
+    ]
     now = time.time()
     loaded = set()
     for item in runners:
@@ -161,6 +163,10 @@ def ps() -> None:
                 "",
             )
         )
+    if any(item.get("node") for item in runners):
+        # On a cluster (dmr serve --ray-address): the node each runner is on.
+        nodes = ["NODE"] + [str(item.get("device") or "") for item in runners]
+        rows = [(*row, nodes[i] if i < len(nodes) else "") for i, row in enumerate(rows)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
@@ -207,7 +213,7 @@ def openai_endpoint(address: ServerAddress) -> str:
 
 
 def _status_json(
-    address: ServerAddress, engines: Any, devices: Any, probe_errors: Any
+    address: ServerAddress, engines: Any, devices: Any, probe_errors: Any, cluster: Any = None
 ) -> dict[str, Any]:
     """`docker model status --json`'s fields, which Docker Compose reads (`endpoint`),
     then dmr's own (`engines`, `devices`)."""
@@ -222,7 +228,10 @@ def _status_json(
     }
     if address.socket_path is not None:
         answer["socket"] = str(address.socket_path)
-    return {**answer, "engines": engines, "devices": devices, "probe_errors": probe_errors}
+    answer.update(engines=engines, devices=devices, probe_errors=probe_errors)
+    if cluster is not None:
+        answer["cluster"] = cluster
+    return answer
 
 
 @click.command()
@@ -238,6 +247,7 @@ def status(as_json: bool) -> None:
             described = hardware.json() if hardware.status_code == 200 else {}
             devices = described.get("devices", [])
             probe_errors = described.get("probe_errors", [])
+            cluster = described.get("cluster")
     except (HTTPError, CliError) as error:
         if as_json:
             click.echo(json.dumps({"running": False, "error": str(error)}))
@@ -245,7 +255,8 @@ def status(as_json: bool) -> None:
             click.echo("Docker Model Runner is not running")
         raise SystemExit(1) from None
     if as_json:
-        click.echo(json.dumps(_status_json(address, engines, devices, probe_errors), indent=2))
+        answer = _status_json(address, engines, devices, probe_errors, cluster)
+        click.echo(json.dumps(answer, indent=2))
         return
     click.echo("Docker Model Runner is running")
     click.echo("")

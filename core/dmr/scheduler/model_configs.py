@@ -61,6 +61,7 @@ def config_to_json(configured: ConfiguredModel) -> dict[str, Any]:
         "context-size": config.context_size,
         "runtime-flags": list(config.runtime_flags),
         "keep_alive_seconds": config.keep_alive,
+        "replicas": config.replicas,
         "speculative": {
             "draft_model": config.speculative_draft_model,
             "num_tokens": config.speculative_num_tokens,
@@ -104,7 +105,9 @@ def describe_config(
         "context-size": context,
         "runtime-flags": list(config.runtime_flags),
         "keep_alive": format_duration(default_keep_alive if keep_alive is None else keep_alive),
+        "replicas": config.replicas or 1,
     }
+    sources["replicas"] = "configure" if config.replicas is not None else "default"
     speculative = (
         config.speculative_draft_model,
         config.speculative_num_tokens,
@@ -137,6 +140,9 @@ def config_from_json(item: Mapping[str, Any]) -> ConfiguredModel:
     if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
         raise ValueError("'runtime-flags' must be a list of strings")
     keep_alive = _optional(item, "keep_alive_seconds", float)
+    replicas = _optional(item, "replicas", int)
+    if replicas is not None and replicas <= 0:
+        raise ValueError("'replicas' must be positive")
     speculative = item.get("speculative") or {}
     if not isinstance(speculative, Mapping):
         raise ValueError("'speculative' must be an object")
@@ -155,6 +161,7 @@ def config_from_json(item: Mapping[str, Any]) -> ConfiguredModel:
         speculative_num_tokens=_optional(speculative, "num_tokens", int),
         speculative_min_acceptance_rate=_optional(speculative, "min_acceptance_rate", float),
         engine_options=engine_options,
+        replicas=replicas,
     )
     return ConfiguredModel(model_name=name, backend=backend, mode=mode, config=config)
 

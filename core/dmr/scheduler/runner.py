@@ -7,6 +7,7 @@ import contextlib
 import logging
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from dmr.errors import DmrError
     from dmr.records import PlacedRunner
     from dmr.scheduler.runner_process import RunnerProcess
+    from dmr.scheduler.unix_http import UnixResponse
 
 __all__ = ["Runner", "RunnerHandle", "RunnerKey", "RunnerTable", "Unloaded", "runner_client"]
 
@@ -74,6 +76,15 @@ class RunnerHandle:
     tcp_address: tuple[str, int] | None = None
     # The cluster node it runs on (shown by `ps`); None: this machine.
     node: str | None = None
+    # The proxy's open connections to it, dropped when the runner is lost.
+    streams: weakref.WeakSet[UnixResponse] = field(
+        default_factory=weakref.WeakSet, repr=False, compare=False
+    )
+
+    def abort_streams(self) -> None:
+        """End every open stream to the runner at once (it died, or its node did)."""
+        for stream in list(self.streams):
+            stream.abort()
 
     @property
     def address(self) -> Path | tuple[str, int]:

@@ -632,6 +632,7 @@ class Scheduler:
         if runner.process.stopping:
             return
         log.error("runner crashed: %s", runner.process.failure_message(10))
+        runner.handle.abort_streams()  # a lost node's connections may never close
         if self._runners.holds(runner):
             self._unregister(runner, reason="crashes")
 

@@ -76,6 +76,11 @@ class UnixResponse:
     async def read(self) -> bytes:
         return b"".join([piece async for piece in self.iter_body()])
 
+    def abort(self) -> None:
+        """Drop the connection now: its reader fails at once with `RunnerConnectionError`
+        (a runner on a lost node may never close it)."""
+        self._writer.transport.abort()
+
     async def aclose(self) -> None:
         """Close the connection; a runner sees this as the client going away."""
         self._writer.close()

@@ -163,6 +163,7 @@ def parse_configure_body(body: Mapping[str, Any]) -> tuple[str, Mode, RunnerConf
         speculative_num_tokens=int(num_tokens) if num_tokens else None,
         speculative_min_acceptance_rate=float(acceptance) if acceptance else None,
         engine_options=engine_options,
+        replicas=_positive_int(body, "replicas"),
     )
     return model, mode, config
 

@@ -72,7 +72,7 @@ SCOPE_KEY = "dmr.observation"
 RUNNER_SCRAPE_TIMEOUT = 2.0
 _STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_ADDED_LABELS = ("backend", "model", "mode")
+_ADDED_LABELS = ("backend", "model", "mode", "node")
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
@@ -261,6 +261,8 @@ def merge_runner_metrics(scraped: Iterable[tuple[RunnerHandle, str]]) -> list[Me
     families: dict[str, Metric] = {}
     for handle, text in scraped:
         added = {"backend": handle.backend, "model": handle.model_name, "mode": handle.mode.value}
+        if handle.node is not None:
+            added["node"] = handle.node  # replicas of one model differ by node only
         try:
             parsed = list(text_string_to_metric_families(text))
         except ValueError as error:

@@ -22,6 +22,7 @@ from quart import Response
 from dmr.errors import DmrError, RunnerError
 from dmr.scheduler.unix_http import RunnerConnectionError, open_request
 from dmr.scheduler.wait_queue import priority_headers
+from dmr.server.affinity import prompt_prefix
 from dmr.server.metrics import note_model
 from dmr.server.recorder import start_capture
 from dmr.server.services import Services, get_services
@@ -133,7 +134,9 @@ async def open_exchange(
     (for a caller that reads the events itself).
     """
     started = time.monotonic()
-    lease = services.scheduler.acquire(model, mode, backend=backend, keep_alive=keep_alive)
+    lease = services.scheduler.acquire(
+        model, mode, backend=backend, keep_alive=keep_alive, affinity=lambda: prompt_prefix(body)
+    )
     handle = await lease.__aenter__()
     load_seconds = time.monotonic() - started
     held = _Lease(lease)
@@ -175,7 +178,7 @@ async def _send(
     """Send the request on the runner's socket and read the head of its answer; the
     lease is given back when that fails."""
     try:
-        return await open_request(
+        upstream = await open_request(
             handle.address,
             method,
             path,
@@ -192,6 +195,8 @@ async def _send(
     except BaseException:
         await held.release()
         raise
+    handle.streams.add(upstream)  # dropped at once if the runner is lost
+    return upstream
 
 
 async def _read_whole(

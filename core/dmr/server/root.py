@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from quart import Blueprint, Response
@@ -38,6 +39,11 @@ async def engines_status() -> dict[str, str]:
         except Exception as error:  # a broken engine plugin must not break the route
             status = EngineStatus(EngineState.ERROR, str(error))
         report[name] = status.render()
+    placement = services.scheduler.placement
+    if placement is not None:
+        # Beside the engines, as `dmr status` lists it; a lost cluster is no failed
+        # health check: runners then start on this machine.
+        report[placement.name] = _cluster_line(placement.status())
     for name, hint in KNOWN_ENGINES.items():
         report.setdefault(name, EngineStatus(EngineState.NOT_INSTALLED, hint).render())
     return report
@@ -69,9 +75,27 @@ async def engines_hardware() -> dict[str, Any]:
             }
             for device in devices
         ],
-        # What admission uses: the devices probed when the server started.
-        "scheduler_devices": [device.name for device in services.devices],
+        # What admission uses: the devices probed when the server started, or the
+        # cluster's nodes while a placement is connected.
+        "scheduler_devices": [device.name for device in services.scheduler.placement_devices()],
+        "cluster": (
+            dict(services.scheduler.placement.status())
+            if services.scheduler.placement is not None
+            else None
+        ),
     }
+
+
+def _cluster_line(status: Mapping[str, Any]) -> str:
+    nodes = list(status.get("nodes") or [])
+    if status.get("connected"):
+        return f"Running: cluster at {status.get('address')}, {len(nodes)} nodes: " + ", ".join(
+            nodes
+        )
+    return (
+        f"Error: not connected to the cluster at {status.get('address')} ({status.get('error')});"
+        " new runners start on this machine"
+    )
 
 
 @blueprint.get("/engines/df")

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -203,6 +204,13 @@ class LlamaCppEngine:
             raise ValueError(f"llama.cpp cannot serve mode {launch.mode.value!r}")
         native = self._native_server()
         settings = worker_settings(launch, native=native is not None)
+        # Threads set by hand stay as set; llama-server (below) cannot change its own.
+        shares = launch.device.kind == "cpu" and settings.threads is None
+        shares = shares and settings.threads_batch is None
+        if settings.threads is None and launch.device.node is not None and launch.device.cores:
+            # On a cluster node, the CPUs the node declares (Ray's `--num-cpus`): a
+            # node sharing its machine must not compute with every core of it.
+            settings = replace(settings, threads=launch.device.cores)
         bundle = find_gguf_bundle(launch.bundle_dir)
         metadata = _gguf_metadata(bundle.model)
         ctx_size = self._chosen_context(launch, settings, metadata)
@@ -247,9 +255,6 @@ class LlamaCppEngine:
             if launch.mode is not Mode.COMPLETION:
                 raise ValueError("a speculative draft model only applies to completion runners")
             argv += ["--model-draft", str(find_gguf_bundle(launch.draft_bundle_dir).model)]
-        # Threads set by hand stay as set; llama-server (above) cannot change its own.
-        shares = launch.device.kind == "cpu" and settings.threads is None
-        shares = shares and settings.threads_batch is None
         return RunnerCommand(argv=tuple(argv), env={}, startup_timeout=120.0, cpu_share=shares)
 
     def _native_command(
