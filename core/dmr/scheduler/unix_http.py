@@ -26,7 +26,7 @@ class RunnerConnectionError(ConnectionError):
     """The runner closed, reset or garbled the connection."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: kept in weak sets
 class UnixResponse:
     status: int
     headers: dict[str, str]  # lower-cased names
