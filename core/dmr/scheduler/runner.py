@@ -81,6 +81,12 @@ class RunnerHandle:
         default_factory=weakref.WeakSet, repr=False, compare=False
     )
 
+    def mark_lost(self) -> None:
+        """A connection to a runner on a cluster node failed: its node may be gone long
+        before the cluster says so, so new requests go to the other replicas now."""
+        if self.tcp_address is not None and self.runner is not None:
+            self.runner.lost = True
+
     def abort_streams(self) -> None:
         """End every open stream to the runner at once (it died, or its node did)."""
         for stream in list(self.streams):
@@ -117,6 +123,8 @@ class RunnerHandle:
             try:
                 await asyncio.wait_for(process.wait(), timeout=wait)
             except TimeoutError:
+                if self.runner is not None and self.runner.lost:
+                    return f"{process.name} stopped answering: it or its node was lost"
                 return None
         return process.failure_message()
 
@@ -154,6 +162,8 @@ class Runner:
         self.last_used = time.monotonic()
         self.last_used_wall = time.time()
         self.unload_when_idle = False
+        # A placed runner that stopped answering (`RunnerHandle.mark_lost`).
+        self.lost = False
         # Why it was stopped under its requests (`dmr unload`): their clients' error.
         self.stop_reason: str | None = None
         self.idle_task: asyncio.Task[None] | None = None
@@ -180,7 +190,7 @@ class Runner:
 
     @property
     def exited(self) -> bool:
-        return self.process is not None and self.process.returncode is not None
+        return self.lost or (self.process is not None and self.process.returncode is not None)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()

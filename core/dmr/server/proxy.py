@@ -58,6 +58,7 @@ def _schedule(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, No
 
 
 async def _runner_failure(handle: RunnerHandle, error: Exception) -> RunnerError:
+    handle.mark_lost()  # a runner on a cluster node: the next requests go elsewhere
     reason = await handle.failure()
     if reason is not None:
         return RunnerError(reason)

@@ -74,13 +74,48 @@ async def ensure_model(
     store = Store.open(node_store_root())
     found = store.find(model_id)
     if found is not None:
-        if not mismatched_blobs(store, found):
+        bad = mismatched_blobs(store, found)
+        if not bad:
             return found
         log.warning("%s failed its digest check on node %s; pulling it again", model_id, node)
-        store.delete(model_id, force=True)
-    stored = await _pull(store, model_id, tags, node)
-    _refuse_mismatch(store, stored, node, "the registry")
-    return stored
+        _discard(store, set(bad))
+    return await _pull_verified(store, model_id, tags, node)
+
+
+async def _pull_verified(store: Store, model_id: str, tags: list[str], node: str) -> StoredModel:
+    """Pull, then check every blob; a pull keeps the blobs the node already has, so
+    bad ones (of this model or another sharing a layer) are dropped and the pull
+    is made once more before the node refuses the model."""
+    for attempt in range(2):
+        try:
+            stored = await _pull(store, model_id, tags, node)
+        except DmrError:
+            bad = {
+                digest for model in store.list_models() for digest in mismatched_blobs(store, model)
+            }
+            if attempt or not bad:
+                raise
+            log.warning("blobs on node %s failed their digest check; pulling them again", node)
+            _discard(store, bad)
+            continue
+        if attempt == 0 and (bad_blobs := mismatched_blobs(store, stored)):
+            log.warning("%s failed its digest check on node %s; pulling it again", model_id, node)
+            _discard(store, set(bad_blobs))
+            continue
+        _refuse_mismatch(store, stored, node, "the registry")
+        return stored
+    raise AssertionError("unreachable")
+
+
+def _discard(store: Store, bad: set[str]) -> None:
+    """Forget every model on the node that uses a bad blob (their bundles hard-link
+    it), then the blobs themselves: the next pull fetches them again."""
+    for model in store.list_models():
+        config = str(model.manifest.get("config", {}).get("digest", ""))
+        if bad & {config, *model.files}:
+            store.delete(model.id, force=True)
+    for digest in bad:
+        store.blob_path(digest).unlink(missing_ok=True)
 
 
 def _refuse_mismatch(store: Store, stored: StoredModel, node: str, source: str) -> None:
