@@ -87,7 +87,9 @@ def round_of(
 
 
 @contextlib.asynccontextmanager
-async def llama_server(gguf: Path, streams: int) -> AsyncIterator[httpx.AsyncClient]:
+async def llama_server(
+    gguf: Path, streams: int, threads: int | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
     port = free_port()
     argv = [
         str(llama_server_binary()),
@@ -95,6 +97,7 @@ async def llama_server(gguf: Path, streams: int) -> AsyncIterator[httpx.AsyncCli
         *("--parallel", str(streams), "--ctx-size", str(4096 * streams)),
         "--jinja",
         "--no-repack",
+        *(("--threads", str(threads)) if threads else ()),
     ]
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL

@@ -87,7 +87,7 @@ RETRY_AFTER_SECONDS = 5
 
 # A conversation goes back to the replica its prompt hashes to (whose prompt cache
 # holds it) unless that replica has this many more requests than the least busy one.
-AFFINITY_SLACK = 2
+AFFINITY_SLACK = 1
 
 # The request's prompt prefix, computed only when there are replicas to choose from.
 Affinity = Callable[[], str | None]
