@@ -47,11 +47,13 @@ def store_two_models(models_path: Path, ggufs: list[Path]) -> None:
         write_to_store(store, package_gguf([gguf], PackageOptions(created=when)), [tag])
 
 
-async def stream(client: httpx.AsyncClient, path: str, model: str, tokens: int) -> float:
+async def stream(
+    client: httpx.AsyncClient, path: str, model: str, tokens: int, prompt: str = PROMPT
+) -> float:
     """One streamed chat of `tokens` tokens (ignore_eos); its tokens/s."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": tokens,
         "ignore_eos": True,
         "temperature": 0.7,

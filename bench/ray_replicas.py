@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 import psutil
-from cpu_share import PROMPT, llama_server
+from cpu_share import PROMPT, llama_server, stream
 from dmr.testing import free_port, sample_gguf
 from dmr_served import dmr_served
 
@@ -83,21 +83,7 @@ def store_models(models_path: Path, gguf: Path) -> None:
 
 async def chat(client: httpx.AsyncClient, path: str, model: str, tokens: int, n: int) -> float:
     """One streamed chat (ignore_eos), its own question: `n` users, `n` conversations."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": f"{PROMPT} Reader number {n}."}],
-        "max_tokens": tokens,
-        "ignore_eos": True,
-        "temperature": 0.7,
-        "stream": True,
-    }
-    began = time.perf_counter()
-    async with client.stream("POST", path, json=body) as answer:
-        if answer.status_code != 200:
-            raise RuntimeError(f"{answer.status_code}: {(await answer.aread())[:300]!r}")
-        async for _line in answer.aiter_lines():
-            pass
-    return tokens / (time.perf_counter() - began)
+    return await stream(client, path, model, tokens, f"{PROMPT} Reader number {n}.")
 
 
 def round_of(

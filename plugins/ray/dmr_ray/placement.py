@@ -16,15 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from dmr.sdk import (
-    AcceleratorInfo,
-    DmrError,
-    PlacedRunner,
-    RunnerCommand,
-    RunnerError,
-    RunnerLaunch,
-    Store,
-)
+from dmr.sdk import AcceleratorInfo, DmrError, RunnerCommand, RunnerError, RunnerLaunch, Store
 from dmr.sdk.cluster import Settings
 
 __all__ = ["RayPlacement", "RayRunner", "node_device"]
@@ -152,7 +144,7 @@ class RayPlacement:
 
     def place(
         self, engine: str, launch: RunnerLaunch, *, name: str, memory: int, log_path: Path | None
-    ) -> PlacedRunner:
+    ) -> RayRunner:
         return RayRunner(self, engine, launch, name=name, memory=memory)
 
     def request(self, runner: RayRunner) -> dict[str, Any]:
