@@ -406,8 +406,11 @@ async def one_stream(
     messages: list[dict[str, str]],
     args: argparse.Namespace,
     max_tokens: int,
+    *,
+    path: str = "/v1/chat/completions",
 ) -> StreamResult:
-    """Stream one chat answer; TTFT is measured to the first chunk with content."""
+    """Stream one chat answer to `args.model_name`; TTFT is measured to the first chunk
+    with content."""
     request: dict[str, Any] = {
         "model": args.model_name,
         "messages": messages,
@@ -422,7 +425,7 @@ async def one_stream(
     usage: dict[str, Any] = {}
     done = finished = False
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=request) as response:
+        async with client.stream("POST", path, json=request) as response:
             if response.status_code != 200:
                 error = (await response.aread()).decode(errors="replace")[:300]
                 return StreamResult(None, 0, False, "", 0, 0, 0, f"{response.status_code} {error}")
@@ -431,6 +434,10 @@ async def one_stream(
                     done = True
                 elif line.startswith("data: "):
                     event = json.loads(line[6:])
+                    if "error" in event:
+                        return StreamResult(
+                            first, len(parts), False, "".join(parts), 0, 0, 0, str(event["error"])
+                        )
                     usage = event.get("usage") or usage
                     choices = event.get("choices") or []
                     finished = finished or bool(choices and choices[0].get("finish_reason"))

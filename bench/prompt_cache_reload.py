@@ -39,6 +39,7 @@ from typing import Any
 
 import httpx
 from dmr_served import dmr_served
+from llamacpp_concurrency import one_stream
 
 MODEL = "ai/smollm2"
 CHAT = "/engines/v1/chat/completions"
@@ -60,39 +61,17 @@ def document(sentences: int) -> str:
 
 
 async def ask(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Answer:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    messages = [{"role": "user", "content": prompt}]
+    asked = argparse.Namespace(model_name=MODEL)
     started = time.perf_counter()
-    first: float | None = None
-    text: list[str] = []
-    usage: dict[str, Any] = {}
-    async with client.stream("POST", CHAT, json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{response.status_code}: {(await response.aread()).decode()}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(str(chunk["error"]))
-            for choice in chunk.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    first = first or time.perf_counter()
-                    text.append(piece)
-            usage = chunk.get("usage") or usage
-    details = usage.get("prompt_tokens_details") or {}
+    result = await one_stream(client, messages, asked, max_tokens, path=CHAT)
+    if result.error:
+        raise RuntimeError(result.error)
     return Answer(
-        ttft_s=(first or time.perf_counter()) - started,
-        text="".join(text),
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        cached_tokens=int(details.get("cached_tokens") or 0),
+        ttft_s=result.ttft_s if result.ttft_s is not None else time.perf_counter() - started,
+        text=result.text,
+        prompt_tokens=result.prompt_tokens,
+        cached_tokens=result.cached_tokens,
     )
 
 
