@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.test_kubernetes import KUBERNETES_VERSIONS, Manifest, by_kind, render
+from tests.test_kubernetes import KUBERNETES_VERSIONS, PREPULL_SCRIPT, Manifest, by_kind, render
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "deploy" / "helm" / "dmr"
@@ -167,7 +167,7 @@ def test_chart_renders_what_kustomize_renders(helm: Helm, variant: str) -> None:
 def test_the_chart_ships_the_kustomize_prepull_script() -> None:
     # Helm reads only files inside the chart, so it carries a copy: keep the two equal.
     copy = (CHART / "files" / "prepull.py").read_bytes()
-    assert copy == (KUSTOMIZE / "base" / "prepull.py").read_bytes()
+    assert copy == PREPULL_SCRIPT.read_bytes()
 
 
 def test_server_service_and_prepull_agree(helm: Helm) -> None:

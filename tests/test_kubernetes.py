@@ -2,14 +2,18 @@
 and the pre-pull Job's script pulls models through a real server and registry.
 
 kustomize itself is a Go binary that pip cannot install, so the overlays keep to
-what `render` below implements (resources, strategic-merge `patches`, `images`,
-a `configMapGenerator` with `files`) and it fails on anything else.
+what `render` below implements (resources, among them other kustomization folders;
+strategic-merge `patches` from files and JSON6902 `replace` patches inline with a
+`target`; `images`; a `configMapGenerator` with `files`, creating a ConfigMap or
+merging into one a resource made) and it fails on anything else. Where `kubectl` is
+on the PATH, its own kustomize renders every folder and must give the same objects.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,6 +33,10 @@ from tests.fixtures.server import DmrServer
 
 ROOT = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 OVERLAYS = ["base", "overlays/cpu", "overlays/nvidia"]
+# Every folder a user applies (the others are only listed as resources).
+DEPLOYMENTS = [*OVERLAYS, "multinode", "raycluster"]
+# The one pre-pull script, in the ConfigMap dmr-prepull of every folder above.
+PREPULL_SCRIPT = ROOT / "prepull" / "script" / "prepull.py"
 # An older supported release and the newest schemas the package ships.
 KUBERNETES_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
 
@@ -86,6 +94,65 @@ def _set_images(node: Any, images: list[dict[str, str]]) -> None:
             _set_images(item, images)
 
 
+def _named(manifests: list[Manifest], kind: str, name: str) -> list[Manifest]:
+    return [m for m in manifests if (m["kind"], m["metadata"]["name"]) == (kind, name)]
+
+
+def _generate(directory: Path, kustomization: dict[str, Any], manifests: list[Manifest]) -> None:
+    """configMapGenerator: a new ConfigMap, or (`behavior: merge`) files and labels
+    added to one that a resource of this kustomization made."""
+    options = kustomization.get("generatorOptions", {})
+    for generator in kustomization.get("configMapGenerator", []):
+        assert options.get("disableNameSuffixHash"), "hashed names need kustomize's rewriting"
+        assert set(generator) <= {"name", "files", "behavior"}
+        data = {Path(f).name: (directory / f).read_text() for f in generator["files"]}
+        labels = dict(options.get("labels", {}))
+        found = _named(manifests, "ConfigMap", generator["name"])
+        behavior = generator.get("behavior", "create")
+        assert behavior in {"create", "merge"}, f"{directory}: behavior {behavior}"
+        if behavior == "create":
+            assert not found, f"{directory}: a second ConfigMap {generator['name']}"
+            metadata = {"name": generator["name"], "labels": labels}
+            manifests.append(
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+            )
+        else:
+            assert len(found) == 1, f"{directory}: no ConfigMap {generator['name']} to merge into"
+            (config,) = found
+            config["metadata"]["labels"] = {**config["metadata"].get("labels", {}), **labels}
+            config["data"] = {**config["data"], **data}
+
+
+def _replace(manifest: Manifest, operations: list[dict[str, Any]]) -> None:
+    """A JSON6902 patch of `replace` operations on paths of map keys."""
+    for operation in operations:
+        assert set(operation) == {"op", "path", "value"} and operation["op"] == "replace"
+        *parents, last = operation["path"].lstrip("/").split("/")
+        node = manifest
+        for key in parents:
+            node = node[key]
+        assert last in node, f"replace of {operation['path']}, which is not there"
+        node[last] = copy.deepcopy(operation["value"])
+
+
+def _patch(directory: Path, entry: dict[str, Any], manifests: list[Manifest]) -> None:
+    """A strategic-merge patch file (`path`), or JSON6902 operations inline (`target`
+    and `patch`)."""
+    if "target" in entry:
+        assert set(entry) == {"target", "patch"}, "inline patches need a target, no options"
+        assert set(entry["target"]) == {"kind", "name"}
+        targets = _named(manifests, entry["target"]["kind"], entry["target"]["name"])
+        assert len(targets) == 1, f"{directory}: {entry['target']} matches {len(targets)}"
+        _replace(targets[0], yaml.safe_load(entry["patch"]))
+        return
+    assert set(entry) == {"path"}, "patch files are strategic-merge patches"
+    patch = yaml.safe_load((directory / entry["path"]).read_text())
+    targets = _named(manifests, patch["kind"], patch["metadata"]["name"])
+    assert len(targets) == 1, f"patch {entry['path']} matches {len(targets)} resources"
+    index = manifests.index(targets[0])
+    manifests[index] = _merge(targets[0], patch)
+
+
 def render(directory: Path) -> list[Manifest]:
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unknown = set(kustomization) - _SUPPORTED
@@ -97,26 +164,10 @@ def render(directory: Path) -> list[Manifest]:
             manifests.extend(render(path))
         else:
             manifests.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
-    options = kustomization.get("generatorOptions", {})
-    for generator in kustomization.get("configMapGenerator", []):
-        assert options.get("disableNameSuffixHash"), "hashed names need kustomize's rewriting"
-        assert set(generator) <= {"name", "files"}
-        data = {Path(f).name: (directory / f).read_text() for f in generator["files"]}
-        metadata = {"name": generator["name"], "labels": dict(options.get("labels", {}))}
-        manifests.append(
-            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
-        )
+    # kustomize's order: resources, then generators, then transformers.
+    _generate(directory, kustomization, manifests)
     for patch_entry in kustomization.get("patches", []):
-        assert set(patch_entry) == {"path"}, "only strategic-merge patch files are implemented"
-        patch = yaml.safe_load((directory / patch_entry["path"]).read_text())
-        targets = [
-            m
-            for m in manifests
-            if (m["kind"], m["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])
-        ]
-        assert len(targets) == 1, f"patch {patch_entry['path']} matches {len(targets)} resources"
-        index = manifests.index(targets[0])
-        manifests[index] = _merge(targets[0], patch)
+        _patch(directory, patch_entry, manifests)
     _set_images(manifests, kustomization.get("images", []))
     return manifests
 
@@ -201,7 +252,38 @@ def test_nvidia_overlay_requests_gpus() -> None:
     assert "nvidia.com/gpu" not in str(cpu)
 
 
+def _sorted(manifests: list[Manifest]) -> list[Manifest]:
+    return sorted(manifests, key=lambda m: (m["kind"], m["metadata"]["name"]))
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl (kustomize) here")
+@pytest.mark.parametrize("deployment", DEPLOYMENTS)
+def test_kustomize_renders_what_the_test_renderer_does(deployment: str) -> None:
+    kubectl = shutil.which("kubectl")
+    assert kubectl is not None
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / deployment)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    theirs = [d for d in yaml.safe_load_all(rendered) if d]
+    assert _sorted(theirs) == _sorted(render(ROOT / deployment))
+
+
 # --------------------------------------------------------------------------- pre-pull
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS)
+def test_every_deployment_mounts_the_one_prepull_script(deployment: str) -> None:
+    # The script is written once, in the kustomization prepull/script that each lists.
+    assert sorted(ROOT.rglob("prepull.py")) == [PREPULL_SCRIPT]
+    config = by_kind(render(ROOT / deployment), "ConfigMap")
+    assert config["data"]["prepull.py"] == PREPULL_SCRIPT.read_text()
+    # Beside it, the model list of the folder (the overlays': the base's).
+    own = ROOT / ("base" if deployment.startswith("overlays/") else deployment)
+    assert config["data"]["models.txt"] == (own / "models.txt").read_text()
 
 
 @pytest.mark.registry

@@ -46,7 +46,7 @@ import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 
-from tests.test_kubernetes import KUBERNETES_VERSIONS, ROOT, by_kind, render
+from tests.test_kubernetes import KUBERNETES_VERSIONS, PREPULL_SCRIPT, ROOT, by_kind, render
 
 MULTINODE = ROOT / "multinode"
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
@@ -357,10 +357,14 @@ def test_the_leader_serves_like_the_base_deployment() -> None:
     assert base_server["ports"][0] in server["ports"]
 
 
-def test_the_prepull_script_is_the_base_one() -> None:
-    # kustomize reads no generator files outside the kustomization's folder: a copy.
-    base = (ROOT / "base" / "prepull.py").read_text()
-    assert (MULTINODE / "prepull.py").read_text() == base
+def test_the_configmap_holds_the_shared_prepull_script() -> None:
+    # prepull/script's ConfigMap with this folder's files merged in, renamed.
+    config = by_kind(render(MULTINODE), "ConfigMap")
+    assert config["metadata"]["name"] == "dmr-multinode"
+    keys = ["configure.json", "configure.py", "models.txt", "prepull.py"]
+    assert sorted(config["data"]) == keys
+    assert config["data"]["prepull.py"] == PREPULL_SCRIPT.read_text()
+    assert not (MULTINODE / "prepull.py").exists()
 
 
 class _FakeRay:
@@ -441,11 +445,14 @@ def test_configure_script_waits_for_the_group_then_posts(
 
 
 def test_configure_script_leaves_no_marker_when_refused(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     module, _, _ = _load_configure(monkeypatch, tmp_path, refuse=True)
     assert module.main() == 1
     assert not (tmp_path / "configured").exists()
+    # The refusal as prepull.py reports one: the model, the status and the answer.
+    refusal = 'ai/smollm2-vllm: HTTP 400 {"error": "unknown vllm option"}'
+    assert refusal in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- broken copies

@@ -38,7 +38,7 @@ import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 
-from tests.test_kubernetes import KUBERNETES_VERSIONS, ROOT, by_kind, render
+from tests.test_kubernetes import KUBERNETES_VERSIONS, PREPULL_SCRIPT, ROOT, by_kind, render
 
 RAYCLUSTER = ROOT / "raycluster"
 RAY_API_VERSION = "ray.io/v1"
@@ -464,10 +464,16 @@ def test_the_head_serves_like_the_base_deployment() -> None:
 
 
 def test_the_prepull_job_and_script_are_the_base_ones() -> None:
-    # kustomize reads no generator files outside the kustomization's folder: a copy.
-    assert (RAYCLUSTER / "prepull.py").read_text() == (ROOT / "base" / "prepull.py").read_text()
-    job = by_kind(render(RAYCLUSTER), "Job")
-    base_job = by_kind(render(ROOT / "base"), "Job")
+    # Both list the kustomization prepull (its Job, its ConfigMap with prepull.py) and
+    # merge their own models.txt into the ConfigMap.
+    manifests, base = render(RAYCLUSTER), render(ROOT / "base")
+    config, base_config = by_kind(manifests, "ConfigMap"), by_kind(base, "ConfigMap")
+    assert config["metadata"] == base_config["metadata"]
+    assert config["data"].keys() == base_config["data"].keys() == {"models.txt", "prepull.py"}
+    assert config["data"]["prepull.py"] == PREPULL_SCRIPT.read_text()
+    assert config["data"]["models.txt"] == (RAYCLUSTER / "models.txt").read_text()
+    job = by_kind(manifests, "Job")
+    base_job = by_kind(base, "Job")
     (container,) = job["spec"]["template"]["spec"]["containers"]
     container["image"] = "dmr:latest"
     assert job == base_job

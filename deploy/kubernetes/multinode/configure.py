@@ -27,8 +27,9 @@ os.environ.setdefault("DMR_URL", "http://127.0.0.1:12434")
 
 from dmr_vllm.ray_cluster import RayClusterError, check_cluster
 
-# prepull.py sits beside this script in the ConfigMap: its headers and wait for the server.
-from prepull import URL, _headers, wait_for_server
+# prepull.py sits beside this script in the ConfigMap (the shared pre-pull script): its
+# wait for the server, its JSON POST with the API key and its report of a refusal.
+from prepull import post_json, print_refusal, wait_for_server
 
 CONFIGURE_FILE = os.environ.get("DMR_CONFIGURE_FILE", "/multinode/configure.json")
 MARKER = os.environ.get("DMR_CONFIGURED_MARKER", "/tmp/dmr-configured")
@@ -54,19 +55,13 @@ def wait_for_ray(address: str, gpus: int, deadline: float) -> None:
 
 
 def configure(body: dict[str, Any]) -> bool:
-    request = urllib.request.Request(
-        URL + "/engines/vllm/_configure",
-        data=json.dumps(body).encode(),
-        headers=_headers(),
-        method="POST",
-    )
+    request = post_json("/engines/vllm/_configure", body)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             print(f"{body['model']}: configured (HTTP {response.status})", flush=True)
             return True
     except urllib.error.HTTPError as error:
-        detail = error.read().decode(errors="replace")
-        print(f"{body['model']}: HTTP {error.code} {detail}", file=sys.stderr)
+        print_refusal(body["model"], error)
         return False
 
 

@@ -27,6 +27,18 @@ def _headers() -> dict[str, str]:
     return headers
 
 
+def post_json(path: str, body: object) -> urllib.request.Request:
+    """A POST of `body` as JSON to the server's `path`, with the API key if one is set."""
+    data = json.dumps(body).encode()
+    return urllib.request.Request(URL + path, data=data, headers=_headers(), method="POST")
+
+
+def print_refusal(subject: str, error: urllib.error.HTTPError) -> None:
+    """The server's status and answer for a refused request about `subject`, on stderr."""
+    detail = error.read().decode(errors="replace")
+    print(f"{subject}: HTTP {error.code} {detail}", file=sys.stderr)
+
+
 def wait_for_server() -> None:
     # The Job may start before the server's pod is ready.
     deadline = time.monotonic() + WAIT_SECONDS
@@ -41,10 +53,7 @@ def wait_for_server() -> None:
 
 
 def pull(reference: str) -> bool:
-    body = json.dumps({"from": reference}).encode()
-    request = urllib.request.Request(
-        URL + "/models/create", data=body, headers=_headers(), method="POST"
-    )
+    request = post_json("/models/create", {"from": reference})
     try:
         with urllib.request.urlopen(request, timeout=None) as response:
             for raw in response:
@@ -56,8 +65,7 @@ def pull(reference: str) -> bool:
                     print(f"{reference}: {line.get('message')}", flush=True)
                     return True
     except urllib.error.HTTPError as error:
-        detail = error.read().decode(errors="replace")
-        print(f"{reference}: HTTP {error.code} {detail}", file=sys.stderr)
+        print_refusal(reference, error)
         return False
     print(f"{reference}: the server closed the stream without success", file=sys.stderr)
     return False
