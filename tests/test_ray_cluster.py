@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anthropic
+import ollama
 import openai
 import psutil
 import pytest
@@ -199,6 +201,36 @@ def test_two_models_that_each_fit_one_node_are_placed_on_different_nodes(
     assert listed.stdout.count("ray node ") == 2, listed.stdout
     status = server.cli("status", "--json")
     assert '"connected": true' in status.stdout, status.stdout
+    unload_all(server)
+
+
+def test_every_dialect_and_the_diffusers_engine_are_served_from_the_nodes(
+    head: ClusterServer, oci_registry: LocalRegistry, tiny_diffusers_dduf: Path
+) -> None:
+    server = head.server
+    ollama_answer = ollama.Client(host=server.url).chat(
+        model=head.models["a"],
+        messages=[{"role": "user", "content": "Say hi"}],
+        options={"num_predict": 8},
+    )
+    assert ollama_answer.message.content
+    anthropic_answer = anthropic.Anthropic(
+        base_url=f"{server.url}/anthropic", api_key="unused", max_retries=0
+    ).messages.create(
+        model=head.models["a"], max_tokens=8, messages=[{"role": "user", "content": "Say hi"}]
+    )
+    assert anthropic_answer.content
+    tag = f"{oci_registry.host}/ray/tiny-sd:latest"
+    packaged = server.cli("package", "--dduf", str(tiny_diffusers_dduf), tag, "--push")
+    assert packaged.returncode == 0, packaged.stderr + packaged.stdout
+    images = openai.OpenAI(base_url=f"{server.url}/engines/v1", api_key="none").images
+    image = images.generate(
+        model=tag, prompt="a lighthouse", size="64x64", response_format="b64_json"
+    )  # type: ignore[arg-type]
+    assert image.data and image.data[0].b64_json
+    runners = ps(server)
+    assert {r["backend_name"] for r in runners} == {"llama.cpp", "diffusers"}, runners
+    assert all(r["node"] is not None for r in runners), runners
     unload_all(server)
 
 
