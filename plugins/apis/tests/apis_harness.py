@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -227,6 +228,15 @@ class FakeHandle:
     mode: Mode
     socket_path: Path
     client: httpx.AsyncClient
+    # The proxy keeps its open streams here (RunnerHandle's, dropped for a lost runner).
+    streams: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
+
+    @property
+    def address(self) -> Path:
+        return self.socket_path
+
+    def mark_lost(self) -> None:
+        pass  # only a runner on a cluster node is ever lost
 
     async def failure(self, wait: float = 1.0) -> str | None:
         return None
@@ -251,6 +261,7 @@ class FakeScheduler:
         *,
         backend: str | None = None,
         keep_alive: float | None = None,
+        affinity: Any = None,
     ) -> AsyncIterator[FakeHandle]:
         from dmr.errors import ServiceBusyError
 

@@ -1,0 +1,117 @@
+"""The Ray plugin's parts that need no cluster: the hook, nodes as devices, pinned
+references, the digest check of a node's models, and the bridge giving up on an
+address where no cluster answers. tests/test_ray_cluster.py runs a real cluster."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
+from dmr.settings import Settings
+from dmr.store import Store, StoredModel
+from dmr.testing import free_port, sample_gguf
+from dmr_ray.node_model import (
+    DigestMismatchError,
+    ensure_model,
+    mismatched_blobs,
+    pinned_reference,
+)
+from dmr_ray.placement import ClusterUnreachableError, RayPlacement, node_device
+from dmr_ray.plugin import dmr_runner_placement
+
+GB = 1_000_000_000
+
+
+def test_the_hook_offers_a_placement_only_with_a_ray_address(tmp_path: Path) -> None:
+    assert dmr_runner_placement(settings=Settings(models_path=tmp_path)) is None
+    placement = dmr_runner_placement(
+        settings=Settings(models_path=tmp_path, ray_address="10.0.0.1:6379")
+    )
+    assert isinstance(placement, RayPlacement)
+    assert not placement.connected and placement.devices() == []
+
+
+@pytest.mark.parametrize(
+    ("tag", "pinned"),
+    [
+        ("127.0.0.1:5000/ns/model:latest", "127.0.0.1:5000/ns/model@sha256:ab"),
+        ("ai/smollm2:latest", "ai/smollm2@sha256:ab"),
+        ("127.0.0.1:5000/ns/model", "127.0.0.1:5000/ns/model@sha256:ab"),
+        ("ai/model@sha256:other", "ai/model@sha256:ab"),
+        ("sha256:ab", None),
+    ],
+)
+def test_a_node_pulls_the_manifest_by_its_digest_whatever_the_tag_names_now(
+    tag: str, pinned: str | None
+) -> None:
+    assert pinned_reference(tag, "sha256:ab") == pinned
+
+
+def test_nodes_are_devices_budgeted_by_their_declared_memory() -> None:
+    cpu = node_device({"id": "a" * 56, "address": "10.0.0.2", "cpus": 4.0, "memory": 8 * GB})
+    assert cpu is not None
+    assert (cpu.kind, cpu.total_memory, cpu.free_memory, cpu.cores) == ("cpu", 8 * GB, 8 * GB, 4)
+    assert cpu.node == "a" * 56 and cpu.name == "ray node 10.0.0.2 (aaaaaaaa)"
+    gpu = {"id": "b" * 56, "cpus": 8.0, "gpus": 1.0, "memory": 60 * GB, "gpu_memory": 80 * GB}
+    declared = node_device(gpu)
+    assert declared is not None and (declared.kind, declared.total_memory) == ("cuda", 80 * GB)
+    # Ray knows no VRAM: a GPU node that does not declare it is budgeted by its memory.
+    undeclared = node_device({**gpu, "gpu_memory": 0.0})
+    assert undeclared is not None and undeclared.total_memory == 60 * GB
+    # A head started with --num-cpus 0 (and no GPU) takes no runner.
+    assert node_device({"id": "c" * 56, "cpus": 0.0, "memory": 4 * GB}) is None
+
+
+@pytest.fixture
+def stored_model(tmp_path: Path) -> tuple[Store, StoredModel]:
+    store = Store.open(tmp_path / "store")
+    options = PackageOptions(created="2024-11-01T00:00:00Z")
+    write_to_store(store, package_gguf([sample_gguf()], options), ["test/ray-node:latest"])
+    return store, store.get("test/ray-node:latest")
+
+
+async def test_a_shared_store_is_served_only_while_every_blob_matches_its_digest(
+    stored_model: tuple[Store, StoredModel],
+) -> None:
+    store, stored = stored_model
+    shared = str(store.root)
+    assert mismatched_blobs(store, stored) == []
+    served = await ensure_model(stored.id, list(stored.tags), node="n1", shared_root=shared)
+    assert served.id == stored.id and served.bundle_dir == stored.bundle_dir
+    weights = max(stored.files, key=lambda digest: store.blob_path(digest).stat().st_size)
+    with store.blob_path(weights).open("r+b") as handle:
+        handle.seek(1_000_000)
+        handle.write(b"\0" * 4096)
+    assert mismatched_blobs(store, stored) == [weights]
+    with pytest.raises(DigestMismatchError) as refused:
+        await ensure_model(stored.id, list(stored.tags), node="n1", shared_root=shared)
+    assert f"blob {weights} from the shared store does not match its digest" in str(refused.value)
+
+
+async def test_a_model_in_no_registry_is_refused_with_what_to_do(
+    stored_model: tuple[Store, StoredModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, stored = stored_model
+    monkeypatch.setenv("DMR_RAY_NODE_STORE", str(tmp_path / "node-store"))
+    # A tag whose registry does not answer: 127.0.0.1 on a port nothing listens on.
+    tag = f"127.0.0.1:{free_port()}/test/ray-node:latest"
+    with pytest.raises(Exception) as refused:
+        await ensure_model(stored.id, [tag], node="n1", shared_root=None)
+    message = str(refused.value)
+    assert f"node n1 cannot get {tag}" in message and "DMR_RAY_SHARED_STORE=1" in message
+
+
+async def test_an_address_with_no_cluster_is_a_clear_error_within_the_deadline(
+    tmp_path: Path,
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    settings = Settings(models_path=tmp_path, ray_address=address, ray_connect_timeout=10)
+    placement = RayPlacement(settings)
+    started = time.monotonic()
+    with pytest.raises(ClusterUnreachableError) as refused:
+        await placement.start()
+    assert time.monotonic() - started < 30
+    assert f"cannot reach the Ray cluster at {address}" in str(refused.value)
+    assert not placement.connected
