@@ -275,6 +275,11 @@ class RunnerPlacement(Protocol):
         """For `dmr status` and the health route: address, connected, nodes, error."""
         ...
 
+    def watch(self, changed: Callable[[], None]) -> None:
+        """Call `changed` on the event loop whenever the nodes change (one joins,
+        one is lost, the cluster is lost): the scheduler places what waits again."""
+        ...
+
     def place(
         self, engine: str, launch: RunnerLaunch, *, name: str, memory: int, log_path: Path | None
     ) -> PlacedRunner:

@@ -249,7 +249,7 @@ class RunnerTable:
     def __iter__(self) -> Iterator[Runner]:
         return iter(self.values())
 
-    def keys(self) -> set[RunnerKey]:
+    def runner_keys(self) -> set[RunnerKey]:
         return set(self._by_key)
 
     def clear(self) -> None:

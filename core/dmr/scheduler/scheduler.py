@@ -166,6 +166,7 @@ class Scheduler:
         self.configuration.load()
         if self.placement is not None:
             await self.placement.start()  # raises a clear DmrError when unreachable
+            self.placement.watch(self._nodes_changed)
 
     async def aclose(self) -> None:
         """Stop every runner (SIGTERM, then SIGKILL after a grace period)."""
@@ -481,6 +482,27 @@ class Scheduler:
             spare = self._start_runner(wanted, config, placement, in_use=0)
             avoid.add(spare.device_key)
 
+    def _nodes_changed(self) -> None:
+        """A node joined or was lost: waiting requests may fit now, and replicas that
+        are missing are placed again where there is room."""
+        self._signal_capacity()
+        self._replenish()
+
+    def _replenish(self) -> None:
+        """Start the missing replicas of every model that still has one running."""
+        for key in self._runners.runner_keys():
+            replicas = [r for r in self._runners.replicas(key) if not r.exited]
+            config = self.config_for(key[1])
+            stored = self.store.find(key[1])
+            if not replicas or (config.replicas or 1) <= len(replicas) or stored is None:
+                continue
+            first = replicas[0]
+            wanted = _Wanted(
+                key, first.launch.model_name, stored, first.spec, None, first.device_key,
+                Priority.INTERACTIVE,
+            )  # fmt: skip
+            self._add_replicas(wanted, config)
+
     def _balance(self, replicas: list[Runner], affinity: Affinity | None) -> Runner:
         """The replica a request joins: the one its prompt prefix hashes to while that
         one is not much busier than the least busy, else the least busy; ready ones
@@ -635,6 +657,7 @@ class Scheduler:
         runner.handle.abort_streams()  # a lost node's connections may never close
         if self._runners.holds(runner):
             self._unregister(runner, reason="crashes")
+            self._replenish()
 
     # ------------------------------------------------------------------ unloading
 

@@ -13,6 +13,7 @@ import pickle
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class RayPlacement:
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = False
         self._closing = False
+        self._changed: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- connection
 
@@ -130,6 +132,13 @@ class RayPlacement:
 
     def devices(self) -> list[AcceleratorInfo]:
         return [device for node in self._nodes if (device := node_device(node)) is not None]
+
+    def watch(self, changed: Callable[[], None]) -> None:
+        self._changed = changed
+
+    def _tell_changed(self) -> None:
+        if self._changed is not None and not self._closing:
+            self._changed()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -230,6 +239,7 @@ class RayPlacement:
             after = {node["id"] for node in self._nodes}
             if before != after:
                 log.info("Ray nodes now: %s", ", ".join(d.name for d in self.devices()))
+                self._tell_changed()
         elif kind == "exited":
             runner = self._runners.get(message["runner"])
             if runner is not None:
@@ -247,6 +257,7 @@ class RayPlacement:
                 future.set_exception(ClusterUnreachableError(f"lost the Ray cluster: {reason}"))
         for runner in list(self._runners.values()):
             runner.exited(-9, f"was lost with the Ray cluster ({reason})")
+        self._tell_changed()
         if was_connected and not self._closing:
             log.error(
                 "lost the Ray cluster at %s (%s): new runners start on this machine", self.address,
