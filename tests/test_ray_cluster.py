@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -62,9 +63,11 @@ class LocalRayCluster:
         raylets = [p for p in self.processes() if p.info["cmdline"][0].endswith("raylet")]
         return sorted(raylets, key=lambda p: any("raylet." in part for part in p.cmdline()))
 
-    def add_node(self, store: Path) -> None:
+    def add_node(self, store: Path, *extra: str) -> None:
         self.node_stores.append(store)
-        started = _ray("start", "--address", self.address, *_node_args(), env=_node_env(store))
+        started = _ray(
+            "start", "--address", self.address, *_node_args(), *extra, env=_node_env(store)
+        )
         assert started.returncode == 0, started.stdout + started.stderr
 
     def stop(self) -> None:
@@ -402,6 +405,35 @@ def test_a_lost_node_ends_its_streams_cleanly_and_new_requests_go_on(
         assert time.monotonic() < deadline, ps(server)
         time.sleep(1)
     assert chat(server, model, "Again?")
+
+
+def cluster_nodes(server: DmrServer) -> set[str]:
+    with server.client() as client:
+        return set(client.get("/engines/hardware").json()["cluster"]["nodes"])
+
+
+def test_a_node_that_declares_a_gpu_gets_the_model_first(head: ClusterServer) -> None:
+    """A fake GPU node, named as such: `ray start --num-gpus 1` with the VRAM declared as
+    `gpu_memory` on this machine, which has no GPU (llama.cpp's CPU build then
+    computes on the CPU). Placement prefers GPU nodes and budgets their VRAM."""
+    server = head.server
+    unload_all(server)
+    before = cluster_nodes(server)
+    gpu = {"gpu_memory": 3_000_000_000}
+    store = head.cluster.node_stores[0].parent / "fake-gpu"
+    head.cluster.add_node(store, "--num-gpus", "1", "--resources", json.dumps(gpu))
+    deadline = time.monotonic() + 60
+    while len(cluster_nodes(server)) <= len(before):
+        assert time.monotonic() < deadline, cluster_nodes(server)
+        time.sleep(0.5)
+    [gpu_node] = cluster_nodes(server) - before
+    assert chat(server, head.models["b"], "Say hi")
+    [runner] = ps(server)
+    assert runner["device"] == gpu_node, (runner, gpu_node)
+    with server.client() as client:
+        hardware = client.get("/engines/hardware").json()
+    assert gpu_node in hardware["scheduler_devices"]
+    unload_all(server)
 
 
 def test_losing_the_cluster_is_reported_and_models_load_on_this_machine(
