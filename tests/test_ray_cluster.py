@@ -187,6 +187,26 @@ def chat(server: DmrServer, model: str, question: str, *, tokens: int = 8) -> st
     return answer.choices[0].message.content or ""
 
 
+async def long_stream(server: DmrServer, model: str, n: int) -> str:
+    """A 400-token streamed tale: "done", or "error: ..." as the client saw it."""
+    client = openai.AsyncOpenAI(
+        base_url=f"{server.url}/engines/v1", api_key="none", max_retries=0, timeout=300
+    )
+    try:
+        chunks = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"A very long tale, part {n}."}],
+            max_tokens=400,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        async for _ in chunks:
+            pass
+    except openai.APIError as error:
+        return f"error: {error}"
+    return "done"
+
+
 def test_two_models_that_each_fit_one_node_are_placed_on_different_nodes(
     head: ClusterServer,
 ) -> None:
@@ -360,26 +380,8 @@ def test_a_lost_node_ends_its_streams_cleanly_and_new_requests_go_on(
         time.sleep(0.5)
     second = head.cluster.raylets()[1]
 
-    async def stream(n: int) -> str:
-        client = openai.AsyncOpenAI(
-            base_url=f"{server.url}/engines/v1", api_key="none", max_retries=0, timeout=120
-        )
-        try:
-            chunks = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": f"A very long tale, part {n}."}],
-                max_tokens=400,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
-            async for _ in chunks:
-                pass
-        except openai.APIError as error:
-            return f"error: {error}"
-        return "done"
-
     async def kill_mid_stream() -> list[str]:
-        streams = [asyncio.create_task(stream(n)) for n in range(4)]
+        streams = [asyncio.create_task(long_stream(server, model, n)) for n in range(4)]
         await asyncio.sleep(3)
         for process in [*second.children(recursive=True), second]:
             with contextlib.suppress(psutil.Error):
@@ -407,6 +409,44 @@ def test_a_lost_node_ends_its_streams_cleanly_and_new_requests_go_on(
     assert chat(server, model, "Again?")
 
 
+def test_a_node_that_stops_answering_ends_its_streams_without_a_hang(
+    head: ClusterServer,
+) -> None:
+    """A node that vanishes without closing its connections (SIGSTOP of its raylet and
+    every process under it, as a machine that loses power): its streams end once Ray
+    marks the node dead, never hang; the other replica's finish."""
+    server = head.server
+    model = head.models["a"]
+    deadline = time.monotonic() + 120
+    while len({r["node"] for r in ps(server) if not r["loading"]}) < 2:
+        assert time.monotonic() < deadline, ps(server)
+        time.sleep(0.5)
+    raylet = head.cluster.raylets()[1]
+    frozen = [*raylet.children(recursive=True), raylet]
+
+    async def freeze_mid_stream() -> tuple[list[str], float]:
+        streams = [asyncio.create_task(long_stream(server, model, n)) for n in range(4)]
+        await asyncio.sleep(3)
+        for process in frozen:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        outcomes = await asyncio.wait_for(asyncio.gather(*streams), 240)
+        return outcomes, time.monotonic() - started
+
+    try:
+        outcomes, waited = asyncio.run(freeze_mid_stream())
+    finally:
+        for process in frozen:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    assert "done" in outcomes, outcomes
+    failed = [o for o in outcomes if o != "done"]
+    assert failed and all(o.startswith("error:") for o in failed), outcomes
+    assert waited < 120, f"the frozen node's streams took {waited:.0f}s to end"
+    assert chat(server, model, "Anyone left?")
+
+
 def cluster_nodes(server: DmrServer) -> set[str]:
     with server.client() as client:
         return set(client.get("/engines/hardware").json()["cluster"]["nodes"])
@@ -423,7 +463,7 @@ def test_a_node_that_declares_a_gpu_gets_the_model_first(head: ClusterServer) ->
     store = head.cluster.node_stores[0].parent / "fake-gpu"
     head.cluster.add_node(store, "--num-gpus", "1", "--resources", json.dumps(gpu))
     deadline = time.monotonic() + 60
-    while len(cluster_nodes(server)) <= len(before):
+    while not cluster_nodes(server) - before:  # (a node lost earlier may leave the list)
         assert time.monotonic() < deadline, cluster_nodes(server)
         time.sleep(0.5)
     [gpu_node] = cluster_nodes(server) - before
