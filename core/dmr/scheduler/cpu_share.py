@@ -31,8 +31,9 @@ __all__ = ["CpuShare"]
 
 log = logging.getLogger(__name__)
 
-# A runner that takes longer than this to answer is left as it is until the next change.
+# A runner that takes longer than this to answer is told again RETRY_AFTER_S later.
 SEND_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 1.0
 
 
 def computes_on_cpu(runner: Runner) -> bool:
@@ -75,13 +76,17 @@ class CpuShare:
                     await self._send(runner, sharing)
 
     async def _send(self, runner: Runner, busy_runners: int) -> None:
-        runner.cpu_share_sent = busy_runners  # not sent again on failure: it may be gone
+        runner.cpu_share_sent = busy_runners
         try:
             answer = await runner.handle.client.post(
                 "/cpu-share", json={"busy_runners": busy_runners}, timeout=SEND_TIMEOUT_S
             )
         except httpx.HTTPError as error:
-            log.debug("cpu share for %s not sent: %s", runner.launch.model_name, error)
+            # A runner too busy to answer in time (a loaded machine) is told again a
+            # little later, while it still computes; a runner that is gone is not.
+            log.info("cpu share for %s not sent (%r): again soon", runner.launch.model_name, error)
+            runner.cpu_share_sent = 0
+            asyncio.get_running_loop().call_later(RETRY_AFTER_S, self.refresh)
             return
         if answer.status_code != 200:
             log.warning("%s refused its cpu share: %s", runner.launch.model_name, answer.text[:200])
