@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.llama
 BATCH = {PRIORITY_HEADER: BATCH_PRIORITY}
 # Long enough that a batch request is still generating when the chat comes.
 BATCH_TOKENS = 160
+# Generous: the wait ends as soon as the tokens are there.
+WAIT_GENERATING_S = 300
 PROMPTS = ("The history of the printing press", "A recipe for bread starts with")
 
 
@@ -54,16 +57,28 @@ async def batch_completion(client: httpx.AsyncClient, prompt: str) -> str:
     return str(choice["text"])
 
 
-async def wait_generating(client: httpx.AsyncClient, slots: int, since: float, tokens: int) -> None:
+async def wait_generating(
+    client: httpx.AsyncClient, slots: int, since: float, tokens: int, batch: list[asyncio.Task[Any]]
+) -> None:
     """Until `slots` requests are in slots and have generated `tokens` each (about)
-    since the `llamacpp:tokens_predicted_total` of `since`."""
-    for _ in range(1500):
+    since the `llamacpp:tokens_predicted_total` of `since`. Bounded by time, not by a
+    count of polls: on a machine loaded by the other worker's tests (CI ran the Ray
+    cluster beside it) the 80 tokens took longer than 1500 polls."""
+    deadline = time.monotonic() + WAIT_GENERATING_S
+    seen = "nothing"
+    while time.monotonic() < deadline:
+        for task in batch:
+            if task.done():
+                task.result()  # raises the request's own error, if it failed
+                raise AssertionError("a batch request ended before the chat was sent")
         text = await metrics(client)
         done = metric(text, "llamacpp:tokens_predicted_total") - since
-        if metric(text, "llamacpp:requests_processing") == slots and done >= slots * tokens:
+        processing = metric(text, "llamacpp:requests_processing")
+        if processing == slots and done >= slots * tokens:
             return
+        seen = f"{processing:g} in slots, {done:g} tokens"
         await asyncio.sleep(0.02)
-    raise AssertionError("the requests never got that far")
+    raise AssertionError(f"the requests never got that far in {WAIT_GENERATING_S} s: {seen}")
 
 
 async def predicted(client: httpx.AsyncClient) -> float:
@@ -124,7 +139,7 @@ async def test_a_chat_takes_a_batch_slot_at_once_and_the_batch_answers_stay_the_
         since = await predicted(client)
         batch = [asyncio.create_task(batch_completion(client, p)) for p in PROMPTS]
         # Far enough in that the cells to keep are worth a copy to host memory.
-        await wait_generating(client, slots=2, since=since, tokens=40)
+        await wait_generating(client, slots=2, since=since, tokens=40, batch=batch)
         chat = await stream_chat(client)
         # The chat ended while both batch requests still had tokens to go.
         assert not any(task.done() for task in batch)
@@ -156,7 +171,7 @@ async def test_interactive_requests_are_never_preempted(two_slot_runner: RunnerP
         before = metric(await metrics(client), "llamacpp:preemptions_total")
         since = await predicted(client)
         long = [asyncio.create_task(interactive(client, p, 48)) for p in PROMPTS]
-        await wait_generating(client, slots=2, since=since, tokens=2)
+        await wait_generating(client, slots=2, since=since, tokens=2, batch=long)
         await interactive(client, "Hello", 2)
         # The third one waited for a slot: a long one had finished first.
         assert any(task.done() for task in long)
