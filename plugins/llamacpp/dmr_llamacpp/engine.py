@@ -30,6 +30,7 @@ from dmr_llamacpp.settings import (
     apply_flags,
     parse_llama_args,
     parse_runtime_flags,
+    sets_parallel,
     split_known_flags,
 )
 
@@ -51,6 +52,13 @@ DEFAULT_CONTEXT_SIZE = 4096  # per slot: the least default, and pooling runners'
 # free for dmr on its device (admission's budget), so another model still fits.
 MAX_DEFAULT_CONTEXT_SIZE = 32768
 DEFAULT_CONTEXT_MEMORY_SHARE = 0.5
+# More streams than llama-server's fixed slots (docs/scheduler.md): a chat runner
+# nobody set `--parallel` for gets 8 slots, doubled up to this many while its whole
+# estimate stays within this share of the memory free for dmr; the context per slot
+# is chosen first. The runner then lets requests into the slots beyond 8 only while
+# the step cost it measures says the bigger batch pays (runner/slot_limit.py).
+MAX_DEFAULT_SLOTS = 32
+DEFAULT_SLOTS_MEMORY_SHARE = 0.25
 GPU_ALL_LAYERS = 999
 # Compute buffers and scratch space beside weights and KV cache.
 COMPUTE_MARGIN_BYTES = 256 * 1024 * 1024
@@ -112,19 +120,30 @@ def worker_settings(
 ) -> WorkerSettings:
     """Defaults (`-ngl 999` on a GPU, metrics on), then `LLAMA_ARGS`, then `_configure`."""
     env = os.environ if environ is None else environ
-    settings = WorkerSettings(n_gpu_layers=GPU_ALL_LAYERS if launch.device.is_gpu else 0)
+    settings = WorkerSettings(
+        n_gpu_layers=GPU_ALL_LAYERS if launch.device.is_gpu else 0,
+        # Slots sized by the engine unless someone chose them (llama-server cannot adapt).
+        adaptive_slots=not native and launch.mode is Mode.COMPLETION,
+    )
+    parallel_given = False
     llama_args = env.get("LLAMA_ARGS", "").strip()
     if llama_args:
         flags = parse_llama_args(llama_args, allow_unknown=True)  # refuses dmr's own flags
+        parallel_given = sets_parallel(flags)
         if not native:
             flags, ignored = split_known_flags(flags)
             _warn_ignored(ignored)
         settings = apply_flags(settings, flags, allow_unknown=native)
     if launch.config.runtime_flags:
-        settings = apply_flags(settings, parse_runtime_flags(launch.config.runtime_flags))
+        runtime_flags = parse_runtime_flags(launch.config.runtime_flags)
+        settings = apply_flags(settings, runtime_flags)
+        parallel_given = parallel_given or sets_parallel(runtime_flags)
     options = launch.config.engine_options.get("llamacpp") or {}
     if "parallel" in options:
         settings = apply_flags(settings, ["--parallel", str(int(options["parallel"]))])
+        parallel_given = True
+    if parallel_given:
+        settings = replace(settings, adaptive_slots=False)
     if options.get("reasoning-budget") is not None:
         settings = apply_flags(
             settings, ["--reasoning-budget", str(int(options["reasoning-budget"]))]
@@ -214,6 +233,7 @@ class LlamaCppEngine:
         bundle = find_gguf_bundle(launch.bundle_dir)
         metadata = _gguf_metadata(bundle.model)
         ctx_size = self._chosen_context(launch, settings, metadata)
+        settings = self._chosen_slots(launch, settings, metadata, ctx_size)
         if native is not None:
             return self._native_command(native, launch, settings, ctx_size)
         chat_template = settings.chat_template_file or (
@@ -312,10 +332,7 @@ class LlamaCppEngine:
         self, launch: RunnerLaunch, settings: WorkerSettings, metadata: dict[str, object]
     ) -> int:
         """The context per slot, the default checked against the memory free for dmr."""
-        free = launch.memory_budget
-        if free is None:
-            free = launch.device.free_memory
-        budget = DEFAULT_CONTEXT_MEMORY_SHARE * free
+        budget = DEFAULT_CONTEXT_MEMORY_SHARE * self._free_memory(launch)
 
         def fits(context: int) -> bool:
             estimate = self._estimate(launch, settings, metadata, context)
@@ -323,12 +340,39 @@ class LlamaCppEngine:
 
         return _context_size(launch, settings, _train_context(metadata), fits)
 
+    @staticmethod
+    def _free_memory(launch: RunnerLaunch) -> int:
+        """Admission's budget for this runner, else what its device has free."""
+        if launch.memory_budget is not None:
+            return launch.memory_budget
+        return launch.device.free_memory
+
     def estimate_memory(self, launch: RunnerLaunch) -> MemoryEstimate:
         """Weights (file size) + f16 KV cache for context x slots + a compute-buffer margin."""
         settings = worker_settings(launch, native=self._native_server() is not None)
         metadata = _gguf_metadata(find_gguf_bundle(launch.bundle_dir).model)
         context = self._chosen_context(launch, settings, metadata)
+        settings = self._chosen_slots(launch, settings, metadata, context)
         return self._estimate(launch, settings, metadata, context)
+
+    def _chosen_slots(
+        self,
+        launch: RunnerLaunch,
+        settings: WorkerSettings,
+        metadata: dict[str, object],
+        context: int,
+    ) -> WorkerSettings:
+        """`settings` with the slots doubled while the memory free for dmr allows."""
+        if not settings.adaptive_slots:
+            return settings
+        budget = DEFAULT_SLOTS_MEMORY_SHARE * self._free_memory(launch)
+        slots = settings.parallel
+        while slots * 2 <= MAX_DEFAULT_SLOTS:
+            bigger = replace(settings, parallel=slots * 2)
+            if self._estimate(launch, bigger, metadata, context).device_bytes > budget:
+                break
+            slots *= 2
+        return replace(settings, parallel=slots)
 
     def _estimate(
         self,

@@ -23,6 +23,7 @@ __all__ = [
     "apply_flags",
     "parse_llama_args",
     "parse_runtime_flags",
+    "sets_parallel",
     "split_known_flags",
 ]
 
@@ -116,6 +117,8 @@ _switch(("--mlock",), "mlock", True)
 _switch(("--jinja",), "jinja", True)
 _switch(("--no-jinja",), "jinja", False)
 _switch(("--cont-batching", "-cb"), "cont_batching", True)
+_switch(("--adaptive-slots",), "adaptive_slots", True)
+_switch(("--no-adaptive-slots",), "adaptive_slots", False)
 
 # What `/engines/_configure` may pass (runtime flags); paths never come this way.
 ALLOWED_RUNTIME_FLAGS = frozenset(
@@ -166,6 +169,10 @@ class WorkerSettings:
     # step that holds an interactive request; -1 no limit. None: 0 on CPU, where each
     # sequence adds to a step's time, no limit with GPU layers (docs/batch.md).
     batch_share: int | None = None
+    # dmr's own: let requests into the `parallel` slots only as far as the measured step
+    # cost says a bigger batch pays, from 8 up (runner/slot_limit.py). The engine turns
+    # it on with the slots it sized by memory when nobody set `--parallel`.
+    adaptive_slots: bool = False
     # llama-server's: thinking tokens a reasoning model may write (-1 unlimited, 0 none).
     reasoning_budget: int = -1
     chat_template_file: str | None = None
@@ -275,6 +282,11 @@ def apply_flags(
         else:
             raise ValueError(f"flag {name} is not supported by the llama-cpp-python runner")
     return replace(settings, extra=tuple(extra), **changes)
+
+
+def sets_parallel(flags: Sequence[str]) -> bool:
+    """Whether `flags` choose the slot count (then the engine does not size it)."""
+    return any(name in {"-np", "--parallel"} for name, _ in _split_flags(flags))
 
 
 def parse_llama_args(text: str, *, allow_unknown: bool = False) -> list[str]:

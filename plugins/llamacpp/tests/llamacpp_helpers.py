@@ -28,7 +28,7 @@ def make_launch(
     mode: Mode = Mode.COMPLETION,
     *,
     context_size: int | None = 512,
-    parallel: int = 8,
+    parallel: int | None = 8,  # None: the engine sizes the slots
     runtime_flags: tuple[str, ...] = (),
     device: AcceleratorInfo = CPU,
 ) -> RunnerLaunch:
@@ -40,7 +40,7 @@ def make_launch(
         device=device,
         context_size=context_size,
         runtime_flags=runtime_flags,
-        engine_options={"llamacpp": {"parallel": parallel}},
+        engine_options={} if parallel is None else {"llamacpp": {"parallel": parallel}},
     )
 
 

@@ -294,3 +294,49 @@ def test_only_cpu_runners_on_default_threads_take_a_cpu_share(
     assert not shares(device=GPU)  # the GPU computes; its runner's threads only feed it
     assert not shares(runtime_flags=("--threads", "2"))  # set by hand: kept as set
     assert not shares(runtime_flags=("--threads-batch", "2"))
+
+
+def _slots(engine: LlamaCppEngine, launch: RunnerLaunch) -> tuple[int, bool]:
+    argv = list(engine.runner_command(launch).argv)
+    return int(argv[argv.index("--parallel") + 1]), "--adaptive-slots" in argv
+
+
+def test_slots_are_doubled_while_the_memory_free_for_dmr_allows(
+    llama_bundle: Path, tmp_path: Path
+) -> None:
+    """Nobody set `--parallel`: 8 slots, doubled up to 32 while the whole estimate stays
+    within a quarter of admission's budget, and the runner sizes what it lets in."""
+    engine = LlamaCppEngine()
+    unset = make_launch(llama_bundle, tmp_path / "r.sock", context_size=4096, parallel=None)
+    roomy = replace(unset, memory_budget=64 << 30)
+    assert _slots(engine, roomy) == (32, True)
+    # The estimate admission compares is the one of the slots chosen.
+    fixed = make_launch(llama_bundle, tmp_path / "r.sock", context_size=4096, parallel=32)
+    assert engine.estimate_memory(roomy) == engine.estimate_memory(fixed)
+    assert engine.estimate_memory(roomy).device_bytes <= (64 << 30) // 4
+    # SmolLM2 at 4096 tokens a slot: 16 slots' estimate is about 2.3 GiB, 32 about 4 GiB.
+    middle = replace(unset, memory_budget=12 << 30)
+    assert _slots(engine, middle) == (16, True)
+    tight = replace(unset, memory_budget=2 << 30)
+    assert _slots(engine, tight) == (8, True)  # never below 8, however tight
+    assert engine.estimate_memory(tight).device_bytes < engine.estimate_memory(middle).device_bytes
+
+
+def test_slots_set_by_anyone_are_kept(
+    llama_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = LlamaCppEngine()
+    set_by_configure = make_launch(llama_bundle, tmp_path / "r.sock", parallel=8)
+    assert _slots(engine, replace(set_by_configure, memory_budget=64 << 30)) == (8, False)
+    flagged = make_launch(
+        llama_bundle, tmp_path / "r.sock", parallel=None, runtime_flags=("--parallel", "3")
+    )
+    assert _slots(engine, replace(flagged, memory_budget=64 << 30)) == (3, False)
+    unset = make_launch(llama_bundle, tmp_path / "r.sock", parallel=None)
+    monkeypatch.setenv("LLAMA_ARGS", "-np 2")
+    assert _slots(engine, replace(unset, memory_budget=64 << 30)) == (2, False)
+    monkeypatch.setenv("LLAMA_ARGS", "--no-adaptive-slots")
+    assert _slots(engine, replace(unset, memory_budget=64 << 30)) == (8, False)
+    monkeypatch.delenv("LLAMA_ARGS")
+    embedding = make_launch(llama_bundle, tmp_path / "r.sock", Mode.EMBEDDING, parallel=None)
+    assert "--adaptive-slots" not in engine.runner_command(embedding).argv

@@ -201,6 +201,7 @@ def start_generator(
         projector=projector,
         batch_share=batch_share(settings),
         prompt_files=saved_prompts,
+        adaptive_slots=settings.adaptive_slots,
     )
 
 

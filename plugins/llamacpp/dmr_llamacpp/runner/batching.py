@@ -60,6 +60,7 @@ from dmr_llamacpp.runner.prompt_cache import (
 from dmr_llamacpp.runner.prompt_files import PromptFile, PromptFiles, SavedState
 from dmr_llamacpp.runner.reasoning import THINK_CLOSE, THINK_OPEN, ThinkingBudget, partial_tag
 from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
+from dmr_llamacpp.runner.slot_limit import SlotLimit
 from dmr_llamacpp.runner.speculative import Drafter
 from dmr_llamacpp.runner.text import StreamedText
 
@@ -248,6 +249,9 @@ class GeneratorStats:
     step_seconds_total: float = 0.0
     decode_seconds_total: float = 0.0
     batch_tokens_total: int = 0
+    # Slots there are, and how many may hold a request now (runner/slot_limit.py).
+    slots: int = 0
+    slots_allowed: int = 0
 
 
 @dataclass
@@ -298,6 +302,7 @@ class BatchedGenerator:
         projector: VisionProjector | None = None,
         batch_share: int = -1,
         prompt_files: PromptFiles | None = None,
+        adaptive_slots: bool = False,
     ) -> None:
         self.model = model
         self.prompt_files = prompt_files
@@ -314,7 +319,11 @@ class BatchedGenerator:
         self.ctx_per_slot = ctx_per_slot
         self.n_batch = model.options.n_batch
         self.slots = [_Slot(seq_id=index) for index in range(n_parallel)]
-        self.stats = GeneratorStats(kv_cells_total=model.n_ctx)
+        self.slot_limit = SlotLimit(n_parallel, adaptive_slots)
+        self.stats = GeneratorStats(
+            kv_cells_total=model.n_ctx, slots=n_parallel, slots_allowed=self.slot_limit.limit
+        )
+        self._decode_only_sequences = 0  # of the last step, when it only generated
         self._incoming: queue.Queue[GenerationJob | None] = queue.Queue()
         self._waiting: deque[GenerationJob] = deque()
         self._batch = Batch(self.n_batch)
@@ -545,12 +554,20 @@ class BatchedGenerator:
         while self._waiting:
             job = self._next_waiting()
             prompt = job.prompt if job.resume is None else job.resume.tokens
+            room = sum(slot.busy for slot in self.slots) < self.slot_limit.limit
             # A prompt that must not use the cache should not take a slot whose cache it
             # would destroy for nothing: it goes to the fresh slot, as an unmatched prompt.
-            slot = self._pick_slot(prompt if job.params.cache_prompt or job.resume else [])
+            slot = (
+                self._pick_slot(prompt if job.params.cache_prompt or job.resume else [])
+                if room
+                else None
+            )
             if slot is None and not job.batch:
                 slot = self._preempt_batch_slot()
             if slot is None:
+                if not room and self.slot_limit.grow():
+                    self.stats.slots_allowed = self.slot_limit.limit
+                    continue
                 break
             self._waiting.remove(job)
             if job.resume is not None:
@@ -786,10 +803,15 @@ class BatchedGenerator:
 
     def _step(self, held_back: set[int]) -> None:
         started = time.perf_counter()
+        self._decode_only_sequences = 0
         try:
             self._build_and_decode(held_back)
         finally:
-            self.stats.step_seconds_total += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.stats.step_seconds_total += elapsed
+        # What a step of this many sequences costs, Python around the decode included.
+        self.slot_limit.record(self._decode_only_sequences, elapsed)
+        self.stats.slots_allowed = self.slot_limit.limit
 
     def _build_and_decode(self, held_back: set[int]) -> None:
         drafts = self._propose_drafts(held_back)
@@ -861,6 +883,8 @@ class BatchedGenerator:
                 self._fail(slot, f"decode failed: {reason}")
             return
         sampled = [slot for slot in self.slots if slot.busy and slot.output_index is not None]
+        if prompt_tokens_in_step == 0 and batch.n_tokens == len(sampled):  # no prompt, no draft
+            self._decode_only_sequences = len(sampled)
         self.stats.decode_steps += 1
         self.stats.decode_seconds_total += elapsed
         self.stats.batch_tokens_total += batch.n_tokens

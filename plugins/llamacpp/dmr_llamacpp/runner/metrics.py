@@ -56,6 +56,15 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily(
             "llamacpp:requests_processing", "Requests in a slot.", value=stats.requests_processing
         )
+        yield GaugeMetricFamily(
+            "llamacpp:slots", "Slots (KV streams) the runner holds.", value=stats.slots
+        )
+        yield GaugeMetricFamily(
+            "llamacpp:slots_allowed",
+            "Slots that may hold a request now: all, or as many as the measured step cost "
+            "says pay (--adaptive-slots).",
+            value=stats.slots_allowed,
+        )
         yield CounterMetricFamily(
             "llamacpp:draft_tokens",
             "Tokens proposed by the speculative draft model.",

@@ -1,0 +1,100 @@
+"""How many of a runner's slots take requests at once, sized by what a step costs.
+
+A runner started with `--adaptive-slots` (the engine's default when nobody set
+`--parallel`, docs/scheduler.md "More streams than slots") holds more slots than
+it first lets requests into. Every slot's KV stream is allocated at load, so no
+request can fail for memory; what more slots can cost is time. On two CPU cores
+one decode of SmolLM2 gives 286 tokens/s with 8 sequences, 338 with 16 and 360
+with 32 (`llama_decode` alone), a 0.6B model 119, 162 and 181: a bigger batch
+pays, but less and less, and on a slower machine or a bigger model it may not
+pay at all, while every stream in it gets slower.
+
+So the limit starts at `START_SLOTS` and doubles, up to the slots there are, only
+while requests wait for a slot and the step cost measured at the limit says the
+bigger batch still pays: the tokens a second of decode-only steps with twice the
+sequences must reach `PAYS` times those with the current count. Once a doubling
+did not pay, the limit steps back and tries again after `RETRY_AFTER_S` (other
+runners may have taken cores meanwhile, or given them back).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+# llama-server's --parallel that the benches tune; also dmr's fixed default.
+START_SLOTS = 8
+# A doubling of the batch must give this much more throughput to be kept.
+PAYS = 1.1
+# Decode-only steps measured at a size before it is judged.
+STEPS_TO_JUDGE = 6
+RETRY_AFTER_S = 30.0
+# Weight of a new step in the running mean of a size's rate.
+RATE_WEIGHT = 0.2
+
+
+@dataclass
+class _Rate:
+    tokens_per_second: float
+    steps: int
+
+
+@dataclass
+class SlotLimit:
+    """The number of slots that may hold a request now (`limit`)."""
+
+    slots: int
+    adaptive: bool
+    limit: int = field(init=False)
+    _rates: dict[int, _Rate] = field(default_factory=dict, init=False)
+    _retry_at: float = field(default=0.0, init=False)
+    _grown_from: list[int] = field(default_factory=list, init=False)  # earlier limits
+
+    def __post_init__(self) -> None:
+        self.limit = min(START_SLOTS, self.slots) if self.adaptive else self.slots
+
+    def rate(self, sequences: int) -> float | None:
+        """Tokens a second of decode-only steps with `sequences` sequences, once judged."""
+        rate = self._rates.get(sequences)
+        return rate.tokens_per_second if rate and rate.steps >= STEPS_TO_JUDGE else None
+
+    def record(self, sequences: int, seconds: float, *, now: float | None = None) -> None:
+        """A step that only generated (one token per sequence, no prompt, no draft)."""
+        if not self.adaptive or sequences <= 0 or seconds <= 0:
+            return
+        tokens_per_second = sequences / seconds
+        rate = self._rates.get(sequences)
+        if rate is None:
+            self._rates[sequences] = _Rate(tokens_per_second, 1)
+        else:
+            rate.tokens_per_second += RATE_WEIGHT * (tokens_per_second - rate.tokens_per_second)
+            rate.steps += 1
+        self._judge(time.monotonic() if now is None else now)
+
+    def _judge(self, now: float) -> None:
+        """Step back from a doubling measured not to pay."""
+        if not self._grown_from:
+            return
+        smaller = self._grown_from[-1]
+        at_limit, below = self.rate(self.limit), self.rate(smaller)
+        if at_limit is not None and below is not None and at_limit < PAYS * below:
+            self.limit = self._grown_from.pop()
+            self._retry_at = now + RETRY_AFTER_S
+
+    def grow(self, *, now: float | None = None) -> bool:
+        """Requests wait with every allowed slot busy: double the limit if that may pay.
+
+        It may once the current size has been measured, unless twice the size was
+        measured not to pay less than `RETRY_AFTER_S` ago.
+        """
+        if not self.adaptive or self.limit >= self.slots:
+            return False
+        if self.rate(self.limit) is None:
+            return False
+        if (time.monotonic() if now is None else now) < self._retry_at:
+            return False
+        bigger = min(self.limit * 2, self.slots)
+        self._rates.pop(bigger, None)  # measure it afresh: the machine may have changed
+        self._grown_from.append(self.limit)
+        self.limit = bigger
+        return True

@@ -1,0 +1,71 @@
+"""How many slots take requests at once (runner/slot_limit.py): from 8, doubled while
+requests wait and the step cost measured says the bigger batch pays. Step times are
+given here, so the rule is checked exactly; the real runner's use of it is checked
+with 32 streams in test_llamacpp_runner.py."""
+
+from __future__ import annotations
+
+from dmr_llamacpp.runner.slot_limit import RETRY_AFTER_S, STEPS_TO_JUDGE, SlotLimit
+
+
+def steps(limit: SlotLimit, sequences: int, tokens_per_second: float, now: float = 0.0) -> None:
+    for _ in range(STEPS_TO_JUDGE):
+        limit.record(sequences, sequences / tokens_per_second, now=now)
+
+
+def test_fixed_slots_are_all_open_and_never_change() -> None:
+    limit = SlotLimit(slots=4, adaptive=False)
+    assert limit.limit == 4
+    assert not limit.grow(now=0)
+    steps(limit, 4, 100)
+    assert limit.limit == 4
+
+
+def test_it_starts_at_eight_and_grows_only_once_eight_were_measured() -> None:
+    limit = SlotLimit(slots=32, adaptive=True)
+    assert limit.limit == 8
+    assert not limit.grow(now=0)  # nothing measured yet: no reason to believe more pays
+    limit.record(8, 8 / 280, now=0)
+    assert not limit.grow(now=0)  # one step is no measure
+    steps(limit, 8, 280)
+    assert limit.grow(now=0) and limit.limit == 16
+
+
+def test_a_doubling_that_pays_is_kept_and_the_next_one_tried() -> None:
+    limit = SlotLimit(slots=32, adaptive=True)
+    steps(limit, 8, 286)
+    assert limit.grow(now=0)
+    steps(limit, 16, 338)  # SmolLM2 on two cores: 1.18x
+    assert limit.limit == 16
+    assert limit.grow(now=0) and limit.limit == 32
+    steps(limit, 32, 380)  # 1.12x
+    assert limit.limit == 32
+    assert not limit.grow(now=0)  # every slot is open
+
+
+def test_a_doubling_that_does_not_pay_steps_back_and_is_tried_again_later() -> None:
+    limit = SlotLimit(slots=32, adaptive=True)
+    steps(limit, 8, 100, now=0)
+    assert limit.grow(now=0)
+    steps(limit, 16, 104, now=1)  # 1.04x: every stream slower for nothing
+    assert limit.limit == 8
+    assert not limit.grow(now=1 + RETRY_AFTER_S - 1)
+    assert limit.grow(now=1 + RETRY_AFTER_S) and limit.limit == 16
+    steps(limit, 16, 150, now=40)  # the machine changed: now it pays
+    assert limit.limit == 16
+
+
+def test_steps_of_other_sizes_do_not_judge_the_limit() -> None:
+    limit = SlotLimit(slots=16, adaptive=True)
+    steps(limit, 8, 200)
+    assert limit.grow(now=0)
+    steps(limit, 12, 50)  # a wave ending: fewer sequences than the limit
+    assert limit.limit == 16
+    assert limit.rate(12) is not None and limit.rate(16) is None
+
+
+def test_fewer_slots_than_eight_are_all_open() -> None:
+    limit = SlotLimit(slots=4, adaptive=True)
+    assert limit.limit == 4
+    steps(limit, 4, 100)
+    assert not limit.grow(now=0)
