@@ -679,7 +679,11 @@ class BatchedGenerator:
         Without the weighing, two prompts that share only a system prompt take each
         other's slots and both lose their caches.
         """
-        idle = [slot for slot in self.slots if not slot.busy]
+        # Only the first `limit` slots: llama.cpp's attention spans every KV stream from
+        # the lowest to the highest sequence id in a batch, so eight sequences spread
+        # over 32 streams took 47 ms a step of SmolLM2 against 28 ms packed in eight
+        # (bench/decode_batch_cost.py, "spread" against "streams").
+        idle = [slot for slot in self.slots[: self.slot_limit.limit] if not slot.busy]
         if not idle:
             return None
         fresh = min(idle, key=lambda slot: (bool(slot.tokens), slot.last_used))
