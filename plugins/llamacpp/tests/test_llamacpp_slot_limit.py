@@ -50,7 +50,8 @@ def test_a_doubling_that_does_not_pay_steps_back_and_is_tried_again_later() -> N
     steps(limit, 16, 104, now=1)  # 1.04x: every stream slower for nothing
     assert limit.limit == 8
     assert not limit.grow(now=1 + RETRY_AFTER_S - 1)
-    assert limit.grow(now=1 + RETRY_AFTER_S) and limit.limit == 16
+    assert limit.grow(now=2 + RETRY_AFTER_S) and limit.limit == 16
+    assert limit.rate(16) is None  # the old measure is dropped, not averaged in
     steps(limit, 16, 150, now=40)  # the machine changed: now it pays
     assert limit.limit == 16
 
@@ -69,3 +70,24 @@ def test_fewer_slots_than_eight_are_all_open() -> None:
     assert limit.limit == 4
     steps(limit, 4, 100)
     assert not limit.grow(now=0)
+
+
+def test_when_demand_falls_the_limit_steps_back_and_reopens_at_once() -> None:
+    limit = SlotLimit(slots=32, adaptive=True)
+    steps(limit, 8, 286)
+    assert limit.grow(now=0)
+    steps(limit, 16, 338)
+    assert limit.grow(now=0)
+    steps(limit, 32, 380)
+    limit.settle(busy=20, waiting=0)
+    assert limit.limit == 32
+    limit.settle(busy=2, waiting=3)  # requests wait: no step back
+    assert limit.limit == 32
+    # The wave ends: next requests go to the first slots again.
+    limit.settle(busy=8, waiting=0)
+    assert limit.limit == 16
+    limit.settle(busy=0, waiting=0)
+    assert limit.limit == 8
+    # The next wave: both sizes were measured just now, so both open at once.
+    assert limit.grow(now=1) and limit.limit == 16
+    assert limit.grow(now=1) and limit.limit == 32

@@ -595,6 +595,8 @@ class BatchedGenerator:
             slot.prompt_done_at = 0.0
         self.stats.requests_deferred = len(self._waiting)
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
+        self.slot_limit.settle(self.stats.requests_processing, len(self._waiting))
+        self.stats.slots_allowed = self.slot_limit.limit
 
     def _next_waiting(self) -> GenerationJob:
         """The first waiting interactive job, else the first batch one (a preempted

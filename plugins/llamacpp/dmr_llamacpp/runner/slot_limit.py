@@ -15,6 +15,11 @@ bigger batch still pays: the tokens a second of decode-only steps with twice the
 sequences must reach `PAYS` times those with the current count. Once a doubling
 did not pay, the limit steps back and tries again after `RETRY_AFTER_S` (other
 runners may have taken cores meanwhile, or given them back).
+
+When demand falls to a quarter of the limit with nobody waiting, it steps back too,
+so that the requests that come next are packed into the first slots (llama.cpp's
+attention spans every stream between a batch's lowest and highest sequence id);
+sizes measured in the last `RETRY_AFTER_S` are opened again at once.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ RATE_WEIGHT = 0.2
 class _Rate:
     tokens_per_second: float
     steps: int
+    measured_at: float
 
 
 @dataclass
@@ -62,14 +68,16 @@ class SlotLimit:
         """A step that only generated (one token per sequence, no prompt, no draft)."""
         if not self.adaptive or sequences <= 0 or seconds <= 0:
             return
+        now = time.monotonic() if now is None else now
         tokens_per_second = sequences / seconds
         rate = self._rates.get(sequences)
         if rate is None:
-            self._rates[sequences] = _Rate(tokens_per_second, 1)
+            self._rates[sequences] = _Rate(tokens_per_second, 1, now)
         else:
             rate.tokens_per_second += RATE_WEIGHT * (tokens_per_second - rate.tokens_per_second)
             rate.steps += 1
-        self._judge(time.monotonic() if now is None else now)
+            rate.measured_at = now
+        self._judge(now)
 
     def _judge(self, now: float) -> None:
         """Step back from a doubling measured not to pay."""
@@ -91,10 +99,20 @@ class SlotLimit:
             return False
         if self.rate(self.limit) is None:
             return False
-        if (time.monotonic() if now is None else now) < self._retry_at:
+        now = time.monotonic() if now is None else now
+        if now < self._retry_at:
             return False
         bigger = min(self.limit * 2, self.slots)
-        self._rates.pop(bigger, None)  # measure it afresh: the machine may have changed
+        known = self._rates.get(bigger)
+        if known is not None and now - known.measured_at > RETRY_AFTER_S:
+            del self._rates[bigger]  # measure it afresh: the machine may have changed
         self._grown_from.append(self.limit)
         self.limit = bigger
         return True
+
+    def settle(self, busy: int, waiting: int) -> None:
+        """Step back one doubling when nobody waits and three quarters of the open
+        slots are idle (a quarter, not a half: a steady load at half the limit would
+        otherwise step back and grow again with every request)."""
+        if self._grown_from and waiting == 0 and busy <= self.limit // 4:
+            self.limit = self._grown_from.pop()
