@@ -56,15 +56,7 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily(
             "llamacpp:requests_processing", "Requests in a slot.", value=stats.requests_processing
         )
-        yield GaugeMetricFamily(
-            "llamacpp:slots", "Slots (KV streams) the runner holds.", value=stats.slots
-        )
-        yield GaugeMetricFamily(
-            "llamacpp:slots_allowed",
-            "Slots that may hold a request now: all, or as many as the measured step cost "
-            "says pay (--adaptive-slots).",
-            value=stats.slots_allowed,
-        )
+        yield from _slot_gauges(stats)
         yield CounterMetricFamily(
             "llamacpp:draft_tokens",
             "Tokens proposed by the speculative draft model.",
@@ -121,6 +113,19 @@ class _StatsCollector(Collector):
             " CPU's cores (POST /cpu-share); 0 while loading.",
             value=self._threads,
         )
+
+
+def _slot_gauges(stats: GeneratorStats) -> Iterator[Metric]:
+    """The slots held and how many are open (runner/slot_limit.py)."""
+    yield GaugeMetricFamily(
+        "llamacpp:slots", "Slots (KV streams) the runner holds.", value=stats.slots
+    )
+    yield GaugeMetricFamily(
+        "llamacpp:slots_allowed",
+        "Slots that may hold a request now: all, or as many as the measured step cost "
+        "says pay (--adaptive-slots).",
+        value=stats.slots_allowed,
+    )
 
 
 def render_metrics(stats: Callable[[], GeneratorStats], threads: int = 0) -> bytes:
