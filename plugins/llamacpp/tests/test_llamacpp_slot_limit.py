@@ -94,3 +94,43 @@ def test_when_demand_falls_the_limit_steps_back_and_reopens_at_once() -> None:
     assert not limit.grow(now=1)
     steps(limit, 16, 330)
     assert limit.grow(now=1) and limit.limit == 32
+
+
+def test_one_slow_step_does_not_shut_a_doubling_that_pays() -> None:
+    """The first step of a new batch shape is slow (llama.cpp plans its graph again):
+    the median of the steps judges, not a mean the outlier drags down."""
+    limit = SlotLimit(slots=32, adaptive=True)
+    steps(limit, 8, 286)
+    assert limit.grow(now=0)
+    limit.record(16, 16 / 100, now=0)
+    for _ in range(STEPS_TO_JUDGE - 1):
+        limit.record(16, 16 / 338, now=0)
+    assert limit.limit == 16
+
+
+def test_a_size_that_did_not_pay_keeps_shut_only_itself() -> None:
+    """32 did not pay over 16: the next wave still opens 16 at once, not 32."""
+    limit = SlotLimit(slots=32, adaptive=True)
+    steps(limit, 8, 250)
+    assert limit.grow(now=0)
+    steps(limit, 16, 330)
+    assert limit.grow(now=0)
+    steps(limit, 32, 335, now=1)  # 1.02x over 16
+    assert limit.limit == 16
+    limit.settle(busy=0, waiting=0)
+    assert limit.limit == 8
+    assert limit.grow(now=2) and limit.limit == 16
+    steps(limit, 16, 330, now=2)
+    assert not limit.grow(now=3)  # 32 stays shut until its retry
+    assert limit.grow(now=1 + RETRY_AFTER_S) and limit.limit == 32
+
+
+def test_a_doubling_is_judged_once_on_its_first_steps() -> None:
+    """Later in a wave every step is slower (longer answers to attend over): 16 measured
+    then is not held against 8 measured at the wave's start."""
+    limit = SlotLimit(slots=16, adaptive=True)
+    steps(limit, 8, 324)
+    assert limit.grow(now=0)
+    steps(limit, 16, 379)  # judged: 1.17x, kept
+    steps(limit, 16, 336)  # the wave's tail
+    assert limit.limit == 16

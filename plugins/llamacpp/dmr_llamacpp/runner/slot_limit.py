@@ -24,8 +24,13 @@ the next wave opens them again, each measured afresh.
 
 from __future__ import annotations
 
+import logging
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 # llama-server's --parallel that the benches tune; also dmr's fixed default.
 START_SLOTS = 8
@@ -34,17 +39,11 @@ START_SLOTS = 8
 # 8 -> 16 on two cores, 1.18x in `llama_decode` alone, measured 1.05-1.15x with the
 # server and 16 clients on the same cores (bench/llamacpp_concurrency.py).
 PAYS = 1.05
-# Decode-only steps measured at a size before it is judged.
+# A size is judged by the median of its last this many decode-only steps: a median,
+# because the first step of a new batch shape (llama.cpp plans its graph again) and a
+# step that shared the cores with a burst of arriving requests are outliers.
 STEPS_TO_JUDGE = 8
 RETRY_AFTER_S = 30.0
-# Weight of a new step in the running mean of a size's rate.
-RATE_WEIGHT = 0.2
-
-
-@dataclass
-class _Rate:
-    tokens_per_second: float
-    steps: int
 
 
 @dataclass
@@ -54,41 +53,57 @@ class SlotLimit:
     slots: int
     adaptive: bool
     limit: int = field(init=False)
-    _rates: dict[int, _Rate] = field(default_factory=dict, init=False)
-    _retry_at: float = field(default=0.0, init=False)
+    _rates: dict[int, deque[float]] = field(default_factory=dict, init=False)
+    # Sizes measured not to pay, and when they may be tried again. Only those: a
+    # doubling that paid opens at once in the next wave.
+    _retry_at: dict[int, float] = field(default_factory=dict, init=False)
     _grown_from: list[int] = field(default_factory=list, init=False)  # earlier limits
+    # A doubling is judged once, on its first steps against the size measured just
+    # before: later in a wave the answers are longer and every step slower, so a rate
+    # measured then, set against one from the start, would shut a doubling that paid.
+    _judging: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.limit = min(START_SLOTS, self.slots) if self.adaptive else self.slots
 
     def rate(self, sequences: int) -> float | None:
-        """Tokens a second of decode-only steps with `sequences` sequences, once judged."""
-        rate = self._rates.get(sequences)
-        return rate.tokens_per_second if rate and rate.steps >= STEPS_TO_JUDGE else None
+        """Tokens a second of decode-only steps with `sequences` sequences (the median
+        of the last `STEPS_TO_JUDGE`), once that many were measured."""
+        rates = self._rates.get(sequences)
+        if rates is None or len(rates) < STEPS_TO_JUDGE:
+            return None
+        return statistics.median(rates)
 
     def record(self, sequences: int, seconds: float, *, now: float | None = None) -> None:
         """A step that only generated (one token per sequence, no prompt, no draft)."""
         if not self.adaptive or sequences <= 0 or seconds <= 0:
             return
         now = time.monotonic() if now is None else now
-        tokens_per_second = sequences / seconds
-        rate = self._rates.get(sequences)
-        if rate is None:
-            self._rates[sequences] = _Rate(tokens_per_second, 1)
-        else:
-            rate.tokens_per_second += RATE_WEIGHT * (tokens_per_second - rate.tokens_per_second)
-            rate.steps += 1
+        rates = self._rates.setdefault(sequences, deque(maxlen=STEPS_TO_JUDGE))
+        rates.append(sequences / seconds)
         self._judge(now)
 
     def _judge(self, now: float) -> None:
         """Step back from a doubling measured not to pay."""
-        if not self._grown_from:
+        if not self._grown_from or not self._judging:
             return
         smaller = self._grown_from[-1]
         at_limit, below = self.rate(self.limit), self.rate(smaller)
-        if at_limit is not None and below is not None and at_limit < PAYS * below:
+        if at_limit is None or below is None:
+            return
+        self._judging = False
+        if at_limit < PAYS * below:
+            self._retry_at[self.limit] = now + RETRY_AFTER_S
+            logger.info(
+                "%d slots gave %.0f tokens/s, %d gave %.0f: back to %d for %.0f s",
+                self.limit,
+                at_limit,
+                smaller,
+                below,
+                smaller,
+                RETRY_AFTER_S,
+            )
             self.limit = self._grown_from.pop()
-            self._retry_at = now + RETRY_AFTER_S
 
     def grow(self, *, now: float | None = None) -> bool:
         """Requests wait with every allowed slot busy: double the limit if that may pay.
@@ -101,13 +116,20 @@ class SlotLimit:
         if self.rate(self.limit) is None:
             return False
         now = time.monotonic() if now is None else now
-        if now < self._retry_at:
-            return False
         bigger = min(self.limit * 2, self.slots)
+        if now < self._retry_at.get(bigger, 0.0):
+            return False
         # Judged on fresh steps only: a rate kept from another wave was measured with
         # other prompts, clients and neighbours on the cores.
         self._rates.pop(bigger, None)
         self._grown_from.append(self.limit)
+        self._judging = True
+        logger.info(
+            "requests wait with %d slots busy (%.0f tokens/s): opening %d",
+            self.limit,
+            self.rate(self.limit) or 0.0,
+            bigger,
+        )
         self.limit = bigger
         return True
 
@@ -117,3 +139,4 @@ class SlotLimit:
         otherwise step back and grow again with every request)."""
         if self._grown_from and waiting == 0 and busy <= self.limit // 4:
             self.limit = self._grown_from.pop()
+            self._judging = False
