@@ -105,14 +105,17 @@ def test_a_prompt_seen_before_a_server_restart_skips_its_prefill_after_it(
     """Stopping the server stops its runners with SIGTERM: they save on the way out."""
     folder = tmp_path_factory.mktemp("dmr-restart")
     package_smollm2(folder / "models", smollm2_gguf, MODEL)
-    first = start_server(folder)
+    # One budget for both starts: the context and slots the engine sizes by it are
+    # part of the caches' key, and the free memory another test leaves may differ.
+    budget = {"DMR_MEMORY_BUDGET": str(16 * 1024**3)}
+    first = start_server(folder, budget)
     try:
         chat(first, long_document(40), max_tokens=8)
         warm = chat(first, long_document(40), max_tokens=8)
     finally:
         first.stop()
     assert cache_files(first)
-    second = start_server(folder)
+    second = start_server(folder, budget)
     try:
         again = chat(second, long_document(40), max_tokens=8)
     finally:

@@ -54,9 +54,13 @@ MAX_DEFAULT_CONTEXT_SIZE = 32768
 DEFAULT_CONTEXT_MEMORY_SHARE = 0.5
 # More streams than llama-server's fixed slots (docs/scheduler.md): a chat runner
 # nobody set `--parallel` for gets 8 slots, doubled up to this many while its whole
-# estimate stays within this share of the memory free for dmr; the context per slot
-# is chosen first. The runner then lets requests into the slots beyond 8 only while
-# the step cost it measures says the bigger batch pays (runner/slot_limit.py).
+# estimate stays within this share of its device's whole memory, and within the
+# context's share of admission's budget; the context per slot is chosen first. The
+# device's whole memory, not what is free: the slot count is part of the prompt
+# caches' key, and a server restarted while other programs held more memory would
+# otherwise size other slots and find none of its saved prompts (CI saw it). The
+# runner then lets requests into the slots beyond 8 only while the step cost it
+# measures says the bigger batch pays (runner/slot_limit.py).
 MAX_DEFAULT_SLOTS = 32
 DEFAULT_SLOTS_MEMORY_SHARE = 0.25
 GPU_ALL_LAYERS = 999
@@ -365,7 +369,10 @@ class LlamaCppEngine:
         """`settings` with the slots doubled while the memory free for dmr allows."""
         if not settings.adaptive_slots:
             return settings
-        budget = DEFAULT_SLOTS_MEMORY_SHARE * self._free_memory(launch)
+        budget = min(
+            DEFAULT_SLOTS_MEMORY_SHARE * launch.device.total_memory,
+            DEFAULT_CONTEXT_MEMORY_SHARE * self._free_memory(launch),
+        )
         slots = settings.parallel
         while slots * 2 <= MAX_DEFAULT_SLOTS:
             bigger = replace(settings, parallel=slots * 2)

@@ -305,21 +305,29 @@ def test_slots_are_doubled_while_the_memory_free_for_dmr_allows(
     llama_bundle: Path, tmp_path: Path
 ) -> None:
     """Nobody set `--parallel`: 8 slots, doubled up to 32 while the whole estimate stays
-    within a quarter of admission's budget, and the runner sizes what it lets in."""
+    within a quarter of the device's memory and half of admission's budget, and the
+    runner sizes what it lets in."""
     engine = LlamaCppEngine()
-    unset = make_launch(llama_bundle, tmp_path / "r.sock", context_size=4096, parallel=None)
+    big = replace(CPU, total_memory=64 << 30, free_memory=64 << 30)
+    unset = make_launch(
+        llama_bundle, tmp_path / "r.sock", context_size=4096, parallel=None, device=big
+    )
     roomy = replace(unset, memory_budget=64 << 30)
     assert _slots(engine, roomy) == (32, True)
     # The estimate admission compares is the one of the slots chosen.
     fixed = make_launch(llama_bundle, tmp_path / "r.sock", context_size=4096, parallel=32)
     assert engine.estimate_memory(roomy) == engine.estimate_memory(fixed)
     assert engine.estimate_memory(roomy).device_bytes <= (64 << 30) // 4
-    # SmolLM2 at 4096 tokens a slot: 16 slots' estimate is about 2.3 GiB, 32 about 4 GiB.
-    middle = replace(unset, memory_budget=12 << 30)
+    # SmolLM2 at 4096 tokens a slot: 16 slots' estimate is 2.15 GiB, 32 3.69 GiB.
+    middle = replace(unset, memory_budget=6 << 30)
     assert _slots(engine, middle) == (16, True)
     tight = replace(unset, memory_budget=2 << 30)
     assert _slots(engine, tight) == (8, True)  # never below 8, however tight
     assert engine.estimate_memory(tight).device_bytes < engine.estimate_memory(middle).device_bytes
+    # A device of 8 GiB: a quarter of it holds 8 slots, whatever is free. The count
+    # does not follow the free memory from one start to the next (prompt caches' key).
+    small = replace(big, total_memory=8 << 30)
+    assert _slots(engine, replace(unset, device=small, memory_budget=64 << 30)) == (8, True)
 
 
 def test_slots_set_by_anyone_are_kept(

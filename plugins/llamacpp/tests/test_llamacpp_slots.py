@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from llamacpp_helpers import RunnerProcess, make_launch, short_socket
+from llamacpp_helpers import CPU, RunnerProcess, make_launch, short_socket
 
 pytestmark = pytest.mark.llama
 
@@ -22,8 +22,12 @@ TOKENS = 16
 
 @pytest.fixture(scope="module")
 def sized_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
-    """Nobody set `--parallel`; admission's budget has room for 32 slots of 512 tokens."""
-    launch = make_launch(llama_bundle, short_socket("slots"), context_size=512, parallel=None)
+    """Nobody set `--parallel`; the device and admission's budget have room for 32 slots
+    of 512 tokens."""
+    big = replace(CPU, total_memory=64 << 30, free_memory=64 << 30)
+    launch = make_launch(
+        llama_bundle, short_socket("slots"), context_size=512, parallel=None, device=big
+    )
     runner = RunnerProcess(replace(launch, memory_budget=64 << 30))
     yield runner
     runner.stop()
