@@ -19,13 +19,19 @@ URL answers `POST /v1/chat/completions`):
 - `runner`: the dmr runner alone on its unix socket, as the engine starts it.
 - `llama-cpp-server`: `python -m llama_cpp.server`, the weakest peer.
 
+With `dmr-server` among the targets, the others map the copy of the GGUF that its
+store holds, so every server reads the same file in the same page-cache state
+(`--separate-files`: each maps `--gguf` itself).
+
 `--threads/--threads-batch` pin every target's threads; by default each keeps its own.
 `--gpu-layers N` offloads layers where a GPU exists (same figure for every target);
 `--llama-server-flags "-ngl 999 --metrics"` gives llama-server alone Docker Model
 Runner's GPU arguments, for a `dmr serve` left to its own GPU probe (scripts/gpu-check).
 
-`--models smollm2,random-0.6b,NAME=PATH` measures several models in one run, one after
-the other (random-0.6b: a ~0.6B Q8_0 llama written once by bench/random_gguf.py).
+`--models smollm2,random-0.6b,random-gemma3,NAME=PATH` measures several models in one
+run, one after the other (random-0.6b: a ~0.6B Q8_0 llama; random-gemma3: Gemma 3
+270M's shapes and sliding-window attention; both written once by bench/random_gguf.py
+with SmolLM2's vocabulary and random weights).
 A case that stalls past `--round-timeout` seconds is reported with what it asked and
 left out of the medians.
 
@@ -182,6 +188,22 @@ def llama_server_binary() -> Path:
     return Path(built.stdout.strip().splitlines()[-1])
 
 
+def model_file(args: argparse.Namespace) -> Path:
+    """The GGUF a target other than `dmr serve` maps: the copy in dmr's store once the
+    dmr-server target has packaged it, so that every server reads the same file in
+    the same page-cache state (a file just written is slower to compute from for a
+    while: docs/benchmarks.md, "The first step after an idle spell"); else `--gguf`."""
+    served: Path | None = getattr(args, "served_gguf", None)
+    return served or args.gguf
+
+
+def _stored_gguf(models_path: Path, model_name: str) -> Path:
+    from dmr.store import Store
+    from dmr_llamacpp.bundle import find_gguf_bundle
+
+    return find_gguf_bundle(Store.open(models_path).get(model_name).bundle_dir).model
+
+
 @contextlib.asynccontextmanager
 async def _llama_server(
     args: argparse.Namespace, flags: list[str]
@@ -191,7 +213,7 @@ async def _llama_server(
     port = free_port()
     argv = [
         str(llama_server_binary()),
-        *("--model", str(args.gguf), "--host", "127.0.0.1", "--port", str(port)),
+        *("--model", str(model_file(args)), "--host", "127.0.0.1", "--port", str(port)),
         *flags,
         "--jinja",
         "--no-repack",
@@ -228,7 +250,7 @@ async def runner_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncCl
     with tempfile.TemporaryDirectory(prefix="dmr-bench-") as folder:
         bundle = Path(folder) / "bundle"
         (bundle / "model").mkdir(parents=True)
-        (bundle / "model" / "model.gguf").symlink_to(args.gguf)
+        (bundle / "model" / "model.gguf").symlink_to(model_file(args))
         launch = RunnerLaunch(
             model_id="sha256:" + "0" * 64,
             model_name=args.model_name,
@@ -281,7 +303,7 @@ async def llama_cpp_server_target(args: argparse.Namespace) -> AsyncIterator[htt
         "-c",
         _LLAMA_CPP_SERVER,
         "--model",
-        str(args.gguf),
+        str(model_file(args)),
         "--host",
         "127.0.0.1",
         "--port",
@@ -345,6 +367,8 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
                     check=True,
                     stdout=subprocess.DEVNULL,
                 )
+                if not args.separate_files:
+                    args.served_gguf = _stored_gguf(Path(folder) / "models", args.model_name)
                 configure: dict[str, Any] = {}
                 if _thread_flags(args):
                     configure["runtime-flags"] = _thread_flags(args)
@@ -554,10 +578,11 @@ async def main_async(args: argparse.Namespace) -> list[Measurement]:
     and level, each target once, their order reversed every other round, so a
     neighbour's load on a shared machine lands on all targets alike."""
     measurements: list[Measurement] = []
+    args.served_gguf = None
     async with contextlib.AsyncExitStack() as stack:
-        clients = {
-            name: await stack.enter_async_context(TARGETS[name](args)) for name in args.targets
-        }
+        # dmr serve first: the others then map its store's copy (`model_file`).
+        starting = sorted(args.targets, key=lambda name: name != "dmr-server")
+        clients = {name: await stack.enter_async_context(TARGETS[name](args)) for name in starting}
         for client in clients.values():  # warm-up: loads the model, fills caches
             await one_stream(client, [{"role": "user", "content": "Hello"}], args, 8)
         for number in range(1, args.rounds + 1):
@@ -698,7 +723,8 @@ def summary(measurements: list[Measurement], args: argparse.Namespace) -> str:
 def _target_checks(
     rows: dict[tuple[str, str, int], dict[str, float]], ours: str, base: str
 ) -> list[str]:
-    """Issue 12's targets, each as met / missed with the figures behind it."""
+    """Issue 28's targets (docs/benchmarks.md), each as met / missed with the figures
+    behind it; the long-prompt and multi-turn ones are issue 12's."""
     checks: list[str] = []
 
     def check(label: str, ok: bool, detail: str) -> None:
@@ -713,15 +739,24 @@ def _target_checks(
         if found := pair("streams", level):
             mine, ref = found
             ratio = _ratio(mine["tokens_per_s"], ref["tokens_per_s"])
-            check(f"tokens/s at {level} stream(s) >= 0.95x", ratio >= 0.95, f"{ratio:.2f}x")
+            check(f"tokens/s at {level} stream(s) >= 0.97x", ratio >= 0.97, f"{ratio:.2f}x")
     if found := pair("streams", 1):
         mine, ref = found
         gap = mine["ttft_p50_ms"] - ref["ttft_p50_ms"]
-        check("TTFT p50 at 1 stream <= llama-server + 15 ms", gap <= 15, f"{gap:+.0f} ms")
+        check("TTFT p50 at 1 stream <= llama-server + 10 ms", gap <= 10, f"{gap:+.0f} ms")
     if found := pair("streams", 8):
         mine, ref = found
         ratio = _ratio(mine["ttft_p50_ms"], ref["ttft_p50_ms"])
-        check("TTFT p50 at 8 streams <= 1.5x", ratio <= 1.5, f"{ratio:.2f}x")
+        check("TTFT p50 at 8 streams <= 1.2x", ratio <= 1.2, f"{ratio:.2f}x")
+        # More streams than slots: against llama-server's best, all 8 slots busy.
+        for level in (16, 32):
+            if (ours, "streams", level) in rows:
+                ratio = _ratio(rows[ours, "streams", level]["tokens_per_s"], ref["tokens_per_s"])
+                check(
+                    f"tokens/s at {level} streams >= 1.2x llama-server's at 8",
+                    ratio >= 1.2,
+                    f"{ratio:.2f}x",
+                )
     if found := pair("long", 1):
         mine, ref = found
         ratio = _ratio(mine["prompt_per_s"], ref["prompt_per_s"])
@@ -741,8 +776,8 @@ def main() -> None:
     parser.add_argument(
         "--models",
         default="",
-        help="several models in one run, each measured in turn: smollm2, random-0.6b "
-        "(written once by bench/random_gguf.py), or NAME=PATH to a GGUF",
+        help="several models in one run, each measured in turn: smollm2, random-0.6b, "
+        "random-gemma3 (written once by bench/random_gguf.py), or NAME=PATH to a GGUF",
     )
     parser.add_argument(
         "--round-timeout",
@@ -771,6 +806,11 @@ def main() -> None:
         help="more flags for llama-server alone, e.g. Docker Model Runner's '-ngl 999 --metrics'",
     )
     parser.add_argument("--model-name", default="ai/smollm2")
+    parser.add_argument(
+        "--separate-files",
+        action="store_true",
+        help="the other targets map --gguf itself, not the copy dmr serve's store holds",
+    )
     parser.add_argument(
         "--dmr-artifacts",
         type=Path,
@@ -830,9 +870,61 @@ RANDOM_06B = [
 ]
 
 
-def bench_models(spec: str) -> list[tuple[str, Path]]:
-    """(name, GGUF) for each entry of `--models`, writing the random one once."""
+# Gemma 3 270M's shapes (640 wide, 18 layers, 4 heads of 256, one KV head, a 512-token
+# window in five layers of six) with SmolLM2's vocabulary: a second architecture,
+# since the package index has no small GGUF of one.
+RANDOM_GEMMA3 = [
+    "--arch",
+    "gemma3",
+    "--embedding",
+    "640",
+    "--layers",
+    "18",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "1",
+    "--head-size",
+    "256",
+    "--ffn",
+    "2048",
+    "--sliding-window",
+    "512",
+    "--context",
+    "32768",
+    "--weights",
+    "q8_0",
+    "--name",
+    "random-gemma3-270m",
+]
+RANDOM_MODELS = {
+    "random-0.6b": ("random-0.6b-q8_0.gguf", RANDOM_06B),
+    "random-gemma3": ("random-gemma3-270m-q8_0.gguf", RANDOM_GEMMA3),
+}
+
+
+def random_model(file_name: str, shape: list[str]) -> Path:
+    """A random-weight GGUF under the sample cache, written once with SmolLM2's vocabulary."""
     from dmr.sample_model import cache_dir, ensure_smollm2_gguf
+
+    target = cache_dir() / "samples" / file_name
+    if target.exists():
+        return target
+    vocab = cache_dir() / "samples" / "smollm2.vocab.json"
+    script = str(REPO / "bench" / "random_gguf.py")
+    if not vocab.exists():
+        subprocess.run(
+            [sys.executable, script, "vocab", str(ensure_smollm2_gguf()), str(vocab)], check=True
+        )
+    partial = target.with_suffix(".partial")
+    subprocess.run([sys.executable, script, "write", str(vocab), str(partial), *shape], check=True)
+    partial.rename(target)
+    return target
+
+
+def bench_models(spec: str) -> list[tuple[str, Path]]:
+    """(name, GGUF) for each entry of `--models`, writing the random ones once."""
+    from dmr.sample_model import ensure_smollm2_gguf
 
     chosen: list[tuple[str, Path]] = []
     for entry in (part.strip() for part in spec.split(",") if part.strip()):
@@ -841,24 +933,11 @@ def bench_models(spec: str) -> list[tuple[str, Path]]:
             chosen.append((name, Path(path)))
         elif entry == "smollm2":
             chosen.append(("smollm2", ensure_smollm2_gguf()))
-        elif entry == "random-0.6b":
-            target = cache_dir() / "samples" / "random-0.6b-q8_0.gguf"
-            if not target.exists():
-                vocab = target.with_suffix(".vocab.json")
-                script = str(REPO / "bench" / "random_gguf.py")
-                subprocess.run(
-                    [sys.executable, script, "vocab", str(ensure_smollm2_gguf()), str(vocab)],
-                    check=True,
-                )
-                partial = target.with_suffix(".partial")
-                subprocess.run(
-                    [sys.executable, script, "write", str(vocab), str(partial), *RANDOM_06B],
-                    check=True,
-                )
-                partial.rename(target)
-            chosen.append(("random-0.6b", target))
+        elif entry in RANDOM_MODELS:
+            chosen.append((entry, random_model(*RANDOM_MODELS[entry])))
         else:
-            raise SystemExit(f"unknown model {entry!r}: smollm2, random-0.6b or NAME=PATH")
+            known = ", ".join(["smollm2", *RANDOM_MODELS])
+            raise SystemExit(f"unknown model {entry!r}: {known} or NAME=PATH")
     return chosen
 
 

@@ -98,14 +98,27 @@ async def send_streamed(
     status: int,
     headers: list[tuple[bytes, bytes]],
 ) -> None:
-    """Send `chunks` as they come. A client that leaves cancels the sending, and the
-    generator is closed either way: its `finally` frees what the answer held (a
-    runner's slot, the server's lease on a runner)."""
+    """Send `chunks` as they come, the status and headers with the first one. A client
+    that leaves cancels the sending, and the generator is closed either way: its
+    `finally` frees what the answer held (a runner's slot, the server's lease on a
+    runner).
+
+    The headers wait for the first chunk, as llama-server's do: sent at once, each of a
+    burst of streams cost a write here, a relay in `dmr serve` and a read in the client
+    while the burst's first decode step ran on the same cores, and that step took
+    twice as long (docs/benchmarks.md). A generator that fails before its first chunk
+    then ends in a 500 from the ASGI server, not in a 200 cut short."""
+    start = {"type": "http.response.start", "status": status, "headers": headers}
 
     async def produce() -> None:
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        started = False
         async for chunk in chunks:
+            if not started:
+                await send(start)
+                started = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if not started:
+            await send(start)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     producer = asyncio.ensure_future(produce())

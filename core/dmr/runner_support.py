@@ -69,9 +69,28 @@ async def stop_when_orphaned(stop: asyncio.Event, interval: float = 1.0) -> None
     """Set `stop` when the server that started this runner is gone.
 
     A server killed with SIGKILL cannot stop its runners; they are re-parented and
-    would hold their model's memory forever. The parent's PID changing says so.
+    would hold their model's memory forever. Where the kernel can say when a process
+    exits (Linux's pidfd), the runner sleeps until then. Otherwise it looks every
+    `interval` seconds whether its parent's PID changed. Waking every second had
+    a cost: an idle runner's first `llama_decode` took up to twice as long
+    (docs/benchmarks.md, "The first step after an idle spell").
     """
     parent = os.getppid()
+    try:
+        exited = os.pidfd_open(parent)
+    except (AttributeError, OSError):  # not Linux, or a kernel before 5.3
+        exited = None
+    if exited is not None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(exited, stop.set)
+        try:
+            if os.getppid() != parent:  # gone before the pidfd was opened
+                stop.set()
+            await stop.wait()
+        finally:
+            loop.remove_reader(exited)
+            os.close(exited)
+        return
     while not stop.is_set():
         await asyncio.sleep(interval)
         if os.getppid() != parent:

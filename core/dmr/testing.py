@@ -32,6 +32,7 @@ from dmr.sample_model import ensure_smollm2_gguf
 
 __all__ = [
     "CPU",
+    "REQUEST_TIMEOUT_S",
     "RunnerProcess",
     "free_port",
     "make_launch",
@@ -42,6 +43,12 @@ __all__ = [
 ]
 
 CPU = AcceleratorInfo(name="cpu", kind="cpu", index=0, total_memory=8 << 30, free_memory=8 << 30)
+
+# How long the clients here wait for an answer. Generous: a CI machine of two cores
+# running two test workers made one 40-token answer wait past 120 s (llama.cpp's
+# threads spin at every barrier, and two spinning thread pools on two cores wait a
+# scheduler slice each time). A test's own bound is pytest's timeout; a hang still fails.
+REQUEST_TIMEOUT_S = 600.0
 
 # Directories `short_socket` makes; `RunnerProcess.stop` removes them with the socket.
 _SOCKET_DIR_PREFIX = "dmr-test-sock-"
@@ -160,11 +167,11 @@ class RunnerProcess:
             self.stop()
             raise RuntimeError(f"{error}: {output}") from None
 
-    def client(self, timeout: float = 120.0) -> httpx.Client:
+    def client(self, timeout: float = REQUEST_TIMEOUT_S) -> httpx.Client:
         transport = httpx.HTTPTransport(uds=str(self.socket_path))
         return httpx.Client(transport=transport, base_url="http://runner", timeout=timeout)
 
-    def async_client(self, timeout: float = 120.0) -> httpx.AsyncClient:
+    def async_client(self, timeout: float = REQUEST_TIMEOUT_S) -> httpx.AsyncClient:
         transport = httpx.AsyncHTTPTransport(uds=str(self.socket_path))
         return httpx.AsyncClient(transport=transport, base_url="http://runner", timeout=timeout)
 

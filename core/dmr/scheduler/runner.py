@@ -37,18 +37,23 @@ RunnerKey = tuple[str, str, Mode]
 def runner_client(address: Path | tuple[str, int]) -> httpx.AsyncClient:
     """HTTP to the runner, over its unix socket or (host, port) on a cluster node; no
     read timeout, generations can be slow."""
+    # On the transport: a client given its own transport ignores its `limits`, so
+    # these were httpx's defaults (20 kept, each 5 s), and a runner idle for 5 s took
+    # its next request on a new connection. dmr's runners keep a connection 300 s
+    # (`runner_support.serve_runner`); the server lets go of it first. One that a
+    # runner closed sooner (llama-server, vLLM: 5 s) is seen closed and not reused.
+    limits = httpx.Limits(
+        max_connections=None, max_keepalive_connections=64, keepalive_expiry=240.0
+    )
     if isinstance(address, tuple):
         host, port = address
-        transport = httpx.AsyncHTTPTransport()
+        transport = httpx.AsyncHTTPTransport(limits=limits)
         base_url = f"http://{host}:{port}"
     else:
-        transport = httpx.AsyncHTTPTransport(uds=str(address))
+        transport = httpx.AsyncHTTPTransport(uds=str(address), limits=limits)
         base_url = "http://runner"
     return httpx.AsyncClient(
-        transport=transport,
-        base_url=base_url,
-        timeout=httpx.Timeout(None, connect=10.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        transport=transport, base_url=base_url, timeout=httpx.Timeout(None, connect=10.0)
     )
 
 

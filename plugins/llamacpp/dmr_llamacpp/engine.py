@@ -366,7 +366,10 @@ class LlamaCppEngine:
         metadata: dict[str, object],
         context: int,
     ) -> WorkerSettings:
-        """`settings` with the slots doubled while the memory free for dmr allows."""
+        """`settings` with the slots doubled, up to MAX_DEFAULT_SLOTS, while the
+        runner's estimate stays within a share of the device's whole memory (and of
+        admission's budget): the device, not the moment, decides the count, which is
+        part of the saved prompt caches' key."""
         if not settings.adaptive_slots:
             return settings
         budget = min(
@@ -394,7 +397,9 @@ class LlamaCppEngine:
             # Pooling runners keep one sequence per input; their context is the batch.
             ctx_total = context
         weights = bundle.weight_bytes + (bundle.mmproj.stat().st_size if bundle.mmproj else 0)
+        sequences = settings.parallel if launch.mode is Mode.COMPLETION else 1
         kv_cache = kv_cache_bytes(metadata, ctx_total, settings)
+        kv_cache += recurrent_state_bytes(metadata, sequences)
         if launch.draft_bundle_dir is not None and launch.mode is Mode.COMPLETION:
             # The draft model keeps its own weights and a KV cache as large as the model's.
             draft = find_gguf_bundle(launch.draft_bundle_dir)
@@ -445,15 +450,43 @@ def _train_context(metadata: dict[str, object]) -> int | None:
     return _arch_int(metadata, "context_length")
 
 
-def kv_cache_bytes(metadata: dict[str, object], ctx_total: int, settings: WorkerSettings) -> int:
-    """2 (K and V) x layers x tokens x kv heads x head dim x bytes per element."""
+def _layer_kv_heads(metadata: dict[str, object]) -> list[int]:
+    """The KV heads of each layer: 0 for a layer that does not attend (the recurrent
+    layers of a hybrid model list 0 in a per-layer array; a Mamba has no heads)."""
+    arch = metadata.get("general.architecture")
     layers = _arch_int(metadata, "block_count") or 0
+    for key in ("attention.head_count_kv", "attention.head_count"):
+        value = metadata.get(f"{arch}.{key}")
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            return [int(v) for v in value]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value] * layers
+    return [1] * layers
+
+
+def kv_cache_bytes(metadata: dict[str, object], ctx_total: int, settings: WorkerSettings) -> int:
+    """2 (K and V) x tokens x the KV heads of every attending layer x head dim x bytes
+    per element."""
     heads = _arch_int(metadata, "attention.head_count") or 1
-    kv_heads = _arch_int(metadata, "attention.head_count_kv") or heads
     embedding = _arch_int(metadata, "embedding_length") or 0
     head_dim_k = _arch_int(metadata, "attention.key_length") or embedding // heads
     head_dim_v = _arch_int(metadata, "attention.value_length") or embedding // heads
     k_bytes = KV_BYTES_PER_ELEMENT.get(settings.cache_type_k, 0.5625)
     v_bytes = KV_BYTES_PER_ELEMENT.get(settings.cache_type_v, 0.5625)
-    per_token = layers * kv_heads * (head_dim_k * k_bytes + head_dim_v * v_bytes)
+    per_token = sum(_layer_kv_heads(metadata)) * (head_dim_k * k_bytes + head_dim_v * v_bytes)
     return int(per_token * ctx_total)
+
+
+def recurrent_state_bytes(metadata: dict[str, object], sequences: int) -> int:
+    """The state a Mamba-style layer keeps per sequence, whatever its length (f32, as
+    llama.cpp keeps it): the convolution's last `conv_kernel - 1` inputs and the SSM
+    state, for every layer that does not attend. 0 for a model without `ssm.*` keys."""
+    inner = _arch_int(metadata, "ssm.inner_size")
+    state = _arch_int(metadata, "ssm.state_size")
+    kernel = _arch_int(metadata, "ssm.conv_kernel")
+    if not (inner and state and kernel):
+        return 0
+    groups = _arch_int(metadata, "ssm.group_count") or 0  # Mamba-2's B and C groups
+    recurrent_layers = sum(1 for kv_heads in _layer_kv_heads(metadata) if kv_heads == 0)
+    per_layer = (kernel - 1) * (inner + 2 * groups * state) + inner * state
+    return 4 * per_layer * recurrent_layers * sequences

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmr import testing
 from dmr.records import AcceleratorInfo, Mode, RunnerLaunch
 from dmr.testing import CPU, short_socket
 from dmr_llamacpp.engine import LlamaCppEngine
+
+if TYPE_CHECKING:
+    from dmr_llamacpp.runner.model import LoadedModel
 
 __all__ = ["CPU", "RunnerProcess", "make_bundle", "make_launch", "short_socket"]
 
@@ -49,3 +53,20 @@ class RunnerProcess(testing.RunnerProcess):
 
     def __init__(self, launch: RunnerLaunch, *, wait: bool = True) -> None:
         super().__init__(LlamaCppEngine(), launch, wait=wait)
+
+
+def slot_streams_model(bundle: Path, slots: int, cells: int) -> LoadedModel:
+    """The bundle's model loaded in this process as a runner loads it: a KV stream of
+    `cells` cells for each of `slots` slots, two threads."""
+    from dmr_llamacpp.runner.model import ContextOptions, LoadedModel
+
+    options = ContextOptions(
+        n_ctx=cells * slots,
+        n_batch=512,
+        n_ubatch=512,
+        n_seq_max=slots,
+        threads=2,
+        threads_batch=2,
+        kv_unified=False,
+    )
+    return LoadedModel(bundle / "model" / "model.gguf", options)

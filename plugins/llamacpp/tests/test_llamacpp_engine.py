@@ -348,3 +348,58 @@ def test_slots_set_by_anyone_are_kept(
     monkeypatch.delenv("LLAMA_ARGS")
     embedding = make_launch(llama_bundle, tmp_path / "r.sock", Mode.EMBEDDING, parallel=None)
     assert "--adaptive-slots" not in engine.runner_command(embedding).argv
+
+
+def test_a_hybrid_model_counts_kv_cells_only_for_the_layers_that_attend() -> None:
+    """Granite 4.0 H's shape: 40 layers of which 4 attend, the rest Mamba-2; per-layer
+    KV head counts list 0 for the recurrent ones. Counting all 40 layers at the
+    largest count (as the estimate did) made its KV cache ten times too big, and the
+    recurrent state, which every slot keeps whatever its length, was not counted."""
+    from dmr_llamacpp.engine import kv_cache_bytes, recurrent_state_bytes
+    from dmr_llamacpp.settings import WorkerSettings
+
+    attending = {0, 10, 20, 30}
+    hybrid: dict[str, object] = {
+        "general.architecture": "granitehybrid",
+        "granitehybrid.block_count": 40,
+        "granitehybrid.embedding_length": 1536,
+        "granitehybrid.attention.head_count": 12,
+        "granitehybrid.attention.head_count_kv": [4 if i in attending else 0 for i in range(40)],
+        "granitehybrid.ssm.inner_size": 3072,
+        "granitehybrid.ssm.state_size": 128,
+        "granitehybrid.ssm.conv_kernel": 4,
+        "granitehybrid.ssm.group_count": 1,
+    }
+    settings = WorkerSettings()  # f16 K and V: 2 bytes an element
+    head_dim = 1536 // 12
+    assert kv_cache_bytes(hybrid, 1000, settings) == 1000 * 4 * 4 * 2 * head_dim * 2
+    per_layer = 3 * (3072 + 2 * 128) + 3072 * 128
+    assert recurrent_state_bytes(hybrid, 8) == 4 * per_layer * 36 * 8
+
+    # A plain transformer: every layer attends, and there is no recurrent state.
+    llama: dict[str, object] = {
+        "general.architecture": "llama",
+        "llama.block_count": 30,
+        "llama.embedding_length": 576,
+        "llama.attention.head_count": 9,
+        "llama.attention.head_count_kv": 3,
+    }
+    assert kv_cache_bytes(llama, 1000, settings) == 1000 * 30 * 3 * 2 * 64 * 2
+    assert recurrent_state_bytes(llama, 8) == 0
+
+
+def test_a_mamba_model_has_no_kv_cache_and_a_state_per_slot() -> None:
+    from dmr_llamacpp.engine import kv_cache_bytes, recurrent_state_bytes
+    from dmr_llamacpp.settings import WorkerSettings
+
+    mamba: dict[str, object] = {
+        "general.architecture": "mamba",
+        "mamba.block_count": 4,
+        "mamba.embedding_length": 256,
+        "mamba.attention.head_count": 0,
+        "mamba.ssm.inner_size": 512,
+        "mamba.ssm.state_size": 16,
+        "mamba.ssm.conv_kernel": 4,
+    }
+    assert kv_cache_bytes(mamba, 100_000, WorkerSettings()) == 0
+    assert recurrent_state_bytes(mamba, 2) == 4 * (3 * 512 + 512 * 16) * 4 * 2

@@ -131,8 +131,8 @@ async def test_a_chat_takes_a_batch_slot_at_once_and_the_batch_answers_stay_the_
     two_slot_runner: RunnerProcess,
 ) -> None:
     # Step counts are asserted, not times: a machine loaded by other tests may take
-    # minutes over the four 160-token answers (CI once took longer than 120 s).
-    async with two_slot_runner.async_client(timeout=600) as client:
+    # minutes over the four 160-token answers (the client waits REQUEST_TIMEOUT_S).
+    async with two_slot_runner.async_client() as client:
         alone = await asyncio.gather(*(batch_completion(client, p) for p in PROMPTS))
         preemptions = metric(await metrics(client), "llamacpp:preemptions_total")
 

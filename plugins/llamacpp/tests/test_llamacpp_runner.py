@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -522,3 +523,31 @@ async def test_a_decode_step_is_written_as_one_chunk(
         assert last.endswith("data: [DONE]\n\n")
         if max_tokens == 1:
             assert len(chunks) == 1
+
+
+def wakeups(pid: int) -> int:
+    """How often the process's threads went to sleep so far (Linux's voluntary
+    context switches): each time one had woken up."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        found = re.search(r"^voluntary_ctxt_switches:\s+(\d+)$", status.read_text(), re.M)
+        total += int(found.group(1)) if found else 0
+    return total
+
+
+def test_an_idle_runner_sleeps_until_a_request_comes(completion_runner: RunnerProcess) -> None:
+    """No thread of an idle runner wakes to look for work or for its parent. The
+    decode thread woke every 0.5 s and the orphan check every second; after such an
+    idle spell the first `llama_decode` took up to twice as long (docs/benchmarks.md,
+    "The first step after an idle spell")."""
+    with completion_runner.client() as client:
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        )
+        assert answer.status_code == 200
+    time.sleep(1.0)  # the idle copy of the slot to host memory comes 50 ms after
+    before = wakeups(completion_runner.process.pid)
+    time.sleep(4.0)
+    # Polling woke it 12 times in 4 s; one wake-up is left for a stray event.
+    assert wakeups(completion_runner.process.pid) - before <= 1

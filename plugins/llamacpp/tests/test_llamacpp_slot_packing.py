@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dmr_llamacpp.runner import batching, burst
 from dmr_llamacpp.runner.batching import BatchedGenerator, Failed, Finished, GenerationJob
-from dmr_llamacpp.runner.model import ContextOptions, LoadedModel
 from dmr_llamacpp.runner.sampling import SamplingParams
+from llamacpp_helpers import slot_streams_model
 
 pytestmark = pytest.mark.llama
 
@@ -36,16 +37,7 @@ PARAMS = SamplingParams(
 
 @pytest.fixture(scope="module")
 def generator(llama_bundle: Path) -> Iterator[BatchedGenerator]:
-    options = ContextOptions(
-        n_ctx=CELLS * SLOTS,
-        n_batch=512,
-        n_ubatch=512,
-        n_seq_max=SLOTS,
-        threads=2,
-        threads_batch=2,
-        kv_unified=False,
-    )
-    model = LoadedModel(llama_bundle / "model" / "model.gguf", options)
+    model = slot_streams_model(llama_bundle, SLOTS, CELLS)
     generator = BatchedGenerator(model, n_parallel=SLOTS, ctx_per_slot=CELLS, adaptive_slots=True)
     yield generator
     generator.close()
@@ -81,3 +73,23 @@ async def test_requests_take_the_first_slots_the_limit_opens(
     packed: set[int] = set()
     await asyncio.gather(*(answer(generator, f"Wave two, line {i}.", packed) for i in range(8)))
     assert packed == set(range(8))
+
+
+async def test_a_burst_is_collected_up_to_the_open_slots_only(
+    generator: BatchedGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An idle runner collects a burst of requests before its first step, until it has
+    # one for every slot it may fill or the gap after the last one runs out. With 16
+    # slots and 8 open, a burst of 8 used to wait out that gap (25 ms) for requests
+    # that would have had no slot to go to.
+    limits: list[int] = []
+    collect = burst.collect_burst
+
+    def recording(*args: object, limit: int, **kwargs: object) -> object:
+        limits.append(limit)
+        return collect(*args, limit=limit, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batching, "collect_burst", recording)  # the name batching calls
+    generator.slot_limit.limit = 8
+    await asyncio.gather(*(answer(generator, f"Burst, line {i}.", set()) for i in range(8)))
+    assert limits and limits[0] == 8, limits

@@ -63,7 +63,7 @@ async def stream(client: httpx.AsyncClient, index: int) -> int:
 async def test_thirty_two_streams_all_answer_from_eight_open_slots_up(
     sized_runner: RunnerProcess,
 ) -> None:
-    async with sized_runner.async_client(timeout=600) as client:
+    async with sized_runner.async_client() as client:
         before = gauges((await client.get("/metrics")).text)
         assert before["slots"] == STREAMS
         assert before["slots_allowed"] == 8  # nothing measured yet

@@ -131,8 +131,19 @@ class Bridge:
             reason = await actor.failure.remote()
         except Exception as error:
             code, reason = -9, f"was lost with its node ({type(error).__name__})"
+            lost = "node" in str(error).lower() and "died" in str(error).lower()
+        else:
+            lost = False
         if self._actors.pop(runner, None) is not None:
-            self.emit({"event": "exited", "runner": runner, "code": code, "reason": reason})
+            self.emit(
+                {
+                    "event": "exited",
+                    "runner": runner,
+                    "code": code,
+                    "reason": reason,
+                    "node_lost": lost,
+                }
+            )
 
     async def stop(self, runner: str) -> None:
         import ray

@@ -239,13 +239,31 @@ class RayPlacement:
             after = {node["id"] for node in self._nodes}
             if before != after:
                 log.info("Ray nodes now: %s", ", ".join(d.name for d in self.devices()))
+                self._end_runners_off(after)
                 self._tell_changed()
         elif kind == "exited":
             runner = self._runners.get(message["runner"])
             if runner is not None:
+                if message.get("node_lost"):
+                    self._drop_node(runner.launch.device.node)
                 runner.exited(int(message["code"]), str(message["reason"]))
         elif kind == "lost":
             self._error = str(message.get("error"))
+
+    def _end_runners_off(self, nodes: set[str]) -> None:
+        """Runners on a node that left the cluster are lost, those still starting too:
+        Ray keeps an actor bound to a dead node pending, and its start waited out
+        PLACE_TIMEOUT (15 minutes) with a request waiting on it."""
+        for runner in list(self._runners.values()):
+            if runner.launch.device.node not in nodes:
+                runner.exited(-9, "was lost with its node (it left the Ray cluster)")
+
+    def _drop_node(self, node: str | None) -> None:
+        """Leave out a node Ray reported dead under a runner until the next look at the
+        nodes: the runner's replacement, placed at once, must not go back there."""
+        if any(known["id"] == node for known in self._nodes):
+            self._nodes = [known for known in self._nodes if known["id"] != node]
+            log.info("Ray nodes now: %s", ", ".join(d.name for d in self.devices()))
 
     def _lost(self, reason: str) -> None:
         """The bridge ended: no cluster until the server restarts; runners it placed
@@ -312,14 +330,29 @@ class RayRunner:
 
     async def start(self) -> RunnerCommand:
         self.placement.register(self)
+        call = asyncio.ensure_future(
+            self.placement.call(self.placement.request(self), PLACE_TIMEOUT + 30)
+        )
+        ended = asyncio.ensure_future(self._ended.wait())
         try:
-            result = await self.placement.call(self.placement.request(self), PLACE_TIMEOUT + 30)
+            await asyncio.wait({call, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():  # its node left the cluster meanwhile (`_end_runners_off`)
+                call.cancel()
+                with contextlib.suppress(DmrError, TimeoutError):  # the pending actor goes
+                    await self.placement.call({"op": "stop", "runner": self.id}, STOP_TIMEOUT)
+                raise RunnerError(f"{self.name} could not start: it {self._reason}")
+            result = call.result()
         except RunnerError as error:
             self.exited(1, error.message)
+            if error.message.startswith(self.name):
+                raise
             raise RunnerError(f"{self.name} could not start: {error.message}") from error
         except BaseException:
+            call.cancel()
             self.exited(1, "its start was cancelled")
             raise
+        finally:
+            ended.cancel()
         self._address = (str(result["host"]), int(result["port"]))
         self._pid = int(result["pid"]) if result.get("pid") else None
         return RunnerCommand(

@@ -4,11 +4,14 @@ address where no cluster answers. tests/test_ray_cluster.py runs a real cluster.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import pytest
 from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
+from dmr.errors import RunnerError
+from dmr.records import Mode, RunnerConfig, RunnerLaunch
 from dmr.settings import Settings
 from dmr.store import Store, StoredModel
 from dmr.testing import free_port, sample_gguf
@@ -115,3 +118,67 @@ async def test_an_address_with_no_cluster_is_a_clear_error_within_the_deadline(
     assert time.monotonic() - started < 30
     assert f"cannot reach the Ray cluster at {address}" in str(refused.value)
     assert not placement.connected
+
+
+def _launch_on(tmp_path: Path, node_id: str) -> RunnerLaunch:
+    device = node_device({"id": node_id, "address": "10.0.0.2", "cpus": 1.0, "memory": 2 * GB})
+    assert device is not None
+    return RunnerLaunch(
+        model_id="sha256:" + "0" * 64,
+        model_name="ai/model",
+        bundle_dir=tmp_path,
+        model_config={},
+        mode=Mode.COMPLETION,
+        socket_path=tmp_path / "runner.sock",
+        config=RunnerConfig(),
+        device=device,
+    )
+
+
+async def test_a_runner_starting_on_a_node_that_leaves_the_cluster_fails_at_once(
+    tmp_path: Path,
+) -> None:
+    # Ray keeps an actor bound to a dead node pending: the start, with a request
+    # waiting on it, waited out PLACE_TIMEOUT (15 minutes) in a cluster test.
+    placement = RayPlacement(Settings(models_path=tmp_path, ray_address="10.0.0.1:6379"))
+    node_id = "a" * 56
+    node = {"id": node_id, "address": "10.0.0.2", "cpus": 1.0, "memory": 2 * GB}
+    placement._nodes = [node]
+    asked: list[str] = []
+
+    async def bridge(message: dict[str, object], seconds: float) -> object:
+        asked.append(str(message["op"]))
+        if message["op"] == "start":
+            await asyncio.Event().wait()  # pending, as Ray leaves it
+        return None
+
+    placement.call = bridge  # type: ignore[method-assign]
+    runner = placement.place(
+        "llamacpp", _launch_on(tmp_path, node_id), name="r", memory=GB, log_path=None
+    )
+    starting = asyncio.ensure_future(runner.start())
+    await asyncio.sleep(0.05)
+    assert not starting.done()
+    placement._on_event({"event": "nodes", "nodes": []})  # the bridge's next look
+    with pytest.raises(RunnerError) as failed:
+        await asyncio.wait_for(starting, 5)
+    message = failed.value.message
+    assert "could not start" in message and "left the Ray cluster" in message
+    assert asked == ["start", "stop"] and runner.returncode is not None
+
+
+def test_a_node_ray_reports_dead_under_a_runner_gets_no_new_runner(tmp_path: Path) -> None:
+    placement = RayPlacement(Settings(models_path=tmp_path, ray_address="10.0.0.1:6379"))
+    dead, alive = "a" * 56, "b" * 56
+    placement._nodes = [
+        {"id": node, "address": "10.0.0.2", "cpus": 1.0, "memory": 2 * GB} for node in (dead, alive)
+    ]
+    runner = placement.place(
+        "llamacpp", _launch_on(tmp_path, dead), name="r", memory=GB, log_path=None
+    )
+    placement.register(runner)
+    placement._on_event(
+        {"event": "exited", "runner": runner.id, "code": -9, "reason": "lost", "node_lost": True}
+    )
+    assert runner.returncode == -9
+    assert [device.node for device in placement.devices()] == [alive]

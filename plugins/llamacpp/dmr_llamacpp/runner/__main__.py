@@ -170,7 +170,19 @@ def load_drafter(
     from dmr_llamacpp.runner.model import LoadedModel
     from dmr_llamacpp.runner.speculative import Drafter
 
+    if not model.can_cut_cache:
+        # Rejected draft tokens are cut from the cache after every step.
+        raise ValueError(
+            "speculative decoding (--model-draft) needs a model whose cache can drop "
+            "rejected tokens; this model is recurrent or hybrid, and its cache cannot"
+        )
     draft = LoadedModel(draft_path, options, n_gpu_layers=settings.n_gpu_layers)
+    if not draft.can_cut_cache:
+        draft.close()
+        raise ValueError(
+            f"the draft model {draft_path.name} is recurrent or hybrid: its cache cannot "
+            "drop rejected tokens, so it cannot draft"
+        )
     if draft.n_vocab != model.n_vocab:
         draft.close()
         raise ValueError(

@@ -43,6 +43,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,9 @@ __all__ = [
 
 # Fewer tokens than this are cheaper to decode again than to copy to host memory and back.
 SAVE_AT_LEAST = 16
+# The token a step decodes into an idle slot between busy ones (`_gap_fillers`): any id
+# does, since its cell is taken out again before anything attends to it.
+FILLER_TOKEN = 0
 
 # A runner with a host cache copies its idle slots' caches there once no request has
 # come for this long, one slot at a time, so that the burst which later takes those
@@ -305,6 +309,10 @@ class BatchedGenerator:
         adaptive_slots: bool = False,
     ) -> None:
         self.model = model
+        if not model.can_cut_cache:
+            # Every prompt's last token is decoded again for its logits, so a cache that
+            # cannot be cut back is never reused: nothing is worth keeping or saving.
+            host_cache_bytes, prompt_files = 0, None
         self.prompt_files = prompt_files
         self.batch_share = batch_share
         self._interactive_at = -math.inf  # when a step last held an interactive job
@@ -328,6 +336,8 @@ class BatchedGenerator:
         self._waiting: deque[GenerationJob] = deque()
         self._batch = Batch(self.n_batch)
         self._touched: list[GenerationJob] = []  # jobs with events in their outbox
+        # Sequence id -> position of the throwaway token a step gave it (`_gap_fillers`).
+        self._filled: dict[int, int] = {}
         self._stopping = False
         if prompt_files is not None:  # before the decode thread owns the context
             self._restore_from_disk(prompt_files)
@@ -445,7 +455,7 @@ class BatchedGenerator:
             else:
                 # Idle with requests already waiting (a wave of streams beyond the slots
                 # whose slots just freed) is no reason to wait for another: blocking here
-                # held them up to `first_timeout_s` (0.5 s) between every two waves.
+                # held them up to 0.5 s between every two waves.
                 self._take_incoming(block=not busy and not self._waiting)
             self._drop_cancelled()
             self._admit_waiting()
@@ -514,10 +524,16 @@ class BatchedGenerator:
         self.host_cache.save(slot.seq_id, slot.tokens)
         self._note_host_cache()
 
-    def _take_incoming(self, *, block: bool, first_timeout_s: float = 0.5) -> bool:
+    def _take_incoming(self, *, block: bool, first_timeout_s: float | None = None) -> bool:
         """Move submitted jobs to `_waiting`, saying whether any came; when idle
-        (`block`), wait for the first one and then for the burst it may open
-        (`collect_burst`)."""
+        (`block`), wait for the first one (up to `first_timeout_s`, else until it
+        comes) and then for the burst it may open (`collect_burst`).
+
+        An idle runner sleeps until a request comes: it used to wake every 0.5 s to
+        look, and the first `llama_decode` after a few such wake-ups took 28 ms
+        instead of 18 on the 0.6B model, 41 instead of 28 to the first token
+        (docs/benchmarks.md, "The first step after an idle spell"). Stopping puts a
+        None on the queue, so nothing is missed."""
         try:
             first = (
                 self._incoming.get(timeout=first_timeout_s)
@@ -527,7 +543,11 @@ class BatchedGenerator:
         except queue.Empty:
             return False
         if block:
-            room = max(1, len(self.slots) - len(self._waiting))
+            # Up to the open slots, not all of them: with 32 slots and 8 open, a burst
+            # of 8 waited out the follow gap (25 ms) after its last request, for
+            # requests that would have had no slot (docs/benchmarks.md).
+            open_slots = self.slot_limit.limit - sum(slot.busy for slot in self.slots)
+            room = max(1, open_slots - len(self._waiting))
             jobs = collect_burst(self._incoming, first, limit=room, gap_s=self.burst_gap_s)
         else:
             jobs = [first]
@@ -566,8 +586,7 @@ class BatchedGenerator:
                 slot = self._preempt_batch_slot()
             if slot is None:
                 if not room and self.slot_limit.grow():
-                    self.stats.slots_allowed = self.slot_limit.limit
-                    continue
+                    continue  # `slots_allowed` is set once the loop ends
                 break
             self._waiting.remove(job)
             if job.resume is not None:
@@ -703,15 +722,17 @@ class BatchedGenerator:
         A cache about to be cut goes to host memory first (when at least
         `SAVE_AT_LEAST` of its tokens would be lost); a prompt saved there that
         shares more with `prompt` than the slot does is copied into the slot.
-        Without `use_cache` (the request's `cache_prompt: false`) nothing is reused.
+        Without `use_cache` (the request's `cache_prompt: false`), or with a cache that
+        cannot be cut back (`LoadedModel.can_cut_cache`), nothing is reused.
         """
+        use_cache = use_cache and self.model.can_cut_cache
         common = common_prefix_length(slot.tokens, prompt) if use_cache else 0
         if self.host_cache is not None:
             saved, shared = self.host_cache.best_match(prompt) if use_cache else (None, 0)
             if len(slot.tokens) - common >= SAVE_AT_LEAST:
                 self.host_cache.save(slot.seq_id, slot.tokens)
             if saved is not None and shared > common:
-                if self.host_cache.restore(saved, slot.seq_id):
+                if self.host_cache.restore(saved, slot.seq_id, keeps=shared):
                     slot.tokens, common = list(saved.tokens), shared
                 else:  # nothing of the slot's own cache is known to be left
                     self.model.forget_sequence(slot.seq_id)
@@ -721,7 +742,11 @@ class BatchedGenerator:
         if self.projector is not None and common:
             common = self._image_safe_prefix(slot.tokens, common)
         if common < len(slot.tokens):
-            llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, common, -1)
+            if not llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, common, -1):
+                # The cells could not be cut there: the whole prompt is decoded again, as
+                # decoding on from `common` would fail (or answer from the wrong state).
+                self.model.forget_sequence(slot.seq_id)
+                common = 0
             del slot.tokens[common:]
         slot.n_past = common
         slot.cached_tokens = common
@@ -823,50 +848,39 @@ class BatchedGenerator:
         drafts = self._propose_drafts(held_back)
         batch = self._batch
         batch.clear()
-        prompt_tokens_in_step = 0
-        in_batch: list[_Slot] = []
         for slot in self.slots:
             slot.output_index = None
             slot.drafted = []
             slot.draft_indices = []
-            if slot.seq_id in held_back:
-                continue
-            if slot.busy and slot.next_token is not None:
-                in_batch.append(slot)
-                slot.output_index = batch.add(
-                    slot.next_token, slot.n_past, slot.seq_id, wants_logits=True
-                )
-                slot.tokens.append(slot.next_token)
-                slot.n_past += 1
-                slot.next_token = None
-                # The target checks every draft token in this same decode.
-                for token in drafts.get(slot.seq_id, ()):
-                    slot.draft_indices.append(
-                        batch.add(token, slot.n_past, slot.seq_id, wants_logits=True)
-                    )
-                    slot.drafted.append(token)
-                    slot.tokens.append(token)
-                    slot.n_past += 1
-        # Prompts fill the rest of the batch, oldest request first, in chunks;
-        # interactive ones before batch work.
-        prefilling = sorted(
-            (
-                slot
-                for slot in self.slots
-                if slot.job is not None and slot.pending_prompt and slot.seq_id not in held_back
-            ),
-            key=lambda slot: (slot.job is not None and slot.job.batch, slot.started_at),
+        generating = [
+            slot
+            for slot in self.slots
+            if slot.seq_id not in held_back and slot.busy and slot.next_token is not None
+        ]
+        generated = sum(1 + len(drafts.get(slot.seq_id, ())) for slot in generating)
+        # Room kept for a throwaway token in every slot that may sit between two in the
+        # batch (`_gap_fillers`).
+        chunks = self._prompt_chunks(
+            held_back, batch.capacity - generated - (len(self.slots) - len(generating))
         )
-        for slot in prefilling:
-            if batch.room == 0:
-                break
-            room = batch.room
-            if slot.job is not None and slot.job.images:
-                room = min(room, self._text_before_image(slot))
-                if room == 0:  # an image is next: decoded after this step
-                    continue
-            chunk = slot.pending_prompt[:room]
-            in_batch.append(slot)
+        # In ascending sequence ids: llama.cpp splits a batch over per-slot KV streams
+        # into ubatches of consecutive, increasing ids only (llama_batch_allocr::
+        # split_equal), one pass over the weights each. Prompts taken in arrival order
+        # (ids 0, 1, 4, 7, 3, 2, 6, 5) ran a burst's first step as five passes: twice a
+        # whole step's time on the 0.6B model (docs/benchmarks.md).
+        prefilled = [slot for slot in self.slots if slot.seq_id in chunks]
+        in_batch = sorted([*generating, *prefilled], key=lambda slot: slot.seq_id)
+        planned = generated + sum(len(chunk) for chunk in chunks.values())
+        fillers = self._gap_fillers(in_batch, batch.capacity - planned)
+        prompt_tokens_in_step = 0
+        for slot in sorted([*in_batch, *fillers], key=lambda slot: slot.seq_id):
+            if slot.seq_id in self._filled:
+                batch.add(FILLER_TOKEN, self._filled[slot.seq_id], slot.seq_id, wants_logits=False)
+                continue
+            chunk = chunks.get(slot.seq_id)
+            if chunk is None:
+                self._add_generated(slot, drafts.get(slot.seq_id, ()))
+                continue
             slot.pending_prompt = slot.pending_prompt[len(chunk) :]
             for offset, token in enumerate(chunk):
                 last = offset == len(chunk) - 1 and not slot.pending_prompt
@@ -880,7 +894,10 @@ class BatchedGenerator:
             self._decode_images(held_back)
             return
         started = time.perf_counter()
-        status = batch.decode(self.model)
+        try:
+            status = batch.decode(self.model)
+        finally:
+            self._drop_fillers()
         elapsed = time.perf_counter() - started
         if status != 0:
             reason = "no room left in the KV cache" if status == 1 else f"llama_decode={status}"
@@ -889,15 +906,16 @@ class BatchedGenerator:
                 self._fail(slot, f"decode failed: {reason}")
             return
         sampled = [slot for slot in self.slots if slot.busy and slot.output_index is not None]
-        if prompt_tokens_in_step == 0 and batch.n_tokens == len(sampled):  # no prompt, no draft
+        tokens = batch.n_tokens - len(fillers)
+        if prompt_tokens_in_step == 0 and tokens == len(sampled):  # no prompt, no draft
             self._decode_only_sequences = len(sampled)
         self.stats.decode_steps += 1
         self.stats.decode_seconds_total += elapsed
-        self.stats.batch_tokens_total += batch.n_tokens
+        self.stats.batch_tokens_total += tokens
         self.stats.max_batch_sequences = max(self.stats.max_batch_sequences, len(sampled))
         self.stats.prompt_tokens_total += prompt_tokens_in_step
-        if batch.n_tokens:
-            share = elapsed * prompt_tokens_in_step / batch.n_tokens
+        if tokens:
+            share = elapsed * prompt_tokens_in_step / tokens
             self.stats.prompt_seconds_total += share
             self.stats.predicted_seconds_total += elapsed - share
         for slot in sampled:
@@ -908,6 +926,76 @@ class BatchedGenerator:
         self._decode_images(held_back)
         self.stats.kv_cells_used = sum(len(slot.tokens) for slot in self.slots)
         self.stats.requests_processing = sum(slot.busy for slot in self.slots)
+
+    def _gap_fillers(self, in_batch: list[_Slot], room: int) -> list[_Slot]:
+        """The slots between the batch's lowest and highest sequence id that have nothing
+        in it, each to get one throwaway token (`FILLER_TOKEN`, no logits) at the end of
+        its cells, taken out again right after the decode (`_drop_fillers`).
+
+        llama.cpp splits a batch over per-slot KV streams into ubatches of consecutive
+        sequence ids only: slots 0-2 and 4-7 ran as two passes over the weights, 105 ms
+        a step on the 0.6B model against 69 for 0-7 (docs/benchmarks.md). A token costs
+        far less than a pass. Not for a cache that cannot drop a token again
+        (`LoadedModel.can_cut_cache`), one that is full, or one holding an image (whose
+        positions are not its cell count); none when they do not fit in `room`."""
+        self._filled = {}
+        if len(in_batch) < 2 or not self.model.can_cut_cache:
+            return []
+        taken = {slot.seq_id for slot in in_batch}
+        fillers = [
+            slot
+            for slot in self.slots[in_batch[0].seq_id : in_batch[-1].seq_id]
+            if slot.seq_id not in taken
+            and len(slot.tokens) < self.ctx_per_slot
+            and (not slot.tokens or min(slot.tokens) >= 0)
+        ]
+        if len(fillers) > room:
+            return []  # the batch runs in several passes: slower, not wrong
+        self._filled = {slot.seq_id: len(slot.tokens) for slot in fillers}
+        return fillers
+
+    def _drop_fillers(self) -> None:
+        for seq_id, position in self._filled.items():
+            llama_cpp.llama_memory_seq_rm(self.model.memory, seq_id, position, -1)
+        self._filled = {}
+
+    def _add_generated(self, slot: _Slot, drafted: Sequence[int]) -> None:
+        """A generating slot's next token, and the drafts the target checks with it."""
+        batch = self._batch
+        assert slot.next_token is not None
+        slot.output_index = batch.add(slot.next_token, slot.n_past, slot.seq_id, wants_logits=True)
+        slot.tokens.append(slot.next_token)
+        slot.n_past += 1
+        slot.next_token = None
+        for token in drafted:
+            slot.draft_indices.append(batch.add(token, slot.n_past, slot.seq_id, wants_logits=True))
+            slot.drafted.append(token)
+            slot.tokens.append(token)
+            slot.n_past += 1
+
+    def _prompt_chunks(self, held_back: set[int], room: int) -> dict[int, list[int]]:
+        """The prompt tokens each prefilling slot (by sequence id) decodes this step,
+        within `room`: oldest request first, interactive ones before batch work."""
+        prefilling = sorted(
+            (
+                slot
+                for slot in self.slots
+                if slot.job is not None and slot.pending_prompt and slot.seq_id not in held_back
+            ),
+            key=lambda slot: (slot.job is not None and slot.job.batch, slot.started_at),
+        )
+        chunks: dict[int, list[int]] = {}
+        for slot in prefilling:
+            if room <= 0:
+                break
+            take = room
+            if slot.job is not None and slot.job.images:
+                take = min(take, self._text_before_image(slot))
+                if take == 0:  # an image is next: decoded after this step
+                    continue
+            chunk = chunks[slot.seq_id] = slot.pending_prompt[:take]
+            room -= len(chunk)
+        return chunks
 
     def _propose_drafts(self, held_back: set[int]) -> dict[int, list[int]]:
         """Draft tokens per generating slot (but those `held_back`), within the batch's

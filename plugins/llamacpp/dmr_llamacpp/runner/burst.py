@@ -3,7 +3,7 @@
 An idle runner that gets a request waits `gap_s` (`--burst-gap-ms`, default
 BURST_GAP_S) for another before its first step. Once a second one has come it is a
 burst, and the runner waits up to BURST_FOLLOW_GAP_S for each next one, up to
-BURST_WINDOW_S in all or until every slot has a request. A lone request waits only
+BURST_WINDOW_S in all or until every open slot has a request. A lone request waits only
 the short gap.
 
 Requests sent together reach the decode thread several milliseconds apart: each is

@@ -121,6 +121,13 @@ class LoadedModel:
             llama_cpp.llama_model_free(self.model)
             raise RuntimeError("failed to create the llama context (out of memory?)")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
+        # Recurrent and hybrid models (Mamba, Granite 4.0 H, LFM2, ...) keep one state per
+        # sequence, not a cell per token: their cache can be dropped whole but not cut
+        # back to a shared prefix (llama_memory_seq_rm says no), so no prompt is reused.
+        self.can_cut_cache = not (
+            llama_cpp.llama_model_is_recurrent(self.model)
+            or llama_cpp.llama_model_is_hybrid(self.model)
+        )
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         # (threads, threads_batch) llama_decode computes with now, and the count asked
         # for by `share_threads`, taken up by the decoding thread before its next batch.

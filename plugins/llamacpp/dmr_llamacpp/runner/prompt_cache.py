@@ -128,10 +128,16 @@ class HostPromptCache:
                 best, best_shared = entry, shared
         return best, best_shared
 
-    def restore(self, entry: SavedPrompt, seq_id: int) -> bool:
-        """Replace the sequence's cells with the saved ones; the entry leaves the cache
-        (the slot holds it now, and saves it again when it is taken)."""
-        self._drop(entry.tokens)
+    def restore(self, entry: SavedPrompt, seq_id: int, *, keeps: int) -> bool:
+        """Replace the sequence's cells with the saved ones, of which the request keeps
+        the first `keeps`. An entry kept whole leaves the cache (the slot holds it now,
+        and saves it again when it is taken); one kept in part stays, as the most
+        recently used: the slot cuts the rest of its cells, which were lost with the
+        entry (a sibling conversation sharing a system prompt took them for good)."""
+        if keeps >= len(entry.tokens):
+            self._drop(entry.tokens)
+        elif entry.tokens in self._entries:  # (a save just before may have pushed it out)
+            self._entries.move_to_end(entry.tokens)
         return restore_sequence_state(self._ctx, self._memory, entry.state, seq_id)
 
     def _drop(self, key: tuple[int, ...]) -> None:
