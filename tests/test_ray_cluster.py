@@ -224,6 +224,8 @@ def test_two_models_that_each_fit_one_node_are_placed_on_different_nodes(
     assert listed.stdout.count("ray node ") == 2, listed.stdout
     status = server.cli("status", "--json")
     assert '"connected": true' in status.stdout, status.stdout
+    # The bridge says when Ray started each runner's actor (the stage a slow start is in).
+    assert server.log().count("Ray started its actor") >= 2, server.log()[-3000:]
     unload_all(server)
 
 

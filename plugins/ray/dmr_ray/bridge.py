@@ -11,6 +11,7 @@ Protocol: one JSON object per line. The server writes requests
 `{"id": n, "op": "start" | "stop", ...}`; this process answers
 `{"id": n, "ok": true, "result": ...}` or `{"id": n, "ok": false, "error": "..."}`,
 and tells events: `{"event": "connected" | "nodes", "nodes": [...]}`,
+`{"event": "placed", "runner": id}` (Ray started its actor),
 `{"event": "exited", "runner": id, "code": n, "reason": "..."}` and
 `{"event": "lost", "error": "..."}` (then it exits).
 """
@@ -104,6 +105,9 @@ class Bridge:
         actor: Any = ray.remote(NodeRunner).options(**options).remote()
         runner = request["runner"]
         self._actors[runner] = actor
+        told = asyncio.create_task(self._tell_when_placed(runner, actor))
+        self._watchers.add(told)
+        told.add_done_callback(self._watchers.discard)
         payload = dict(request["payload"])
         payload["launch"] = base64.b64decode(payload["launch"])
         try:
@@ -124,6 +128,14 @@ class Bridge:
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
         return result
+
+    async def _tell_when_placed(self, runner: str, actor: Any) -> None:
+        """Say when Ray has started the runner's actor (it answers a call while its
+        `start` runs): a start that takes long is then either Ray not placing it or
+        the node fetching the model and starting the runner, and the log says which."""
+        with contextlib.suppress(Exception):  # an actor that never starts says nothing
+            await actor.__ray_ready__.remote()
+            self.emit({"event": "placed", "runner": runner})
 
     async def watch(self, runner: str, actor: Any) -> None:
         try:

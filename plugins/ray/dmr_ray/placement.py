@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Seconds a placement may take: the node pulls the model and starts its runner.
 PLACE_TIMEOUT = 900.0
+# Seconds between two log lines about a placement still waiting.
+PLACE_NOTE_SECONDS = 60.0
 # Seconds to wait for the bridge to answer a stop.
 STOP_TIMEOUT = 30.0
 
@@ -247,6 +249,10 @@ class RayPlacement:
                 if message.get("node_lost"):
                     self._drop_node(runner.launch.device.node)
                 runner.exited(int(message["code"]), str(message["reason"]))
+        elif kind == "placed":
+            runner = self._runners.get(message["runner"])
+            if runner is not None:
+                runner.placed()
         elif kind == "lost":
             self._error = str(message.get("error"))
 
@@ -287,7 +293,9 @@ class RayPlacement:
         while line := await self._process.stderr.readline():
             text = line.decode(errors="replace").rstrip()
             self._stderr.append(text)
-            log.debug("ray bridge: %s", text)
+            # Ray's own warnings (a resource request it cannot place, a worker that
+            # failed to start) are the only word of why a placement waits.
+            log.info("ray bridge: %s", text)
 
     def _bridge_tail(self) -> str:
         lines = [line for line in self._stderr if line.strip()]
@@ -314,6 +322,7 @@ class RayRunner:
         self._returncode: int | None = None
         self._reason = ""
         self._ended = asyncio.Event()
+        self._placed_at: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -335,7 +344,7 @@ class RayRunner:
         )
         ended = asyncio.ensure_future(self._ended.wait())
         try:
-            await asyncio.wait({call, ended}, return_when=asyncio.FIRST_COMPLETED)
+            await self._wait_placed(call, ended)
             if not call.done():  # its node left the cluster meanwhile (`_end_runners_off`)
                 call.cancel()
                 with contextlib.suppress(DmrError, TimeoutError):  # the pending actor goes
@@ -360,6 +369,27 @@ class RayRunner:
             startup_timeout=float(result["startup_timeout"]),
             cpu_share=bool(result["cpu_share"]),
         )
+
+    async def _wait_placed(self, call: asyncio.Future[Any], ended: asyncio.Future[Any]) -> None:
+        """Until the start answers or the runner ends, saying every PLACE_NOTE_SECONDS
+        which stage it waits in (a placement may take PLACE_TIMEOUT)."""
+        started = time.monotonic()
+        while not (call.done() or ended.done()):
+            await asyncio.wait({call, ended}, timeout=PLACE_NOTE_SECONDS,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if not (call.done() or ended.done()):
+                stage = (
+                    "the node is fetching the model and starting the runner"
+                    if self._placed_at is not None
+                    else "Ray has not started its actor on the node yet"
+                )
+                log.info("%s: still starting after %.0fs: %s", self.name,
+                         time.monotonic() - started, stage)  # fmt: skip
+
+    def placed(self) -> None:
+        """Ray started the runner's actor (the bridge's `placed` event)."""
+        self._placed_at = time.monotonic()
+        log.info("%s: Ray started its actor; the node fetches the model and starts it", self.name)
 
     def exited(self, code: int, reason: str) -> None:
         if self._returncode is None:

@@ -15,6 +15,7 @@ from dmr.records import Mode, RunnerConfig, RunnerLaunch
 from dmr.settings import Settings
 from dmr.store import Store, StoredModel
 from dmr.testing import free_port, sample_gguf
+from dmr_ray import placement as placement_module
 from dmr_ray.node_model import (
     DigestMismatchError,
     ensure_model,
@@ -182,3 +183,38 @@ def test_a_node_ray_reports_dead_under_a_runner_gets_no_new_runner(tmp_path: Pat
     )
     assert runner.returncode == -9
     assert [device.node for device in placement.devices()] == [alive]
+
+
+async def test_a_slow_placement_says_which_stage_it_waits_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A start that waits is either Ray not placing the actor or the node fetching the
+    # model and starting the runner: the log must tell which (a CI hang did not).
+    monkeypatch.setattr(placement_module, "PLACE_NOTE_SECONDS", 0.05)
+    placement = RayPlacement(Settings(models_path=tmp_path, ray_address="10.0.0.1:6379"))
+    node_id = "a" * 56
+    placement._nodes = [{"id": node_id, "address": "10.0.0.2", "cpus": 1.0, "memory": 2 * GB}]
+    answer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def bridge(message: dict[str, object], seconds: float) -> object:
+        return await answer if message["op"] == "start" else None
+
+    placement.call = bridge  # type: ignore[method-assign]
+    runner = placement.place(
+        "llamacpp", _launch_on(tmp_path, node_id), name="r", memory=GB, log_path=None
+    )
+    caplog.set_level("INFO", logger="dmr_ray.placement")
+    starting = asyncio.ensure_future(runner.start())
+    await asyncio.sleep(0.12)
+    assert "Ray has not started its actor on the node yet" in caplog.text
+    assert "fetching the model" not in caplog.text
+    placement._on_event({"event": "placed", "runner": runner.id})
+    caplog.clear()
+    await asyncio.sleep(0.12)
+    assert "the node is fetching the model and starting the runner" in caplog.text
+    answer.set_result(
+        {"host": "10.0.0.2", "port": 1, "pid": 7, "argv": ["x"], "startup_timeout": 5,
+         "cpu_share": False}
+    )  # fmt: skip
+    command = await asyncio.wait_for(starting, 5)
+    assert command.argv == ("x",) and runner.address == ("10.0.0.2", 1)
