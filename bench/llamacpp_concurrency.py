@@ -1,7 +1,7 @@
 """dmr's llama.cpp serving against llama.cpp's own `llama-server`, side by side.
 
     python bench/llamacpp_concurrency.py [--targets llama-server,dmr-server]
-           [--concurrency 1,4,8,16] [--cases streams,long,multiturn] [--rounds 5]
+           [--concurrency 1,4,8,16] [--cases streams,long,multiturn] [--rounds 6]
            [--max-tokens 96] [--json results.json]
 
 Targets (register more in `TARGETS`; each yields an `httpx.AsyncClient` whose base
@@ -816,7 +816,9 @@ def main() -> None:
         type=Path,
         help="keep dmr serve's log, /metrics, /engines/ps and /engines/hardware here",
     )
-    parser.add_argument("--rounds", type=int, default=5, help="measure every case this often")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="measure every case this often (made even)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.gguf = args.gguf or ensure_smollm2_gguf()
@@ -826,6 +828,12 @@ def main() -> None:
     unknown = sorted(set(args.targets) - set(TARGETS))
     if unknown:
         parser.error(f"unknown targets {unknown}; known: {sorted(TARGETS)}")
+    if len(args.targets) > 1 and args.rounds % 2:
+        # The order flips every round: with an odd count the first target would run
+        # last more often, and a target that runs right after another's many-stream
+        # case starts from an idle spell (docs/benchmarks.md, session 16).
+        args.rounds += 1
+        print(f"(rounds made even: {args.rounds}, so every target runs first as often as last)")
     native = any(target.startswith("llama-server") for target in args.targets)
     if native and not shutil.which(str(llama_server_binary())):
         parser.error("no llama-server binary: run scripts/build-llama-server")
