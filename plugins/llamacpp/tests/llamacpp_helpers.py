@@ -12,6 +12,7 @@ from dmr_llamacpp.engine import LlamaCppEngine
 
 if TYPE_CHECKING:
     from dmr_llamacpp.runner.model import LoadedModel
+    from dmr_llamacpp.runner.sampling import SamplingParams
 
 __all__ = ["CPU", "RunnerProcess", "make_bundle", "make_launch", "short_socket"]
 
@@ -70,3 +71,23 @@ def slot_streams_model(bundle: Path, slots: int, cells: int) -> LoadedModel:
         kv_unified=False,
     )
     return LoadedModel(bundle / "model" / "model.gguf", options)
+
+
+def greedy_params(max_tokens: int) -> SamplingParams:
+    """Temperature 0 with every penalty off, going on past end-of-text: the same tokens
+    every run, `max_tokens` of them, for tests that drive the decode loop in-process."""
+    from dmr_llamacpp.runner.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=0.0,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.05,
+        repeat_penalty=1.0,
+        repeat_last_n=64,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        seed=1,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+    )

@@ -20,30 +20,13 @@ import llama_cpp
 import pytest
 from dmr_llamacpp.runner.batching import BatchedGenerator, Failed, Finished, GenerationJob
 from dmr_llamacpp.runner.model import Batch, LoadedModel
-from dmr_llamacpp.runner.sampling import SamplingParams
-from llamacpp_helpers import slot_streams_model
+from llamacpp_helpers import greedy_params, slot_streams_model
 
 pytestmark = pytest.mark.llama
 
 SLOTS = 8
 CELLS = 256
 PROMPTS = [f"Line {i}: the weather in town number {i} today is" for i in range(6)]
-
-
-def params(max_tokens: int) -> SamplingParams:
-    return SamplingParams(
-        temperature=0.0,
-        top_k=40,
-        top_p=0.95,
-        min_p=0.05,
-        repeat_penalty=1.0,
-        repeat_last_n=64,
-        presence_penalty=0.0,
-        frequency_penalty=0.0,
-        seed=1,
-        max_tokens=max_tokens,
-        ignore_eos=True,
-    )
 
 
 class RecordingBatch(Batch):
@@ -83,7 +66,7 @@ def one_pass(ids: list[int]) -> bool:
 
 async def answer(generator: BatchedGenerator, text: str, max_tokens: int) -> tuple[str, int]:
     """The answer's tokens as text, and the prompt tokens taken from the slot's cache."""
-    job = GenerationJob(generator.model.tokenize(text, add_special=True), params(max_tokens))
+    job = GenerationJob(generator.model.tokenize(text, add_special=True), greedy_params(max_tokens))
     generator.submit(job)
     parts: list[str] = []
     while True:

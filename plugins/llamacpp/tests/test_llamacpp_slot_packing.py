@@ -13,26 +13,13 @@ from pathlib import Path
 import pytest
 from dmr_llamacpp.runner import batching, burst
 from dmr_llamacpp.runner.batching import BatchedGenerator, Failed, Finished, GenerationJob
-from dmr_llamacpp.runner.sampling import SamplingParams
-from llamacpp_helpers import slot_streams_model
+from llamacpp_helpers import greedy_params, slot_streams_model
 
 pytestmark = pytest.mark.llama
 
 SLOTS = 16
 CELLS = 256
-PARAMS = SamplingParams(
-    temperature=0.0,
-    top_k=40,
-    top_p=0.95,
-    min_p=0.05,
-    repeat_penalty=1.0,
-    repeat_last_n=64,
-    presence_penalty=0.0,
-    frequency_penalty=0.0,
-    seed=1,
-    max_tokens=6,
-    ignore_eos=True,
-)
+PARAMS = greedy_params(6)
 
 
 @pytest.fixture(scope="module")
