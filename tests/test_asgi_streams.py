@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dmr.asgi_streams import send_streamed
+from dmr.asgi_streams import send_streamed, unless_disconnected
 
 HEADERS = [(b"content-type", b"text/event-stream")]
 
@@ -72,3 +72,36 @@ async def test_an_empty_stream_still_answers() -> None:
 
     await send_streamed(chunks(), never_disconnects, send, 200, HEADERS)
     assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+
+
+async def test_a_client_gone_as_the_work_finishes_is_not_lost() -> None:
+    """The disconnect and `work`'s result in one loop pass: hypercorn sends the
+    disconnect once, so a result handed on would be streamed to nobody to its end.
+    None, and the result closed (its runner connection and lease given back)."""
+
+    class Exchange:
+        closed = False
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    exchange = Exchange()
+    left: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    async def receive() -> dict[str, Any]:
+        return await left
+
+    async def work() -> Exchange:
+        await asyncio.sleep(0)
+        left.set_result({"type": "http.disconnect"})  # the client leaves as work ends
+        return exchange
+
+    assert await unless_disconnected(work(), receive) is None
+    assert exchange.closed
+
+
+async def test_work_that_finishes_first_is_handed_on() -> None:
+    async def work() -> str:
+        return "answer"
+
+    assert await unless_disconnected(work(), never_disconnects) == "answer"

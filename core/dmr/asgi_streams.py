@@ -65,11 +65,17 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T | None:
     """`work`'s result, or None when the client leaves first: `work` is then cancelled,
     so that what it waits on (a runner generating a whole answer, a place in the
     scheduler's queue) stops at once instead of running on for nobody. Called
-    once the request's body has been read: the next message is the disconnect."""
+    once the request's body has been read: the next message is the disconnect.
+
+    A client that left in the same loop pass as `work` finished also gets None, and
+    the result is closed (its `aclose`): hypercorn sends `http.disconnect` once, so a
+    caller given the result would stream it to nobody until the last token."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnect(receive))
+    gone = False
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        gone = watcher.done() and not watcher.cancelled() and watcher.exception() is None
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -80,7 +86,17 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T | None:
                 await task
     if task.cancelled():
         return None
+    if gone:
+        if task.exception() is None:
+            await _close(task.result())
+        return None
     return task.result()
+
+
+async def _close(result: object) -> None:
+    aclose = getattr(result, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def send_whole(
