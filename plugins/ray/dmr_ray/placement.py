@@ -103,6 +103,10 @@ class RayPlacement:
             event = {"event": "failed", "error": f"no answer within {timeout:g}s"}
         except EOFError:
             event = {"event": "failed", "error": self._bridge_tail() or "the Ray client exited"}
+        finally:
+            # Past the deadline the bridge's end would still set EOFError on it, which
+            # nobody reads ("Future exception was never retrieved" in the log).
+            first.cancel()
         if event.get("event") != "connected":
             await self.aclose()
             raise ClusterUnreachableError(

@@ -5,8 +5,10 @@ address where no cluster answers. tests/test_ray_cluster.py runs a real cluster.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
@@ -119,6 +121,27 @@ async def test_an_address_with_no_cluster_is_a_clear_error_within_the_deadline(
     assert time.monotonic() - started < 30
     assert f"cannot reach the Ray cluster at {address}" in str(refused.value)
     assert not placement.connected
+
+
+async def test_a_deadline_passed_leaves_no_unread_error(tmp_path: Path) -> None:
+    """The bridge ending after `start` gave up set an error nobody read: asyncio logged
+    "Future exception was never retrieved" with an EOFError into the server's log."""
+    unhandled: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        address = f"127.0.0.1:{free_port()}"
+        # Shorter than the bridge takes to import Ray: the deadline passes first.
+        settings = Settings(models_path=tmp_path, ray_address=address, ray_connect_timeout=0.2)
+        placement = RayPlacement(settings)
+        with pytest.raises(ClusterUnreachableError, match="no answer within"):
+            await placement.start()
+        await asyncio.sleep(0.5)  # the bridge's pipes closing, its reader ending
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert [context.get("message") for context in unhandled] == []
 
 
 def _launch_on(tmp_path: Path, node_id: str) -> RunnerLaunch:
