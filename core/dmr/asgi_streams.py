@@ -10,7 +10,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from dmr.direct_streams import DirectOffer, DirectWriter
 
 __all__ = [
     "Receive",
@@ -113,6 +116,7 @@ async def send_streamed(
     send: Send,
     status: int,
     headers: list[tuple[bytes, bytes]],
+    direct: DirectOffer | None = None,
 ) -> None:
     """Send `chunks` as they come, the status and headers with the first one. A client
     that leaves cancels the sending, and the generator is closed either way: its
@@ -123,19 +127,43 @@ async def send_streamed(
     burst of streams cost a write here, a relay in `dmr serve` and a read in the client
     while the burst's first decode step ran on the same cores, and that step took
     twice as long (docs/benchmarks.md). A generator that fails before its first chunk
-    then ends in a 500 from the ASGI server, not in a 200 cut short."""
+    then ends in a 500 from the ASGI server, not in a 200 cut short.
+
+    With a `direct` offer (a runner's answer to a server that asked for a direct
+    stream, dmr/direct_streams.py) the chunks after the first go straight to the
+    client's socket once the server hands it over."""
+    if direct is not None:
+        headers = [*headers, direct.header]
     start = {"type": "http.response.start", "status": status, "headers": headers}
 
     async def produce() -> None:
         started = False
-        async for chunk in chunks:
+        offer: DirectOffer | None = direct
+        writer: DirectWriter | None = None
+        try:
+            async for chunk in chunks:
+                if writer is not None:
+                    if not await writer.write(chunk):
+                        break  # the client left: the generator is closed below
+                    continue
+                if not started:
+                    await send(start)
+                    started = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if offer is not None:  # asked once, after the first chunk
+                    writer = await offer.accept()
+                    offer = None
             if not started:
                 await send(start)
-                started = True
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        if not started:
-            await send(start)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if writer is not None:
+                summary = writer.summary()
+                await send({"type": "http.response.body", "body": summary, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if writer is not None:
+                writer.close()
+            if direct is not None:
+                direct.withdraw()  # a socket that comes after this is closed
 
     producer = asyncio.ensure_future(produce())
     watcher = asyncio.ensure_future(_until_disconnect(receive))

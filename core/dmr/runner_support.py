@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import threading
@@ -20,6 +21,8 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from quart import Response
 
+from dmr.direct_streams import SCOPE_KEY as DIRECT_SCOPE_KEY
+from dmr.direct_streams import DropBox, drop_box_path
 from dmr.error_bodies import openai_error
 
 __all__ = [
@@ -124,7 +127,26 @@ async def serve_runner(
 
     threading.Thread(target=load, args=(fail,), daemon=True).start()
     try:
-        await serve(app, config, shutdown_trigger=stop.wait)
+        drop_box: DropBox | None = DropBox(drop_box_path(socket_path))
+    except OSError as error:  # streams then all go through the server
+        logging.getLogger(__name__).warning("no direct streams: %s", error)
+        drop_box = None
+    try:
+        await serve(_with_drop_box(app, drop_box), config, shutdown_trigger=stop.wait)
     finally:
         orphan_watch.cancel()
+        if drop_box is not None:
+            drop_box.close()
         socket_path.unlink(missing_ok=True)  # noqa: ASYNC240
+
+
+def _with_drop_box(app: Any, drop_box: DropBox | None) -> Any:
+    """`app` with the drop box in every request's scope (dmr/direct_streams.py)."""
+    if drop_box is None:
+        return app
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope[DIRECT_SCOPE_KEY] = drop_box
+        await app(scope, receive, send)
+
+    return asgi

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         send_whole,
         unless_disconnected,
     )
+    from dmr.direct_streams import offer_for
     from dmr.error_bodies import openai_error
     from dmr.image_types import SUPPORTED_FORMATS, SUPPORTED_MEDIA_TYPES, sniff_media_type
     from dmr.runner_support import (
@@ -57,6 +58,7 @@ __all__ = [
     "error_bytes",
     "error_response",
     "json_response",
+    "offer_for",
     "openai_error",
     "read_body",
     "replay",

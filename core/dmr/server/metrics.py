@@ -150,6 +150,13 @@ class ServerMetrics:
             ("model",),
             registry=self.registry,
         )
+        self.direct_streams = Counter(
+            "dmr_direct_streams",
+            "Streamed answers whose runner offered to write them to the client itself, by"
+            " whether the server handed it the connection (handed=true) or relayed them.",
+            ("model", "handed"),
+            registry=self.registry,
+        )
         self.pull_bytes = Counter(
             "dmr_pull_bytes",
             "Bytes downloaded by model pulls.",

@@ -11,14 +11,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quart import Response
 
+from dmr.direct_streams import DIRECT_HEADER, read_summary
 from dmr.errors import DmrError, RunnerError
 from dmr.scheduler.unix_http import RunnerConnectionError, open_request
 from dmr.scheduler.wait_queue import priority_headers
@@ -79,6 +82,9 @@ class Exchange:
     _cleanup: Callable[[], Coroutine[Any, Any, None]]
     _released: Callable[[], bool]
     load_seconds: float = 0.0
+    # Where the runner takes the client's socket for a direct stream it offered
+    # (dmr/direct_streams.py): (its drop box, this request's token).
+    direct: tuple[str, str] | None = None
 
     @property
     def released(self) -> bool:
@@ -124,6 +130,7 @@ async def open_exchange(
     headers: Mapping[str, str] | None = None,
     extensions: Mapping[str, Any] | None = None,
     in_band_errors: bool = True,
+    direct: bool = False,
 ) -> Exchange:
     """Acquire `model`'s runner, send `body` to `path` and start reading the answer.
 
@@ -132,7 +139,9 @@ async def open_exchange(
     closed or the client goes away, makes the runner stop the generation and
     free its slot. A stream that breaks half-way ends with an SSE error event
     (`in_band_errors`, for bytes a client reads) or raises the `RunnerError`
-    (for a caller that reads the events itself).
+    (for a caller that reads the events itself). `direct`: ask a runner on this
+    host for a direct stream (dmr/direct_streams.py); the caller then hands it the
+    client's socket or declines, after the first chunk.
     """
     started = time.monotonic()
     lease = services.scheduler.acquire(
@@ -141,6 +150,10 @@ async def open_exchange(
     handle = await lease.__aenter__()
     load_seconds = time.monotonic() - started
     held = _Lease(lease)
+    token = None
+    if direct and isinstance(handle.address, Path):  # not a runner on a cluster node
+        token = secrets.token_hex(16)
+        headers = {**(headers or {}), DIRECT_HEADER: token}
     upstream = await _send(handle, held, method, path, body, headers)
 
     async def cleanup() -> None:
@@ -163,6 +176,9 @@ async def open_exchange(
     )
     if upstream.headers.get("content-type", "").startswith("text/event-stream"):
         exchange.chunks = _relay(upstream, handle, capture, held, in_band_errors)
+        box = upstream.headers.get(DIRECT_HEADER)
+        if token is not None and box:
+            exchange.direct = (box, token)
     else:
         exchange.content = await _read_whole(upstream, handle, capture, cleanup)
     return exchange
@@ -232,6 +248,12 @@ async def _relay(
     """A streamed answer's chunks as they come; the lease is given back at its end."""
     try:
         async for chunk in upstream.iter_body():
+            summary = read_summary(chunk)
+            if summary is not None:  # the end of a direct stream: what the runner wrote
+                if capture is not None:
+                    capture.feed(summary.head)
+                    capture.feed(summary.tail)
+                continue
             if capture is not None:
                 capture.feed(chunk)  # a bounded copy; parsed once the stream ends
             yield chunk

@@ -15,11 +15,12 @@ body already read, so answers to those stay exactly the blueprints'.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,15 +36,18 @@ from dmr.asgi_streams import (
     send_whole,
     unless_disconnected,
 )
+from dmr.direct_streams import hand_over
 from dmr.error_bodies import openai_error_body
 from dmr.errors import DmrError
 from dmr.reference import display_name
-from dmr.server.metrics import SCOPE_KEY, ASGIApp, RequestObservation
+from dmr.server.client_connections import transport_for
+from dmr.server.metrics import METRICS_KEY, SCOPE_KEY, ASGIApp, RequestObservation
 from dmr.server.model_names import resolve_model
 from dmr.server.proxy import Exchange, open_exchange
 
 if TYPE_CHECKING:
     from dmr.records import ApiDialect, ProxyRoute
+    from dmr.server.metrics import ServerMetrics
     from dmr.server.services import Services
     from dmr.settings import Settings
 
@@ -133,6 +137,7 @@ class ProxyRoutes:
             observation.route = target.rule
             observation.dialect = target.dialect
             observation.model = display_name(resolved)
+        client = transport_for(scope)
         opening = open_exchange(
             services,
             model=resolved,
@@ -141,6 +146,7 @@ class ProxyRoutes:
             body=raw,
             backend=backend or target.route.default_backend,
             extensions=self.app.extensions,
+            direct=client is not None,
         )
         try:
             # A whole answer is read from the runner before anything is sent: a client
@@ -153,7 +159,16 @@ class ProxyRoutes:
         if exchange is None:
             log.info("client left before %s's answer; its generation was stopped", resolved)
             return
-        await _forward(exchange, receive, send)
+        metrics: ServerMetrics | None = self.app.extensions.get(METRICS_KEY)
+        noted = None
+        if metrics is not None:
+            counter = metrics.direct_streams
+            model = display_name(resolved)
+
+            def noted(handed: bool) -> None:
+                counter.labels(model, "true" if handed else "false").inc()
+
+        await _forward(exchange, receive, send, client, noted)
 
     def _plain(self, scope: dict[str, Any]) -> bool:
         """Whether the request needs nothing of the app's hooks, from its headers alone."""
@@ -209,14 +224,50 @@ def _model_name(raw: bytes) -> str | None:
     return model.strip() if isinstance(model, str) and model.strip() else None
 
 
-async def _forward(exchange: Exchange, receive: Receive, send: Send) -> None:
+async def _forward(
+    exchange: Exchange,
+    receive: Receive,
+    send: Send,
+    client: asyncio.Transport | None,
+    noted: Callable[[bool], None] | None,
+) -> None:
     headers = [(name.encode(), value.encode()) for name, value in exchange.headers.items()]
     if exchange.chunks is None:
         await send_whole(send, exchange.status, exchange.content or b"", headers)
         return
+    chunks = exchange.chunks
+    if exchange.direct is not None and client is not None:
+        chunks = _handing_over(chunks, exchange.direct, client, noted)
     # A client that leaves closes the stream: the runner connection closes with it,
     # which stops the generation and frees its slot; `aclose` gives the lease back.
     try:
-        await send_streamed(exchange.chunks, receive, send, exchange.status, headers)
+        await send_streamed(chunks, receive, send, exchange.status, headers)
     finally:
         await exchange.aclose()
+
+
+async def _handing_over(
+    chunks: AsyncIterator[bytes],
+    direct: tuple[str, str],
+    client: asyncio.Transport,
+    noted: Callable[[bool], None] | None,
+) -> AsyncIterator[bytes]:
+    """`chunks`, with the client's socket handed to the runner after the first one
+    (dmr/direct_streams.py); what comes after it is the runner's summary, or on a
+    refusal the rest of the stream."""
+    box, token = direct
+    iterator = aiter(chunks)
+    try:
+        first = await anext(iterator)
+    except StopAsyncIteration:
+        return
+    yield first
+    # Resumed for the next chunk: hypercorn has taken the first one. Only once all of
+    # it is in the socket may the runner write after it.
+    sock = client.get_extra_info("socket")
+    ready = sock is not None and not client.is_closing() and client.get_write_buffer_size() == 0
+    handed = await hand_over(box, token, sock.fileno() if ready else None) and ready
+    if noted is not None:
+        noted(handed)
+    async for chunk in iterator:
+        yield chunk

@@ -24,6 +24,7 @@ from typing import Any
 
 from quart import Blueprint, Response, current_app, has_app_context, jsonify, request
 
+from dmr.direct_streams import SUMMARY_HEAD_BYTES, SUMMARY_TAIL_BYTES
 from dmr.server.services import get_services
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ __all__ = [
 HISTORY_PER_MODEL = 10
 # Bytes of a streamed answer kept for folding; its end (usage, timings) is kept
 # apart so a long generation still reports its token counts.
-_HEAD_BYTES = 512 * 1024
-_TAIL_BYTES = 16 * 1024
+# The same as a direct stream's runner keeps for the server (dmr/direct_streams.py).
+_HEAD_BYTES = SUMMARY_HEAD_BYTES
+_TAIL_BYTES = SUMMARY_TAIL_BYTES
 # Followers that stop reading lose events rather than hold memory.
 _FOLLOWER_QUEUE = 100
 

@@ -14,6 +14,7 @@ import socket
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from dmr.server import client_connections
 from dmr.server.app import STARTUP_ERROR, create_app
 from dmr.server_process import ServerProcess, is_dmr_serve
 from dmr.settings import Settings
@@ -90,6 +91,7 @@ def run_server(settings: Settings | None = None) -> None:
     try:
         app = create_app(settings)
         config = hypercorn_config(settings)
+        client_connections.install()  # for direct streams (dmr/direct_streams.py)
 
         async def main() -> None:
             stop = asyncio.Event()

@@ -22,6 +22,7 @@ from dmr.sdk.runner import (
     Receive,
     Send,
     error_bytes,
+    offer_for,
     read_body,
     replay,
     send_streamed,
@@ -62,7 +63,7 @@ class StreamingRoutes:
             await send_whole(send, 400, message, _JSON_HEADERS)
             return
         # A client that leaves closes the generator, whose `finally` frees the slot.
-        await send_streamed(chunks, receive, send, 200, _SSE_HEADERS)
+        await send_streamed(chunks, receive, send, 200, _SSE_HEADERS, direct=offer_for(scope))
 
 
 def _streamed_body(raw: bytes) -> dict[str, Any] | None:
