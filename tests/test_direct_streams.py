@@ -208,7 +208,7 @@ def test_the_summary_keeps_the_head_and_the_tail_of_a_long_stream() -> None:
     writer = DirectWriter(socket.socket())
     data = bytes(range(256)) * ((SUMMARY_HEAD_BYTES + 3 * SUMMARY_TAIL_BYTES) // 256 + 1)
     for start in range(0, len(data), 1000):
-        writer._keep(data[start : start + 1000])
+        writer.keep(data[start : start + 1000])
     writer.client.close()
     summary = read_summary(writer.summary())
     assert summary is not None and summary.cut
@@ -256,3 +256,48 @@ async def test_hypercorn_connections_are_found_from_the_request_scope() -> None:
         stop.set()
         await serving
     assert found == [True]
+
+
+class UnreadTransport:
+    """A client's transport with bytes it has not taken yet (a slow reader)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.sock if name == "socket" else None
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 1
+
+
+async def test_the_server_declines_while_the_client_has_bytes_left_to_take(
+    tmp_path: Path, connection: tuple[socket.socket, socket.socket]
+) -> None:
+    """Else the runner's chunks could reach the client before the server's last ones."""
+    from dmr.server.proxy_routes import _handing_over
+
+    served, _ = connection
+    box = DropBox(tmp_path / "runner.sock.direct")
+    noted: list[bool] = []
+
+    async def relayed() -> AsyncIterator[bytes]:
+        yield b"data: first\n\n"
+        yield b"data: second\n\n"
+
+    try:
+        offer = box.offer("t7")
+        chunks = _handing_over(
+            relayed(),
+            (str(box.path), "t7"),
+            UnreadTransport(served),
+            noted.append,  # type: ignore[arg-type]
+        )
+        assert [chunk async for chunk in chunks] == [b"data: first\n\n", b"data: second\n\n"]
+        assert await offer.accept(wait_s=5) is None
+        assert noted == [False]
+    finally:
+        box.close()

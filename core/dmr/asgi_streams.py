@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ async def send_whole(
 
 
 async def send_streamed(
-    chunks: AsyncIterator[bytes],
+    chunks: AsyncIterable[bytes],
     receive: Receive,
     send: Send,
     status: int,
@@ -131,7 +131,9 @@ async def send_streamed(
 
     With a `direct` offer (a runner's answer to a server that asked for a direct
     stream, dmr/direct_streams.py) the chunks after the first go straight to the
-    client's socket once the server hands it over."""
+    client's socket once the server hands it over; `chunks` with a `go_direct(writer)`
+    method are given the writer, to write to it from elsewhere (the llama.cpp
+    runner's decode thread)."""
     if direct is not None:
         headers = [*headers, direct.header]
     start = {"type": "http.response.start", "status": status, "headers": headers}
@@ -153,6 +155,9 @@ async def send_streamed(
                 if offer is not None:  # asked once, after the first chunk
                     writer = await offer.accept()
                     offer = None
+                    go_direct = getattr(chunks, "go_direct", None)
+                    if writer is not None and go_direct is not None:
+                        go_direct(writer)  # the chunks' producer may write itself
             if not started:
                 await send(start)
             if writer is not None:
@@ -178,6 +183,8 @@ async def send_streamed(
                     await task
                 except Exception:  # a failed stream ends; the ASGI server closes the connection
                     log.exception("streamed answer failed")
+        if direct is not None:
+            direct.withdraw()  # also when the producer was cancelled before it began
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,27 +178,57 @@ class DirectOffer:
 @dataclass
 class DirectWriter:
     """Writes a stream's chunks to the client's socket in HTTP/1.1 chunked framing,
-    and keeps the head and tail of what it wrote for the summary."""
+    and keeps the head and tail of what it wrote for the summary. `send_now` may be
+    called from another thread (a runner's decode thread); closing waits for it."""
 
     client: socket.socket
     head: bytearray = field(default_factory=bytearray)
     tail: bytearray = field(default_factory=bytearray)
     gone: bool = False  # the client closed its connection: stop generating
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.client.setblocking(False)  # as the server's copy already is
+
+    @staticmethod
+    def frame(chunk: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(chunk), chunk)
 
     async def write(self, chunk: bytes) -> bool:
         """Write `chunk`; False once the client is gone."""
         if not chunk or self.gone:
             return not self.gone
-        framed = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        if not await self.write_framed(self.frame(chunk)):
+            return False
+        self.keep(chunk)
+        return True
+
+    async def write_framed(self, framed: bytes) -> bool:
+        """Write bytes framed already; False once the client is gone."""
         try:
             await asyncio.get_running_loop().sock_sendall(self.client, framed)
         except OSError:  # reset, broken pipe: the client left
             self.gone = True
             return False
-        self._keep(chunk)
         return True
 
-    def _keep(self, chunk: bytes) -> None:
+    def send_now(self, framed: bytes) -> int:
+        """Send what the socket takes at once, from any thread: the bytes sent (0 when
+        its buffer is full), -1 once the client is gone or the writer closed."""
+        with self.lock:
+            if self.closed or self.gone:
+                return -1
+            try:
+                return self.client.send(framed)
+            except (BlockingIOError, InterruptedError):
+                return 0
+            except OSError:
+                self.gone = True
+                return -1
+
+    def keep(self, chunk: bytes) -> None:
+        """Add `chunk` to what the summary keeps."""
         room = SUMMARY_HEAD_BYTES - len(self.head)
         if room > 0:
             self.head += chunk[:room]
@@ -222,7 +253,9 @@ class DirectWriter:
 
     def close(self) -> None:
         """Let go of the runner's copy of the socket; the server's keeps the connection."""
-        self.client.close()
+        with self.lock:
+            self.closed = True
+            self.client.close()
 
 
 @dataclass(frozen=True)

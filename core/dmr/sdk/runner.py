@@ -33,7 +33,7 @@ if TYPE_CHECKING:
         send_whole,
         unless_disconnected,
     )
-    from dmr.direct_streams import offer_for
+    from dmr.direct_streams import DirectWriter, offer_for
     from dmr.error_bodies import openai_error
     from dmr.image_types import SUPPORTED_FORMATS, SUPPORTED_MEDIA_TYPES, sniff_media_type
     from dmr.runner_support import (
@@ -53,6 +53,7 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "SUPPORTED_MEDIA_TYPES",
     "BadRequest",
+    "DirectWriter",
     "Receive",
     "Send",
     "error_bytes",

@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import llama_cpp
 import numpy as np
@@ -169,6 +169,19 @@ class Failed:
 Event = TextDelta | Finished | Failed
 
 
+@dataclass(frozen=True)
+class SinkWake:
+    """No event of the generation: it tells a stream's handler that the job's sink
+    holds events or bytes for it to write (runner/direct_sink.py)."""
+
+
+class EventSink(Protocol):
+    """Takes a job's events in the decode thread (a stream written to its client's
+    socket from there); returns what still goes to the handler's event loop."""
+
+    def from_decode_thread(self, events: list[Event]) -> list[Event | SinkWake]: ...
+
+
 @dataclass
 class _Resume:
     """Where a preempted batch job stopped: what its slot held, to carry on from there."""
@@ -213,18 +226,19 @@ class GenerationJob:
         self.params = params
         self.media = media
         self.images: dict[int, int] = images or {}
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.events: asyncio.Queue[Event | SinkWake] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
         self.cancelled = False  # set by the handler, read by the decode thread
         self.submitted_at = time.perf_counter()
         self.outbox: list[Event] = []  # the decode thread's events not yet handed over
         self.thinking: ThinkingBudget | None = None  # None: thinking is not limited
+        self.sink: EventSink | None = None  # set by the handler, read by the decode thread
 
     def cancel(self) -> None:
         self.cancelled = True
 
 
-def _deliver(batch: list[tuple[GenerationJob, list[Event]]]) -> None:
+def _deliver(batch: list[tuple[GenerationJob, list[Event | SinkWake]]]) -> None:
     """Runs in the handlers' event loop: one call per loop and decode step."""
     for job, events in batch:
         for event in events:
@@ -494,10 +508,19 @@ class BatchedGenerator:
         """
         if not self._touched:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationJob, list[Event]]]] = {}
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[GenerationJob, list[Event | SinkWake]]]
+        ] = {}
         for job in self._touched:
             events, job.outbox = job.outbox, []
-            by_loop.setdefault(job.loop, []).append((job, events))
+            sink = job.sink  # a stream this thread writes itself takes its events here
+            handed = (
+                cast("list[Event | SinkWake]", events)
+                if sink is None
+                else sink.from_decode_thread(events)
+            )
+            if handed:
+                by_loop.setdefault(job.loop, []).append((job, handed))
         self._touched = []
         for loop, batch in by_loop.items():
             try:

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dmr.sdk.runner import BadRequest, error_response, json_response
+from dmr.sdk.runner import BadRequest, DirectWriter, error_response, json_response
 from quart import Blueprint, Response
 
-from dmr_llamacpp.runner.batching import Failed, Finished, GenerationJob, TextDelta, TokenLogprob
+from dmr_llamacpp.runner.batching import (
+    Failed,
+    Finished,
+    GenerationJob,
+    SinkWake,
+    TextDelta,
+    TokenLogprob,
+)
 from dmr_llamacpp.runner.chat import parse_tool_output
+from dmr_llamacpp.runner.direct_sink import DirectSink, Encode
 from dmr_llamacpp.runner.image_jobs import start_image_job
 from dmr_llamacpp.runner.media import load_images
 from dmr_llamacpp.runner.openai_bodies import (
@@ -53,7 +61,7 @@ from dmr_llamacpp.runner.truncation import Truncation, fit_messages, fit_tokens
 
 __all__ = ["blueprint", "chat_answer", "completion_answer", "streamed_answers"]
 
-GenerationAnswer = Response | AsyncIterator[bytes]
+GenerationAnswer = Response | AsyncIterable[bytes]
 
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 COMPLETION_PATHS = ("/v1/completions", "/completions")
@@ -247,7 +255,9 @@ def _start_job(
     return job
 
 
-async def _event_batches(job: GenerationJob) -> AsyncIterator[list[TextDelta | Finished]]:
+async def _event_batches(
+    job: GenerationJob,
+) -> AsyncIterator[list[TextDelta | Finished | SinkWake]]:
     """The job's events until it finishes, as the decode loop hands them over: one
     batch per step (a token's text, or the last one's with the end). A streamed
     answer writes each batch as one chunk: every chunk is a send through hypercorn
@@ -258,7 +268,7 @@ async def _event_batches(job: GenerationJob) -> AsyncIterator[list[TextDelta | F
             batch = [await job.events.get()]
             while not job.events.empty():
                 batch.append(job.events.get_nowait())
-            ended: list[TextDelta | Finished] = []
+            ended: list[TextDelta | Finished | SinkWake] = []
             for event in batch:
                 if isinstance(event, Failed):
                     if ended:
@@ -277,7 +287,8 @@ async def _events(job: GenerationJob) -> AsyncIterator[TextDelta | Finished]:
     """The job's events one by one (see `_event_batches`)."""
     async for batch in _event_batches(job):
         for event in batch:
-            yield event
+            if not isinstance(event, SinkWake):  # only direct streams get these
+                yield event
 
 
 @dataclass(frozen=True)
@@ -302,25 +313,52 @@ async def _collect(job: GenerationJob) -> _Collected:
     raise RuntimeError("generation ended without finishing")
 
 
-async def _step_writes(
-    job: GenerationJob,
-    encode: Callable[[TextDelta | Finished, list[bytes]], None],
-    out: list[bytes],
-) -> AsyncIterator[bytes]:
-    """A streamed answer's writes: `encode` adds each event's SSE chunks to `out`, and
+class StepWrites:
+    """A streamed answer's writes: `encode` adds each event's SSE chunks to a list, and
     each decode step's go out as one write (see `_event_batches`); the end goes out
-    with `[DONE]`, and a failed generation as an error event before it."""
-    try:
-        async for batch in _event_batches(job):
-            for event in batch:
-                encode(event, out)
-            if isinstance(batch[-1], TextDelta) and out:
-                yield b"".join(out)
-                out = []
-    except RuntimeError as error:
-        out.append(sse_error(str(error)))
-    out.append(DONE_EVENT)
-    yield b"".join(out)
+    with `[DONE]`, and a failed generation as an error event before it.
+
+    An async iterator of those writes, for `send_streamed`. Once the server hands the
+    runner the client's socket (`go_direct`, dmr/direct_streams.py), the decode
+    thread writes the steps itself (runner/direct_sink.py) and this iterator only
+    writes what it leaves."""
+
+    def __init__(self, job: GenerationJob, encode: Encode, first: list[bytes]) -> None:
+        self.job = job
+        self.encode = encode
+        self.sink: DirectSink | None = None
+        self._writes = self._steps(first)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._writes
+
+    async def aclose(self) -> None:
+        await self._writes.aclose()
+
+    def go_direct(self, writer: DirectWriter) -> None:
+        """From now on the decode thread writes this stream to `writer`'s socket."""
+        self.sink = DirectSink(writer, self.encode, self.job)
+        self.job.sink = self.sink
+
+    async def _steps(self, out: list[bytes]) -> AsyncGenerator[bytes, None]:
+        try:
+            async for batch in _event_batches(self.job):
+                for event in batch:
+                    if isinstance(event, SinkWake):
+                        if out:  # what came before the wake goes out first
+                            yield b"".join(out)
+                            out = []
+                        if self.sink is not None and await self.sink.drain():
+                            return  # the end went out direct, `[DONE]` with it
+                        continue
+                    self.encode(event, out)
+                if isinstance(batch[-1], TextDelta) and out:
+                    yield b"".join(out)
+                    out = []
+        except RuntimeError as error:
+            out.append(sse_error(str(error)))
+        out.append(DONE_EVENT)
+        yield b"".join(out)
 
 
 def _chat_stream(
@@ -330,7 +368,7 @@ def _chat_stream(
     *,
     with_tools: bool,
     include_usage: bool,
-) -> AsyncIterator[bytes]:
+) -> StepWrites:
     chunk_base = {**base, "object": "chat.completion.chunk"}
     content_chunk = content_chunk_encoder(chunk_base)
 
@@ -392,12 +430,10 @@ def _chat_stream(
             out.append(sse({**chunk_base, "choices": [], "usage": usage(event)}))
 
     # The role goes out with the first token, as llama-server sends it.
-    return _step_writes(job, encode, [chunk({"role": "assistant", "content": ""}, None)])
+    return StepWrites(job, encode, [chunk({"role": "assistant", "content": ""}, None)])
 
 
-def _completion_stream(
-    job: GenerationJob, base: dict[str, Any], include_usage: bool
-) -> AsyncIterator[bytes]:
+def _completion_stream(job: GenerationJob, base: dict[str, Any], include_usage: bool) -> StepWrites:
     chunk_base = {**base, "object": "text_completion"}
     offset = 0
 
@@ -424,4 +460,4 @@ def _completion_stream(
         if include_usage:
             out.append(sse({**chunk_base, "choices": [], "usage": usage(event)}))
 
-    return _step_writes(job, encode, [])
+    return StepWrites(job, encode, [])
