@@ -184,3 +184,54 @@ def test_a_client_gone_mid_direct_stream_stops_the_generation(server: DmrServer)
     time.sleep(1.0)
     assert series(server, "llamacpp:tokens_predicted_total", f'model="{MODEL}"') == predicted
     assert handed(server) == before + 1
+
+
+def test_a_client_that_reads_late_gets_every_token_in_order(server: DmrServer) -> None:
+    """600 tokens with their logprobs, written by the decode thread while the client
+    reads nothing, arrive whole and in order, the same text as a whole answer.
+    (Loopback TCP buffers all of it here; a client slower than its buffers is
+    plugins/llamacpp/tests/test_llamacpp_direct_sink.py's.)"""
+    tokens = 600
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "prompt": "Once upon a time",
+            "max_tokens": tokens,
+            "ignore_eos": True,  # as llama-server: all 600 tokens
+            "logprobs": 5,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.settimeout(120)
+    conn.connect(("127.0.0.1", server.port))
+    try:
+        conn.sendall(
+            b"POST /engines/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        time.sleep(8)  # the generation runs on meanwhile
+        head, answer, _ = read_chunked_answer(conn, b"")
+    finally:
+        conn.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    events = [event for event in answer.split(b"\n\n") if event]
+    assert events[-1] == b"data: [DONE]"
+    payloads = [json.loads(event[6:]) for event in events[:-1]]
+    assert payloads[-1]["usage"]["completion_tokens"] == tokens
+    text = "".join(p["choices"][0]["text"] for p in payloads if p.get("choices"))
+    with server.client() as http:
+        whole = http.post(
+            "/engines/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": "Once upon a time",
+                "max_tokens": tokens,
+                "ignore_eos": True,
+                "temperature": 0,
+            },
+        ).json()
+    assert text == whole["choices"][0]["text"]

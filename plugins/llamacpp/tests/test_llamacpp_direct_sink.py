@@ -1,0 +1,167 @@
+"""The decode thread's side of a direct stream (runner/direct_sink.py): it writes a
+step's events to the client's socket itself once the event loop has written what
+was on its way, leaves to the loop what a slow client has not taken and the end,
+and cancels the job when the client is gone. A real TCP connection on 127.0.0.1
+stands for the client's."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from dmr.sdk.runner import DirectWriter
+from dmr_llamacpp.runner.batching import Finished, SinkWake, TextDelta
+from dmr_llamacpp.runner.direct_sink import DirectSink
+
+
+class JobStandIn:
+    """DirectSink calls only the job's `cancel` (set when the client is gone)."""
+
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def encode(event: TextDelta | Finished, out: list[bytes]) -> None:
+    if isinstance(event, TextDelta):
+        out.append(b"data: " + event.text.encode() + b"\n\n")
+    else:
+        out.append(b"data: end " + event.reason.encode() + b"\n\n")
+
+
+def delta(text: str) -> TextDelta:
+    return TextDelta(text, [])
+
+
+FINISHED = Finished("stop", 3, 2, 1.0, 1.0)
+
+
+@pytest.fixture
+def connection() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(the runner's copy of the client connection, the client's end)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up soon
+        client.connect(listener.getsockname())
+        served, _ = listener.accept()
+    served.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.settimeout(10)
+    yield served, client
+    served.close()
+    client.close()
+
+
+def frames(*chunks: bytes) -> bytes:
+    return b"".join(DirectWriter.frame(chunk) for chunk in chunks)
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        piece = sock.recv(size - len(data))
+        assert piece, f"the connection closed after {len(data)} bytes"
+        data += piece
+    return data
+
+
+def sink_on(served: socket.socket) -> tuple[DirectSink, JobStandIn]:
+    job = JobStandIn()
+    return DirectSink(DirectWriter(served), encode, job), job  # type: ignore[arg-type]
+
+
+async def test_the_decode_thread_writes_once_the_loop_has_caught_up(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    served, client = connection
+    sink, _ = sink_on(served)
+    # The first step after the hand-over goes to the loop, followed by the wake...
+    assert sink.from_decode_thread([delta("a")]) == [delta("a"), SinkWake()]
+    # ...and until the loop has caught up, the steps wait for it in order.
+    assert sink.from_decode_thread([delta("b")]) == []
+    assert not await sink.drain()  # writes "b", then hands the stream back
+    assert sink.from_decode_thread([delta("c")]) == []  # written at once, no wake
+    assert read_exactly(client, len(frames(b"data: b\n\n", b"data: c\n\n"))) == frames(
+        b"data: b\n\n", b"data: c\n\n"
+    )
+
+
+async def test_a_slow_client_leaves_the_rest_to_the_loop_in_order(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    served, client = connection
+    sink, _ = sink_on(served)
+    sink.from_decode_thread([delta("0")])
+    await sink.drain()
+    sent: list[bytes] = []
+    wake: list[Any] = []
+    n = 0
+    while not wake:  # the client reads nothing: its buffers fill up
+        n += 1
+        text = f"{n:06d}" + "x" * 200
+        sent.append(f"data: {text}\n\n".encode())
+        wake = sink.from_decode_thread([delta(text)])
+    assert wake == [SinkWake()] and not sink.direct
+    later = []
+    for number in range(3):  # the loop owns the stream now: these wait for it
+        text = f"later-{number}"
+        later.append(f"data: {text}\n\n".encode())
+        assert sink.from_decode_thread([delta(text)]) == []
+    expected = frames(*sent, b"".join(later))  # the loop writes what waited as one chunk
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(read_exactly(client, len(expected))))
+    reader.start()
+    assert not await sink.drain()  # waits for the client, then hands back
+    reader.join(10)
+    assert received == [expected]  # every byte, in order
+    assert sink.direct
+
+
+async def test_the_end_goes_out_through_the_loop_with_done(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    served, client = connection
+    sink, _ = sink_on(served)
+    sink.from_decode_thread([delta("a")])
+    await sink.drain()
+    assert sink.from_decode_thread([delta("z"), FINISHED]) == [SinkWake()]
+    assert await sink.drain()  # the stream has ended
+    expected = frames(b"data: z\n\ndata: end stop\n\ndata: [DONE]\n\n")
+    assert read_exactly(client, len(expected)) == expected
+    assert sink.from_decode_thread([delta("late")]) == []  # nothing after the end
+
+
+async def test_a_client_gone_stops_the_generation(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    served, client = connection
+    sink, job = sink_on(served)
+    sink.from_decode_thread([delta("a")])
+    await sink.drain()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # a reset
+    wake: list[Any] = []
+    for _ in range(100):  # the first send after a reset may still succeed
+        wake = sink.from_decode_thread([delta("more")])
+        if wake:
+            break
+    assert wake == [SinkWake()] and job.cancelled
+    assert await sink.drain()
+
+
+async def test_a_closed_writer_is_never_written_to(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    """The loop closes its socket when the answer ends; a step that comes after must not
+    send on the file descriptor, which may by then be another file's."""
+    served, _ = connection
+    sink, job = sink_on(served)
+    sink.from_decode_thread([delta("a")])
+    await sink.drain()
+    sink.writer.close()
+    assert sink.from_decode_thread([delta("b")]) == [SinkWake()]
+    assert job.cancelled
