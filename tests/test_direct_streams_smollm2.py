@@ -187,17 +187,17 @@ def test_a_client_gone_mid_direct_stream_stops_the_generation(server: DmrServer)
 
 
 def test_a_client_that_reads_late_gets_every_token_in_order(server: DmrServer) -> None:
-    """600 tokens with their logprobs, written by the decode thread while the client
+    """200 tokens with their logprobs, written by the decode thread while the client
     reads nothing, arrive whole and in order, the same text as a whole answer.
     (Loopback TCP buffers all of it here; a client slower than its buffers is
     plugins/llamacpp/tests/test_llamacpp_direct_sink.py's.)"""
-    tokens = 600
+    tokens = 200
     body = json.dumps(
         {
             "model": MODEL,
             "prompt": "Once upon a time",
             "max_tokens": tokens,
-            "ignore_eos": True,  # as llama-server: all 600 tokens
+            "ignore_eos": True,  # as llama-server: all of them
             "logprobs": 5,
             "temperature": 0,
             "stream": True,
@@ -213,7 +213,7 @@ def test_a_client_that_reads_late_gets_every_token_in_order(server: DmrServer) -
             b"POST /engines/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
         )
-        time.sleep(8)  # the generation runs on meanwhile
+        time.sleep(4)  # the generation runs on meanwhile
         head, answer, _ = read_chunked_answer(conn, b"")
     finally:
         conn.close()

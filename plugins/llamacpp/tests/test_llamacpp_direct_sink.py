@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from dmr.sdk.runner import DirectWriter
-from dmr_llamacpp.runner.batching import Finished, SinkWake, TextDelta
+from dmr_llamacpp.runner.batching import Finished, GenerationJob, SinkWake, TextDelta
 from dmr_llamacpp.runner.direct_sink import DirectSink
 
 
@@ -164,4 +164,19 @@ async def test_a_closed_writer_is_never_written_to(
     await sink.drain()
     sink.writer.close()
     assert sink.from_decode_thread([delta("b")]) == [SinkWake()]
+    assert job.cancelled
+
+
+async def test_closing_a_streamed_answer_frees_its_slot_at_once() -> None:
+    """Closed while it waits at a chunk (its client gone, the send cancelled), the
+    answer cancels its job then, not when the garbage collector gets to it."""
+    from dmr_llamacpp.runner.generation_routes import StepWrites
+    from llamacpp_helpers import greedy_params
+
+    job = GenerationJob([1, 2, 3], greedy_params(8))
+    writes = StepWrites(job, encode, [])
+    job.events.put_nowait(delta("a"))
+    chunks = aiter(writes)
+    assert await anext(chunks) == b"data: a\n\n"  # suspended at its `yield` now
+    await writes.aclose()
     assert job.cancelled

@@ -333,6 +333,9 @@ class StepWrites:
         return self._writes
 
     async def aclose(self) -> None:
+        # Closed at a `yield`, `_steps` leaves `_event_batches` open until it is
+        # collected; the answer's reader is gone now, so the slot is freed now.
+        self.job.cancel()
         await self._writes.aclose()
 
     def go_direct(self, writer: DirectWriter) -> None:
