@@ -75,9 +75,16 @@ def test_a_direct_stream_is_the_whole_answer_and_is_logged(server: DmrServer) ->
     assert "".join(parts) == whole.choices[0].message.content
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
     assert handed(server) == before + 1  # the runner wrote it, not the relay
-    # What the runner wrote reaches the request log and the token counters.
-    generated = series(server, "dmr_generated_tokens_total") - generated_before
-    assert generated == usage.completion_tokens
+    # What the runner wrote reaches the request log and the token counters, once the
+    # server has read the runner's summary (the client may see `[DONE]` just before).
+    completion_tokens = usage.completion_tokens
+    wait_for(
+        lambda: (
+            series(server, "dmr_generated_tokens_total") - generated_before == completion_tokens
+        ),
+        timeout=10,
+        message="the generated tokens to be counted",
+    )
     with server.client() as http:
         logged = http.get("/engines/requests").json()
     items = logged if isinstance(logged, list) else logged.get("data", logged.get("items", []))

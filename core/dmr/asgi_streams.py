@@ -133,7 +133,8 @@ async def send_streamed(
     stream, dmr/direct_streams.py) the chunks after the first go straight to the
     client's socket once the server hands it over; `chunks` with a `go_direct(writer)`
     method are given the writer, to write to it from elsewhere (the llama.cpp
-    runner's decode thread)."""
+    runner's decode thread), and may hold their last chunk back as `final_chunk`,
+    which then goes through the server after the summary."""
     if direct is not None:
         headers = [*headers, direct.header]
     start = {"type": "http.response.start", "status": status, "headers": headers}
@@ -163,6 +164,12 @@ async def send_streamed(
             if writer is not None:
                 summary = writer.summary()
                 await send({"type": "http.response.body", "body": summary, "more_body": True})
+                # The stream's end, held back by its producer, goes through the server
+                # after the summary: the server has then read all of the answer before
+                # the client, seeing `[DONE]`, may leave.
+                final = getattr(chunks, "final_chunk", None)
+                if final:
+                    await send({"type": "http.response.body", "body": final, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if writer is not None:

@@ -121,7 +121,7 @@ async def test_a_slow_client_leaves_the_rest_to_the_loop_in_order(
     assert sink.direct
 
 
-async def test_the_end_goes_out_through_the_loop_with_done(
+async def test_the_end_is_handed_back_for_the_server(
     connection: tuple[socket.socket, socket.socket],
 ) -> None:
     served, client = connection
@@ -129,9 +129,12 @@ async def test_the_end_goes_out_through_the_loop_with_done(
     sink.from_decode_thread([delta("a")])
     await sink.drain()
     assert sink.from_decode_thread([delta("z"), FINISHED]) == [SinkWake()]
-    assert await sink.drain()  # the stream has ended
-    expected = frames(b"data: z\n\ndata: end stop\n\ndata: [DONE]\n\n")
+    # What came before the end goes to the client; the end is handed back, to go
+    # through the server after the summary.
+    assert await sink.drain() == b"data: end stop\n\ndata: [DONE]\n\n"
+    expected = frames(b"data: z\n\n")
     assert read_exactly(client, len(expected)) == expected
+    assert sink.writer.summary().endswith(b"data: z\n\n")  # the end is not in it
     assert sink.from_decode_thread([delta("late")]) == []  # nothing after the end
 
 
@@ -150,7 +153,7 @@ async def test_a_client_gone_stops_the_generation(
         if wake:
             break
     assert wake == [SinkWake()] and job.cancelled
-    assert await sink.drain()
+    assert await sink.drain() == b""  # ended, and nothing left to send
 
 
 async def test_a_closed_writer_is_never_written_to(

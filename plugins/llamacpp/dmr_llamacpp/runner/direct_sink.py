@@ -11,10 +11,13 @@ before its next `llama_decode`, and the loop is not woken at all.
 
 The loop takes over whatever cannot go at once: the events already on their way to
 it when the stream went direct, the bytes a slow client has not taken yet, and the
-end of the stream (its last chunks and `[DONE]`, after which the handler ends the
-answer). The stream's encoder is used by one thread at a time: the decode thread
-encodes only while `direct` is set, the loop only while it is not, and the flag
-changes under the lock.
+end of the stream. The end (the last chunk and `[DONE]`) goes through the server,
+after the summary of what was written: a client that leaves as soon as it reads
+`[DONE]` must not keep the server from counting the answer's tokens.
+
+The stream's encoder is used by one thread at a time: the decode thread encodes
+only while `direct` is set, the loop only while it is not, and the flag changes
+under the lock.
 """
 
 from __future__ import annotations
@@ -90,41 +93,43 @@ class DirectSink:
                 return [SinkWake()]
             return []
 
-    async def drain(self) -> bool:
-        """In the loop: write what the decode thread left, then hand the stream back
-        to it. True once the stream has ended (its end written, or the client gone)."""
+    async def drain(self) -> bytes | None:
+        """In the loop: write what the decode thread left, then hand the stream back to
+        it (None). Once the stream has ended, its last chunk instead: the end and
+        `[DONE]`, which the handler sends through the server after the summary, so
+        that the server has read what was written before the client sees the end
+        (b"" when the client is gone)."""
         while True:
             with self.lock:
                 unsent, self.unsent = self.unsent, b""
                 events, self.pending = self.pending, []
                 if not unsent and not events:
-                    if not self.ended:
-                        self.direct = True
-                    return self.ended
+                    if self.ended:
+                        return b""
+                    self.direct = True
+                    return None
             if unsent and not await self.writer.write_framed(unsent):
                 return self._gone()
             out: list[bytes] = []
-            ended = False
+            last: list[bytes] | None = None
             for event in events:
                 if isinstance(event, Failed):
-                    out.append(sse_error(event.message))
-                    ended = True
+                    last = [sse_error(event.message)]
+                    break
+                if isinstance(event, Finished):
+                    last = []
+                    self.encode(event, last)
                     break
                 self.encode(event, out)
-                if isinstance(event, Finished):
-                    ended = True
-                    break
-            if ended:
-                out.append(DONE_EVENT)
             if out and not await self.writer.write(b"".join(out)):
                 return self._gone()
-            if ended:
+            if last is not None:
                 with self.lock:
                     self.ended = True
-                return True
+                return b"".join([*last, DONE_EVENT])
 
-    def _gone(self) -> bool:
+    def _gone(self) -> bytes:
         with self.lock:
             self.ended = True
         self.job.cancel()
-        return True
+        return b""

@@ -327,6 +327,9 @@ class StepWrites:
         self.job = job
         self.encode = encode
         self.sink: DirectSink | None = None
+        # A direct stream's last chunk, which `send_streamed` sends through the server
+        # after the summary (runner/direct_sink.py).
+        self.final_chunk: bytes | None = None
         self._writes = self._steps(first)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -351,8 +354,11 @@ class StepWrites:
                         if out:  # what came before the wake goes out first
                             yield b"".join(out)
                             out = []
-                        if self.sink is not None and await self.sink.drain():
-                            return  # the end went out direct, `[DONE]` with it
+                        if self.sink is not None:
+                            last = await self.sink.drain()
+                            if last is not None:  # the stream has ended
+                                self.final_chunk = last
+                                return
                         continue
                     self.encode(event, out)
                 if isinstance(batch[-1], TextDelta) and out:
@@ -361,6 +367,9 @@ class StepWrites:
         except RuntimeError as error:
             out.append(sse_error(str(error)))
         out.append(DONE_EVENT)
+        if self.sink is not None:
+            self.final_chunk = b"".join(out)
+            return
         yield b"".join(out)
 
 
