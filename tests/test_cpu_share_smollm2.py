@@ -24,7 +24,9 @@ MODELS = ("ai/smollm2-a", "ai/smollm2-b")
 
 
 def two_models(dmr_server_factory: ServerFactory, gguf: Path, **env: str) -> DmrServer:
-    server = dmr_server_factory(**env)
+    # The runners' threads follow the share alone here, not what else this machine
+    # runs meanwhile (DMR_FREE_CORES, tests/test_free_cores_smollm2.py).
+    server = dmr_server_factory(**{"DMR_FREE_CORES": "0", **env})
     put_smollm2(server, gguf, MODELS[0], "2024-11-01T00:00:00Z")
     put_smollm2(server, gguf, MODELS[1], "2024-11-02T00:00:00Z")
     return server

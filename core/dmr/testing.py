@@ -22,6 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -138,14 +139,21 @@ def stop_process(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
 class RunnerProcess:
     """An engine's real runner subprocess for `launch`, its output kept for failures."""
 
-    def __init__(self, engine: Engine, launch: RunnerLaunch, *, wait: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        launch: RunnerLaunch,
+        *,
+        wait: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         command = engine.runner_command(launch)
         self.argv = command.argv
         self.socket_path = launch.socket_path
         self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115  (closed in stop())
         self.process = subprocess.Popen(
             list(command.argv),
-            env={**os.environ, **command.env},
+            env={**os.environ, **(env or {}), **command.env},
             cwd=command.cwd,
             stdout=self.log,
             stderr=self.log,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,8 +53,10 @@ def make_launch(
 class RunnerProcess(testing.RunnerProcess):
     """The llama.cpp runner subprocess, started as the scheduler starts it."""
 
-    def __init__(self, launch: RunnerLaunch, *, wait: bool = True) -> None:
-        super().__init__(LlamaCppEngine(), launch, wait=wait)
+    def __init__(
+        self, launch: RunnerLaunch, *, wait: bool = True, env: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(LlamaCppEngine(), launch, wait=wait, env=env)
 
 
 def slot_streams_model(bundle: Path, slots: int, cells: int) -> LoadedModel:

@@ -1,15 +1,28 @@
 """`POST /cpu-share`: the runner computes with its loaded threads divided by the
-runners busy on the CPU, from its next decode on (docs/scheduler.md)."""
+runners busy on the CPU, from its next decode on (docs/scheduler.md). Its runner keeps
+its threads when other processes are busy (`DMR_FREE_CORES=0`): the counts asserted
+here are the share's alone, whatever else this machine runs meanwhile."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
-from llamacpp_helpers import RunnerProcess
+from llamacpp_helpers import RunnerProcess, make_launch, short_socket
 
 pytestmark = pytest.mark.llama
+
+
+@pytest.fixture(scope="module")
+def sharing_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
+    runner = RunnerProcess(
+        make_launch(llama_bundle, short_socket("share")), env={"DMR_FREE_CORES": "0"}
+    )
+    yield runner
+    runner.stop()
 
 
 def threads_now(client: httpx.Client) -> int:
@@ -24,9 +37,9 @@ def complete(client: httpx.Client) -> None:
 
 
 def test_a_share_takes_effect_at_the_next_decode_and_is_given_back(
-    completion_runner: RunnerProcess,
+    sharing_runner: RunnerProcess,
 ) -> None:
-    with completion_runner.client() as client:
+    with sharing_runner.client() as client:
         complete(client)
         loaded = threads_now(client)
         try:
@@ -45,8 +58,8 @@ def test_a_share_takes_effect_at_the_next_decode_and_is_given_back(
 
 
 @pytest.mark.parametrize("busy", [0, -1, 1.5, "2", True, None])
-def test_a_share_must_be_a_count_of_runners(completion_runner: RunnerProcess, busy: object) -> None:
-    with completion_runner.client() as client:
+def test_a_share_must_be_a_count_of_runners(sharing_runner: RunnerProcess, busy: object) -> None:
+    with sharing_runner.client() as client:
         answer = client.post("/cpu-share", json={"busy_runners": busy})
     assert answer.status_code == 400
     assert "busy_runners" in answer.text

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,7 +149,27 @@ def load_model(
             **{**options.__dict__, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_RANK}
         )
         model = LoadedModel(model_path, options, n_gpu_layers=settings.n_gpu_layers)
+    if yields_busy_cores(settings):
+        from dmr_llamacpp.runner.free_cores import FreeCores
+
+        model.free_cores = FreeCores.for_this_process()
     return model
+
+
+def yields_busy_cores(settings: WorkerSettings, env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the runner computes with fewer threads while other processes keep cores
+    busy (runner/free_cores.py): on the CPU, with the thread counts left to it, unless
+    `DMR_FREE_CORES=0` (or `DMR_CPU_SHARE=0`, every runner at its own count) says no."""
+    off = any(
+        env.get(name, "1").strip().lower() in ("0", "false", "no")
+        for name in ("DMR_FREE_CORES", "DMR_CPU_SHARE")
+    )
+    return (
+        not off
+        and settings.n_gpu_layers == 0
+        and settings.threads is None
+        and settings.threads_batch is None
+    )
 
 
 def chat_template(model: LoadedModel, template_file: str | None) -> ChatTemplate:

@@ -11,10 +11,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
+
+if TYPE_CHECKING:
+    from dmr_llamacpp.runner.free_cores import FreeCores
 
 __all__ = ["ContextOptions", "LoadedModel", "silence_llama_logs"]
 
@@ -133,6 +136,10 @@ class LoadedModel:
         # for by `share_threads`, taken up by the decoding thread before its next batch.
         self.threads = (options.threads, options.threads_batch)
         self._wanted_threads: tuple[int, int] | None = None
+        self._share = self.threads  # the counts the scheduler's share allows
+        # Set by the runner when it yields cores that other processes keep busy
+        # (runner/free_cores.py); sampled and read by the decoding thread only.
+        self.free_cores: FreeCores | None = None
         self._piece_buffer = ctypes.create_string_buffer(256)
 
     def share_threads(self, busy_runners: int) -> tuple[int, int]:
@@ -152,11 +159,24 @@ class LoadedModel:
         return wanted
 
     def apply_thread_share(self) -> None:
-        """Take up the thread count `share_threads` asked for (decoding thread only)."""
+        """Take up the thread count `share_threads` asked for, fewer while other processes
+        keep cores busy (`free_cores`); decoding thread only."""
         wanted, self._wanted_threads = self._wanted_threads, None
-        if wanted is not None and wanted != self.threads:
-            llama_cpp.llama_set_n_threads(self.ctx, *wanted)
-            self.threads = wanted
+        if wanted is not None:
+            self._share = wanted
+        threads = self._share
+        if self.free_cores is not None:
+            free = self.free_cores.free()
+            threads = (min(threads[0], free), min(threads[1], free))
+        if threads != self.threads:
+            llama_cpp.llama_set_n_threads(self.ctx, *threads)
+            self.threads = threads
+
+    def sample_free_cores(self, batch_tokens: int) -> None:
+        """After a decode of `batch_tokens` tokens: what other processes run now
+        (llama.cpp computes a one-token batch with `threads`, others with `threads_batch`)."""
+        if self.free_cores is not None:
+            self.free_cores.sample(self.threads[0] if batch_tokens == 1 else self.threads[1])
 
     # ------------------------------------------------------------------ metadata
 
@@ -301,6 +321,7 @@ class Batch:
         model.apply_thread_share()
         self.raw.n_tokens = self.n_tokens
         status = int(llama_cpp.llama_decode(model.ctx, self.raw))
+        model.sample_free_cores(self.n_tokens)
         if status == 0:
             # On a GPU llama_decode only queues the work; sampling would wait for it
             # anyway, and waiting here makes the step's decode time what it really is.
