@@ -110,7 +110,8 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily(
             "llamacpp:threads",
             "Threads llama_decode computes with now: fewer while other runners share the"
-            " CPU's cores (POST /cpu-share); 0 while loading.",
+            " CPU's cores (POST /cpu-share) or other processes keep cores busy; 0 while"
+            " loading.",
             value=self._threads,
         )
 
