@@ -28,14 +28,23 @@ MODEL = "ai/smollm2"
 SPIN = "import time\nend = time.monotonic() + 300\nwhile time.monotonic() < end: pass\n"
 
 
-def threads(server: DmrServer) -> int:
-    """`llamacpp:threads` of the loaded runner."""
+def runner_value(server: DmrServer, name: str) -> int:
+    """The loaded runner's `name` series on the server's /metrics."""
     with server.client() as client:
         text = client.get("/metrics").text
     for family in text_string_to_metric_families(text):
-        if family.name == "llamacpp:threads":
+        if family.name == name:
             return int(family.samples[0].value)
-    raise AssertionError("no llamacpp:threads in /metrics")
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def threads(server: DmrServer) -> int:
+    return runner_value(server, "llamacpp:threads")
+
+
+def yielded(server: DmrServer) -> int:
+    """Decode steps computed with fewer threads because of busy cores."""
+    return runner_value(server, "llamacpp:steps_yielded")
 
 
 def generate(server: DmrServer, tokens: int) -> int:
@@ -93,8 +102,10 @@ def test_a_runner_yields_busy_cores_and_takes_them_back(
 ) -> None:
     server = dmr_server_factory()
     alone = loaded(server, smollm2_gguf)
+    before = yielded(server)
     with busy_processes(enough_to_leave_it_short(alone)):
         assert generate(server, 24) < alone
+    assert yielded(server) > before
     # Stopped, they leave the cores free: a step later every thread is back (other
     # work of this machine may come and go meanwhile: it is waited out).
     wait_for(
@@ -113,3 +124,4 @@ def test_dmr_free_cores_0_keeps_the_threads(
         # A few tokens only: next to a busy process each step of a runner that keeps
         # its threads takes a second or more (docs/benchmarks.md).
         assert generate(server, 3) == alone
+    assert yielded(server) == 0

@@ -6,12 +6,13 @@ real busy processes is tests/test_free_cores_smollm2.py's."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
 from dmr_llamacpp.runner import free_cores
 from dmr_llamacpp.runner.__main__ import yields_busy_cores
-from dmr_llamacpp.runner.free_cores import WINDOW_S, FreeCores, read_running
+from dmr_llamacpp.runner.free_cores import WINDOW_S, FreeCores, LoadavgReader, read_running
 from dmr_llamacpp.settings import WorkerSettings
 
 
@@ -64,6 +65,22 @@ def test_a_core_given_back_is_taken_at_the_next_step_and_one_is_always_left() ->
     assert cores.free() == 2
 
 
+def test_the_fewest_over_the_window_count_as_a_plain_minimum_would() -> None:
+    """The runner keeps only the samples that may still be the window's fewest; what it
+    says is the minimum over every sample of the last WINDOW_S (or the last sample)."""
+    shuffled = random.Random(7)
+    load = FakeLoad()
+    cores = load.cores(16)
+    taken: list[tuple[float, int]] = []
+    for _ in range(2000):
+        load.now += shuffled.choice([0.001, 0.01, 0.05, 0.3])
+        load.running = 4 + shuffled.randrange(12)
+        cores.sample(own_running=4)
+        taken.append((load.now, load.running - 4))
+        window = [others for at, others in taken if load.now - at <= WINDOW_S]
+        assert cores.free() == max(1, 16 - min(window))
+
+
 def test_an_unreadable_count_changes_nothing() -> None:
     load = FakeLoad()
     cores = load.cores(2)
@@ -82,6 +99,11 @@ def test_the_count_is_read_from_loadavg(tmp_path: Path) -> None:
     loadavg.write_text("garbage\n")
     assert read_running(loadavg) is None
     assert read_running(tmp_path / "missing") is None
+    loadavg.write_text("0.52 0.58 0.59 5/1234 56789\n")
+    reader = LoadavgReader(loadavg)  # the file kept open, read again each time
+    assert reader() == 5
+    loadavg.write_text("0.52 0.58 0.59 7/1234 56789\n")
+    assert reader() == 7
     if Path("/proc/loadavg").exists():  # this process is running: at least one
         running = read_running()
         assert running is not None and running >= 1

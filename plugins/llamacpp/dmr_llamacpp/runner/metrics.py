@@ -16,9 +16,12 @@ __all__ = ["render_metrics"]
 class _StatsCollector(Collector):
     # Subclassed, not only shaped like one: `Collector` is an ABC in some
     # prometheus_client releases (a Protocol in others), where shape is not enough.
-    def __init__(self, stats: Callable[[], GeneratorStats], threads: int) -> None:
+    def __init__(
+        self, stats: Callable[[], GeneratorStats], threads: int, yielded_steps: int
+    ) -> None:
         self._stats = stats
         self._threads = threads
+        self._yielded_steps = yielded_steps
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -114,6 +117,12 @@ class _StatsCollector(Collector):
             " loading.",
             value=self._threads,
         )
+        yield CounterMetricFamily(
+            "llamacpp:steps_yielded",
+            "Decode steps computed with fewer threads than the share allows, because other"
+            " processes kept cores busy (docs/scheduler.md, 'Busy neighbours').",
+            value=self._yielded_steps,
+        )
 
 
 def _slot_gauges(stats: GeneratorStats) -> Iterator[Metric]:
@@ -129,7 +138,9 @@ def _slot_gauges(stats: GeneratorStats) -> Iterator[Metric]:
     )
 
 
-def render_metrics(stats: Callable[[], GeneratorStats], threads: int = 0) -> bytes:
+def render_metrics(
+    stats: Callable[[], GeneratorStats], threads: int = 0, yielded_steps: int = 0
+) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats, threads))
+    registry.register(_StatsCollector(stats, threads, yielded_steps))
     return generate_latest(registry)

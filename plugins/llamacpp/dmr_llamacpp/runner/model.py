@@ -140,6 +140,7 @@ class LoadedModel:
         # Set by the runner when it yields cores that other processes keep busy
         # (runner/free_cores.py); sampled and read by the decoding thread only.
         self.free_cores: FreeCores | None = None
+        self.yielded_steps = 0  # steps computed with fewer threads than the share
         self._piece_buffer = ctypes.create_string_buffer(256)
 
     def share_threads(self, busy_runners: int) -> tuple[int, int]:
@@ -167,7 +168,9 @@ class LoadedModel:
         threads = self._share
         if self.free_cores is not None:
             free = self.free_cores.free()
-            threads = (min(threads[0], free), min(threads[1], free))
+            if free < max(threads):
+                threads = (min(threads[0], free), min(threads[1], free))
+                self.yielded_steps += 1
         if threads != self.threads:
             llama_cpp.llama_set_n_threads(self.ctx, *threads)
             self.threads = threads

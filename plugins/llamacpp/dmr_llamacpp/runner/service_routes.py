@@ -61,8 +61,11 @@ async def metrics() -> Response:
     generator = state.generator
     # Runners without a generator (loading, or pooling) report zeroed counters.
     stats = GeneratorStats if generator is None else lambda: generator.stats
-    threads = 0 if state.model is None else state.model.threads[0]
-    return Response(render_metrics(stats, threads), content_type="text/plain; version=0.0.4")
+    model = state.model
+    threads, yielded = (0, 0) if model is None else (model.threads[0], model.yielded_steps)
+    return Response(
+        render_metrics(stats, threads, yielded), content_type="text/plain; version=0.0.4"
+    )
 
 
 @blueprint.post("/cpu-share")
