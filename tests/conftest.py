@@ -4,6 +4,11 @@ import os
 # test that runs it with no server must get the error instead of leaving a server
 # behind; the tests of auto-start remove this from the environment they give the CLI.
 os.environ["DMR_NO_AUTOSTART"] = "1"
+# Greedy answers compared across requests and runners assume one thread count, and a
+# runner that yields the cores the other pytest worker keeps busy computes with fewer
+# (docs/scheduler.md, "Busy neighbours"): llama.cpp's sums then differ in their last
+# bits. tests/test_free_cores_smollm2.py turns it back on for its servers.
+os.environ.setdefault("DMR_FREE_CORES", "0")
 
 pytest_plugins = [
     # First: the other fixture modules import it.

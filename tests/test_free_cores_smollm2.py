@@ -100,7 +100,7 @@ def enough_to_leave_it_short(alone: int) -> int:
 def test_a_runner_yields_busy_cores_and_takes_them_back(
     dmr_server_factory: ServerFactory, smollm2_gguf: Path
 ) -> None:
-    server = dmr_server_factory()
+    server = dmr_server_factory(DMR_FREE_CORES="1")  # the suite turns it off elsewhere
     alone = loaded(server, smollm2_gguf)
     before = yielded(server)
     with busy_processes(enough_to_leave_it_short(alone)):

@@ -142,8 +142,12 @@ def test_dduf_is_unpacked_loaded_and_cleaned_up(dduf_bundle: Path) -> None:
     runner = RunnerProcess(launch)
     try:
         work_dir = launch.socket_path.parent
-        # Weights are in memory once healthy: the unpacked copy is gone, only the socket left.
-        assert [path.name for path in work_dir.iterdir()] == ["runner.sock"]
+        # Weights are in memory once healthy: the unpacked copy is gone, only the socket
+        # left, and the direct-stream drop box every runner keeps beside it.
+        assert sorted(path.name for path in work_dir.iterdir()) == [
+            "runner.sock",
+            "runner.sock.direct",
+        ]
         body = {"prompt": "a red square", "size": "64x64", "steps": 2, "seed": 1}
         with runner.client() as client:
             assert _images(client.post("/v1/images/generations", json=body))[0].size == (64, 64)
