@@ -26,14 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from dmr.testing import free_port
+from cpu_share import native_llama_server
 from dmr_served import dmr_served
-from llamacpp_concurrency import bench_models, llama_server_binary
+from llamacpp_concurrency import bench_models
 
 SPIN = "import time\nend = time.monotonic() + 3600\nwhile time.monotonic() < end: pass\n"
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
@@ -73,29 +73,9 @@ async def decode_rate(client: httpx.AsyncClient, path: str, model: str, tokens: 
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-@contextlib.asynccontextmanager
-async def llama_server_dmr_args(gguf: Path) -> AsyncIterator[httpx.AsyncClient]:
+def llama_server_dmr_args(gguf: Path) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
     """llama-server as Docker Model Runner starts it (its own slot default)."""
-    port = free_port()
-    argv = [
-        str(llama_server_binary()),
-        *("--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
-        *("-ngl", "999", "--metrics", "--ctx-size", "4096", "--jinja", "--no-repack"),
-    ]
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=900) as client:
-            for _ in range(600):
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                await asyncio.sleep(0.2)
-            yield client
-    finally:
-        process.terminate()
-        await process.wait()
+    return native_llama_server(gguf, "-ngl", "999", "--metrics", "--ctx-size", "4096", "--jinja")
 
 
 def store_model(models_path: Path, gguf: Path, tag: str) -> None:

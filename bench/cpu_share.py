@@ -88,18 +88,26 @@ def round_of(
     return run
 
 
-@contextlib.asynccontextmanager
-async def llama_server(
+def llama_server(
     gguf: Path, streams: int, threads: int | None = None
-) -> AsyncIterator[httpx.AsyncClient]:
+) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+    return native_llama_server(
+        gguf,
+        *("--parallel", str(streams), "--ctx-size", str(4096 * streams)),
+        "--jinja",
+        *(("--threads", str(threads)) if threads else ()),
+    )
+
+
+@contextlib.asynccontextmanager
+async def native_llama_server(gguf: Path, *flags: str) -> AsyncIterator[httpx.AsyncClient]:
+    """llama-server on `gguf` with `flags` (and `--no-repack`), healthy before use."""
     port = free_port()
     argv = [
         str(llama_server_binary()),
         *("--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
-        *("--parallel", str(streams), "--ctx-size", str(4096 * streams)),
-        "--jinja",
+        *flags,
         "--no-repack",
-        *(("--threads", str(threads)) if threads else ()),
     ]
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
