@@ -41,6 +41,7 @@ from llamacpp_concurrency import (
     _stored_gguf,
     bench_models,
     llama_server_binary,
+    repack_flags,
 )
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -207,7 +208,7 @@ def llama_server(gguf: Path) -> Iterator[tuple[httpx.Client, subprocess.Popen[by
         *("--parallel", str(DMR_DEFAULT_PARALLEL)),
         *("--ctx-size", str(DMR_DEFAULT_CTX * DMR_DEFAULT_PARALLEL)),
         "--jinja",
-        "--no-repack",  # this CPU's AMX buffers crash on multi-token batches
+        *repack_flags(gguf),  # the extra weight buffers exactly where dmr's runner uses them
     ]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

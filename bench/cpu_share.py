@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 from dmr.testing import free_port
 from dmr_served import dmr_served
-from llamacpp_concurrency import bench_models, llama_server_binary
+from llamacpp_concurrency import bench_models, llama_server_binary, repack_flags
 
 MODELS = ("ai/smollm2-a", "ai/smollm2-b")
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
@@ -101,13 +101,13 @@ def llama_server(
 
 @contextlib.asynccontextmanager
 async def native_llama_server(gguf: Path, *flags: str) -> AsyncIterator[httpx.AsyncClient]:
-    """llama-server on `gguf` with `flags` (and `--no-repack`), healthy before use."""
+    """llama-server on `gguf` with `flags` (and `repack_flags`), healthy before use."""
     port = free_port()
     argv = [
         str(llama_server_binary()),
         *("--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
         *flags,
-        "--no-repack",
+        *repack_flags(gguf),
     ]
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL

@@ -10,7 +10,8 @@ URL answers `POST /v1/chat/completions`):
 - `llama-server`: the native binary from `scripts/build-llama-server` (or
   `LLAMA_SERVER_PATH`), the yardstick: Docker Model Runner serves GGUF with it.
   It gets dmr's default slots and context (`--parallel 8 -c 8*4096`), `--jinja`,
-  `--no-repack` (docs/scheduler.md) and its own thread defaults.
+  its weight repacking exactly where dmr's runner uses the same extra buffers
+  (`--no-repack` elsewhere: docs/scheduler.md) and its own thread defaults.
 - `dmr-server`: `dmr serve` on a temporary store with the GGUF packaged as
   `ai/smollm2`, **default settings** but the context, configured to the same
   4096 per slot (dmr's own default follows the memory), hit over TCP.
@@ -188,6 +189,16 @@ def llama_server_binary() -> Path:
     return Path(built.stdout.strip().splitlines()[-1])
 
 
+def repack_flags(gguf: Path) -> list[str]:
+    """llama-server's weight repacking (AMX on this kind of CPU) exactly where dmr's
+    runner uses the same extra buffers (docs/scheduler.md, "Extra weight buffers"), so
+    both compute with the same kernels; `--no-repack` where the installed llama.cpp
+    build crashes with them."""
+    from dmr_llamacpp.runner.extra_buffers import extra_buffers_usable
+
+    return [] if extra_buffers_usable(gguf) else ["--no-repack"]
+
+
 def model_file(args: argparse.Namespace) -> Path:
     """The GGUF a target other than `dmr serve` maps: the copy in dmr's store once the
     dmr-server target has packaged it, so that every server reads the same file in
@@ -209,14 +220,14 @@ async def _llama_server(
     args: argparse.Namespace, flags: list[str]
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The native binary on the bench's GGUF and a free port, with `flags`, `--jinja`,
-    `--no-repack` (this CPU's AMX buffers) and the pinned threads."""
+    `repack_flags` and the pinned threads."""
     port = free_port()
     argv = [
         str(llama_server_binary()),
         *("--model", str(model_file(args)), "--host", "127.0.0.1", "--port", str(port)),
         *flags,
         "--jinja",
-        "--no-repack",
+        *repack_flags(model_file(args)),
         *_thread_flags(args),
     ]
     async with _served_on_tcp(argv, port, "/health") as client:
@@ -278,15 +289,19 @@ async def runner_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncCl
             stop_process(process)
 
 
-# llama.cpp's AMX weight buffers crash on multi-token batches on this kind of CPU
-# (see dmr_llamacpp.runner.model); llama_cpp.server gets the same fix dmr uses.
+# llama.cpp's extra (AMX) weight buffers crash with some builds (GCC 12) on batches of
+# several tokens; llama_cpp.server uses them exactly where dmr's runner does
+# (dmr_llamacpp.runner.extra_buffers).
 _LLAMA_CPP_SERVER = """
 import runpy, sys
+from pathlib import Path
 import llama_cpp.llama_cpp as low
+from dmr_llamacpp.runner.extra_buffers import extra_buffers_usable
 _default = low.llama_model_default_params
+_extra = extra_buffers_usable(Path(sys.argv[sys.argv.index("--model") + 1]))
 def _params():
     params = _default()
-    params.use_extra_bufts = False
+    params.use_extra_bufts = _extra
     return params
 low.llama_model_default_params = _params
 sys.argv = ["llama_cpp.server", *sys.argv[1:]]

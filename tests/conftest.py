@@ -6,8 +6,9 @@ import os
 os.environ["DMR_NO_AUTOSTART"] = "1"
 # Greedy answers compared across requests and runners assume one thread count, and a
 # runner that yields the cores the other pytest worker keeps busy computes with fewer
-# (docs/scheduler.md, "Busy neighbours"): llama.cpp's sums then differ in their last
-# bits. tests/test_free_cores_smollm2.py turns it back on for its servers.
+# (docs/scheduler.md, "Busy neighbours"): llama.cpp's flash attention splits a KV view
+# of 512 cells or more into one chunk per thread, so the logits then differ in their
+# last bits. tests/test_free_cores_smollm2.py turns it back on for its servers.
 os.environ.setdefault("DMR_FREE_CORES", "0")
 
 pytest_plugins = [

@@ -20,6 +20,7 @@ import httpx
 import llama_cpp
 import numpy as np
 import pytest
+from dmr_llamacpp.runner.extra_buffers import extra_buffers_usable
 from dmr_llamacpp.runner.model import Batch, ContextOptions, LoadedModel
 from dmr_llamacpp.runner.vision import (
     ImageChunk,
@@ -196,17 +197,18 @@ def test_llama_high_level_matches_oracle(
 ) -> None:
     """`llama_cpp.Llama` + the projector, prompt from the server's template."""
     set_mtmd_log_callback()
-    # Without the AMX/repacked weight buffers, as the runner loads models: on a CPU with
-    # AMX they crash in ggml_backend_amx_mul_mat once a batch holds more than one token
-    # (runner/model.py), and `Llama` has no option for them.
+    # With the AMX/repacked weight buffers exactly where the runner loads models with
+    # them: a build that crashes with them does so once a batch holds more than one
+    # token (runner/extra_buffers.py), and `Llama` has no option for them.
     defaults = llama_cpp.llama_cpp.llama_model_default_params
+    extra_buffers = extra_buffers_usable(smollm2_gguf)
 
-    def without_extra_buffers() -> Any:
+    def as_the_runner() -> Any:
         params = defaults()
-        params.use_extra_bufts = False
+        params.use_extra_bufts = extra_buffers
         return params
 
-    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers)
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", as_the_runner)
     # Flash attention as llama-server's "auto" picks on CPU; Llama's default (off)
     # moves the logits by ~0.7 and the greedy answer with them.
     llm = llama_cpp.Llama(

@@ -305,8 +305,9 @@ class LlamaCppEngine:
         if settings.metrics:
             argv.append("--metrics")
         if os.environ.get("DMR_LLAMACPP_EXTRA_BUFTS") != "1":
-            # As in the Python runner: the repacked (AMX) weight buffers of current
-            # llama.cpp crash on multi-token batches on some CPUs (docs/scheduler.md).
+            # A binary built by GCC 12 crashes with its repacked (AMX) weight buffers on
+            # multi-token batches, and a native binary cannot be checked as the Python
+            # runner's library is (docs/scheduler.md, "Extra weight buffers").
             argv.append("--no-repack")
         if launch.mode is Mode.EMBEDDING:
             argv.append("--embeddings")

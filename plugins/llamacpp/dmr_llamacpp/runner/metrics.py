@@ -17,11 +17,16 @@ class _StatsCollector(Collector):
     # Subclassed, not only shaped like one: `Collector` is an ABC in some
     # prometheus_client releases (a Protocol in others), where shape is not enough.
     def __init__(
-        self, stats: Callable[[], GeneratorStats], threads: int, yielded_steps: int
+        self,
+        stats: Callable[[], GeneratorStats],
+        threads: int,
+        yielded_steps: int,
+        extra_buffers: bool,
     ) -> None:
         self._stats = stats
         self._threads = threads
         self._yielded_steps = yielded_steps
+        self._extra_buffers = extra_buffers
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -123,6 +128,13 @@ class _StatsCollector(Collector):
             " processes kept cores busy (docs/scheduler.md, 'Busy neighbours').",
             value=self._yielded_steps,
         )
+        yield GaugeMetricFamily(
+            "llamacpp:extra_weight_buffers",
+            "1 when the weights were loaded into llama.cpp's extra buffers (AMX, repacked),"
+            " 0 when this llama.cpp build crashes with them or they are turned off"
+            " (docs/scheduler.md, 'Extra weight buffers').",
+            value=int(self._extra_buffers),
+        )
 
 
 def _slot_gauges(stats: GeneratorStats) -> Iterator[Metric]:
@@ -139,8 +151,11 @@ def _slot_gauges(stats: GeneratorStats) -> Iterator[Metric]:
 
 
 def render_metrics(
-    stats: Callable[[], GeneratorStats], threads: int = 0, yielded_steps: int = 0
+    stats: Callable[[], GeneratorStats],
+    threads: int = 0,
+    yielded_steps: int = 0,
+    extra_buffers: bool = False,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats, threads, yielded_steps))
+    registry.register(_StatsCollector(stats, threads, yielded_steps, extra_buffers))
     return generate_latest(registry)

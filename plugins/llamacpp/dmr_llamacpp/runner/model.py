@@ -78,7 +78,10 @@ class LoadedModel:
         n_gpu_layers: int = 0,
         use_mmap: bool = True,
         use_mlock: bool = False,
+        extra_buffers: bool | None = None,
     ) -> None:
+        """`extra_buffers`: llama.cpp's AMX and repacked weight buffers; None uses them
+        where this build of llama.cpp runs them without crashing (runner/extra_buffers.py)."""
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
@@ -91,10 +94,12 @@ class LoadedModel:
             if use_mmap
             else llama_cpp.LLAMA_LOAD_MODE_NONE
         )
-        # The AMX/repacked weight buffers of this llama.cpp build crash in
-        # ggml_backend_amx_mul_mat as soon as a batch holds more than one token
-        # (seen on the CI machines), and batching is the point of this runner.
-        model_params.use_extra_bufts = os.environ.get("DMR_LLAMACPP_EXTRA_BUFTS") == "1"
+        if extra_buffers is None:
+            from dmr_llamacpp.runner.extra_buffers import extra_buffers_usable
+
+            extra_buffers = extra_buffers_usable(path)
+        model_params.use_extra_bufts = extra_buffers
+        self.extra_buffers = extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise RuntimeError(f"failed to load model {path}")

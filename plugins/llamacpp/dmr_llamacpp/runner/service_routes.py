@@ -63,8 +63,10 @@ async def metrics() -> Response:
     stats = GeneratorStats if generator is None else lambda: generator.stats
     model = state.model
     threads, yielded = (0, 0) if model is None else (model.threads[0], model.yielded_steps)
+    extra_buffers = model is not None and model.extra_buffers
     return Response(
-        render_metrics(stats, threads, yielded), content_type="text/plain; version=0.0.4"
+        render_metrics(stats, threads, yielded, extra_buffers),
+        content_type="text/plain; version=0.0.4",
     )
 
 
