@@ -61,6 +61,16 @@ def test_a_build_is_checked_once_and_its_answer_kept(tmp_path: Path, outcome: bo
     assert record["usable"] is outcome
 
 
+def test_a_runner_with_gpu_layers_uses_only_a_build_already_checked(tmp_path: Path) -> None:
+    check = FakeCheck(True)
+    env = {"DMR_CACHE_DIR": str(tmp_path)}
+    usable = extra_buffers_usable(MODEL, env, check=check, key=lambda: "a", offloading=True)
+    assert usable is False and check.calls == []
+    assert decide(tmp_path, check, key="a") is True  # a CPU runner checks it
+    assert extra_buffers_usable(MODEL, env, check=check, key=lambda: "a", offloading=True)
+    assert check.calls == [MODEL]
+
+
 def test_another_build_is_checked_again(tmp_path: Path) -> None:
     decide(tmp_path, FakeCheck(False), key="build-a")
     check = FakeCheck(True)

@@ -117,8 +117,13 @@ def extra_buffers_usable(
     *,
     check: ChildCheck = check_in_child,
     key: Callable[[], str] = build_key,
+    offloading: bool = False,
 ) -> bool:
-    """Whether to load `model_path` with llama.cpp's extra weight buffers."""
+    """Whether to load `model_path` with llama.cpp's extra weight buffers.
+
+    `offloading`: the runner puts layers on a GPU. The check loads the whole model on
+    the CPU, which a model sized for the GPU may not fit, and the buffers only serve
+    the layers left on the CPU; so only a build already checked uses them there."""
     setting = env.get("DMR_LLAMACPP_EXTRA_BUFTS", "").strip().lower()
     if setting in ("0", "false", "no", "off"):
         return False
@@ -129,6 +134,8 @@ def extra_buffers_usable(
         return bool(json.loads(record.read_text())["usable"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not checked yet, or a damaged record: check again
+    if offloading:
+        return False
     outcome = check(model_path)
     if outcome is None:
         # Nothing shown (no weight of this model goes to an extra buffer, or the check

@@ -115,6 +115,10 @@ class _StatsCollector(Collector):
             "Bytes of host memory those prompts take.",
             value=stats.host_cache_bytes,
         )
+        yield from self._compute_gauges()
+
+    def _compute_gauges(self) -> Iterator[Metric]:
+        """How the model computes: its threads now, and where its weights are."""
         yield GaugeMetricFamily(
             "llamacpp:threads",
             "Threads llama_decode computes with now: fewer while other runners share the"

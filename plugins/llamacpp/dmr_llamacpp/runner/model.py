@@ -97,7 +97,7 @@ class LoadedModel:
         if extra_buffers is None:
             from dmr_llamacpp.runner.extra_buffers import extra_buffers_usable
 
-            extra_buffers = extra_buffers_usable(path)
+            extra_buffers = extra_buffers_usable(path, offloading=n_gpu_layers > 0)
         model_params.use_extra_bufts = extra_buffers
         self.extra_buffers = extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
