@@ -16,12 +16,20 @@ import anthropic
 import ollama
 import openai
 import pytest
+from dmr_llamacpp.runner.row_kinds import repeat_tail
 
 from tests.fixtures.server import DmrServer
 
 pytestmark = [pytest.mark.llama, pytest.mark.xdist_group("smollm2")]
 
 MODEL = "ai/smollm2"
+N_UBATCH = 512  # the runner's default micro-batch
+
+
+def reused(prompt_tokens: int) -> int:
+    """The cached tokens of a greedy request repeating a prompt: all but the last rows
+    that make its logits a cold prefill's (runner/row_kinds.py)."""
+    return prompt_tokens - repeat_tail(prompt_tokens, N_UBATCH)
 
 
 def fresh_question() -> str:
@@ -49,7 +57,7 @@ def test_openai_chat_reports_cached_tokens(api_server: DmrServer) -> None:
     assert first.usage.prompt_tokens_details is not None
     assert again.usage.prompt_tokens_details is not None
     assert (first.usage.prompt_tokens_details.cached_tokens or 0) < first.usage.prompt_tokens // 2
-    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.usage.prompt_tokens_details.cached_tokens == reused(again.usage.prompt_tokens)
     # (Answers are not compared: reused cells can tip a near-tie in greedy decoding,
     # as in llama-server; the runner's tests compare the logits instead.)
     assert again.choices[0].message.content
@@ -65,7 +73,7 @@ def test_openai_chat_reports_cached_tokens(api_server: DmrServer) -> None:
     )
     usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
     assert usage.prompt_tokens_details is not None
-    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+    assert usage.prompt_tokens_details.cached_tokens == reused(usage.prompt_tokens)
 
 
 def test_responses_reports_cached_tokens(api_server: DmrServer) -> None:
@@ -74,7 +82,7 @@ def test_responses_reports_cached_tokens(api_server: DmrServer) -> None:
     client.responses.create(model=MODEL, input=question, max_output_tokens=8, temperature=0)
     again = client.responses.create(model=MODEL, input=question, max_output_tokens=8, temperature=0)
     assert again.usage is not None
-    assert again.usage.input_tokens_details.cached_tokens == again.usage.input_tokens - 1
+    assert again.usage.input_tokens_details.cached_tokens == reused(again.usage.input_tokens)
 
 
 def test_anthropic_reports_cache_reads_apart(api_server: DmrServer) -> None:

@@ -12,9 +12,17 @@ from typing import Any
 
 import pytest
 from dmr_llamacpp.runner.batching import common_prefix_length
+from dmr_llamacpp.runner.row_kinds import repeat_tail
 from llamacpp_helpers import RunnerProcess, make_launch, short_socket
 
 pytestmark = pytest.mark.llama
+
+N_UBATCH = 512  # the runner's default micro-batch
+
+
+def reused(prompt_tokens: int) -> int:
+    """The cached tokens of a greedy request repeating a prompt (row_kinds.py)."""
+    return prompt_tokens - repeat_tail(prompt_tokens, N_UBATCH)
 
 
 def chat(
@@ -29,9 +37,11 @@ def chat(
     return answer.json()
 
 
-def first_token_logprobs(runner: RunnerProcess, messages: list[dict[str, str]]) -> Any:
+def first_token_logprobs(
+    runner: RunnerProcess, messages: list[dict[str, str]], **extra: Any
+) -> Any:
     """The answer's first token and the log-probabilities of the top five candidates."""
-    body = chat(runner, messages, max_tokens=1, logprobs=True, top_logprobs=5)
+    body = chat(runner, messages, max_tokens=1, logprobs=True, top_logprobs=5, **extra)
     entry = body["choices"][0]["logprobs"]["content"][0]
     top = {item["token"]: item["logprob"] for item in entry["top_logprobs"]}
     return body, top
@@ -67,16 +77,57 @@ def test_common_prefix_length() -> None:
     assert common_prefix_length(long, [*long[:4321], -1]) == 4321
 
 
-def test_repeated_prompt_decodes_only_its_last_token(completion_runner: RunnerProcess) -> None:
+def test_repeated_prompt_decodes_only_its_last_tokens(completion_runner: RunnerProcess) -> None:
     messages = conversation("owls")
     first, fresh = first_token_logprobs(completion_runner, messages)
     again, reused = first_token_logprobs(completion_runner, messages)
     prompt = first["usage"]["prompt_tokens"]
     assert cached(first) < prompt // 2  # only the template's frame could have been cached
-    # All but the last prompt token come from the cache; its logits pick the first token.
-    assert cached(again) == prompt - 1
-    assert again["timings"]["prompt_n"] == 1 and again["timings"]["cache_n"] == prompt - 1
+    # All but the last prompt tokens come from the cache: the last one, whose logits pick
+    # the first token, and those that make them a cold prefill's (greedy: row_kinds.py).
+    tail = repeat_tail(prompt, N_UBATCH)
+    assert cached(again) == prompt - tail
+    assert again["timings"]["prompt_n"] == tail and again["timings"]["cache_n"] == prompt - tail
     assert_same_logits(fresh, reused)
+
+
+def long_conversation(topic: str) -> list[dict[str, str]]:
+    """About 900 tokens: past the 512 cells from which one row alone rounds otherwise."""
+    notes = " ".join(
+        f"Note {index}: the {topic} survey counted {index * 7 % 31} nests." for index in range(60)
+    )
+    return [
+        {"role": "system", "content": f"Session {uuid.uuid4().hex}. You are terse."},
+        {"role": "user", "content": f"{notes}\nWhich count appears most often?"},
+    ]
+
+
+@pytest.fixture
+def long_runner(llama_bundle: Path) -> Iterator[RunnerProcess]:
+    """Two slots of 2,048 tokens."""
+    runner = RunnerProcess(
+        make_launch(llama_bundle, short_socket("long"), context_size=2048, parallel=2)
+    )
+    yield runner
+    runner.stop()
+
+
+def test_a_greedy_prompt_gets_a_cold_prefills_logits_from_the_cache(
+    long_runner: RunnerProcess,
+) -> None:
+    """Bit for bit: first seen (the template's frame may be cached from another prompt),
+    decoded whole (`cache_prompt: false`), and asked again (all but its last rows from
+    the cache). Decoding only the last token again moved logits by up to 0.5 here."""
+    chat(long_runner, conversation("gulls"), max_tokens=2)  # caches the template's frame
+    messages = long_conversation("heron")
+    first, seen = first_token_logprobs(long_runner, messages)
+    prompt = first["usage"]["prompt_tokens"]
+    assert prompt > 600
+    _, cold = first_token_logprobs(long_runner, messages, cache_prompt=False)
+    again, reused = first_token_logprobs(long_runner, messages)
+    assert seen == cold
+    assert reused == cold
+    assert cached(again) == prompt - repeat_tail(prompt, N_UBATCH) > 0
 
 
 def test_multi_turn_reuses_the_conversation_so_far(completion_runner: RunnerProcess) -> None:
@@ -98,13 +149,17 @@ def test_interleaved_conversations_keep_their_own_slots(completion_runner: Runne
     a1 = chat(completion_runner, first_a)
     b1 = chat(completion_runner, first_b)
     # B went to another slot (LRU), so A's cache survived B's request, and B's survives A's.
+    # (Sampled follow-ups: a greedy one past 64 tokens decodes its short history again,
+    # whose rows a cold prefill computes with other kernels; row_kinds.py.)
     a2 = chat(
         completion_runner,
         [*first_a, {"role": "assistant", "content": "Hot."}, {"role": "user", "content": "More?"}],
+        temperature=0.7,
     )
     b2 = chat(
         completion_runner,
         [*first_b, {"role": "assistant", "content": "Cold."}, {"role": "user", "content": "More?"}],
+        temperature=0.7,
     )
     assert cached(a2) >= a1["usage"]["prompt_tokens"] - 1 - 4
     assert cached(b2) >= b1["usage"]["prompt_tokens"] - 1 - 4
@@ -120,7 +175,7 @@ def test_a_prompt_whose_slot_was_taken_comes_back_from_host_memory(
     for topic in ("a", "b", "c", "d", "e", "f", "g", "h"):
         chat(completion_runner, conversation(f"the letter {topic}"), max_tokens=2)
     again, restored = first_token_logprobs(completion_runner, first)
-    assert cached(again) == again["usage"]["prompt_tokens"] - 1
+    assert cached(again) == reused(again["usage"]["prompt_tokens"])
     assert_same_logits(fresh, restored)
 
 
@@ -133,7 +188,7 @@ def test_cache_prompt_false_decodes_the_whole_prompt(completion_runner: RunnerPr
     assert again["timings"]["prompt_n"] == again["usage"]["prompt_tokens"]
     # It did not take the slot it would have matched: that cache is still there.
     third = chat(completion_runner, messages)
-    assert cached(third) == third["usage"]["prompt_tokens"] - 1
+    assert cached(third) == reused(third["usage"]["prompt_tokens"])
 
 
 def test_cache_prompt_must_be_a_boolean(completion_runner: RunnerProcess) -> None:
@@ -190,7 +245,7 @@ def test_an_idle_runner_copies_its_slots_to_host_memory(fresh_runner: RunnerProc
     for topic in ("rivers", "deserts"):
         chat(fresh_runner, conversation(topic), max_tokens=2)
     again, restored = first_token_logprobs(fresh_runner, first)
-    assert cached(again) == again["usage"]["prompt_tokens"] - 1
+    assert cached(again) == reused(again["usage"]["prompt_tokens"])
     assert_same_logits(fresh, restored)
 
 
@@ -219,5 +274,5 @@ def test_a_saved_prompt_copied_back_for_a_part_of_it_stays_saved_whole(
     shared_start = chat(one_slot_runner, sibling, max_tokens=2)
     assert cached(shared_start) > 10  # the system prompt came from host memory
     again, restored = first_token_logprobs(one_slot_runner, first)
-    assert cached(again) == again["usage"]["prompt_tokens"] - 1
+    assert cached(again) == reused(again["usage"]["prompt_tokens"])
     assert_same_logits(fresh, restored)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dmr_llamacpp.runner.prompt_files import CacheKey, PromptFiles, SavedState
+from dmr_llamacpp.runner.row_kinds import ALONE, SMALL, TILED
 
 KEY = CacheKey(
     llama_cpp_version="0.3.36",
@@ -124,3 +125,27 @@ def test_a_temp_file_left_by_a_killed_runner_goes_at_the_next_save(tmp_path: Pat
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     store.save([prompt(2)], later())
     assert not stale.exists() and fresh.exists()
+
+
+def test_the_row_kinds_read_back_and_damaged_ones_are_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kinds of kernel that computed the cells travel with them: a reloaded prompt
+    gives a cold prefill's logits only if they are known (runner/row_kinds.py)."""
+    store = files(tmp_path)
+    kinds = [(12, TILED), (19, SMALL), (20, ALONE)]
+    saved = dataclasses.replace(prompt(1), kinds=kinds)
+    assert store.save([saved, prompt(2)], later()) == 2
+    by_tokens = {file.tokens: file.kinds for file in store.load()}
+    assert by_tokens == {prompt(1).tokens: tuple(kinds), prompt(2).tokens: ()}
+    # Kinds changed after the write fail the checksum; malformed ones do not parse.
+    [first] = [file for file in store.load() if file.tokens == prompt(1).tokens]
+    data = first.path.read_bytes()
+    first.path.write_bytes(data.replace(b"[12, 3]", b"[12, 2]"))
+    [second] = [file for file in store.load() if file.tokens == prompt(2).tokens]
+    data = second.path.read_bytes()
+    second.path.write_bytes(data.replace(b'"row_kinds": []', b'"row_kinds": {}'))
+    with caplog.at_level(logging.WARNING):
+        assert loaded(store) == []
+    assert "checksum mismatch" in caplog.text
+    assert "unreadable row kinds" in caplog.text

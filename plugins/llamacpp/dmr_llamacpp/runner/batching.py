@@ -60,6 +60,14 @@ from dmr_llamacpp.runner.prompt_cache import (
 )
 from dmr_llamacpp.runner.prompt_files import PromptFile, PromptFiles, SavedState
 from dmr_llamacpp.runner.reasoning import THINK_CLOSE, THINK_OPEN, ThinkingBudget, partial_tag
+from dmr_llamacpp.runner.row_kinds import (
+    FLASH_ATTN_TILE_ROWS,
+    MIXED,
+    RowKinds,
+    exact_start,
+    prompt_chunk_limit,
+    row_kind,
+)
 from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
 from dmr_llamacpp.runner.slot_limit import SlotLimit
 from dmr_llamacpp.runner.speculative import Drafter
@@ -279,6 +287,7 @@ class _Slot:
     sampler: Any = None
     n_past: int = 0
     tokens: list[int] = field(default_factory=list)  # what the KV cache holds, in order
+    kinds: RowKinds = field(default_factory=RowKinds)  # the kernels that computed the cells
     pending_prompt: list[int] = field(default_factory=list)
     next_token: int | None = None  # sampled, not yet decoded
     output_index: int | None = None
@@ -414,6 +423,7 @@ class BatchedGenerator:
                     continue
                 empty.pop(0)
                 slot.tokens = list(saved.tokens)
+                slot.kinds = RowKinds(saved.kinds)
                 slot.n_past = len(slot.tokens)
                 slot.last_used = now - restored * 1e-3  # older files go first
             elif self.host_cache is not None and host_bytes + saved.state.nbytes <= (
@@ -427,7 +437,7 @@ class BatchedGenerator:
             restored += 1
         for saved in reversed(for_host):  # the host cache's newest entry comes last
             assert self.host_cache is not None
-            self.host_cache.keep(saved.tokens, saved.state)
+            self.host_cache.keep(saved.tokens, saved.state, saved.kinds)
         if restored:
             logger.info("restored %d saved prompt caches from %s", restored, files.folder)
         self._note_host_cache()
@@ -447,11 +457,11 @@ class BatchedGenerator:
                 continue
             state = copy_sequence_state(self.model.ctx, slot.seq_id, files.max_bytes)
             if state is not None:
-                chosen.append(SavedState(tokens, state))
+                chosen.append(SavedState(tokens, state, slot.kinds.as_list(len(tokens))))
         if self.host_cache is not None:
             for entry in self.host_cache.newest_first():
                 if min(entry.tokens) >= 0 and not extended(entry.tokens):
-                    chosen.append(SavedState(entry.tokens, entry.state))
+                    chosen.append(SavedState(entry.tokens, entry.state, entry.kinds))
         if chosen:
             written = files.save(chosen, deadline)
             logger.info("saved %d prompt caches to %s", written, files.folder)
@@ -544,7 +554,7 @@ class BatchedGenerator:
     def _save_idle(self, slot: _Slot) -> None:
         assert self.host_cache is not None
         slot.idle_save_tried = tuple(slot.tokens)
-        self.host_cache.save(slot.seq_id, slot.tokens)
+        self.host_cache.save(slot.seq_id, slot.tokens, slot.kinds)
         self._note_host_cache()
 
     def _take_incoming(self, *, block: bool, first_timeout_s: float | None = None) -> bool:
@@ -621,7 +631,12 @@ class BatchedGenerator:
                 self._emit(job, Failed(str(error)))
                 continue
             slot.job = job
-            self._reuse_prefix(slot, job.prompt, use_cache=job.params.cache_prompt)
+            self._reuse_prefix(
+                slot,
+                job.prompt,
+                use_cache=job.params.cache_prompt,
+                exact=job.params.reproducible,
+            )
             slot.next_token = None
             slot.completion_tokens = 0
             slot.text = StreamedText(job.params.stop)
@@ -739,29 +754,40 @@ class BatchedGenerator:
         cut = (len(best.tokens) - shared[id(best)]) - (len(fresh.tokens) - shared[id(fresh)])
         return best if gained * 4 >= cut else fresh
 
-    def _reuse_prefix(self, slot: _Slot, prompt: list[int], *, use_cache: bool = True) -> None:
+    def _reuse_prefix(
+        self, slot: _Slot, prompt: list[int], *, use_cache: bool = True, exact: bool = False
+    ) -> None:
         """Keep the cells the slot's cache shares with `prompt`; queue the rest for decoding.
 
         A cache about to be cut goes to host memory first (when at least
         `SAVE_AT_LEAST` of its tokens would be lost); a prompt saved there that
         shares more with `prompt` than the slot does is copied into the slot.
         Without `use_cache` (the request's `cache_prompt: false`), or with a cache that
-        cannot be cut back (`LoadedModel.can_cut_cache`), nothing is reused.
+        cannot be cut back (`LoadedModel.can_cut_cache`), nothing is reused. An `exact`
+        request (greedy or seeded) gets a cold prefill's logits where that costs at
+        most 64 rows more (row_kinds.py).
         """
         use_cache = use_cache and self.model.can_cut_cache
         common = common_prefix_length(slot.tokens, prompt) if use_cache else 0
         if self.host_cache is not None:
             saved, shared = self.host_cache.best_match(prompt) if use_cache else (None, 0)
             if len(slot.tokens) - common >= SAVE_AT_LEAST:
-                self.host_cache.save(slot.seq_id, slot.tokens)
+                self.host_cache.save(slot.seq_id, slot.tokens, slot.kinds)
             if saved is not None and shared > common:
                 if self.host_cache.restore(saved, slot.seq_id, keeps=shared):
                     slot.tokens, common = list(saved.tokens), shared
+                    slot.kinds = RowKinds(saved.kinds)
                 else:  # nothing of the slot's own cache is known to be left
                     self.model.forget_sequence(slot.seq_id)
                     slot.tokens, common = [], 0
         # At least the prompt's last token is decoded again: its logits pick the first token.
         common = min(common, len(prompt) - 1)
+        if exact and self.model.n_gpu_layers == 0:
+            # A few rows more, where that makes the logits a cold prefill's (row_kinds.py;
+            # a GPU's kernels were not measured).
+            start = exact_start(slot.kinds, common, len(prompt), self.model.options.n_ubatch)
+            if common - start <= FLASH_ATTN_TILE_ROWS:
+                common = start
         if self.projector is not None and common:
             common = self._image_safe_prefix(slot.tokens, common)
         if common < len(slot.tokens):
@@ -831,6 +857,7 @@ class BatchedGenerator:
                 continue
             self.stats.prompt_seconds_total += time.perf_counter() - started
             self.stats.prompt_tokens_total += n_cells
+            slot.kinds.write(len(slot.tokens), n_cells, MIXED)
             slot.tokens.extend(slot.pending_prompt[:n_cells])
             slot.pending_prompt = slot.pending_prompt[n_cells:]
 
@@ -882,10 +909,13 @@ class BatchedGenerator:
         ]
         generated = sum(1 + len(drafts.get(slot.seq_id, ())) for slot in generating)
         # Room kept for a throwaway token in every slot that may sit between two in the
-        # batch (`_gap_fillers`).
-        chunks = self._prompt_chunks(
-            held_back, batch.capacity - generated - (len(self.slots) - len(generating))
+        # batch (`_gap_fillers`); none for a prompt alone, whose chunks then end where
+        # a cold prefill's micro-batches do (row_kinds.py).
+        prefilling = sum(
+            1 for slot in self.slots if slot.pending_prompt and slot.seq_id not in held_back
         )
+        gaps = len(self.slots) - len(generating) if len(generating) + prefilling > 1 else 0
+        chunks = self._prompt_chunks(held_back, batch.capacity - generated - gaps)
         # In ascending sequence ids: llama.cpp splits a batch over per-slot KV streams
         # into ubatches of consecutive, increasing ids only (llama_batch_allocr::
         # split_equal), one pass over the weights each. Prompts taken in arrival order
@@ -896,6 +926,7 @@ class BatchedGenerator:
         planned = generated + sum(len(chunk) for chunk in chunks.values())
         fillers = self._gap_fillers(in_batch, batch.capacity - planned)
         prompt_tokens_in_step = 0
+        first_rows = {slot.seq_id: len(slot.tokens) for slot in in_batch}
         for slot in sorted([*in_batch, *fillers], key=lambda slot: slot.seq_id):
             if slot.seq_id in self._filled:
                 batch.add(FILLER_TOKEN, self._filled[slot.seq_id], slot.seq_id, wants_logits=False)
@@ -928,6 +959,11 @@ class BatchedGenerator:
             for slot in in_batch:
                 self._fail(slot, f"decode failed: {reason}")
             return
+        alone = len(in_batch) == 1
+        for slot in in_batch:
+            rows = len(slot.tokens) - first_rows[slot.seq_id]
+            first = first_rows[slot.seq_id]
+            slot.kinds.write(first, rows, row_kind(rows, alone=alone, first_row=first))
         sampled = [slot for slot in self.slots if slot.busy and slot.output_index is not None]
         tokens = batch.n_tokens - len(fillers)
         if prompt_tokens_in_step == 0 and tokens == len(sampled):  # no prompt, no draft
@@ -1011,7 +1047,8 @@ class BatchedGenerator:
         for slot in prefilling:
             if room <= 0:
                 break
-            take = room
+            # Micro-batches that end where a cold prefill's do (row_kinds.py).
+            take = min(room, prompt_chunk_limit(len(slot.tokens), self.model.options.n_ubatch))
             if slot.job is not None and slot.job.images:
                 take = min(take, self._text_before_image(slot))
                 if take == 0:  # an image is next: decoded after this step

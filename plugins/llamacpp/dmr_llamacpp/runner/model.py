@@ -99,6 +99,7 @@ class LoadedModel:
 
             extra_buffers = extra_buffers_usable(path, offloading=n_gpu_layers > 0)
         model_params.use_extra_bufts = extra_buffers
+        self.n_gpu_layers = n_gpu_layers
         self.extra_buffers = extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import ctypes
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
 import numpy as np
+
+from dmr_llamacpp.runner.row_kinds import RowKinds
 
 __all__ = [
     "HostPromptCache",
@@ -66,6 +69,7 @@ def restore_sequence_state(ctx: Any, memory: Any, state: np.ndarray, seq_id: int
 class SavedPrompt:
     tokens: tuple[int, ...]
     state: np.ndarray  # uint8, as llama_state_seq_get_data wrote it
+    kinds: tuple[tuple[int, int], ...] = ()  # RowKinds.runs of the cells
 
     @property
     def size(self) -> int:
@@ -91,16 +95,21 @@ class HostPromptCache:
     def __contains__(self, tokens: tuple[int, ...]) -> bool:
         return tokens in self._entries
 
-    def save(self, seq_id: int, tokens: list[int]) -> None:
+    def save(self, seq_id: int, tokens: list[int], kinds: RowKinds | None = None) -> None:
         """Copy the sequence's cells (which hold exactly `tokens`) into host memory."""
         key = tuple(tokens)
         if not key or key in self._entries:
             return
         state = copy_sequence_state(self._ctx, seq_id, self.budget_bytes)
         if state is not None:
-            self.keep(key, state)
+            self.keep(key, state, kinds.as_list(len(key)) if kinds is not None else ())
 
-    def keep(self, key: tuple[int, ...], state: np.ndarray) -> bool:
+    def keep(
+        self,
+        key: tuple[int, ...],
+        state: np.ndarray,
+        kinds: Sequence[tuple[int, int]] = (),
+    ) -> bool:
         """Add a copied state (`save`'s, or one read from disk) as the newest entry;
         False when it does not fit the budget."""
         size = int(state.nbytes)
@@ -111,7 +120,7 @@ class HostPromptCache:
             self._drop(older)
         while self._entries and self.bytes_used + size > self.budget_bytes:
             self._drop(next(iter(self._entries)))
-        self._entries[key] = SavedPrompt(key, state)
+        self._entries[key] = SavedPrompt(key, state, tuple(kinds))
         self.bytes_used += size
         return True
 

@@ -10,7 +10,8 @@ a hash of what makes KV cells valid for another context: the llama.cpp build and
 the settings that shape or compute the cells (`CacheKey`).
 
 A file is `MAGIC`, a 4-byte header length, a JSON header (the key, the token and
-state sizes, the SHA-256 of the rest), the tokens as int32 and then the state as
+state sizes, the kinds of kernel that computed the cells (runner/row_kinds.py), the
+SHA-256 of those kinds and the rest), the tokens as int32 and then the state as
 `llama_state_seq_get_data` wrote it. Any file that does not read back exactly so
 is logged, removed and ignored: a prompt then costs its prefill, never an answer.
 
@@ -29,11 +30,13 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from dmr_llamacpp.runner.row_kinds import ALONE, MIXED, SMALL, TILED
 
 __all__ = ["CacheKey", "PromptFile", "PromptFiles", "SavedState"]
 
@@ -75,6 +78,7 @@ class SavedState:
 
     tokens: tuple[int, ...]
     state: np.ndarray
+    kinds: Sequence[tuple[int, int]] = ()  # RowKinds.runs of the cells
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,30 @@ class PromptFile:
     path: Path
     tokens: tuple[int, ...]
     state: np.ndarray  # uint8
+    kinds: tuple[tuple[int, int], ...] = ()
+
+
+def _kinds_bytes(kinds: Sequence[Sequence[int]]) -> bytes:
+    return json.dumps([[int(end), int(kind)] for end, kind in kinds]).encode()
+
+
+def _valid_kinds(raw: object, n_tokens: int) -> tuple[tuple[int, int], ...]:
+    """The header's runs of row kinds, or ValueError: pairs of ints with increasing
+    ends within the tokens."""
+    if not isinstance(raw, list):
+        raise ValueError("unreadable row kinds")
+    runs: list[tuple[int, int]] = []
+    for item in raw:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not all(isinstance(value, int) and not isinstance(value, bool) for value in item)
+            or not (runs[-1][0] if runs else 0) < item[0] <= n_tokens
+            or item[1] not in (MIXED, ALONE, SMALL, TILED)
+        ):
+            raise ValueError("unreadable row kinds")
+        runs.append((item[0], item[1]))
+    return tuple(runs)
 
 
 def _token_bytes(tokens: tuple[int, ...]) -> bytes:
@@ -145,6 +173,7 @@ class PromptFiles:
                 n_tokens = int(header["tokens"])
                 state_bytes = int(header["state_bytes"])
                 checksum = str(header["sha256"])
+                raw_kinds = header.get("row_kinds", [])
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"unreadable header ({error})") from None
             if key != asdict(self.key):
@@ -159,11 +188,14 @@ class PromptFiles:
                 raise ValueError("truncated state")
             if handle.read(1):
                 raise ValueError("longer than its header says")
+        kinds = _valid_kinds(raw_kinds, n_tokens)
         digest = hashlib.sha256(tokens.tobytes())
         digest.update(state.data)
+        if kinds:
+            digest.update(_kinds_bytes(kinds))
         if digest.hexdigest() != checksum:
             raise ValueError("checksum mismatch")
-        return PromptFile(path, tuple(int(token) for token in tokens), state)
+        return PromptFile(path, tuple(int(token) for token in tokens), state, kinds)
 
     # ------------------------------------------------------------------ writing
 
@@ -200,11 +232,14 @@ class PromptFiles:
         tokens = _token_bytes(prompt.tokens)
         digest = hashlib.sha256(tokens)
         digest.update(prompt.state.data)
+        if prompt.kinds:
+            digest.update(_kinds_bytes(prompt.kinds))
         header = json.dumps(
             {
                 "key": asdict(self.key),
                 "tokens": len(prompt.tokens),
                 "state_bytes": int(prompt.state.nbytes),
+                "row_kinds": [list(run) for run in prompt.kinds],
                 "sha256": digest.hexdigest(),
             }
         ).encode()

@@ -42,6 +42,11 @@ class SamplingParams:
     cache_prompt: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def reproducible(self) -> bool:
+        """Whether the same prompt must give the same answer: greedy, or seeded."""
+        return self.seed is not None or self.temperature <= 0 or self.top_k == 1
+
 
 def build_sampler_chain(params: SamplingParams, vocab: Any, n_vocab: int) -> Any:
     """A chain: grammar, penalties, then greedy or top-k/top-p/min-p/temperature/dist(seed)."""
