@@ -7,6 +7,7 @@ from __future__ import annotations
 from dmr_llamacpp.runner.row_kinds import (
     ALONE,
     MIXED,
+    MOVED,
     SMALL,
     TILED,
     RowKinds,
@@ -77,3 +78,11 @@ def test_the_first_chunk_after_the_cache_holds_64_rows() -> None:
 def test_rows_decoded_beside_other_requests_are_kept_as_they_are() -> None:
     """Their kernels are not known: nothing to gain by decoding them again."""
     assert exact_start(kinds((300, MIXED)), 299, 300, U) == 299
+
+
+def test_cells_copied_back_in_another_layout_never_match() -> None:
+    """A sliding-window model's cells from host memory or disk (`MOVED`): a short
+    prefix of them is decoded again, a long one is past the 64-row limit the runner
+    allows (it then keeps the cache as llama-server does)."""
+    assert exact_start(kinds((25, MOVED)), 25, 1825, U) == 0
+    assert exact_start(kinds((1830, MOVED)), 1824, 1825, U) == 0

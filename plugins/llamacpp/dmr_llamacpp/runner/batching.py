@@ -63,6 +63,7 @@ from dmr_llamacpp.runner.reasoning import THINK_CLOSE, THINK_OPEN, ThinkingBudge
 from dmr_llamacpp.runner.row_kinds import (
     FLASH_ATTN_TILE_ROWS,
     MIXED,
+    MOVED,
     RowKinds,
     exact_start,
     prompt_chunk_limit,
@@ -423,7 +424,7 @@ class BatchedGenerator:
                     continue
                 empty.pop(0)
                 slot.tokens = list(saved.tokens)
-                slot.kinds = RowKinds(saved.kinds)
+                slot.kinds = self._restored_kinds(saved.kinds, len(saved.tokens))
                 slot.n_past = len(slot.tokens)
                 slot.last_used = now - restored * 1e-3  # older files go first
             elif self.host_cache is not None and host_bytes + saved.state.nbytes <= (
@@ -776,7 +777,7 @@ class BatchedGenerator:
             if saved is not None and shared > common:
                 if self.host_cache.restore(saved, slot.seq_id, keeps=shared):
                     slot.tokens, common = list(saved.tokens), shared
-                    slot.kinds = RowKinds(saved.kinds)
+                    slot.kinds = self._restored_kinds(saved.kinds, len(saved.tokens))
                 else:  # nothing of the slot's own cache is known to be left
                     self.model.forget_sequence(slot.seq_id)
                     slot.tokens, common = [], 0
@@ -800,6 +801,11 @@ class BatchedGenerator:
         slot.n_past = common
         slot.cached_tokens = common
         slot.pending_prompt = list(prompt[common:])
+
+    def _restored_kinds(self, kinds: Sequence[tuple[int, int]], rows: int) -> RowKinds:
+        """The kinds of `rows` cells copied back from host memory or disk: as recorded,
+        or `MOVED` where the copy is not bit for bit (`LoadedModel.restores_exactly`)."""
+        return RowKinds(kinds if self.model.restores_exactly else [(rows, MOVED)])
 
     def _image_safe_prefix(self, tokens: list[int], common: int) -> int:
         """`common` moved back to the start of the image it would cut (the cells of a

@@ -137,6 +137,10 @@ class LoadedModel:
             llama_cpp.llama_model_is_recurrent(self.model)
             or llama_cpp.llama_model_is_hybrid(self.model)
         )
+        # A sliding-window model's copied cells come back in another layout (llama.cpp
+        # saves only the window's cells and sets them at the stream's start), which its
+        # kernels sum in another order: logits moved by 0.12 on Gemma 3 270M.
+        self.restores_exactly = llama_cpp.llama_model_n_swa(self.model) == 0
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         # (threads, threads_batch) llama_decode computes with now, and the count asked
         # for by `share_threads`, taken up by the decoding thread before its next batch.

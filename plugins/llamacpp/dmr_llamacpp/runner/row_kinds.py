@@ -13,7 +13,12 @@ Q8_0, with and without the AMX weight buffers, a row's values depend only on:
   (llama.cpp pads the view to a multiple of 256 cells, so from position 256 on);
   one row before that is `SMALL`;
 - `MIXED`: with other sequences in the step (llama.cpp splits such a batch into
-  micro-batches of equal rows per sequence), or an image: unknown.
+  micro-batches of equal rows per sequence), or an image: unknown. Decoding them
+  again would most likely be mixed too, so a cache hit keeps them;
+- `MOVED`: copied back from host memory or disk into another layout of cells (a
+  sliding-window model's: llama.cpp saves only the window's cells and sets them at
+  the start of the stream), which the kernels sum in another order: never a cold
+  prefill's.
 
 A cold prefill decodes a prompt in micro-batches of `n_ubatch` from its first token, so
 all its rows but the last micro-batch's are `TILED`. A cached prefix whose rows are of
@@ -29,6 +34,7 @@ __all__ = [
     "ALONE",
     "FLASH_ATTN_TILE_ROWS",
     "MIXED",
+    "MOVED",
     "SMALL",
     "TILED",
     "RowKinds",
@@ -38,7 +44,7 @@ __all__ = [
     "row_kind",
 ]
 
-MIXED, ALONE, SMALL, TILED = 0, 1, 2, 3
+MIXED, ALONE, SMALL, TILED, MOVED = 0, 1, 2, 3, 4
 FLASH_ATTN_TILE_ROWS = 64
 # One query row against a KV view of 512 cells or more splits the cells over the
 # threads; the view is the cells in use padded to 256 (llama_kv_cache::get_n_kv).
