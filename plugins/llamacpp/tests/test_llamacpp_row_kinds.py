@@ -80,9 +80,9 @@ def test_rows_decoded_beside_other_requests_are_kept_as_they_are() -> None:
     assert exact_start(kinds((300, MIXED)), 299, 300, U) == 299
 
 
-def test_cells_copied_back_in_another_layout_never_match() -> None:
-    """A sliding-window model's cells from host memory or disk (`MOVED`): a short
-    prefix of them is decoded again, a long one is past the 64-row limit the runner
-    allows (it then keeps the cache as llama-server does)."""
-    assert exact_start(kinds((25, MOVED)), 25, 1825, U) == 0
-    assert exact_start(kinds((1830, MOVED)), 1824, 1825, U) == 0
+def test_cells_copied_back_in_another_layout_are_kept_as_they_are() -> None:
+    """A sliding-window model's cells from host memory or disk (`MOVED`) never give a
+    cold prefill's logits; decoding a short prompt's again on every hit from host
+    memory cost Gemma 3 a third more TTFT at 8 streams, for nothing exact."""
+    assert exact_start(kinds((25, MOVED)), 25, 1825, U) == 25
+    assert exact_start(kinds((1830, MOVED)), 1824, 1825, U) == 1824

@@ -18,7 +18,7 @@ Q8_0, with and without the AMX weight buffers, a row's values depend only on:
 - `MOVED`: copied back from host memory or disk into another layout of cells (a
   sliding-window model's: llama.cpp saves only the window's cells and sets them at
   the start of the stream), which the kernels sum in another order: never a cold
-  prefill's.
+  prefill's, and a cache hit keeps them too.
 
 A cold prefill decodes a prompt in micro-batches of `n_ubatch` from its first token, so
 all its rows but the last micro-batch's are `TILED`. A cached prefix whose rows are of
@@ -144,7 +144,9 @@ def repeat_tail(prompt_length: int, n_ubatch: int) -> int:
 def exact_start(kinds: RowKinds, reusable: int, prompt_length: int, n_ubatch: int) -> int:
     """Where to start decoding a prompt whose first `reusable` tokens the cache holds,
     so that its last token's logits are a cold prefill's: at most `reusable`, and
-    `reusable` itself where rows of unknown kind (`MIXED`) are in the way.
+    `reusable` itself where rows decoded beside others or moved (`MIXED`, `MOVED`) are
+    in the way: decoding them again would not be exact either, or (a sliding-window
+    model's short prompts from host memory) cost a whole prompt on every hit.
 
     The rest is decoded in micro-batches that end on multiples of `n_ubatch` (the
     runner's prompt chunks, `prompt_chunk_limit`), so the start moves back until the
@@ -152,7 +154,7 @@ def exact_start(kinds: RowKinds, reusable: int, prompt_length: int, n_ubatch: in
     micro-batch gets the kind a cold prefill gives it (`repeat_tail`).
     """
     start = kinds.matching_prefix(reusable, prompt_length, n_ubatch)
-    if start < reusable and kinds.kind_at(start) == MIXED:
+    if start < reusable and kinds.kind_at(start) in (MIXED, MOVED):
         return reusable
     start = min(start, prompt_length - repeat_tail(prompt_length, n_ubatch))
     last_start = prompt_length - (prompt_length % n_ubatch or n_ubatch)
