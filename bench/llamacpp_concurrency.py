@@ -600,6 +600,10 @@ async def main_async(args: argparse.Namespace) -> list[Measurement]:
         clients = {name: await stack.enter_async_context(TARGETS[name](args)) for name in starting}
         for client in clients.values():  # warm-up: loads the model, fills caches
             await one_stream(client, [{"role": "user", "content": "Hello"}], args, 8)
+        # llama-server closes the connection after a streamed answer. A request sent
+        # at once after its warm-up went out on that closing connection ("Server
+        # disconnected" in the first round); a pause lets the client see it closed.
+        await asyncio.sleep(1.0)
         for number in range(1, args.rounds + 1):
             order = args.targets if number % 2 else args.targets[::-1]
             for case in args.cases:

@@ -917,11 +917,9 @@ class BatchedGenerator:
         # Room kept for a throwaway token in every slot that may sit between two in the
         # batch (`_gap_fillers`); none for a prompt alone, whose chunks then end where
         # a cold prefill's micro-batches do (row_kinds.py).
-        prefilling = sum(
-            1 for slot in self.slots if slot.pending_prompt and slot.seq_id not in held_back
-        )
-        gaps = len(self.slots) - len(generating) if len(generating) + prefilling > 1 else 0
-        chunks = self._prompt_chunks(held_back, batch.capacity - generated - gaps)
+        prefilling = self._prefilling(held_back)
+        gaps = len(self.slots) - len(generating) if len(generating) + len(prefilling) > 1 else 0
+        chunks = self._prompt_chunks(prefilling, batch.capacity - generated - gaps)
         # In ascending sequence ids: llama.cpp splits a batch over per-slot KV streams
         # into ubatches of consecutive, increasing ids only (llama_batch_allocr::
         # split_equal), one pass over the weights each. Prompts taken in arrival order
@@ -1038,19 +1036,22 @@ class BatchedGenerator:
             slot.tokens.append(token)
             slot.n_past += 1
 
-    def _prompt_chunks(self, held_back: set[int], room: int) -> dict[int, list[int]]:
-        """The prompt tokens each prefilling slot (by sequence id) decodes this step,
-        within `room`: oldest request first, interactive ones before batch work."""
-        prefilling = sorted(
-            (
-                slot
-                for slot in self.slots
-                if slot.job is not None and slot.pending_prompt and slot.seq_id not in held_back
-            ),
-            key=lambda slot: (slot.job is not None and slot.job.batch, slot.started_at),
-        )
+    def _prefilling(self, held_back: set[int]) -> list[_Slot]:
+        """The slots with prompt tokens left to decode, but those `held_back`."""
+        return [
+            slot
+            for slot in self.slots
+            if slot.job is not None and slot.pending_prompt and slot.seq_id not in held_back
+        ]
+
+    def _prompt_chunks(self, prefilling: list[_Slot], room: int) -> dict[int, list[int]]:
+        """The prompt tokens each of the `prefilling` slots (by sequence id) decodes
+        this step, within `room`: oldest request first, interactive ones before batch
+        work."""
         chunks: dict[int, list[int]] = {}
-        for slot in prefilling:
+        for slot in sorted(
+            prefilling, key=lambda slot: (slot.job is not None and slot.job.batch, slot.started_at)
+        ):
             if room <= 0:
                 break
             # Micro-batches that end where a cold prefill's do (row_kinds.py).

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmr_llamacpp.runner.row_kinds import ALONE, MIXED, MOVED, SMALL, TILED
+from dmr_llamacpp.runner.row_kinds import KINDS
 
 __all__ = ["CacheKey", "PromptFile", "PromptFiles", "SavedState"]
 
@@ -105,7 +105,7 @@ def _valid_kinds(raw: object, n_tokens: int) -> tuple[tuple[int, int], ...]:
             or len(item) != 2
             or not all(isinstance(value, int) and not isinstance(value, bool) for value in item)
             or not (runs[-1][0] if runs else 0) < item[0] <= n_tokens
-            or item[1] not in (MIXED, ALONE, SMALL, TILED, MOVED)
+            or item[1] not in KINDS
         ):
             raise ValueError("unreadable row kinds")
         runs.append((item[0], item[1]))

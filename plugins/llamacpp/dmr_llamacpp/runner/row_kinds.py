@@ -33,6 +33,7 @@ from collections.abc import Iterable
 __all__ = [
     "ALONE",
     "FLASH_ATTN_TILE_ROWS",
+    "KINDS",
     "MIXED",
     "MOVED",
     "SMALL",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 MIXED, ALONE, SMALL, TILED, MOVED = 0, 1, 2, 3, 4
+KINDS = (MIXED, ALONE, SMALL, TILED, MOVED)
 FLASH_ATTN_TILE_ROWS = 64
 # One query row against a KV view of 512 cells or more splits the cells over the
 # threads; the view is the cells in use padded to 256 (llama_kv_cache::get_n_kv).
