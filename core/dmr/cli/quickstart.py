@@ -21,6 +21,12 @@ from dmr.sample_model import ensure_smollm2_gguf
 
 SAMPLE_MODEL = "ai/smollm2"
 DEFAULT_PROMPT = "In one sentence, what is a container image?"
+# `dmr run` sends no sampling settings, as `docker model run` does, so a 135M model's
+# sampled answer can miss its end-of-turn token and run to the 4,096-token context:
+# minutes on two cores. The sample is packaged with llama.cpp's own answer cap
+# instead (`-n`, the runner's default max_tokens); `dmr configure ai/smollm2 -- -n -1`
+# lifts it.
+SAMPLE_ANSWER_CAP = 512
 
 
 def _dmr(*args: str) -> None:
@@ -42,8 +48,12 @@ def quickstart(prompt: str) -> None:
         if present:
             console.print(f"[bold]2/3[/bold] {SAMPLE_MODEL} is already in the store")
         else:
-            console.print(f"[bold]2/3[/bold] packaging it into the store as {SAMPLE_MODEL}")
+            console.print(
+                f"[bold]2/3[/bold] packaging it into the store as {SAMPLE_MODEL},"
+                f" answers capped at {SAMPLE_ANSWER_CAP} tokens"
+            )
             _dmr("package", "--gguf", str(gguf), SAMPLE_MODEL)
+            _dmr("configure", SAMPLE_MODEL, "--", "--n-predict", str(SAMPLE_ANSWER_CAP))
         console.print(f"[bold]3/3[/bold] dmr run {SAMPLE_MODEL} {prompt!r}\n")
         _dmr("run", SAMPLE_MODEL, prompt)
     except (subprocess.CalledProcessError, HTTPError, RuntimeError, OSError) as error:
