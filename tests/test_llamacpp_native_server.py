@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -149,3 +150,48 @@ def test_greedy_output_matches_native_llama_server(
         assert answers[0].usage is not None and answers[1].usage is not None
         assert answers[1].usage.prompt_tokens == answers[0].usage.prompt_tokens
         assert answers[1].usage.completion_tokens == answers[0].usage.completion_tokens
+
+
+def test_logit_bias_matches_native_llama_server(
+    native_llama_server: str,
+    dmr_server_factory: Callable[..., DmrServer],
+    smollm2_gguf: Path,
+) -> None:
+    """`logit_bias` in OpenAI's form and in llama-server's (texts, pairs, false), at
+    temperature 0: each changes the answer, and dmr's is llama-server's."""
+    server = dmr_server_factory()
+    put_smollm2(server, smollm2_gguf, "ai/smollm2", "2024-11-01T00:00:00Z")
+    native = openai.OpenAI(base_url=f"{native_llama_server}/v1", api_key="unused")
+    ours = openai.OpenAI(base_url=f"{server.url}/engines/v1", api_key="unused")
+    messages: Any = [{"role": "user", "content": "Name a colour."}]
+    plain = native.chat.completions.create(
+        model="ai/smollm2", messages=messages, max_tokens=12, temperature=0, logprobs=True
+    )
+    assert plain.choices[0].logprobs is not None and plain.choices[0].logprobs.content
+    first_text = plain.choices[0].logprobs.content[0].token
+    tokenized = httpx.post(f"{native_llama_server}/tokenize", json={"content": first_text})
+    (first,) = tokenized.json()["tokens"]
+    biases: list[Any] = [
+        {str(first): -100},  # OpenAI's form: the first token all but banned
+        {" banana": 100},  # a text: its tokens pushed up
+        [[first, False]],  # llama-server's pairs; false: never sampled
+    ]
+    for bias in biases:
+        answers = [
+            client.chat.completions.create(
+                model="ai/smollm2",
+                messages=messages,
+                max_tokens=12,
+                temperature=0,
+                extra_body={"logit_bias": bias},
+            )
+            for client in (native, ours)
+        ]
+        reference, mine = (answer.choices[0].message.content for answer in answers)
+        assert reference != plain.choices[0].message.content, bias
+        assert mine == reference, (bias, reference, mine)
+    with pytest.raises(openai.BadRequestError) as refused:
+        ours.chat.completions.create(
+            model="ai/smollm2", messages=messages, max_tokens=4, logit_bias={"99999999": -100}
+        )
+    assert "logit_bias" in str(refused.value)

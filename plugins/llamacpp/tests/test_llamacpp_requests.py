@@ -4,10 +4,12 @@ to bad fields are checked against a real runner in test_llamacpp_runner.py."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 from dmr.runner_support import BadRequest
+from dmr_llamacpp.runner.logit_bias import token_biases
 from dmr_llamacpp.runner.requests import (
     parse_chat_prompt,
     parse_chat_request,
@@ -86,3 +88,48 @@ def test_apply_template_keeps_the_requests_own_variables() -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"a": 1}}
     assert parse_chat_prompt(body).variables == {"a": 1}
     assert parse_chat_prompt({**body, "chat_template_kwargs": "x"}).variables is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "pairs"),
+    [
+        ({"15": -100, "7": 2.5}, ((15, -100.0), (7, 2.5))),  # OpenAI: ids as strings
+        ({"15": False}, ((15, -math.inf),)),  # llama-server: false bans the token
+        ({" banana": 10}, ((" banana", 10.0),)),  # llama-server: a text, tokenized later
+        ([[15, False], ["hi", -1]], ((15, -math.inf), ("hi", -1.0))),  # llama-server pairs
+    ],
+)
+def test_logit_bias_takes_openais_and_llama_servers_forms(
+    raw: object, pairs: tuple[tuple[int | str, float], ...]
+) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "logit_bias": raw}
+    assert parse_chat_request(body, WorkerSettings()).sampling.logit_bias == pairs
+    assert parse_completion_request({"prompt": "hi", "logit_bias": raw}, WorkerSettings())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"15": "high"},  # not a number
+        {"15": True},  # only false has a meaning
+        {"": 1},  # no token
+        [[15]],  # not a pair
+        "15:-100",  # neither an object nor a list
+        {"15": math.nan},
+    ],
+)
+def test_a_logit_bias_it_cannot_read_is_a_400_naming_it(raw: object) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "logit_bias": raw}
+    with pytest.raises(BadRequest) as caught:
+        parse_chat_request(body, WorkerSettings())
+    assert caught.value.param == "logit_bias"
+
+
+def test_logit_bias_texts_become_their_tokens_and_ids_must_be_in_the_vocabulary() -> None:
+    tokens = {"ab": [3, 4], "zz": []}
+    pairs = token_biases(((7, 1.0), ("ab", -2.0)), tokens.__getitem__, n_vocab=10)
+    assert pairs == ((7, 1.0), (3, -2.0), (4, -2.0))
+    for bad in ((10, 1.0), (-1, 1.0), ("zz", 1.0)):
+        with pytest.raises(BadRequest) as caught:
+            token_biases((bad,), tokens.__getitem__, n_vocab=10)
+        assert caught.value.param == "logit_bias"

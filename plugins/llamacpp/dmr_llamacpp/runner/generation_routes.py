@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dmr.sdk.runner import BadRequest, DirectWriter, error_response, json_response
@@ -29,6 +29,7 @@ from dmr_llamacpp.runner.batching import (
 from dmr_llamacpp.runner.chat import parse_tool_output
 from dmr_llamacpp.runner.direct_sink import DirectSink, Encode
 from dmr_llamacpp.runner.image_jobs import start_image_job
+from dmr_llamacpp.runner.logit_bias import token_biases
 from dmr_llamacpp.runner.media import load_images
 from dmr_llamacpp.runner.openai_bodies import (
     DONE_EVENT,
@@ -110,7 +111,7 @@ async def chat_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAns
     prompt = _chat_prompt(state, request)
     thinking = starts_thinking(prompt)
     limit = _thinking_limit(state, request.thinking_budget, inside=thinking)
-    params = request.sampling
+    params = _with_token_biases(state, request.sampling)
     if request.prompt.image_urls:
         images = await load_images(request.prompt.image_urls, state.image_limits)
         job = await start_image_job(state, prompt, images, params, limit)
@@ -148,6 +149,20 @@ def _chat_prompt(state: RunnerState, request: ChatRequest) -> str:
     )
 
 
+def _with_token_biases(state: RunnerState, params: SamplingParams) -> SamplingParams:
+    """`params` with the texts in its logit_bias tokenized (a 400 for a bias the model
+    cannot take, runner/logit_bias.py)."""
+    if not params.logit_bias:
+        return params
+    model = state.require_model()
+    biases = token_biases(
+        params.logit_bias,
+        lambda text: model.tokenize(text, add_special=False, parse_special=False),
+        model.n_vocab,
+    )
+    return replace(params, logit_bias=biases)
+
+
 def _thinking_limit(state: RunnerState, budget: int, *, inside: bool) -> ThinkingBudget | None:
     """The thinking budget's stop (None: unlimited); `inside`: the prompt opened the thinking."""
     if budget < 0:
@@ -160,7 +175,7 @@ def _thinking_limit(state: RunnerState, budget: int, *, inside: bool) -> Thinkin
 
 async def completion_answer(state: RunnerState, body: dict[str, Any]) -> GenerationAnswer:
     request = parse_completion_request(body, state.settings)
-    params = request.sampling
+    params = _with_token_biases(state, request.sampling)
     job = _start_job(state, request.prompt, params, truncation=request.truncation)
     base = answer_base("cmpl", state.model_name)
     if request.stream:

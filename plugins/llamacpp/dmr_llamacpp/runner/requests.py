@@ -17,6 +17,7 @@ from typing import Any
 from dmr.sdk.runner import BadRequest
 
 from dmr_llamacpp.runner.chat import add_instruction, plan_tools, schema_grammar
+from dmr_llamacpp.runner.logit_bias import parse_logit_bias
 from dmr_llamacpp.runner.sampling import SamplingParams
 from dmr_llamacpp.runner.truncation import Truncation, wants_truncation
 from dmr_llamacpp.settings import WorkerSettings
@@ -266,6 +267,7 @@ def sampling_from_body(
         logprobs=logprobs,
         ignore_eos=bool(body.get("ignore_eos", False)),
         cache_prompt=_flag(body, "cache_prompt", default=True),
+        logit_bias=parse_logit_bias(body),
     )
 
 

@@ -40,6 +40,9 @@ class SamplingParams:
     # llama-server's `cache_prompt`: False decodes the whole prompt afresh, as a server
     # that never served it would (results then do not depend on earlier requests).
     cache_prompt: bool = True
+    # (token id, bias) pairs once `generation_routes` has tokenized the texts among
+    # them (runner/logit_bias.py); -inf never samples the token.
+    logit_bias: tuple[tuple[int | str, float], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -49,7 +52,8 @@ class SamplingParams:
 
 
 def build_sampler_chain(params: SamplingParams, vocab: Any, n_vocab: int) -> Any:
-    """A chain: grammar, penalties, then greedy or top-k/top-p/min-p/temperature/dist(seed)."""
+    """A chain: grammar, logit biases, penalties, then greedy or
+    top-k/top-p/min-p/temperature/dist(seed) (llama-server's order)."""
     chain_params = llama_cpp.llama_sampler_chain_default_params()
     chain_params.no_perf = True
     chain = llama_cpp.llama_sampler_chain_init(chain_params)
@@ -61,6 +65,8 @@ def build_sampler_chain(params: SamplingParams, vocab: Any, n_vocab: int) -> Any
             if not grammar:
                 raise GrammarError("the grammar could not be parsed")
             llama_cpp.llama_sampler_chain_add(chain, grammar)
+        if params.logit_bias:
+            llama_cpp.llama_sampler_chain_add(chain, _logit_bias_sampler(params, n_vocab))
         penalising = (
             params.repeat_penalty != 1.0
             or params.presence_penalty != 0.0
@@ -104,3 +110,14 @@ def build_sampler_chain(params: SamplingParams, vocab: Any, n_vocab: int) -> Any
     except BaseException:
         llama_cpp.llama_sampler_free(chain)
         raise
+
+
+def _logit_bias_sampler(params: SamplingParams, n_vocab: int) -> Any:
+    biases = [(token, bias) for token, bias in params.logit_bias if isinstance(token, int)]
+    if len(biases) != len(params.logit_bias):
+        raise ValueError("logit_bias texts must be tokenized before sampling")
+    array = (llama_cpp.llama_logit_bias * len(biases))(
+        *(llama_cpp.llama_logit_bias(token, bias) for token, bias in biases)
+    )
+    # llama.cpp copies the biases into the sampler.
+    return llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array)
