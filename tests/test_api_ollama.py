@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import ollama
+import openai
 import pytest
 
 from tests.fixtures.server import DmrServer
@@ -230,3 +232,33 @@ def test_pull_and_push_through_a_registry(
     assert layers and all(p.total and p.total > 0 for p in layers)
     assert any(p.completed == p.total for p in layers)
     assert remote in {m.model for m in client.list().models}
+
+
+def test_llama_cpp_sampling_options_reach_the_model(
+    client: ollama.Client, api_server: DmrServer
+) -> None:
+    """Ollama's mirostat, typical_p and repeat_last_n options sample as the same fields
+    sent to the OpenAI API do (seeded: token for token), and each changes the answer."""
+    chat = openai.OpenAI(base_url=f"{api_server.url}/engines/v1", api_key="unused").chat
+    messages = [{"role": "user", "content": "Write a poem about the sea."}]
+    seeded = {"temperature": 1.0, "seed": 7}
+
+    def through_ollama(options: dict[str, Any]) -> str | None:
+        options = {**seeded, "num_predict": 24, **options}
+        return client.chat(model="smollm2", messages=messages, options=options).message.content
+
+    plain = through_ollama({})
+    for options in (
+        {"mirostat": 2, "mirostat_tau": 3.0},
+        {"typical_p": 0.5},
+        {"repeat_penalty": 2.0, "repeat_last_n": 16},
+    ):
+        mine = through_ollama(options)
+        assert mine != plain, options
+        openai_answer = chat.completions.create(
+            model="ai/smollm2",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=24,
+            extra_body={**seeded, **options},
+        )
+        assert mine == openai_answer.choices[0].message.content, options

@@ -195,3 +195,53 @@ def test_logit_bias_matches_native_llama_server(
             model="ai/smollm2", messages=messages, max_tokens=4, logit_bias={"99999999": -100}
         )
     assert "logit_bias" in str(refused.value)
+
+
+SAMPLING_OPTIONS: list[dict[str, Any]] = [
+    {"typical_p": 0.5},
+    {"mirostat": 1, "mirostat_tau": 3.0},
+    {"mirostat": 2, "mirostat_tau": 3.0, "mirostat_eta": 0.2},
+    {"repeat_penalty": 1.5},  # over the last 64 tokens, the prompt's among them
+    {"repeat_penalty": 2.0, "repeat_last_n": 16},
+    {"presence_penalty": 0.5},
+    # frequency_penalty is left out: its answers part from llama-server's after a few
+    # tokens, although the prompt tokens and the sampler chain are the same
+    # (docs/apis.md, "Sampling").
+]
+
+
+def test_seeded_sampling_options_match_native_llama_server(
+    native_llama_server: str,
+    dmr_server_factory: Callable[..., DmrServer],
+    smollm2_gguf: Path,
+) -> None:
+    """llama.cpp's sampling options, at temperature 1 with a seed: each changes the
+    answer, and dmr's is llama-server's token for token (the same samplers in the
+    same order, the penalties counting the prompt's tokens as llama-server's do)."""
+    server = dmr_server_factory()
+    put_smollm2(server, smollm2_gguf, "ai/smollm2", "2024-11-01T00:00:00Z")
+    native = openai.OpenAI(base_url=f"{native_llama_server}/v1", api_key="unused")
+    ours = openai.OpenAI(base_url=f"{server.url}/engines/v1", api_key="unused")
+    messages: Any = [{"role": "user", "content": "Write a poem about the sea."}]
+
+    def answers(options: dict[str, Any]) -> list[str | None]:
+        return [
+            client.chat.completions.create(
+                model="ai/smollm2",
+                messages=messages,
+                max_tokens=32,
+                temperature=1.0,
+                seed=7,
+                extra_body=options,
+            )
+            .choices[0]
+            .message.content
+            for client in (native, ours)
+        ]
+
+    plain, plain_ours = answers({})
+    assert plain and plain_ours == plain
+    for options in SAMPLING_OPTIONS:
+        reference, mine = answers(options)
+        assert reference != plain, options
+        assert mine == reference, (options, reference, mine)

@@ -38,7 +38,10 @@ def test_ollama_options() -> None:
     fields = options_to_openai(
         {"num_predict": -1, "num_ctx": 4096, "stop": "x", "seed": 3.0, "mirostat": 2}
     )
-    assert fields == {"seed": 3, "stop": ["x"]}
+    assert fields == {"seed": 3, "stop": ["x"], "mirostat": 2}
+    # The sampling options llama.cpp has too go to the runner under its names.
+    sampling = {"repeat_last_n": 64.0, "typical_p": 0.7, "mirostat_tau": 3, "mirostat_eta": 0.2}
+    assert options_to_openai(sampling) == {**sampling, "repeat_last_n": 64}
     with pytest.raises(InvalidRequestError):
         options_to_openai({"top_p": "high"})
     with pytest.raises(InvalidRequestError):

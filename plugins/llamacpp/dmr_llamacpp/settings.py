@@ -98,6 +98,10 @@ _value(("--repeat-penalty",), "repeat_penalty", float)
 _value(("--repeat-last-n",), "repeat_last_n", int)
 _value(("--presence-penalty",), "presence_penalty", float)
 _value(("--frequency-penalty",), "frequency_penalty", float)
+_value(("--typical",), "typical_p", float)
+_value(("--mirostat",), "mirostat", int)
+_value(("--mirostat-ent",), "mirostat_tau", float)
+_value(("--mirostat-lr",), "mirostat_eta", float)
 _value(("-s", "--seed"), "seed", int)
 _value(("-fa", "--flash-attn"), "flash_attn", str)
 _value(("-ctk", "--cache-type-k"), "cache_type_k", str)
@@ -153,6 +157,10 @@ class WorkerSettings:
     repeat_last_n: int = 64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    typical_p: float = 1.0
+    mirostat: int = 0  # 1, 2: Mirostat's version, in place of top-k/top-p/min-p
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
     seed: int = -1
     flash_attn: str = "auto"
     cache_type_k: str = "f16"

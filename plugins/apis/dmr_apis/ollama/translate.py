@@ -38,7 +38,14 @@ _NUMERIC_OPTIONS: dict[str, str] = {
     "repeat_penalty": "repeat_penalty",
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
+    "repeat_last_n": "repeat_last_n",  # -1: the whole context, for Ollama as for llama.cpp
+    "typical_p": "typical_p",
+    "mirostat": "mirostat",
+    "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
 }
+# Options whose values are counts or switches: 64.0 from a client is sent as 64.
+_INTEGER_OPTIONS = frozenset({"top_k", "seed", "repeat_last_n", "mirostat"})
 
 OllamaRequestOptions = dict[str, Any]
 
@@ -71,7 +78,7 @@ def options_to_openai(options: Mapping[str, Any] | None) -> dict[str, Any]:
     for option, field in _NUMERIC_OPTIONS.items():
         value = _number(options, option)
         if value is not None:
-            fields[field] = int(value) if option in ("top_k", "seed") else value
+            fields[field] = int(value) if option in _INTEGER_OPTIONS else value
     num_predict = _number(options, "num_predict")
     # Ollama's -1 (infinite) and -2 (fill context) both mean "no cap" to OpenAI.
     if num_predict is not None and num_predict >= 0:

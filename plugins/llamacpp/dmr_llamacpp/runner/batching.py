@@ -627,7 +627,13 @@ class BatchedGenerator:
                 self._resume(slot, job, job.resume)
                 continue
             try:
-                slot.sampler = build_sampler_chain(job.params, self.model.vocab, self.model.n_vocab)
+                slot.sampler = build_sampler_chain(
+                    job.params,
+                    self.model.vocab,
+                    self.model.n_vocab,
+                    history=job.prompt,
+                    n_ctx=self.ctx_per_slot,
+                )
             except ValueError as error:
                 self._emit(job, Failed(str(error)))
                 continue

@@ -176,6 +176,25 @@ def _integer(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def _repeat_last_n(body: dict[str, Any], default: int) -> int:
+    value = _integer(body, "repeat_last_n")
+    if value is None:
+        return default
+    if value < -1:
+        message = "'repeat_last_n' must be -1 (the context), 0 (off) or more"
+        raise BadRequest(message, "repeat_last_n")
+    return value
+
+
+def _mirostat(body: dict[str, Any], default: int) -> int:
+    value = _integer(body, "mirostat")
+    if value is None:
+        return default
+    if value not in (0, 1, 2):
+        raise BadRequest("'mirostat' must be 0 (off), 1 or 2", "mirostat")
+    return value
+
+
 def _flag(body: dict[str, Any], name: str, *, default: bool) -> bool:
     value = body.get(name)
     if value is None:
@@ -257,10 +276,14 @@ def sampling_from_body(
         top_p=_number(body, "top_p", defaults.top_p, low=0),
         min_p=_number(body, "min_p", defaults.min_p, low=0),
         repeat_penalty=_number(body, "repeat_penalty", defaults.repeat_penalty, low=0),
-        repeat_last_n=defaults.repeat_last_n,
+        repeat_last_n=_repeat_last_n(body, defaults.repeat_last_n),
         presence_penalty=_number(body, "presence_penalty", defaults.presence_penalty),
         frequency_penalty=_number(body, "frequency_penalty", defaults.frequency_penalty),
         seed=seed if seed is not None else (defaults.seed if defaults.seed >= 0 else None),
+        typical_p=_number(body, "typical_p", defaults.typical_p, low=0),
+        mirostat=_mirostat(body, defaults.mirostat),
+        mirostat_tau=_number(body, "mirostat_tau", defaults.mirostat_tau, low=0),
+        mirostat_eta=_number(body, "mirostat_eta", defaults.mirostat_eta, low=0),
         grammar=grammar if grammar is not None else response_format_grammar(body),
         max_tokens=max_tokens,
         stop=_stops(body),

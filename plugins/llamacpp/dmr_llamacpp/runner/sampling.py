@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,10 @@ class SamplingParams:
     presence_penalty: float
     frequency_penalty: float
     seed: int | None  # None: a random seed
+    typical_p: float = 1.0  # 1: off
+    mirostat: int = 0  # 1, 2: Mirostat's version, which replaces top-k/typical/top-p/min-p
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
     grammar: str | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
@@ -51,9 +56,17 @@ class SamplingParams:
         return self.seed is not None or self.temperature <= 0 or self.top_k == 1
 
 
-def build_sampler_chain(params: SamplingParams, vocab: Any, n_vocab: int) -> Any:
-    """A chain: grammar, logit biases, penalties, then greedy or
-    top-k/top-p/min-p/temperature/dist(seed) (llama-server's order)."""
+def build_sampler_chain(
+    params: SamplingParams, vocab: Any, n_vocab: int, *, history: Sequence[int] = (), n_ctx: int = 0
+) -> Any:
+    """llama-server's chain (common/sampling.cpp): grammar, logit biases, penalties,
+    then greedy, Mirostat, or top-k/typical/top-p/min-p/temperature/dist(seed).
+
+    The penalties start from the last `repeat_last_n` tokens of `history` (the
+    prompt; -1: the whole `n_ctx`), as llama-server's do: a repeat penalty then
+    weighs what the prompt already says too."""
+    if params.mirostat not in (0, 1, 2):
+        raise ValueError(f"mirostat must be 0, 1 or 2, not {params.mirostat}")
     chain_params = llama_cpp.llama_sampler_chain_default_params()
     chain_params.no_perf = True
     chain = llama_cpp.llama_sampler_chain_init(chain_params)
@@ -73,43 +86,60 @@ def build_sampler_chain(params: SamplingParams, vocab: Any, n_vocab: int) -> Any
             or params.frequency_penalty != 0.0
         )
         if penalising:
-            last_n = params.repeat_last_n if params.repeat_last_n >= 0 else n_vocab
-            # llama.cpp dropped the leading n_vocab argument while this binding still
-            # passes five; giving last_n twice is right for either C signature.
-            llama_cpp.llama_sampler_chain_add(
-                chain,
-                llama_cpp.llama_sampler_init_penalties(
-                    last_n,
-                    last_n,
-                    params.repeat_penalty,
-                    params.frequency_penalty,
-                    params.presence_penalty,
-                ),
-            )
+            penalties = _penalties(params, n_vocab, history, n_ctx or n_vocab)
+            llama_cpp.llama_sampler_chain_add(chain, penalties)
         if params.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain
-        if params.top_k > 0:
-            llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_top_k(params.top_k)
-            )
-        if 0 < params.top_p < 1:
-            llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
-            )
-        if params.min_p > 0:
-            llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1)
-            )
-        llama_cpp.llama_sampler_chain_add(
-            chain, llama_cpp.llama_sampler_init_temp(params.temperature)
-        )
         seed = RANDOM_SEED if params.seed is None or params.seed < 0 else params.seed & 0xFFFFFFFF
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        for sampler in _choosers(params, n_vocab, seed):
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
         return chain
     except BaseException:
         llama_cpp.llama_sampler_free(chain)
         raise
+
+
+def _penalties(params: SamplingParams, n_vocab: int, history: Sequence[int], n_ctx: int) -> Any:
+    last_n = params.repeat_last_n if params.repeat_last_n >= 0 else n_ctx
+    penalties = llama_cpp.llama_sampler_init_penalties(
+        n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+    )
+    # Image placeholders (negative ids) are not tokens: llama-server skips them too.
+    tokens = [token for token in history if token >= 0]
+    for token in tokens[len(tokens) - last_n :] if last_n else ():
+        llama_cpp.llama_sampler_accept(penalties, token)
+    return penalties
+
+
+def _choosers(params: SamplingParams, n_vocab: int, seed: int) -> list[Any]:
+    """The samplers after the penalties at a temperature above 0, in llama-server's
+    order; the last one picks the token."""
+    temperature = llama_cpp.llama_sampler_init_temp(params.temperature)
+    if params.mirostat == 1:
+        return [
+            temperature,
+            llama_cpp.llama_sampler_init_mirostat(
+                n_vocab, seed, params.mirostat_tau, params.mirostat_eta, 100
+            ),
+        ]
+    if params.mirostat == 2:
+        return [
+            temperature,
+            llama_cpp.llama_sampler_init_mirostat_v2(
+                seed, params.mirostat_tau, params.mirostat_eta
+            ),
+        ]
+    samplers = []
+    if params.top_k > 0:
+        samplers.append(llama_cpp.llama_sampler_init_top_k(params.top_k))
+    if 0 < params.typical_p < 1:
+        samplers.append(llama_cpp.llama_sampler_init_typical(params.typical_p, 1))
+    if 0 < params.top_p < 1:
+        samplers.append(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0:
+        samplers.append(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+    return [*samplers, temperature, llama_cpp.llama_sampler_init_dist(seed)]
 
 
 def _logit_bias_sampler(params: SamplingParams, n_vocab: int) -> Any:
