@@ -137,7 +137,10 @@ def test_multi_turn_reuses_the_conversation_so_far(completion_runner: RunnerProc
         {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
         {"role": "user", "content": "And one about lakes?"},
     ]
-    second = chat(completion_runner, messages)
+    # Sampled: a greedy follow-up whose cached part is 64 tokens or fewer may be
+    # decoded whole, for a cold prefill's logits (row_kinds.py), which made this
+    # test pass or fail by the kinds of the rows earlier tests had left in the slot.
+    second = chat(completion_runner, messages, temperature=0.7)
     # The whole first prompt is a prefix of the second, and it stayed in the slot.
     assert cached(second) >= first["usage"]["prompt_tokens"]
     assert cached(second) < second["usage"]["prompt_tokens"]
