@@ -133,6 +133,14 @@ def _percentile(values: list[float], percent: float) -> float:
 # ---------------------------------------------------------------------------- targets
 
 
+# No connection is kept between requests: llama-server closes one after a streamed
+# answer, and a request sent right after (its warm-up, or its previous case when the
+# order of the targets flips between rounds) went out on that closing connection and
+# failed with "Server disconnected". Every target opens a connection per request
+# alike (well under a millisecond on 127.0.0.1).
+FRESH_CONNECTIONS = httpx.Limits(max_keepalive_connections=0)
+
+
 async def _wait_healthy(
     client: httpx.AsyncClient, path: str, process: subprocess.Popen[bytes]
 ) -> None:
@@ -167,7 +175,9 @@ async def _served_on_tcp(
     """Start a server process listening on 127.0.0.1:`port`; a client once it is healthy."""
     process = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=600, limits=FRESH_CONNECTIONS
+        ) as client:
             await _wait_healthy(client, health_path, process)
             yield client
     finally:
@@ -281,7 +291,7 @@ async def runner_target(args: argparse.Namespace) -> AsyncIterator[httpx.AsyncCl
         transport = httpx.AsyncHTTPTransport(uds=str(launch.socket_path))
         try:
             async with httpx.AsyncClient(
-                transport=transport, base_url="http://runner", timeout=600
+                transport=transport, base_url="http://runner", timeout=600, limits=FRESH_CONNECTIONS
             ) as client:
                 await _wait_healthy(client, "/health", process)
                 yield client
@@ -346,7 +356,7 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
     """
     url = os.environ.get("DMR_BENCH_SERVER_URL")
     if url:
-        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=FRESH_CONNECTIONS) as client:
             yield client
         return
     with tempfile.TemporaryDirectory(prefix="dmr-bench-server-") as folder:
@@ -397,7 +407,9 @@ async def dmr_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.Asy
                         "/engines/_configure", json={"model": args.model_name, **configure}
                     )
                     answer.raise_for_status()
-            async with httpx.AsyncClient(base_url=base + "/engines", timeout=600) as client:
+            async with httpx.AsyncClient(
+                base_url=base + "/engines", timeout=600, limits=FRESH_CONNECTIONS
+            ) as client:
                 yield client
                 if args.dmr_artifacts:
                     # The runners' own series (step and decode seconds among them) and
@@ -600,10 +612,6 @@ async def main_async(args: argparse.Namespace) -> list[Measurement]:
         clients = {name: await stack.enter_async_context(TARGETS[name](args)) for name in starting}
         for client in clients.values():  # warm-up: loads the model, fills caches
             await one_stream(client, [{"role": "user", "content": "Hello"}], args, 8)
-        # llama-server closes the connection after a streamed answer. A request sent
-        # at once after its warm-up went out on that closing connection ("Server
-        # disconnected" in the first round); a pause lets the client see it closed.
-        await asyncio.sleep(1.0)
         for number in range(1, args.rounds + 1):
             order = args.targets if number % 2 else args.targets[::-1]
             for case in args.cases:
