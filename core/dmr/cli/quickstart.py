@@ -26,7 +26,7 @@ DEFAULT_PROMPT = "In one sentence, what is a container image?"
 # minutes on two cores. The sample is packaged with llama.cpp's own answer cap
 # instead (`-n`, the runner's default max_tokens); `dmr configure ai/smollm2 -- -n -1`
 # lifts it.
-SAMPLE_ANSWER_CAP = 512
+SAMPLE_ANSWER_CAP = 256
 
 
 def _dmr(*args: str) -> None:
