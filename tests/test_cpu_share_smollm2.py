@@ -16,7 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fixtures.server import DmrServer
 from tests.test_scheduler_smollm2 import put_smollm2
 
-pytestmark = [pytest.mark.llama, pytest.mark.slow]
+# Serial: a neighbour test's busy runner (quickstart's 256-token answer) takes cores
+# that the free-core reading then keeps from these runners, so their thread counts
+# were not the share's alone (it failed twice beside it in session 22's proof runs).
+pytestmark = [pytest.mark.llama, pytest.mark.slow, pytest.mark.serial]
 
 ServerFactory = Callable[..., DmrServer]
 CHAT = "/engines/v1/chat/completions"
