@@ -204,9 +204,7 @@ SAMPLING_OPTIONS: list[dict[str, Any]] = [
     {"repeat_penalty": 1.5},  # over the last 64 tokens, the prompt's among them
     {"repeat_penalty": 2.0, "repeat_last_n": 16},
     {"presence_penalty": 0.5},
-    # frequency_penalty is left out: its answers part from llama-server's after a few
-    # tokens, although the prompt tokens and the sampler chain are the same
-    # (docs/apis.md, "Sampling").
+    {"frequency_penalty": 1.0, "presence_penalty": 0.5},
 ]
 
 

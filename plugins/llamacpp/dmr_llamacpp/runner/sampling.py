@@ -107,7 +107,7 @@ def _penalties(params: SamplingParams, n_vocab: int, history: Sequence[int], n_c
     )
     # Image placeholders (negative ids) are not tokens: llama-server skips them too.
     tokens = [token for token in history if token >= 0]
-    for token in tokens[len(tokens) - last_n :] if last_n else ():
+    for token in tokens[-last_n:] if last_n > 0 else ():
         llama_cpp.llama_sampler_accept(penalties, token)
     return penalties
 
