@@ -8,6 +8,8 @@ from typing import Any
 
 import llama_cpp
 
+from dmr_llamacpp.runner.logit_bias import BiasPairs
+
 __all__ = ["GrammarError", "SamplingParams", "build_sampler_chain"]
 
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
@@ -47,7 +49,7 @@ class SamplingParams:
     cache_prompt: bool = True
     # (token id, bias) pairs once `generation_routes` has tokenized the texts among
     # them (runner/logit_bias.py); -inf never samples the token.
-    logit_bias: tuple[tuple[int | str, float], ...] = ()
+    logit_bias: BiasPairs = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
