@@ -55,15 +55,17 @@ from dmr_llamacpp.runner.model import Batch, LoadedModel
 from dmr_llamacpp.runner.prompt_cache import (
     HostPromptCache,
     common_prefix_length,
+    copy_lowest_position,
     copy_sequence_state,
+    kinds_as_restored,
     restore_sequence_state,
+    window_reaches,
 )
 from dmr_llamacpp.runner.prompt_files import PromptFile, PromptFiles, SavedState
 from dmr_llamacpp.runner.reasoning import THINK_CLOSE, THINK_OPEN, ThinkingBudget, partial_tag
 from dmr_llamacpp.runner.row_kinds import (
     FLASH_ATTN_TILE_ROWS,
     MIXED,
-    MOVED,
     RowKinds,
     exact_start,
     prompt_chunk_limit,
@@ -343,7 +345,7 @@ class BatchedGenerator:
         self.projector = projector
         self.burst_gap_s = burst_gap_s
         self.host_cache = (
-            HostPromptCache(model.ctx, model.memory, host_cache_bytes)
+            HostPromptCache(model.ctx, model.memory, host_cache_bytes, model.n_swa)
             if host_cache_bytes > 0
             else None
         )
@@ -424,7 +426,7 @@ class BatchedGenerator:
                     continue
                 empty.pop(0)
                 slot.tokens = list(saved.tokens)
-                slot.kinds = self._restored_kinds(saved.kinds, len(saved.tokens))
+                slot.kinds = RowKinds(saved.kinds)
                 slot.n_past = len(slot.tokens)
                 slot.last_used = now - restored * 1e-3  # older files go first
             elif self.host_cache is not None and host_bytes + saved.state.nbytes <= (
@@ -449,7 +451,11 @@ class BatchedGenerator:
         chosen: list[SavedState] = []
 
         def extended(tokens: tuple[int, ...]) -> bool:
-            return any(other.tokens[: len(tokens)] == tokens for other in chosen)
+            return any(
+                other.tokens[: len(tokens)] == tokens
+                and copy_lowest_position(self.model.n_swa, len(other.tokens)) == 0
+                for other in chosen
+            )
 
         for slot in sorted(self.slots, key=lambda slot: -slot.last_used):
             tokens = tuple(slot.tokens)
@@ -458,7 +464,8 @@ class BatchedGenerator:
                 continue
             state = copy_sequence_state(self.model.ctx, slot.seq_id, files.max_bytes)
             if state is not None:
-                chosen.append(SavedState(tokens, state, slot.kinds.as_list(len(tokens))))
+                kinds = kinds_as_restored(slot.kinds, len(tokens), self.model.n_swa)
+                chosen.append(SavedState(tokens, state, kinds))
         if self.host_cache is not None:
             for entry in self.host_cache.newest_first():
                 if min(entry.tokens) >= 0 and not extended(entry.tokens):
@@ -753,7 +760,7 @@ class BatchedGenerator:
         if not idle:
             return None
         fresh = min(idle, key=lambda slot: (bool(slot.tokens), slot.last_used))
-        shared = {id(slot): common_prefix_length(slot.tokens, prompt) for slot in idle}
+        shared = {id(slot): self._usable_prefix(slot, prompt) for slot in idle}
         best = max(idle, key=lambda slot: (shared[id(slot)], -slot.last_used))
         if shared[id(best)] * 10 < len(prompt):
             return fresh
@@ -775,7 +782,7 @@ class BatchedGenerator:
         most 64 rows more (row_kinds.py).
         """
         use_cache = use_cache and self.model.can_cut_cache
-        common = common_prefix_length(slot.tokens, prompt) if use_cache else 0
+        common = self._usable_prefix(slot, prompt) if use_cache else 0
         if self.host_cache is not None:
             saved, shared = self.host_cache.best_match(prompt) if use_cache else (None, 0)
             if len(slot.tokens) - common >= SAVE_AT_LEAST:
@@ -783,17 +790,22 @@ class BatchedGenerator:
             if saved is not None and shared > common:
                 if self.host_cache.restore(saved, slot.seq_id, keeps=shared):
                     slot.tokens, common = list(saved.tokens), shared
-                    slot.kinds = self._restored_kinds(saved.kinds, len(saved.tokens))
+                    slot.kinds = RowKinds(saved.kinds)
                 else:  # nothing of the slot's own cache is known to be left
                     self.model.forget_sequence(slot.seq_id)
                     slot.tokens, common = [], 0
         # At least the prompt's last token is decoded again: its logits pick the first token.
         common = min(common, len(prompt) - 1)
+        lowest = self.model.lowest_position(slot.seq_id) if self.model.n_swa else 0
+        if not window_reaches(self.model.n_swa, lowest, common):
+            common = 0  # (a restored copy that llama.cpp cut short: never seen so far)
         if exact and self.model.n_gpu_layers == 0:
             # A few rows more, where that makes the logits a cold prefill's (row_kinds.py;
             # a GPU's kernels were not measured).
             start = exact_start(slot.kinds, common, len(prompt), self.model.options.n_ubatch)
-            if common - start <= FLASH_ATTN_TILE_ROWS:
+            if common - start <= FLASH_ATTN_TILE_ROWS and window_reaches(
+                self.model.n_swa, lowest, start
+            ):
                 common = start
         if self.projector is not None and common:
             common = self._image_safe_prefix(slot.tokens, common)
@@ -808,10 +820,53 @@ class BatchedGenerator:
         slot.cached_tokens = common
         slot.pending_prompt = list(prompt[common:])
 
-    def _restored_kinds(self, kinds: Sequence[tuple[int, int]], rows: int) -> RowKinds:
-        """The kinds of `rows` cells copied back from host memory or disk: as recorded,
-        or `MOVED` where the copy is not bit for bit (`LoadedModel.restores_exactly`)."""
-        return RowKinds(kinds if self.model.restores_exactly else [(rows, MOVED)])
+    def _usable_prefix(self, slot: _Slot, prompt: list[int]) -> int:
+        """How many tokens of `prompt` the slot's cells serve: the prefix they share,
+        or none where a sliding window dropped cells the rest would attend to (a slot
+        holding a copy from host memory or disk: `window_reaches`)."""
+        shared = common_prefix_length(slot.tokens, prompt)
+        if shared and self.model.n_swa:
+            lowest = self.model.lowest_position(slot.seq_id)
+            if not window_reaches(self.model.n_swa, lowest, min(shared, len(prompt) - 1)):
+                return 0
+        return shared
+
+    def _settle_window(self, slot: _Slot) -> None:
+        """Copy a sliding-window model's prompt, decoded up to its last micro-batch, to
+        host memory, and set its cells back from that copy.
+
+        A copy keeps only the window's cells, which come back at the start of the
+        stream: a layout the kernels sum in another order than the cells had in place,
+        and the copy lacks what a prefix of it would attend to (`window_reaches`). So
+        a prompt's saves after its answer (`kinds_as_restored`: `MOVED`) can neither
+        serve the same prompt again nor give its cold answer. This copy can: its
+        tokens are the prompt's but the last micro-batch, and the prompt goes on over
+        the very layout that restoring it gives, here, after an unload (written to
+        disk with the host cache) or in another slot. A repeated greedy prompt then
+        gets the cold answer bit for bit (docs/scheduler.md).
+        """
+        assert self.host_cache is not None
+        state = copy_sequence_state(self.model.ctx, slot.seq_id, self.host_cache.budget_bytes)
+        if state is None:
+            return
+        if not restore_sequence_state(self.model.ctx, self.model.memory, state, slot.seq_id):
+            # Never seen: the cells are gone, so the prompt is decoded again from the start.
+            assert slot.job is not None
+            slot.tokens, slot.kinds, slot.n_past, slot.cached_tokens = [], RowKinds(), 0, 0
+            slot.pending_prompt = list(slot.job.prompt)
+            return
+        self.host_cache.keep(tuple(slot.tokens), state, slot.kinds.as_list(len(slot.tokens)))
+        self._note_host_cache()
+
+    def _window_settles(self, slot: _Slot) -> bool:
+        """Whether the slot's prompt is now decoded up to its last micro-batch, beyond
+        its model's sliding window (`_settle_window`)."""
+        if self.host_cache is None or not self.model.n_swa or not slot.pending_prompt:
+            return False
+        assert slot.job is not None
+        length = len(slot.job.prompt)
+        last_start = length - (length % self.model.options.n_ubatch or self.model.options.n_ubatch)
+        return len(slot.tokens) == last_start > self.model.n_swa
 
     def _image_safe_prefix(self, tokens: list[int], common: int) -> int:
         """`common` moved back to the start of the image it would cut (the cells of a
@@ -974,6 +1029,9 @@ class BatchedGenerator:
             rows = len(slot.tokens) - first_rows[slot.seq_id]
             first = first_rows[slot.seq_id]
             slot.kinds.write(first, rows, row_kind(rows, alone=alone, first_row=first))
+        for slot in prefilled:
+            if self._window_settles(slot):
+                self._settle_window(slot)
         sampled = [slot for slot in self.slots if slot.busy and slot.output_index is not None]
         tokens = batch.n_tokens - len(fillers)
         if prompt_tokens_in_step == 0 and tokens == len(sampled):  # no prompt, no draft

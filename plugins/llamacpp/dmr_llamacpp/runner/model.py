@@ -137,10 +137,10 @@ class LoadedModel:
             llama_cpp.llama_model_is_recurrent(self.model)
             or llama_cpp.llama_model_is_hybrid(self.model)
         )
-        # A sliding-window model's copied cells come back in another layout (llama.cpp
-        # saves only the window's cells and sets them at the stream's start), which its
-        # kernels sum in another order: logits moved by 0.12 on Gemma 3 270M.
-        self.restores_exactly = llama_cpp.llama_model_n_swa(self.model) == 0
+        # The positions a sliding-window layer attends to before a row's own (Gemma 2
+        # and 3, gpt-oss, ...; 0: none). Such a sequence's copy holds only the window of
+        # its last position (prompt_cache.window_reaches).
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self.model))
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         # (threads, threads_batch) llama_decode computes with now, and the count asked
         # for by `share_threads`, taken up by the decoding thread before its next batch.
@@ -288,6 +288,12 @@ class LoadedModel:
         return np.ctypeslib.as_array(pointer, shape=(size,)).copy()
 
     # ------------------------------------------------------------------ memory
+
+    def lowest_position(self, seq_id: int) -> int:
+        """The lowest position whose cells the sequence holds in every layer (0 when
+        empty): above 0 only in a sliding-window model's sequence copied back from host
+        memory or disk."""
+        return max(0, int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id)))
 
     def forget_sequence(self, seq_id: int) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)

@@ -13,14 +13,17 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from dmr_llamacpp.runner.row_kinds import RowKinds
+from dmr_llamacpp.runner.row_kinds import MOVED, RowKinds
 
 __all__ = [
     "HostPromptCache",
     "SavedPrompt",
     "common_prefix_length",
+    "copy_lowest_position",
     "copy_sequence_state",
+    "kinds_as_restored",
     "restore_sequence_state",
+    "window_reaches",
 ]
 
 
@@ -37,6 +40,34 @@ def common_prefix_length(first: list[int], second: list[int]) -> int:
         else:
             high = middle - 1
     return low
+
+
+def window_reaches(n_swa: int, lowest: int, start: int) -> bool:
+    """Whether cells that hold positions from `lowest` on serve decoding from position
+    `start` of a model attending over `n_swa` positions in its sliding-window layers
+    (0: none): the rows from `start` attend to the window before them, which must be
+    there. Cells computed in place hold every position (llama.cpp's full-size window
+    cache, its API's default), but a copy (`llama_state_seq_get_data`) keeps only the
+    window of its last position: a saved prompt serves its own length, not a prefix
+    reaching further back, and a slot that holds one cannot be cut back below it.
+    (The window of a chunked or symmetric model reaches back less: checked for the
+    widest, a standard window.)"""
+    return n_swa == 0 or lowest <= max(0, start - n_swa)
+
+
+def copy_lowest_position(n_swa: int, rows: int) -> int:
+    """The lowest position a copy of `rows` cells holds (`window_reaches`)."""
+    return max(0, rows - n_swa) if n_swa else 0
+
+
+def kinds_as_restored(kinds: RowKinds, rows: int, n_swa: int) -> list[tuple[int, int]]:
+    """The kinds of kernel (row_kinds.py) a copy of a sequence's `rows` cells has once
+    copied back: as computed, or `MOVED` where the window dropped cells from the copy,
+    as the rest then lands at the start of the stream, a layout the kernels sum in
+    another order than the cells had (but `BatchedGenerator._settle_window`'s copies)."""
+    if n_swa and rows > n_swa:
+        return [(rows, MOVED)]
+    return kinds.as_list(rows)
 
 
 def copy_sequence_state(ctx: Any, seq_id: int, limit_bytes: int) -> np.ndarray | None:
@@ -79,13 +110,16 @@ class SavedPrompt:
 class HostPromptCache:
     """Sequence states by their tokens, least recently used dropped beyond `budget_bytes`.
 
-    Used only from the decode thread, which owns the context.
+    Used only from the decode thread, which owns the context. `n_swa` is the model's
+    sliding window (0: none): a copy of such a model's sequence serves only its own
+    length (`window_reaches`), never a prefix of it.
     """
 
-    def __init__(self, ctx: Any, memory: Any, budget_bytes: int) -> None:
+    def __init__(self, ctx: Any, memory: Any, budget_bytes: int, n_swa: int = 0) -> None:
         self._ctx = ctx
         self._memory = memory
         self.budget_bytes = budget_bytes
+        self.n_swa = n_swa
         self.bytes_used = 0
         self._entries: OrderedDict[tuple[int, ...], SavedPrompt] = OrderedDict()
 
@@ -102,7 +136,7 @@ class HostPromptCache:
             return
         state = copy_sequence_state(self._ctx, seq_id, self.budget_bytes)
         if state is not None:
-            self.keep(key, state, kinds.as_list(len(key)) if kinds is not None else ())
+            self.keep(key, state, kinds_as_restored(kinds or RowKinds(), len(key), self.n_swa))
 
     def keep(
         self,
@@ -116,34 +150,43 @@ class HostPromptCache:
         if not key or key in self._entries or size > self.budget_bytes:
             return False
         # A saved prompt that this one extends can only serve requests this one serves too.
-        for older in [old for old in self._entries if key[: len(old)] == old]:
-            self._drop(older)
+        if self.serves_prefixes(len(key)):
+            for older in [old for old in self._entries if key[: len(old)] == old]:
+                self._drop(older)
         while self._entries and self.bytes_used + size > self.budget_bytes:
             self._drop(next(iter(self._entries)))
         self._entries[key] = SavedPrompt(key, state, tuple(kinds))
         self.bytes_used += size
         return True
 
+    def serves_prefixes(self, rows: int) -> bool:
+        """Whether a copy of `rows` cells serves every prefix of its tokens."""
+        return copy_lowest_position(self.n_swa, rows) == 0
+
     def newest_first(self) -> list[SavedPrompt]:
         return list(reversed(self._entries.values()))
 
     def best_match(self, prompt: list[int]) -> tuple[SavedPrompt | None, int]:
-        """The saved prompt sharing the longest prefix with `prompt`, and that length."""
+        """The saved prompt sharing the longest prefix with `prompt` that it can serve
+        (`window_reaches`: at least the last token is decoded again), and that length."""
         best: SavedPrompt | None = None
         best_shared = 0
         for entry in self._entries.values():
             shared = common_prefix_length(list(entry.tokens), prompt)
-            if shared > best_shared:
+            lowest = copy_lowest_position(self.n_swa, len(entry.tokens))
+            start = min(shared, len(prompt) - 1)
+            if shared > best_shared and window_reaches(self.n_swa, lowest, start):
                 best, best_shared = entry, shared
         return best, best_shared
 
     def restore(self, entry: SavedPrompt, seq_id: int, *, keeps: int) -> bool:
         """Replace the sequence's cells with the saved ones, of which the request keeps
         the first `keeps`. An entry kept whole leaves the cache (the slot holds it now,
-        and saves it again when it is taken); one kept in part stays, as the most
+        and saves it again when it is taken), but a sliding-window model's that the
+        slot's later copy would not serve; one kept in part stays, as the most
         recently used: the slot cuts the rest of its cells, which were lost with the
         entry (a sibling conversation sharing a system prompt took them for good)."""
-        if keeps >= len(entry.tokens):
+        if keeps >= len(entry.tokens) and self.serves_prefixes(len(entry.tokens)):
             self._drop(entry.tokens)
         elif entry.tokens in self._entries:  # (a save just before may have pushed it out)
             self._entries.move_to_end(entry.tokens)

@@ -65,6 +65,10 @@ class CacheKey:
     cache_type_v: str
     flash_attn: str
     n_gpu_layers: int
+    # What the kinds in a file mean. 2: as the cells come back (a sliding-window
+    # model's copies are `MOVED` unless settled, prompt_cache.kinds_as_restored); files
+    # of 1 recorded them as computed, which the runner no longer corrects on reading.
+    kinds_format: int = 2
 
     @property
     def digest(self) -> str:
