@@ -70,6 +70,7 @@ from dmr_llamacpp.runner.row_kinds import (
     exact_start,
     prompt_chunk_limit,
     row_kind,
+    settle_point,
 )
 from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
 from dmr_llamacpp.runner.slot_limit import SlotLimit
@@ -832,16 +833,17 @@ class BatchedGenerator:
         return shared
 
     def _settle_window(self, slot: _Slot) -> None:
-        """Copy a sliding-window model's prompt, decoded up to its last micro-batch, to
-        host memory, and set its cells back from that copy.
+        """Copy a sliding-window model's prompt, decoded up to the rows a repeat of it
+        decodes again (`_settles_at`), to host memory, and set its cells back from
+        that copy.
 
         A copy keeps only the window's cells, which come back at the start of the
         stream: a layout the kernels sum in another order than the cells had in place,
         and the copy lacks what a prefix of it would attend to (`window_reaches`). So
         a prompt's saves after its answer (`kinds_as_restored`: `MOVED`) can neither
         serve the same prompt again nor give its cold answer. This copy can: its
-        tokens are the prompt's but the last micro-batch, and the prompt goes on over
-        the very layout that restoring it gives, here, after an unload (written to
+        tokens are the prompt's but those last rows, and the prompt goes on over the
+        very layout that restoring it gives, here, after an unload (written to
         disk with the host cache) or in another slot. A repeated greedy prompt then
         gets the cold answer bit for bit (docs/scheduler.md).
         """
@@ -858,15 +860,14 @@ class BatchedGenerator:
         self.host_cache.keep(tuple(slot.tokens), state, slot.kinds.as_list(len(slot.tokens)))
         self._note_host_cache()
 
-    def _window_settles(self, slot: _Slot) -> bool:
-        """Whether the slot's prompt is now decoded up to its last micro-batch, beyond
-        its model's sliding window (`_settle_window`)."""
-        if self.host_cache is None or not self.model.n_swa or not slot.pending_prompt:
-            return False
-        assert slot.job is not None
-        length = len(slot.job.prompt)
-        last_start = length - (length % self.model.options.n_ubatch or self.model.options.n_ubatch)
-        return len(slot.tokens) == last_start > self.model.n_swa
+    def _settles_at(self, slot: _Slot) -> int:
+        """Where the slot's prompt is copied and goes on over the copy (`_settle_window`):
+        a sliding-window model's prompt longer than its window, before the rows that a
+        repeat of the prompt decodes again (row_kinds.settle_point); 0: nowhere."""
+        if self.host_cache is None or not self.model.n_swa or slot.job is None:
+            return 0
+        point = settle_point(len(slot.job.prompt), self.model.options.n_ubatch)
+        return point if point > self.model.n_swa else 0
 
     def _image_safe_prefix(self, tokens: list[int], common: int) -> int:
         """`common` moved back to the start of the image it would cut (the cells of a
@@ -1030,7 +1031,7 @@ class BatchedGenerator:
             first = first_rows[slot.seq_id]
             slot.kinds.write(first, rows, row_kind(rows, alone=alone, first_row=first))
         for slot in prefilled:
-            if self._window_settles(slot):
+            if slot.pending_prompt and len(slot.tokens) == self._settles_at(slot):
                 self._settle_window(slot)
         sampled = [slot for slot in self.slots if slot.busy and slot.output_index is not None]
         tokens = batch.n_tokens - len(fillers)
@@ -1120,6 +1121,9 @@ class BatchedGenerator:
                 break
             # Micro-batches that end where a cold prefill's do (row_kinds.py).
             take = min(room, prompt_chunk_limit(len(slot.tokens), self.model.options.n_ubatch))
+            settles_at = self._settles_at(slot)
+            if settles_at > len(slot.tokens):
+                take = min(take, settles_at - len(slot.tokens))
             if slot.job is not None and slot.job.images:
                 take = min(take, self._text_before_image(slot))
                 if take == 0:  # an image is next: decoded after this step

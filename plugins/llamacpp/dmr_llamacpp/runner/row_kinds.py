@@ -43,6 +43,7 @@ __all__ = [
     "prompt_chunk_limit",
     "repeat_tail",
     "row_kind",
+    "settle_point",
 ]
 
 MIXED, ALONE, SMALL, TILED, MOVED = 0, 1, 2, 3, 4
@@ -141,6 +142,21 @@ def repeat_tail(prompt_length: int, n_ubatch: int) -> int:
     if row_kind(1, alone=True, first_row=prompt_length - 1) == tail_kind:
         return 1
     return 2
+
+
+def settle_point(prompt_length: int, n_ubatch: int) -> int:
+    """Where a cold prefill may stop for a step and go on without changing any row's
+    kind: before the rows a repeat decodes again (`repeat_tail`), or where those rows
+    alone would change the kind of the rest of the last micro-batch, before that
+    micro-batch (a sliding-window model's prompt is copied there and goes on over
+    the copy: `BatchedGenerator._settle_window`)."""
+    last_micro_batch = prompt_length % n_ubatch or n_ubatch
+    last_start = prompt_length - last_micro_batch
+    split = last_micro_batch - repeat_tail(prompt_length, n_ubatch)
+    whole = row_kind(last_micro_batch, alone=True, first_row=last_start)
+    if split and row_kind(split, alone=True, first_row=last_start) != whole:
+        return last_start
+    return last_start + split
 
 
 def exact_start(kinds: RowKinds, reusable: int, prompt_length: int, n_ubatch: int) -> int:
