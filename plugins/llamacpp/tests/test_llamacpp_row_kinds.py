@@ -15,6 +15,7 @@ from dmr_llamacpp.runner.row_kinds import (
     prompt_chunk_limit,
     repeat_tail,
     row_kind,
+    settle_point,
 )
 
 U = 512  # micro-batch
@@ -86,3 +87,27 @@ def test_cells_copied_back_in_another_layout_are_kept_as_they_are() -> None:
     memory cost Gemma 3 a third more TTFT at 8 streams, for nothing exact."""
     assert exact_start(kinds((25, MOVED)), 25, 1825, U) == 25
     assert exact_start(kinds((1830, MOVED)), 1824, 1825, U) == 1824
+
+
+def test_a_sliding_window_prompt_settles_where_a_repeat_starts_decoding() -> None:
+    """The cold prefill stops there for one step (`BatchedGenerator._settle_window`)
+    without changing any row's kind, so a repeat restoring the copy made there and
+    decoding the rest gets the cold logits."""
+    # Last micro-batch of 313 rows: 249 then 64, both tiled.
+    assert settle_point(1825, U) == 1825 - 64 == 1825 - repeat_tail(1825, U)
+    # Of 30 rows (row by row): 28 then the last two, both row by row.
+    assert settle_point(1054, U) == 1052
+    # Of 100 rows: 36 then 64 would make the 36 row by row, not tiled: the whole micro-batch.
+    assert settle_point(1124, U) == 1024
+    # Of 3 rows: 1 then 2 would make the first one a split single row: the whole micro-batch.
+    assert settle_point(1027, U) == 1024
+    # Of one row: before it.
+    assert settle_point(1025, U) == 1024
+    for length in (1825, 1054, 1124, 1027, 1025, 600, 40):
+        point = settle_point(length, U)
+        last = length % U or U
+        whole = row_kind(last, alone=True, first_row=length - last)
+        assert length - point >= repeat_tail(length, U)
+        if point > length - last:  # split: both parts keep the whole micro-batch's kind
+            assert row_kind(point - (length - last), alone=True, first_row=length - last) == whole
+            assert row_kind(length - point, alone=True, first_row=point) == whole
