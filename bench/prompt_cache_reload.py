@@ -19,9 +19,10 @@ text. The figures are medians over the rounds; the targets (issue 28) are
 reload <= 2 x warm and cold >= 5 x reload, the reload's `cached_tokens` > 0, and
 the three answers of every round identical (greedy); the bench reports apart
 whether the reload's answer equals the warm one and the cold one (a greedy cache hit
-decodes the prompt's last tokens again so that its logits are a cold prefill's, but
-not over a sliding-window model's restored cells; docs/scheduler.md). Run it with the machine
-otherwise idle: on 2 cores anything else running moves every figure.
+decodes the prompt's last tokens again so that its logits are a cold prefill's; a
+sliding-window model's over the copy its cold prefill made before those tokens;
+docs/scheduler.md). Run it with the machine otherwise idle: on 2 cores anything else
+running moves every figure.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ Q8_0, with and without the AMX weight buffers, a row's values depend only on:
 - `MOVED`: copied back from host memory or disk into another layout of cells (a
   sliding-window model's: llama.cpp saves only the window's cells and sets them at
   the start of the stream), which the kernels sum in another order: never a cold
-  prefill's, and a cache hit keeps them too.
+  prefill's, and a cache hit keeps them too. But a sliding-window prompt's copy made
+  at its `settle_point`, over which the prompt went on: its kinds stand.
 
 A cold prefill decodes a prompt in micro-batches of `n_ubatch` from its first token, so
 all its rows but the last micro-batch's are `TILED`. A cached prefix whose rows are of
