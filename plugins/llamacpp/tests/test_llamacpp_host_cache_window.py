@@ -25,12 +25,14 @@ def state(size: int = 64) -> np.ndarray:
 
 
 def test_a_copy_reaches_back_its_window_only() -> None:
-    # A copy of 1,536 cells holds positions 1,024 on: it serves decoding from 1,536
-    # (rows attend to the 512 positions up to themselves), not from 1,535 or before.
+    # A copy of 1,536 cells holds positions 1,024 on: it serves decoding from 1,536,
+    # and from 1,535 (its last token again: that row attends to 1,024-1,535), but
+    # not from 1,534 or before (rows attend to the 512 positions up to their own).
     lowest = copy_lowest_position(WINDOW, 1536)
     assert lowest == 1024
     assert window_reaches(WINDOW, lowest, 1536)
-    assert not window_reaches(WINDOW, lowest, 1535)
+    assert window_reaches(WINDOW, lowest, 1535)
+    assert not window_reaches(WINDOW, lowest, 1534)
     # One no longer than the window holds everything; so does any copy without one.
     assert copy_lowest_position(WINDOW, 400) == 0 and window_reaches(WINDOW, 0, 5)
     assert copy_lowest_position(0, 5000) == 0 and window_reaches(0, 0, 1)
@@ -54,8 +56,11 @@ def test_a_copy_serves_only_prompts_it_reaches() -> None:
     assert entry is not None and len(entry.tokens) == 1761 and shared == 1761
     # A prompt that shares only a system prompt gets nothing from either.
     assert cache.best_match(prompt[:300] + [9] * 500) == (None, 0)
-    # A follow-up turn extends the answer's copy: served from its end.
+    # A follow-up turn extends the answer's copy: served from its end; so is the
+    # very prompt the copy holds (a preempted request taken up again).
     entry, shared = cache.best_match(prompt + [7] * 16 + [8] * 20)
+    assert entry is not None and shared == 1841
+    entry, shared = cache.best_match(prompt + [7] * 16)
     assert entry is not None and shared == 1841
 
 

@@ -45,14 +45,14 @@ def common_prefix_length(first: list[int], second: list[int]) -> int:
 def window_reaches(n_swa: int, lowest: int, start: int) -> bool:
     """Whether cells that hold positions from `lowest` on serve decoding from position
     `start` of a model attending over `n_swa` positions in its sliding-window layers
-    (0: none): the rows from `start` attend to the window before them, which must be
+    (0: none): a row attends to the `n_swa` positions up to its own, which must be
     there. Cells computed in place hold every position (llama.cpp's full-size window
     cache, its API's default), but a copy (`llama_state_seq_get_data`) keeps only the
     window of its last position: a saved prompt serves its own length, not a prefix
     reaching further back, and a slot that holds one cannot be cut back below it.
     (The window of a chunked or symmetric model reaches back less: checked for the
     widest, a standard window.)"""
-    return n_swa == 0 or lowest <= max(0, start - n_swa)
+    return n_swa == 0 or lowest <= max(0, start - n_swa + 1)
 
 
 def copy_lowest_position(n_swa: int, rows: int) -> int:
