@@ -19,12 +19,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from dmr.sample_model import cache_dir, ensure_smollm2_gguf
-from filelock import FileLock
+from dmr.sample_model import ensure_smollm2_gguf
 
-from bench.random_gguf import read_vocab, write_mamba
-from tests.fixtures.server import DmrServer, start_server
-from tests.fixtures.store import package_smollm2
+from bench.random_gguf import write_mamba
+from tests.fixtures.random_weights import cached_random_gguf, serving
+from tests.fixtures.server import DmrServer
 
 pytestmark = pytest.mark.llama
 
@@ -35,24 +34,19 @@ LIMIT = 12
 
 
 def ensure_random_mamba_gguf() -> Path:
-    """The cached GGUF (21 MiB), written once (safe across xdist workers)."""
-    target = cache_dir() / "samples" / FILENAME
-    with FileLock(str(target) + ".lock"):
-        if not target.exists():
-            partial = target.with_suffix(".partial")
-            vocab = read_vocab(ensure_smollm2_gguf())
-            write_mamba(vocab, partial, embedding=256, layers=4, name="random weights, Mamba")
-            partial.rename(target)
-    return target
+    """The cached GGUF (21 MiB), written once."""
+    return cached_random_gguf(
+        FILENAME,
+        lambda vocab, path: write_mamba(
+            vocab, path, embedding=256, layers=4, name="random weights, Mamba"
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
 def mamba_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DmrServer]:
-    tmp = tmp_path_factory.mktemp("dmr-mamba")
-    package_smollm2(tmp / "models", ensure_random_mamba_gguf(), TAG)
-    server = start_server(tmp)
-    yield server
-    server.stop()
+    with serving(tmp_path_factory.mktemp("dmr-mamba"), ensure_random_mamba_gguf(), TAG) as server:
+        yield server
 
 
 def chat(client: openai.OpenAI, text: str) -> tuple[str, int]:

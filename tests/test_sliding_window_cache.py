@@ -24,13 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dmr.sample_model import cache_dir, ensure_smollm2_gguf
 from dmr_llamacpp.runner.row_kinds import repeat_tail
-from filelock import FileLock
 
-from bench.random_gguf import read_vocab, write_model
-from tests.fixtures.server import DmrServer, start_server
-from tests.fixtures.store import package_smollm2
+from bench.random_gguf import write_model
+from tests.fixtures.random_weights import cached_random_gguf, serving
+from tests.fixtures.server import DmrServer
 
 pytestmark = pytest.mark.llama
 
@@ -52,33 +50,28 @@ ANSWER = 16
 
 
 def ensure_random_gemma3_gguf() -> Path:
-    """The cached GGUF (about 20 MiB), written once (safe across xdist workers)."""
-    target = cache_dir() / "samples" / FILENAME
-    with FileLock(str(target) + ".lock"):
-        if not target.exists():
-            partial = target.with_suffix(".partial")
-            write_model(
-                read_vocab(ensure_smollm2_gguf()),
-                partial,
-                weights="q8_0",
-                overrides=SHAPE,
-                name="random weights, Gemma 3, window 64 (SmolLM2 tokenizer)",
-                arch="gemma3",
-                head_size=64,
-                sliding_window=WINDOW,
-            )
-            partial.rename(target)
-    return target
+    """The cached GGUF (about 20 MiB), written once."""
+    return cached_random_gguf(
+        FILENAME,
+        lambda vocab, path: write_model(
+            vocab,
+            path,
+            weights="q8_0",
+            overrides=SHAPE,
+            name="random weights, Gemma 3, window 64 (SmolLM2 tokenizer)",
+            arch="gemma3",
+            head_size=64,
+            sliding_window=WINDOW,
+        ),
+    )
 
 
 @pytest.fixture
 def gemma3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DmrServer]:
     """A server of its own per test: what its unload saves is all the next runner reads."""
     tmp = tmp_path_factory.mktemp("dmr-sliding-window")
-    package_smollm2(tmp / "models", ensure_random_gemma3_gguf(), TAG)
-    server = start_server(tmp)
-    yield server
-    server.stop()
+    with serving(tmp, ensure_random_gemma3_gguf(), TAG) as server:
+        yield server
 
 
 def document(topic: str, sentences: int) -> str:
