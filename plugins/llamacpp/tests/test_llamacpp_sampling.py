@@ -4,27 +4,19 @@
 from __future__ import annotations
 
 import ctypes
+from dataclasses import replace
 
 import llama_cpp
 import pytest
-from dmr_llamacpp.runner.sampling import SamplingParams, _penalties
+from dmr_llamacpp.runner.sampling import _penalties
+from llamacpp_helpers import greedy_params
 
 N_VOCAB = 16
 
 
 def _penalised(history: list[int], repeat_last_n: int) -> set[int]:
     """The tokens whose logit the penalty sampler lowered, all logits starting at 1."""
-    params = SamplingParams(
-        temperature=0.8,
-        top_k=40,
-        top_p=0.95,
-        min_p=0.05,
-        repeat_penalty=2.0,
-        repeat_last_n=repeat_last_n,
-        presence_penalty=0.0,
-        frequency_penalty=0.0,
-        seed=1,
-    )
+    params = replace(greedy_params(8), repeat_penalty=2.0, repeat_last_n=repeat_last_n)
     sampler = _penalties(params, N_VOCAB, history, n_ctx=8)
     try:
         data = (llama_cpp.llama_token_data * N_VOCAB)(

@@ -55,8 +55,8 @@ from dmr_llamacpp.runner.model import Batch, LoadedModel
 from dmr_llamacpp.runner.prompt_cache import (
     HostPromptCache,
     common_prefix_length,
-    copy_lowest_position,
     copy_sequence_state,
+    copy_serves_prefixes,
     kinds_as_restored,
     restore_sequence_state,
     window_reaches,
@@ -454,7 +454,7 @@ class BatchedGenerator:
         def extended(tokens: tuple[int, ...]) -> bool:
             return any(
                 other.tokens[: len(tokens)] == tokens
-                and copy_lowest_position(self.model.n_swa, len(other.tokens)) == 0
+                and copy_serves_prefixes(self.model.n_swa, len(other.tokens))
                 for other in chosen
             )
 

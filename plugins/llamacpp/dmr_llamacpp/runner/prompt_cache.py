@@ -21,6 +21,7 @@ __all__ = [
     "common_prefix_length",
     "copy_lowest_position",
     "copy_sequence_state",
+    "copy_serves_prefixes",
     "kinds_as_restored",
     "restore_sequence_state",
     "window_reaches",
@@ -60,12 +61,18 @@ def copy_lowest_position(n_swa: int, rows: int) -> int:
     return max(0, rows - n_swa) if n_swa else 0
 
 
+def copy_serves_prefixes(n_swa: int, rows: int) -> bool:
+    """Whether a copy of `rows` cells holds them all, so it serves every prefix of its
+    tokens (no window, or one that reaches back to the first)."""
+    return copy_lowest_position(n_swa, rows) == 0
+
+
 def kinds_as_restored(kinds: RowKinds, rows: int, n_swa: int) -> list[tuple[int, int]]:
     """The kinds of kernel (row_kinds.py) a copy of a sequence's `rows` cells has once
     copied back: as computed, or `MOVED` where the window dropped cells from the copy,
     as the rest then lands at the start of the stream, a layout the kernels sum in
     another order than the cells had (but `BatchedGenerator._settle_window`'s copies)."""
-    if n_swa and rows > n_swa:
+    if not copy_serves_prefixes(n_swa, rows):
         return [(rows, MOVED)]
     return kinds.as_list(rows)
 
@@ -150,7 +157,7 @@ class HostPromptCache:
         if not key or key in self._entries or size > self.budget_bytes:
             return False
         # A saved prompt that this one extends can only serve requests this one serves too.
-        if self.serves_prefixes(len(key)):
+        if copy_serves_prefixes(self.n_swa, len(key)):
             for older in [old for old in self._entries if key[: len(old)] == old]:
                 self._drop(older)
         while self._entries and self.bytes_used + size > self.budget_bytes:
@@ -158,10 +165,6 @@ class HostPromptCache:
         self._entries[key] = SavedPrompt(key, state, tuple(kinds))
         self.bytes_used += size
         return True
-
-    def serves_prefixes(self, rows: int) -> bool:
-        """Whether a copy of `rows` cells serves every prefix of its tokens."""
-        return copy_lowest_position(self.n_swa, rows) == 0
 
     def newest_first(self) -> list[SavedPrompt]:
         return list(reversed(self._entries.values()))
@@ -186,7 +189,7 @@ class HostPromptCache:
         slot's later copy would not serve; one kept in part stays, as the most
         recently used: the slot cuts the rest of its cells, which were lost with the
         entry (a sibling conversation sharing a system prompt took them for good)."""
-        if keeps >= len(entry.tokens) and self.serves_prefixes(len(entry.tokens)):
+        if keeps >= len(entry.tokens) and copy_serves_prefixes(self.n_swa, len(entry.tokens)):
             self._drop(entry.tokens)
         elif entry.tokens in self._entries:  # (a save just before may have pushed it out)
             self._entries.move_to_end(entry.tokens)
