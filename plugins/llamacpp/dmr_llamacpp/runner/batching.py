@@ -1208,8 +1208,11 @@ class BatchedGenerator:
             # sampler's grammar and penalties do not see it).
             token = slot.forced.pop(0)
         else:
-            token = int(
-                llama_cpp.llama_sampler_sample(slot.sampler, self.model.ctx, slot.output_index)
+            greedy = self.model.greedy_token(slot.output_index) if params.plain_greedy else None
+            token = (
+                int(llama_cpp.llama_sampler_sample(slot.sampler, self.model.ctx, slot.output_index))
+                if greedy is None
+                else greedy  # the chain is `greedy` alone, which keeps no state to accept
             )
         # Counted before the end-of-generation check: llama-server counts the end token
         # in `completion_tokens` too (its `n_decoded`), and usage must match it.

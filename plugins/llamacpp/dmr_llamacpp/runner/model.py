@@ -7,6 +7,7 @@ batching needs the context, the vocabulary and `llama_batch` directly.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class LoadedModel:
             raise RuntimeError(f"failed to load model {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._logits_row = ctypes.c_float * self.n_vocab
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.metadata = self._read_metadata()
@@ -275,6 +277,24 @@ class LoadedModel:
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def greedy_token(self, output_index: int) -> int | None:
+        """The token llama.cpp's greedy sampler picks for one batch output: the first
+        of the highest logits (None: ask the sampler chain, for an output without
+        logits or a NaN among the highest, where the two would differ).
+
+        `llama_sampler_sample` first copies every logit into a candidate array of
+        n_vocab entries and scans that; after a decode has swept the caches it took
+        0.12 ms a step for a 49,152-token vocabulary in the runner (docs/benchmarks.md,
+        session 24). Reading the logits in place takes a few microseconds."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, output_index)
+        if not pointer:
+            return None
+        logits = np.frombuffer(
+            self._logits_row.from_address(ctypes.addressof(pointer.contents)), dtype=np.float32
+        )
+        token = int(logits.argmax())
+        return None if math.isnan(logits[token]) else token
 
     def logits(self, output_index: int) -> np.ndarray:
         """A copy of the raw logits of one batch output (before any sampler)."""

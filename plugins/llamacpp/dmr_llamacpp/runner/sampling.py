@@ -53,6 +53,26 @@ class SamplingParams:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def penalising(self) -> bool:
+        return (
+            self.repeat_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the chain is llama.cpp's greedy sampler alone (`build_sampler_chain`):
+        its token is then the highest logit, which the runner reads itself
+        (`LoadedModel.greedy_token`) instead of calling the chain."""
+        return (
+            self.temperature <= 0
+            and not self.grammar
+            and not self.logit_bias
+            and not self.penalising
+        )
+
+    @property
     def reproducible(self) -> bool:
         """Whether the same prompt must give the same answer: greedy, or seeded."""
         return self.seed is not None or self.temperature <= 0 or self.top_k == 1
@@ -82,12 +102,7 @@ def build_sampler_chain(
             llama_cpp.llama_sampler_chain_add(chain, grammar)
         if params.logit_bias:
             llama_cpp.llama_sampler_chain_add(chain, _logit_bias_sampler(params, n_vocab))
-        penalising = (
-            params.repeat_penalty != 1.0
-            or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0
-        )
-        if penalising:
+        if params.penalising:
             penalties = _penalties(params, n_vocab, history, n_ctx or n_vocab)
             llama_cpp.llama_sampler_chain_add(chain, penalties)
         if params.temperature <= 0:
