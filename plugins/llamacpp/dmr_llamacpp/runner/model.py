@@ -286,7 +286,7 @@ class LoadedModel:
         `llama_sampler_sample` first copies every logit into a candidate array of
         n_vocab entries and scans that; after a decode has swept the caches it took
         0.12 ms a step for a 49,152-token vocabulary in the runner (docs/benchmarks.md,
-        session 24). Reading the logits in place takes a few microseconds."""
+        session 24). Reading the logits in place took 0.04 ms there."""
         pointer = llama_cpp.llama_get_logits_ith(self.ctx, output_index)
         if not pointer:
             return None

@@ -54,6 +54,7 @@ class SamplingParams:
 
     @property
     def penalising(self) -> bool:
+        """Whether the chain holds llama.cpp's penalty sampler (`_penalties`)."""
         return (
             self.repeat_penalty != 1.0
             or self.presence_penalty != 0.0
