@@ -12,6 +12,7 @@ from dmr.testing import CPU, short_socket
 from dmr_llamacpp.engine import LlamaCppEngine
 
 if TYPE_CHECKING:
+    from dmr_llamacpp.runner.batching import BatchedGenerator, Finished
     from dmr_llamacpp.runner.model import LoadedModel
     from dmr_llamacpp.runner.sampling import SamplingParams
 
@@ -94,3 +95,22 @@ def greedy_params(max_tokens: int) -> SamplingParams:
         max_tokens=max_tokens,
         ignore_eos=True,
     )
+
+
+async def generated(
+    generator: BatchedGenerator, text: str, params: SamplingParams
+) -> tuple[str, Finished]:
+    """`text`'s answer from an in-process decode loop: its text and its `Finished`
+    event (a `Failed` one fails the test)."""
+    from dmr_llamacpp.runner.batching import Failed, Finished, GenerationJob
+
+    job = GenerationJob(generator.model.tokenize(text, add_special=True), params)
+    generator.submit(job)
+    parts: list[str] = []
+    while True:
+        event = await job.events.get()
+        if isinstance(event, Failed):
+            raise AssertionError(event)
+        if isinstance(event, Finished):
+            return "".join(parts), event
+        parts.append(event.text)

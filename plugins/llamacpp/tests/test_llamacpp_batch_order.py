@@ -18,9 +18,9 @@ from pathlib import Path
 
 import llama_cpp
 import pytest
-from dmr_llamacpp.runner.batching import BatchedGenerator, Failed, Finished, GenerationJob
+from dmr_llamacpp.runner.batching import BatchedGenerator
 from dmr_llamacpp.runner.model import Batch, LoadedModel
-from llamacpp_helpers import greedy_params, slot_streams_model
+from llamacpp_helpers import generated, greedy_params, slot_streams_model
 
 pytestmark = pytest.mark.llama
 
@@ -66,16 +66,8 @@ def one_pass(ids: list[int]) -> bool:
 
 async def answer(generator: BatchedGenerator, text: str, max_tokens: int) -> tuple[str, int]:
     """The answer's tokens as text, and the prompt tokens taken from the slot's cache."""
-    job = GenerationJob(generator.model.tokenize(text, add_special=True), greedy_params(max_tokens))
-    generator.submit(job)
-    parts: list[str] = []
-    while True:
-        event = await job.events.get()
-        if isinstance(event, Failed):
-            raise AssertionError(event)
-        if isinstance(event, Finished):
-            return "".join(parts), event.cached_tokens
-        parts.append(event.text)
+    answered, finished = await generated(generator, text, greedy_params(max_tokens))
+    return answered, finished.cached_tokens
 
 
 async def test_a_burst_in_slots_taken_out_of_order_decodes_in_one_pass(

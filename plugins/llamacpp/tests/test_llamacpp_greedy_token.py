@@ -16,10 +16,10 @@ from typing import Any
 import llama_cpp
 import numpy as np
 import pytest
-from dmr_llamacpp.runner.batching import BatchedGenerator, Failed, Finished, GenerationJob
+from dmr_llamacpp.runner.batching import BatchedGenerator
 from dmr_llamacpp.runner.model import Batch, LoadedModel
 from dmr_llamacpp.runner.sampling import SamplingParams, build_sampler_chain
-from llamacpp_helpers import greedy_params, slot_streams_model
+from llamacpp_helpers import generated, greedy_params, slot_streams_model
 
 pytestmark = pytest.mark.llama
 
@@ -110,16 +110,7 @@ def test_an_output_without_logits_leaves_the_token_to_the_chain(model: LoadedMod
 
 
 async def _answer(generator: BatchedGenerator, params: SamplingParams) -> str:
-    job = GenerationJob(generator.model.tokenize(PROMPT, add_special=True), params)
-    generator.submit(job)
-    parts: list[str] = []
-    while True:
-        event = await job.events.get()
-        if isinstance(event, Failed):
-            raise AssertionError(event)
-        if isinstance(event, Finished):
-            return "".join(parts)
-        parts.append(event.text)
+    return (await generated(generator, PROMPT, params))[0]
 
 
 def test_the_decode_loop_reads_greedy_tokens_without_the_chain(
