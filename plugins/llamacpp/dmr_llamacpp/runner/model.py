@@ -287,19 +287,28 @@ class LoadedModel:
         n_vocab entries and scans that; after a decode has swept the caches it took
         0.12 ms a step for a 49,152-token vocabulary in the runner (docs/benchmarks.md,
         session 24). Reading the logits in place took 0.04 ms there."""
-        pointer = llama_cpp.llama_get_logits_ith(self.ctx, output_index)
-        if not pointer:
+        logits = self._logits_in_place(output_index)
+        if logits is None:
             return None
-        logits = np.frombuffer(
-            self._logits_row.from_address(ctypes.addressof(pointer.contents)), dtype=np.float32
-        )
         token = int(logits.argmax())
         return None if math.isnan(logits[token]) else token
 
     def logits(self, output_index: int) -> np.ndarray:
         """A copy of the raw logits of one batch output (before any sampler)."""
+        logits = self._logits_in_place(output_index)
+        if logits is None:
+            raise RuntimeError(f"batch output {output_index} has no logits")
+        return logits.copy()
+
+    def _logits_in_place(self, output_index: int) -> np.ndarray | None:
+        """The context's own logits of one batch output, valid until the next decode
+        (None: the output has none)."""
         pointer = llama_cpp.llama_get_logits_ith(self.ctx, output_index)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+        if not pointer:
+            return None
+        return np.frombuffer(
+            self._logits_row.from_address(ctypes.addressof(pointer.contents)), dtype=np.float32
+        )
 
     def embedding(self, seq_id: int, size: int) -> np.ndarray:
         pointer = llama_cpp.llama_get_embeddings_seq(self.ctx, seq_id)
