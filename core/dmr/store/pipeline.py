@@ -1,23 +1,22 @@
-"""A blob's bytes on their way in: received, written and hashed by three threads.
+"""A blob's bytes on their way in: received by one thread, written and hashed by another.
 
 A download thread that receives, writes and hashes each chunk in turn costs the sum
-of the three; each is about as heavy as the others here (the hash about 1.4 GB/s
-with SHA-NI, a write into the page cache about as fast, a receive through requests
-a little faster). Sockets, file writes and hashlib all release the GIL on large
-buffers, so the download thread only receives and hands each chunk to a writer
-thread and a hashing thread: the pull then costs about the slowest of the three, not
-their sum (docs/benchmarks.md, "Pull speed"). The queues are bounded, so memory
-stays small and the slowest stage paces the download.
+of the three. Sockets, file writes and hashlib all release the GIL on large
+buffers, so the download thread only receives and hands each chunk to a
+`ChunkWorker`, which writes it and then hashes it while it is still in that core's
+cache (`blobs.BlobWriter`). A hashing thread of its own would read every chunk from
+memory again, cold, and hash about a third slower (docs/benchmarks.md, "Pull
+speed"). The queue is bounded, so memory stays small and the slower side paces the
+download.
 """
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from collections.abc import Callable
 
-__all__ = ["QUEUE_DEPTH", "BackgroundHasher", "Chunk", "ChunkWorker"]
+__all__ = ["QUEUE_DEPTH", "Chunk", "ChunkWorker"]
 
 # Chunks waiting in a stage: the caller blocks beyond this (8 MiB for 1 MiB chunks).
 QUEUE_DEPTH = 8
@@ -62,26 +61,6 @@ class ChunkWorker:
         if thread is not None:
             self._chunks.put(None)
             thread.join()
-
-
-class BackgroundHasher:
-    """sha256 of the chunks handed to `update`, computed by a `ChunkWorker`."""
-
-    def __init__(self) -> None:
-        self._hasher = hashlib.sha256()
-        self._worker = ChunkWorker(self._hasher.update, "dmr-sha256")
-
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        self._worker.put(data)
-
-    def close(self) -> None:
-        self._worker.close()
-
-    def hexdigest(self) -> str:
-        self._worker.close()
-        if self._worker.failure is not None:
-            raise self._worker.failure
-        return self._hasher.hexdigest()
 
 
 def _frozen(data: bytes | bytearray | memoryview) -> Chunk:
