@@ -94,10 +94,10 @@ class BlobWriter:
     The caller's thread only hands each chunk on: a writer thread writes it to disk
     and then hashes it, a quarter MiB at a time, while the write has left it in that
     core's cache (`pipeline`). So `commit()` reads nothing back and each byte is read
-    from memory once. The file's writeback
-    to disk starts as it grows (`writeback`), so the fsync before the rename has
-    little left to do. A write that failed in the writer thread (a full disk) is
-    raised by the next `write()` or by `commit()`.
+    from memory once. The file's writeback to disk starts as it grows
+    (`writeback`), so the fsync before the rename has little left to do. A write
+    that failed in the writer thread (a full disk) is raised by the next `write()`
+    or by `commit()`.
 
     A per-blob file lock keeps two pulls of the same model from appending to the
     same partial file; the second one waits and then finds the blob complete.
@@ -152,7 +152,7 @@ class BlobWriter:
         self._on_disk = self.offset = existing
 
     def _write_to_disk(self, chunk: Chunk) -> None:
-        """In the writer thread: append `chunk` and let its writeback start."""
+        """In the writer thread: append `chunk`, hash it and let its writeback start."""
         if self._handle is None or self._writeback is None:
             raise StoreError(f"blob writer for {self.digest} is closed")
         view = memoryview(chunk)
