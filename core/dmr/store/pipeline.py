@@ -3,11 +3,11 @@
 A download thread that receives, writes and hashes each chunk in turn costs the sum
 of the three. Sockets, file writes and hashlib all release the GIL on large
 buffers, so the download thread only receives and hands each chunk to a
-`ChunkWorker`, which writes it and then hashes it while it is still in that core's
-cache (`blobs.BlobWriter`). A hashing thread of its own would read every chunk from
-memory again, cold, and hash about a third slower (docs/benchmarks.md, "Pull
-speed"). The queue is bounded, so memory stays small and the slower side paces the
-download.
+`ChunkWorker`, whose thread writes it and then hashes it while it is still in that
+core's cache (`blobs.BlobWriter._write_to_disk`). A hashing thread of its own
+would read every chunk from memory again, cold, and hash about a third slower
+(docs/benchmarks.md, "Pull speed"). The queue is bounded, so memory stays small and
+the slower side paces the download.
 """
 
 from __future__ import annotations
