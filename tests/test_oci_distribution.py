@@ -214,8 +214,12 @@ async def test_pull_hashes_as_it_writes_and_reads_no_blob_back(
     # The weights were verified while they were written: after the download only
     # their GGUF header is read (the check that it is a model), never the 6 MB again.
     assert reads[blob] < 4096, reads
-    assert reads[target.layout.incomplete_blob(digest).resolve()] == 0
-    assert sum(reads.values()) < 64 * 1024, reads
+    # The registry is plain HTTP, so the kernel moved the body into the file and
+    # the hash read it from the page cache a window behind: each byte at most once,
+    # all of it before the blob was published (reads after count against `blob`).
+    partial = reads[target.layout.incomplete_blob(digest).resolve()]
+    assert 0 < partial <= size, reads
+    assert sum(reads.values()) < partial + 64 * 1024, reads
     # No copy either: the bundle's weights are the blob itself (a hard link).
     assert (copy.bundle_dir / "model" / "model.gguf").stat().st_ino == blob.stat().st_ino
     assert size == 6_000_000 + len(tiny_gguf(tag, 0))

@@ -10,6 +10,7 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
 from dmr.errors import ConflictError, InvalidRequestError, ModelNotFoundError, StoreError
-from dmr.store import Store
+from dmr.store import BlobWriter, Store, splice
 from dmr.store.writeback import WRITEBACK_STEP
 
 from tests.test_packaging import tiny_gguf
@@ -154,17 +155,21 @@ class _CacheStatRange(ctypes.Structure):
     _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
 
 
-def _dirty_pages(path: Path) -> int:
-    """The file's dirty pages in the page cache (Linux 6.5+ `cachestat`)."""
+def _cache_stat(path: Path) -> _CacheStat:
+    """The file's pages in the page cache (Linux 6.5+ `cachestat`)."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
     try:
         stat = _CacheStat()
         if libc.syscall(451, fd, ctypes.byref(_CacheStatRange(0, 0)), ctypes.byref(stat), 0):
             pytest.skip(f"no cachestat here: {os.strerror(ctypes.get_errno())}")
-        return int(stat.dirty)
+        return stat
     finally:
         os.close(fd)
+
+
+def _dirty_pages(path: Path) -> int:
+    return int(_cache_stat(path).dirty)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range and cachestat are Linux's")
@@ -183,6 +188,119 @@ def test_blob_writer_sends_pages_to_disk_while_it_writes(tmp_path: Path) -> None
         assert dirty <= at_most, f"{dirty} of {3 * WRITEBACK_STEP} bytes still dirty"
         writer.commit()
     assert store.blob_path(digest).stat().st_size == len(chunk) * count
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(sender, receiver): a TCP connection on 127.0.0.1, as a registry's would be."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sender = socket.create_connection(server.getsockname())
+        receiver, _ = server.accept()
+    receiver.settimeout(30)  # as requests leaves it: non-blocking underneath
+    return sender, receiver
+
+
+def _send_and_close(sender: socket.socket, data: bytes) -> threading.Thread:
+    def send() -> None:
+        with sender:
+            sender.sendall(data)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+def _receive_all(writer: BlobWriter, receiver: socket.socket, count: int) -> int:
+    """Splice up to `count` bytes from `receiver` in steps, as the registry client does."""
+    moved = 0
+    while moved < count:
+        step = writer.receive_socket(
+            receiver.fileno(), min(splice.SPLICE_STEP, count - moved), 30.0
+        )
+        if not step:
+            break
+        moved += step
+    return moved
+
+
+needs_splice = pytest.mark.skipif(not splice.available(), reason="splice is Linux's")
+
+
+@needs_splice
+def test_blob_writer_takes_a_socket_body_in_the_kernel_between_written_chunks(
+    tmp_path: Path,
+) -> None:
+    # Several hash windows and an odd tail: the hashing thread must cover every
+    # spliced byte, in order with the chunks written before and after them.
+    store = Store.open(tmp_path / "models")
+    data = os.urandom(3 * splice.HASH_WINDOW + 12_345)
+    head, body, tail = data[:1000], data[1000:-5000], data[-5000:]
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    sender, receiver = _tcp_pair()
+    feeder = _send_and_close(sender, body)
+    with receiver, store.blob_writer(digest, len(data)) as writer:
+        writer.write(head)
+        assert _receive_all(writer, receiver, len(body)) == len(body)
+        writer.write(tail)
+        writer.commit()
+    feeder.join(30)
+    blob = store.blob_path(digest)
+    assert blob.read_bytes() == data
+    # Moved through the page cache, not past it: the runner that loads the model
+    # next finds it in memory.
+    pages = -(-len(data) // mmap.PAGESIZE)
+    assert _cache_stat(blob).cache >= 0.9 * pages
+
+
+@needs_splice
+def test_a_spliced_body_that_is_not_the_blob_is_refused(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "models")
+    data = os.urandom(2 * splice.HASH_WINDOW)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    bad = bytearray(data)
+    bad[splice.HASH_WINDOW + 7] ^= 0xFF
+    sender, receiver = _tcp_pair()
+    feeder = _send_and_close(sender, bytes(bad))
+    with receiver, store.blob_writer(digest, len(data)) as writer:
+        _receive_all(writer, receiver, len(data))
+        with pytest.raises(StoreError, match="digest mismatch"):
+            writer.commit()
+    feeder.join(30)
+    assert not store.has_blob(digest)
+    assert not store.layout.incomplete_blob(digest).exists()
+
+
+@needs_splice
+def test_a_socket_body_cut_short_resumes_from_what_reached_the_file(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "models")
+    data = os.urandom(3_000_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    sender, receiver = _tcp_pair()
+    feeder = _send_and_close(sender, data[:2_000_000])  # then the connection drops
+    with receiver, store.blob_writer(digest, len(data)) as writer:
+        assert _receive_all(writer, receiver, len(data)) == 2_000_000
+        assert writer.offset == 2_000_000
+    feeder.join(30)
+    with store.blob_writer(digest, len(data)) as writer:
+        assert writer.offset == 2_000_000
+        writer.write(data[2_000_000:])
+        writer.commit()
+    assert store.blob_path(digest).read_bytes() == data
+
+
+@needs_splice
+def test_a_silent_socket_times_out_and_keeps_nothing_half_done(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "models")
+    data = b"x" * 10_000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    sender, receiver = _tcp_pair()
+    with sender, receiver, store.blob_writer(digest, len(data)) as writer:
+        with pytest.raises(TimeoutError):
+            writer.receive_socket(receiver.fileno(), len(data), 0.2)
+        assert writer.offset == 0
+        sender.sendall(data)  # the registry wakes up: the same writer goes on
+        assert _receive_all(writer, receiver, len(data)) == len(data)
+        writer.commit()
+    assert store.blob_path(digest).read_bytes() == data
 
 
 def test_purge_refuses_a_directory_that_is_no_store(tmp_path: Path) -> None:

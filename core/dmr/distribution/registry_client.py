@@ -12,6 +12,7 @@ streamed, resumable blob transfers.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import random
 import threading
@@ -29,6 +30,7 @@ import requests
 from dmr.distribution.progress import TransferCancelledError
 from dmr.errors import ModelNotFoundError, RegistryError
 from dmr.media_types import MANIFEST_MAX_BYTES
+from dmr.store import splice
 
 if TYPE_CHECKING:
     from dmr.distribution.credentials import RegistryCredentials
@@ -80,6 +82,7 @@ class BlobSink(Protocol):
     offset: int
 
     def write(self, data: bytes) -> Any: ...
+    def receive_socket(self, socket_fd: int, count: int, timeout: float) -> int: ...
     def commit(self) -> Any: ...
 
 
@@ -87,6 +90,20 @@ def _first_line(error: BaseException) -> str:
     # requests wraps urllib3's errors in tuples: keep the first readable part.
     text = str(error.args[0]) if error.args else str(error)
     return text.splitlines()[0][:200] if text else repr(error)
+
+
+def _plain_body(response: requests.Response) -> http.client.HTTPResponse | None:
+    """The `http.client` response under a body whose bytes on the socket are the
+    blob's own: plain HTTP (not TLS), no Content-Encoding, a Content-Length, not
+    chunked. urllib3 keeps it as `_fp`; None where any of that does not hold."""
+    if not response.url.lower().startswith("http://"):
+        return None
+    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        return None
+    body = getattr(response.raw, "_fp", None)
+    if not isinstance(body, http.client.HTTPResponse) or body.chunked or body.length is None:
+        return None
+    return body
 
 
 def _backoff(attempt: int) -> float:
@@ -335,21 +352,10 @@ class RegistryClient(oras.provider.Registry):  # type: ignore[misc]
                         f"registry {self.host} answered {response.status_code} for blob {digest}"
                     )
                 try:
-                    for chunk in response.iter_content(CHUNK_SIZE):
-                        self._check_stop()
-                        if skip:
-                            dropped = min(skip, len(chunk))
-                            chunk, skip = chunk[dropped:], skip - dropped
-                            if not chunk:
-                                continue
-                        if offset + len(chunk) > size:
-                            raise RegistryError(
-                                f"blob {digest} from {self.host} is larger than its descriptor"
-                            )
-                        sink.write(chunk)
-                        offset += len(chunk)
-                        on_bytes(offset)
+                    if skip or not self._splice_body(response, sink, digest, size, on_bytes):
+                        self._stream_body(response, skip, sink, digest, size, on_bytes)
                 except _BODY_BROKEN as error:
+                    offset = sink.offset  # what came before the break stays
                     failures += 1
                     if failures >= ATTEMPTS:
                         raise RegistryError(
@@ -359,11 +365,75 @@ class RegistryClient(oras.provider.Registry):  # type: ignore[misc]
                         ) from error
                     time.sleep(_backoff(failures))
                     continue
+            offset = sink.offset
             if offset < size:
                 failures += 1
                 if failures >= ATTEMPTS:
                     raise RegistryError(f"download of {digest} from {self.host} ended early")
         sink.commit()
+
+    def _stream_body(
+        self,
+        response: requests.Response,
+        skip: int,
+        sink: BlobSink,
+        digest: str,
+        size: int,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        """Hand the body to `sink` chunk by chunk, dropping its first `skip` bytes."""
+        for chunk in response.iter_content(CHUNK_SIZE):
+            self._check_stop()
+            if skip:
+                dropped = min(skip, len(chunk))
+                chunk, skip = chunk[dropped:], skip - dropped
+                if not chunk:
+                    continue
+            if sink.offset + len(chunk) > size:
+                raise RegistryError(f"blob {digest} from {self.host} is larger than its descriptor")
+            sink.write(chunk)
+            on_bytes(sink.offset)
+
+    def _splice_body(
+        self,
+        response: requests.Response,
+        sink: BlobSink,
+        digest: str,
+        size: int,
+        on_bytes: Callable[[int], None],
+    ) -> bool:
+        """Let the kernel move the body from the socket into the blob's file (`splice`),
+        where it is the blob's bytes as sent; False, having read nothing, where not."""
+        body = _plain_body(response)
+        if body is None or not splice.available():
+            return False
+        assert body.length is not None
+        if sink.offset + body.length > size:
+            raise RegistryError(f"blob {digest} from {self.host} is larger than its descriptor")
+        try:
+            # What http.client read past the headers: after it, nothing sits above the socket.
+            head = body.read1(min(body.length, 1 << 16))
+        except (OSError, http.client.HTTPException) as error:
+            raise requests.ConnectionError(f"{type(error).__name__}: {error}") from error
+        sink.write(head)
+        on_bytes(sink.offset)
+        remaining = body.length  # read1 counted the head off
+        socket_fd = body.fileno()
+        try:
+            while remaining:
+                self._check_stop()
+                moved = sink.receive_socket(
+                    socket_fd, min(splice.SPLICE_STEP, remaining), TIMEOUT[1]
+                )
+                if not moved:
+                    raise requests.ConnectionError(
+                        f"the connection closed {remaining} bytes before the end of the body"
+                    )
+                remaining -= moved
+                on_bytes(sink.offset)
+        except (ConnectionError, TimeoutError) as error:
+            raise requests.ConnectionError(f"{type(error).__name__}: {error}") from error
+        return True
 
     # ------------------------------------------------------------------ push
 

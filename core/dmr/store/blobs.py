@@ -15,15 +15,14 @@ from typing import BinaryIO
 from filelock import FileLock
 
 from dmr.errors import InsufficientStorageError, StoreError
+from dmr.store import splice
 from dmr.store.layout import StoreLayout, digest_hex
-from dmr.store.pipeline import Chunk, ChunkWorker
+from dmr.store.pipeline import HOT_SLICE, Chunk, ChunkWorker, frozen
 from dmr.store.writeback import EarlyWriteback
 
 __all__ = ["CHUNK", "BlobWriter", "copy_into_blobs", "hash_file", "link_or_copy", "put_bytes"]
 
 CHUNK = 1 << 20
-# Bytes written and then hashed at a time: small enough to stay in a core's L2 cache.
-HOT_SLICE = 256 << 10
 
 
 def hash_file(path: Path) -> tuple[str, int]:
@@ -93,11 +92,13 @@ class BlobWriter:
 
     The caller's thread only hands each chunk on: a writer thread writes it to disk
     and then hashes it, a quarter MiB at a time, while the write has left it in that
-    core's cache (`pipeline`). So `commit()` reads nothing back and each byte is read
-    from memory once. The file's writeback to disk starts as it grows
-    (`writeback`), so the fsync before the rename has little left to do. A write
-    that failed in the writer thread (a full disk) is raised by the next `write()`
-    or by `commit()`.
+    core's cache (`pipeline`). A body that comes on a plain socket can instead be
+    moved into the file by the kernel (`receive_socket`), and a hashing thread hashes
+    it from the page cache behind the copy (`splice`). Either way `commit()` reads
+    nothing back and each byte is read from memory once. The file's writeback to disk
+    starts as it grows (`writeback`), so the fsync before the rename has little left
+    to do. A write that failed in a thread of its own (a full disk) is raised by the
+    next `write()` or `receive_socket()`, or by `commit()`.
 
     A per-blob file lock keeps two pulls of the same model from appending to the
     same partial file; the second one waits and then finds the blob complete.
@@ -113,7 +114,12 @@ class BlobWriter:
         self._lock = FileLock(str(self.partial_path) + ".lock")
         self._lock.acquire()
         self._hasher = hashlib.sha256()  # updated in the writer thread, after each write
-        self._disk = ChunkWorker(self._write_to_disk, "dmr-blob-write")
+        self._disk: ChunkWorker[Chunk] = ChunkWorker(self._write_to_disk, "dmr-blob-write")
+        # While bytes are spliced in: the pipe, and the thread hashing up to a file offset.
+        self._pipe: splice.Pipe | None = None
+        self._hashing: ChunkWorker[int] = ChunkWorker(self._hash_up_to, "dmr-blob-hash")
+        self._hashed_to = 0  # the hashing thread's own count
+        self._hash_queued_to = 0
         self._handle: BinaryIO | None = None
         self._writeback: EarlyWriteback | None = None
         self._on_disk = 0  # bytes in the file; the writer thread's own count
@@ -134,7 +140,8 @@ class BlobWriter:
         existing = self.partial_path.stat().st_size if self.partial_path.exists() else 0
         if self.size >= 0 and existing > self.size:
             existing = 0  # longer than the blob can be: garbage, start again
-        handle = self.partial_path.open("r+b" if existing else "wb")
+        # Readable too: spliced bytes are hashed as they are read back from the page cache.
+        handle = self.partial_path.open("r+b" if existing else "w+b")
         handle.truncate(existing)
         # Prime the hash with the bytes already there, so the resumed blob is
         # verified as a whole on commit.
@@ -173,11 +180,84 @@ class BlobWriter:
             self.abort()
             raise StoreError(f"blob {self.digest} is larger than its declared size {self.size}")
         self._raise_disk_failure()
-        self._disk.put(data)
+        if not data:
+            return
+        self._stop_splicing()
+        self._disk.put(frozen(data))
         self.offset += len(data)
 
+    def receive_socket(self, socket_fd: int, count: int, timeout: float) -> int:
+        """Move up to `count` bytes of the blob from a plain socket into the file, in the
+        kernel (`splice`); returns how many, 0 when the peer closed. Network trouble
+        raises `ConnectionError` or `TimeoutError`, a full disk `InsufficientStorageError`.
+        """
+        if self.committed:
+            return 0
+        if self._handle is None or self._writeback is None:
+            raise StoreError(f"blob writer for {self.digest} is closed")
+        if self.size >= 0:
+            count = min(count, self.size - self.offset)
+        if count <= 0:
+            return 0
+        self._raise_disk_failure()
+        pipe = self._start_splicing()
+        self._raise_disk_failure()  # from the chunks written before the switch
+        try:
+            moved = pipe.fill_from_socket(socket_fd, count, timeout)
+        except TimeoutError:
+            raise
+        except OSError as error:
+            raise ConnectionError(f"{type(error).__name__}: {error}") from error
+        if not moved:
+            return 0
+        try:
+            pipe.drain_to_file(self._handle.fileno(), self._on_disk, moved)
+        except OSError as error:
+            self._disk.failure = error  # reported as any writer thread's failure is
+            self._raise_disk_failure()
+            raise
+        self._on_disk += moved
+        self.offset += moved
+        self._writeback.advance(self._on_disk)
+        if self.offset - self._hash_queued_to >= splice.HASH_WINDOW:
+            self._queue_hash()
+        return moved
+
+    def _start_splicing(self) -> splice.Pipe:
+        if self._pipe is None:
+            assert self._handle is not None
+            # The chunks handed on before are written and hashed first, in order.
+            self._disk.close()
+            self._handle.flush()
+            self._hashed_to = self._hash_queued_to = self._on_disk
+            self._pipe = splice.Pipe()
+        return self._pipe
+
+    def _stop_splicing(self) -> None:
+        """Hash what was spliced, and go back to writing through the file object."""
+        if self._pipe is None:
+            return
+        self._pipe.close()
+        self._pipe = None
+        self._queue_hash()
+        self._hashing.close()
+        if self._handle is not None:
+            self._handle.seek(self._on_disk)
+
+    def _queue_hash(self) -> None:
+        if self.offset > self._hash_queued_to:
+            self._hashing.put(self.offset)
+            self._hash_queued_to = self.offset
+
+    def _hash_up_to(self, end: int) -> None:
+        """In the hashing thread: hash the spliced bytes up to file offset `end`."""
+        if self._handle is None:
+            raise StoreError(f"blob writer for {self.digest} is closed")
+        splice.hash_window(self._hasher, self._handle.fileno(), self._hashed_to, end)
+        self._hashed_to = end
+
     def _raise_disk_failure(self) -> None:
-        error = self._disk.failure
+        error = self._disk.failure or self._hashing.failure
         if error is None:
             return
         if not (isinstance(error, OSError) and error.errno in _DISK_FULL):
@@ -197,6 +277,7 @@ class BlobWriter:
             return self.final_path
         if self._handle is None:
             raise StoreError(f"blob writer for {self.digest} is closed")
+        self._stop_splicing()
         self._disk.close()
         self._raise_disk_failure()
         self._handle.flush()
@@ -222,6 +303,7 @@ class BlobWriter:
 
     def abort(self) -> None:
         """Drop the partial file (a resume would be pointless)."""
+        self._stop_splicing()
         self._disk.close()
         if self._handle is not None:
             with contextlib.suppress(OSError):  # closing flushes: the disk may be full
@@ -233,6 +315,7 @@ class BlobWriter:
     def close(self) -> None:
         """Release without committing; the partial file stays for a later resume."""
         try:
+            self._stop_splicing()
             self._disk.close()  # what was received is on file for a resume
             if self._handle is not None:
                 handle, self._handle = self._handle, None
