@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import os
 import stat
@@ -223,6 +224,32 @@ async def test_pull_hashes_as_it_writes_and_reads_no_blob_back(
     # No copy either: the bundle's weights are the blob itself (a hard link).
     assert (copy.bundle_dir / "model" / "model.gguf").stat().st_ino == blob.stat().st_ino
     assert size == 6_000_000 + len(tiny_gguf(tag, 0))
+
+
+async def test_a_kernel_that_refuses_splice_still_pulls(
+    oci_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fake for a sandbox whose seccomp profile refuses splice (EPERM): the body is
+    # then read through requests as any TLS one is, and nothing is lost.
+    source = Store.open(tmp_path / "source")
+    tag = f"{oci_registry.host}/tests/no-splice:v1"
+    model = local_model(source, tmp_path, tag, payload=3_000_000)
+    await push_model(source, tag, lambda event: None)
+    digest, _ = weights_digest(model)
+    refused: list[int] = []
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        refused.append(1)
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "splice", refuse)
+    target = Store.open(tmp_path / "target")
+    with reads_under(target.root) as reads:
+        copy = await pull_model(target, tag, lambda event: None)
+    assert copy.id == model.id
+    assert refused, "the pull did not try splice"
+    assert target.blob_path(digest).read_bytes() == source.blob_path(digest).read_bytes()
+    assert reads[target.layout.incomplete_blob(digest).resolve()] == 0  # hashed as written
 
 
 async def test_corrupted_partial_blob_is_refused_after_the_resume(

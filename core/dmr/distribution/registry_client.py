@@ -415,9 +415,13 @@ class RegistryClient(oras.provider.Registry):  # type: ignore[misc]
             head = body.read1(min(body.length, 1 << 16))
         except (OSError, http.client.HTTPException) as error:
             raise requests.ConnectionError(f"{type(error).__name__}: {error}") from error
+        if body.length and not head:
+            raise requests.ConnectionError("the connection closed before the body")
         sink.write(head)
         on_bytes(sink.offset)
         remaining = body.length  # read1 counted the head off
+        if not remaining:
+            return True
         socket_fd = body.fileno()
         try:
             while remaining:
@@ -433,7 +437,28 @@ class RegistryClient(oras.provider.Registry):  # type: ignore[misc]
                 on_bytes(sink.offset)
         except (ConnectionError, TimeoutError) as error:
             raise requests.ConnectionError(f"{type(error).__name__}: {error}") from error
+        except splice.UnsupportedError as error:
+            if remaining != body.length:
+                # Bytes went past http.client: only a new request (with Range) goes on.
+                raise requests.ConnectionError(str(error)) from error
+            self._read_rest(body, sink, on_bytes)
         return True
+
+    def _read_rest(
+        self, body: http.client.HTTPResponse, sink: BlobSink, on_bytes: Callable[[int], None]
+    ) -> None:
+        """The rest of a body read through `http.client`, whose count of it is right
+        (urllib3's is not, once `read1` took the head behind its back)."""
+        while True:
+            try:
+                chunk = body.read(CHUNK_SIZE)
+            except (OSError, http.client.HTTPException) as error:
+                raise requests.ConnectionError(f"{type(error).__name__}: {error}") from error
+            if not chunk:
+                return
+            self._check_stop()
+            sink.write(chunk)
+            on_bytes(sink.offset)
 
     # ------------------------------------------------------------------ push
 

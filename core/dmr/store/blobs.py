@@ -189,7 +189,8 @@ class BlobWriter:
     def receive_socket(self, socket_fd: int, count: int, timeout: float) -> int:
         """Move up to `count` bytes of the blob from a plain socket into the file, in the
         kernel (`splice`); returns how many, 0 when the peer closed. Network trouble
-        raises `ConnectionError` or `TimeoutError`, a full disk `InsufficientStorageError`.
+        raises `ConnectionError` or `TimeoutError`, a full disk `InsufficientStorageError`,
+        a socket the kernel will not splice from `splice.UnsupportedError`.
         """
         if self.committed:
             return 0
@@ -204,7 +205,7 @@ class BlobWriter:
         self._raise_disk_failure()  # from the chunks written before the switch
         try:
             moved = pipe.fill_from_socket(socket_fd, count, timeout)
-        except TimeoutError:
+        except (TimeoutError, splice.UnsupportedError):
             raise
         except OSError as error:
             raise ConnectionError(f"{type(error).__name__}: {error}") from error

@@ -21,6 +21,7 @@ client checks that; everything else goes through `BlobWriter.write`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 from types import TracebackType
@@ -28,16 +29,22 @@ from typing import Protocol
 
 from dmr.store.pipeline import HOT_SLICE
 
-__all__ = ["HASH_WINDOW", "SPLICE_STEP", "Pipe", "available", "hash_window"]
+__all__ = ["HASH_WINDOW", "SPLICE_STEP", "Pipe", "UnsupportedError", "available", "hash_window"]
 
 SPLICE_STEP = 1 << 20  # bytes moved between two checks for a stop and a progress line
 # How far the hashing thread stays behind the copy: well past a core's 2 MiB cache.
 HASH_WINDOW = 16 << 20
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ; the module names it only from Python 3.10
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM})
 
 
 def available() -> bool:
     return hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
+
+
+class UnsupportedError(Exception):
+    """The kernel will not splice from this socket (a sandbox, an unusual socket type);
+    nothing was read from it, so the caller can read it the usual way."""
 
 
 class _Hasher(Protocol):
@@ -63,7 +70,11 @@ class Pipe:
                 return os.splice(
                     socket_fd, self.write_fd, count, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
                 )
-            except BlockingIOError:
+            except OSError as error:
+                if error.errno in _UNSUPPORTED:
+                    raise UnsupportedError(f"splice refused: {error}") from error
+                if not isinstance(error, BlockingIOError):
+                    raise
                 # Python keeps a socket with a timeout non-blocking: wait as it would.
                 poller = select.poll()
                 poller.register(socket_fd, select.POLLIN | select.POLLERR | select.POLLHUP)
