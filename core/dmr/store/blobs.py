@@ -113,7 +113,8 @@ class BlobWriter:
         self.partial_path = layout.incomplete_blob(digest)
         self._lock = FileLock(str(self.partial_path) + ".lock")
         self._lock.acquire()
-        self._hasher = hashlib.sha256()  # updated in the writer thread, after each write
+        # Updated by the writer thread or the hashing thread, never both at once.
+        self._hasher = hashlib.sha256()
         self._disk: ChunkWorker[Chunk] = ChunkWorker(self._write_to_disk, "dmr-blob-write")
         # While bytes are spliced in: the pipe, and the thread hashing up to a file offset.
         self._pipe: splice.Pipe | None = None
@@ -182,7 +183,7 @@ class BlobWriter:
         self._raise_disk_failure()
         if not data:
             return
-        self._stop_splicing()
+        self._stop_splicing(hash_rest=True)
         self._disk.put(frozen(data))
         self.offset += len(data)
 
@@ -234,13 +235,15 @@ class BlobWriter:
             self._pipe = splice.Pipe()
         return self._pipe
 
-    def _stop_splicing(self) -> None:
-        """Hash what was spliced, and go back to writing through the file object."""
+    def _stop_splicing(self, *, hash_rest: bool) -> None:
+        """Go back to writing through the file object, once the spliced bytes are
+        hashed (`hash_rest`; a writer that will not commit need not)."""
         if self._pipe is None:
             return
         self._pipe.close()
         self._pipe = None
-        self._queue_hash()
+        if hash_rest:
+            self._queue_hash()
         self._hashing.close()
         if self._handle is not None:
             self._handle.seek(self._on_disk)
@@ -278,7 +281,7 @@ class BlobWriter:
             return self.final_path
         if self._handle is None:
             raise StoreError(f"blob writer for {self.digest} is closed")
-        self._stop_splicing()
+        self._stop_splicing(hash_rest=True)
         self._disk.close()
         self._raise_disk_failure()
         self._handle.flush()
@@ -304,7 +307,7 @@ class BlobWriter:
 
     def abort(self) -> None:
         """Drop the partial file (a resume would be pointless)."""
-        self._stop_splicing()
+        self._stop_splicing(hash_rest=False)
         self._disk.close()
         if self._handle is not None:
             with contextlib.suppress(OSError):  # closing flushes: the disk may be full
@@ -316,7 +319,7 @@ class BlobWriter:
     def close(self) -> None:
         """Release without committing; the partial file stays for a later resume."""
         try:
-            self._stop_splicing()
+            self._stop_splicing(hash_rest=False)  # a resume hashes the file again
             self._disk.close()  # what was received is on file for a resume
             if self._handle is not None:
                 handle, self._handle = self._handle, None
