@@ -24,7 +24,6 @@ import contextlib
 import errno
 import os
 import select
-from types import TracebackType
 from typing import Protocol
 
 from dmr.store.pipeline import HOT_SLICE
@@ -94,17 +93,6 @@ class Pipe:
         for fd in (self.read_fd, self.write_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-    def __enter__(self) -> Pipe:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def hash_window(hasher: _Hasher, file_fd: int, start: int, end: int) -> None:
