@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from filelock import FileLock
 
@@ -215,9 +215,7 @@ class BlobWriter:
         try:
             pipe.drain_to_file(self._handle.fileno(), self._on_disk, moved)
         except OSError as error:
-            self._disk.failure = error  # reported as any writer thread's failure is
-            self._raise_disk_failure()
-            raise
+            self._raise_write_error(error)
         self._on_disk += moved
         self.offset += moved
         self._writeback.advance(self._on_disk)
@@ -261,9 +259,12 @@ class BlobWriter:
         self._hashed_to = end
 
     def _raise_disk_failure(self) -> None:
+        """Raise what failed in the writer or the hashing thread, if anything did."""
         error = self._disk.failure or self._hashing.failure
-        if error is None:
-            return
+        if error is not None:
+            self._raise_write_error(error)
+
+    def _raise_write_error(self, error: BaseException) -> NoReturn:
         if not (isinstance(error, OSError) and error.errno in _DISK_FULL):
             raise error
         # A partial blob that filled the disk must not keep it full: the other

@@ -33,7 +33,6 @@ __all__ = ["HASH_WINDOW", "SPLICE_STEP", "Pipe", "UnsupportedError", "available"
 SPLICE_STEP = 1 << 20  # bytes moved between two checks for a stop and a progress line
 # How far the hashing thread stays behind the copy: well past a core's 2 MiB cache.
 HASH_WINDOW = 16 << 20
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ; the module names it only from Python 3.10
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM})
 
 
@@ -59,7 +58,7 @@ class Pipe:
 
         self.read_fd, self.write_fd = os.pipe()
         with contextlib.suppress(OSError):  # capped by fs.pipe-max-size: smaller still works
-            fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, SPLICE_STEP)
+            fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, SPLICE_STEP)
 
     def fill_from_socket(self, socket_fd: int, count: int, timeout: float) -> int:
         """Move up to `count` bytes from the socket into the pipe; 0 when the peer
