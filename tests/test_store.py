@@ -19,6 +19,7 @@ import pytest
 from dmr.distribution.packaging import PackageOptions, package_gguf, write_to_store
 from dmr.errors import ConflictError, InvalidRequestError, ModelNotFoundError, StoreError
 from dmr.store import BlobWriter, Store, splice
+from dmr.store.layout import digest_hex
 from dmr.store.writeback import WRITEBACK_STEP
 
 from tests.test_packaging import tiny_gguf
@@ -125,6 +126,33 @@ def test_blob_writer_resumes_and_verifies(tmp_path: Path) -> None:
     assert not (tmp_path / "models" / "blobs" / "sha256" / ("1" * 64 + ".incomplete")).exists()
     with pytest.raises(InvalidRequestError):
         store.blob_writer("sha256:../../etc", 1)
+
+
+def test_a_blob_owns_its_disk_space_from_the_start_and_a_kept_partial_only_what_came(
+    tmp_path: Path,
+) -> None:
+    store = Store.open(tmp_path / "models")
+    data = os.urandom(24 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    partial = tmp_path / "models" / "blobs" / "sha256" / (digest_hex(digest) + ".incomplete")
+    with store.blob_writer(digest, len(data)) as writer:
+        writer.write(data[: 1 << 20])
+        writer.write(b"")  # the writer thread has the chunk once the next call returns
+        on_disk = partial.stat()
+        # The whole blob is allocated (ext4, tmpfs: `fallocate`), its size what came.
+        assert on_disk.st_blocks * 512 >= len(data)
+        assert on_disk.st_size <= 1 << 20
+    kept = partial.stat()  # interrupted: the resume needs only what was received
+    assert kept.st_size == 1 << 20
+    assert kept.st_blocks * 512 < 2 << 20
+    with store.blob_writer(digest, len(data)) as writer:
+        assert writer.offset == 1 << 20
+        assert partial.stat().st_blocks * 512 >= len(data)
+        writer.write(data[writer.offset :])
+        writer.commit()
+    blob = store.blob_path(digest)
+    assert blob.read_bytes() == data
+    assert blob.stat().st_blocks * 512 < len(data) + (1 << 20)  # nothing left past its end
 
 
 def test_blob_writer_hashes_what_was_written_even_from_a_reused_buffer(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ Each ends with the store checked byte by byte (tests/reliability/live.py
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +26,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 from dmr.distribution.packaging import Artifact, PackageOptions, package_gguf
+from dmr.errors import InsufficientStorageError
+from dmr.store import Store, reserve
 
 from tests.fixtures.hf_hub import tiny_gguf
 from tests.fixtures.server import DmrServer, start_server
@@ -207,39 +211,41 @@ def test_disk_full_while_pulling(small_disk: Path, tmp_path: Path) -> None:
             assert registry.layer_gets == 0
         assert refused.status == 507 and "disk space" in refused.message, refused
 
-        # Fits when it starts, then something else fills the disk mid-download.
+        # Fits when it starts; then something else fills the disk mid-download, all
+        # but 1 MiB, far less than the rest of the blob. That space was reserved as
+        # the blob's file was opened, so the pull finishes.
         slow = registry_for(big)
         slow.bytes_per_second = 4 * MIB
         with serve(slow) as registry:
+            big_tag = f"{registry.host}/tests/big:v1"
             outcome: list[PullResult] = []
-            puller = threading.Thread(
-                target=lambda: outcome.append(pull(server, f"{registry.host}/tests/big:v1"))
-            )
+            puller = threading.Thread(target=lambda: outcome.append(pull(server, big_tag)))
             puller.start()
             deadline = time.monotonic() + 30
             while not blob_files(models_path)[1] and time.monotonic() < deadline:
                 time.sleep(0.05)
-            free = shutil.disk_usage(small_disk).free
-            with filler.open("wb") as handle:  # leave ~1 MiB: less than the pull still needs
-                handle.write(b"\0" * max(free - MIB, 0))
+            assert blob_files(models_path)[1], "the download never started"
+            with filler.open("wb") as handle:
+                handle.write(b"\0" * max(shutil.disk_usage(small_disk).free - MIB, 0))
             puller.join(timeout=60)
-        [full] = outcome
+        [finished] = outcome
         _, partials = blob_files(models_path)
         record(
             "disk_full_while_pulling",
             disk_mib=24,
             refused_upfront=f"{refused.status}: {refused.message[:120]}",
-            mid_download=f"{full.status}: {full.message[:120]}",
+            mid_download=f"{finished.status}: {finished.message[:120]}",
             partials_left=len(partials),
         )
-        assert not full.ok and "no space left" in full.message, full
-        assert not partials  # the partial that filled the disk is gone
-        assert listed(server) == [keeper_tag]
-        assert store_problems(models_path) == []  # the keeper's blobs are intact
+        assert finished.ok, finished
+        assert not partials
+        assert sorted(listed(server)) == sorted([keeper_tag, big_tag])
+        assert store_problems(models_path) == []  # every blob is complete and verified
         cli = server.cli("ls")
-        assert cli.returncode == 0 and "keeper" in cli.stdout, cli.stderr
+        assert cli.returncode == 0 and "keeper" in cli.stdout and "big" in cli.stdout, cli.stderr
+        assert server.cli("rm", big_tag).returncode == 0
 
-        # Room again: the same pull now works.
+        # The filler gone, the same pull works again from nothing.
         filler.unlink()
         with serve(registry_for(big)) as registry:
             assert pull(server, f"{registry.host}/tests/big:v1").ok
@@ -248,6 +254,59 @@ def test_disk_full_while_pulling(small_disk: Path, tmp_path: Path) -> None:
         server.stop()
         with contextlib.suppress(FileNotFoundError):
             filler.unlink()
+
+
+def fill_up(path: Path) -> int:
+    """Write `path` until the disk refuses another byte; the errno it refused with."""
+    refusal = 0
+    with path.open("wb", buffering=0) as handle:
+        for size in (MIB, 4096, 1):
+            try:
+                while handle.write(b"\0" * size):
+                    pass
+            except OSError as error:
+                refusal = error.errno
+    return refusal
+
+
+def test_a_blob_the_disk_cannot_hold_is_refused_as_its_file_opens(small_disk: Path) -> None:
+    # The free-space check before a pull can pass while another program takes the
+    # space: the reservation is then the first to find the disk full.
+    store = Store.open(small_disk / "models")
+    data = os.urandom(4 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with (small_disk / "filler").open("wb") as handle:
+        handle.write(b"\0" * (shutil.disk_usage(small_disk).free - MIB))
+    with pytest.raises(InsufficientStorageError, match="no space left"):
+        store.blob_writer(digest, len(data))
+    assert blob_files(small_disk / "models") == (set(), set())
+    (small_disk / "filler").unlink()
+    with store.blob_writer(digest, len(data)) as writer:  # the lock was let go
+        writer.write(data)
+        writer.commit()
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_a_disk_filled_under_an_unreserved_download_fails_it_cleanly(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fake: a filesystem without `fallocate` (this tmpfs has it), where the download
+    # allocates as it writes and can still find the disk full half-way.
+    monkeypatch.setattr(reserve, "reserve", lambda fd, offset, length: False)
+    store = Store.open(small_disk / "models")
+    data = os.urandom(12 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    removed = "no space left.*the partial download was removed"
+    with (
+        pytest.raises(InsufficientStorageError, match=removed),
+        store.blob_writer(digest, len(data)) as writer,
+    ):
+        writer.write(data[:MIB])
+        assert fill_up(small_disk / "filler") == errno.ENOSPC
+        for start in range(MIB, len(data), MIB):
+            writer.write(data[start : start + MIB])
+        writer.commit()
+    assert blob_files(small_disk / "models") == (set(), set())  # nothing kept the disk full
 
 
 def test_server_killed_mid_pull_then_restarted(tmp_path: Path) -> None:

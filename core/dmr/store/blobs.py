@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
@@ -15,7 +14,7 @@ from typing import BinaryIO, NoReturn
 from filelock import FileLock
 
 from dmr.errors import InsufficientStorageError, StoreError
-from dmr.store import splice
+from dmr.store import reserve, splice
 from dmr.store.layout import StoreLayout, digest_hex
 from dmr.store.pipeline import HOT_SLICE, Chunk, ChunkWorker, frozen
 from dmr.store.writeback import EarlyWriteback
@@ -62,8 +61,9 @@ def copy_into_blobs(layout: StoreLayout, source: BinaryIO) -> tuple[str, int]:
             os.fsync(out.fileno())
         digest = "sha256:" + hasher.hexdigest()
         _publish(layout, tmp, digest)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(error, layout, f"a blob of {size}+ bytes")
         raise
     return digest, size
 
@@ -80,10 +80,19 @@ def put_bytes(layout: StoreLayout, data: bytes) -> str:
             out.flush()
             os.fsync(out.fileno())
         _publish(layout, Path(tmp_name), digest)
-    except BaseException:
+    except BaseException as error:
         Path(tmp_name).unlink(missing_ok=True)
+        _raise_if_disk_full(error, layout, f"blob {digest} ({len(data)} bytes)")
         raise
     return digest
+
+
+def _raise_if_disk_full(error: BaseException, layout: StoreLayout, what: str) -> None:
+    """A full disk as the store's 507 error (what it needs, where), not as an errno."""
+    if isinstance(error, OSError) and error.errno in reserve.DISK_FULL:
+        raise InsufficientStorageError(
+            f"no space left for {what} under {layout.root}: {error.strerror}"
+        ) from None
 
 
 class BlobWriter:
@@ -95,7 +104,8 @@ class BlobWriter:
     core's cache (`pipeline`). A body that comes on a plain socket can instead be
     moved into the file by the kernel (`receive_socket`), and a hashing thread hashes
     it from the page cache behind the copy (`splice`). Either way `commit()` reads
-    nothing back and each byte is read from memory once. The file's writeback to disk
+    nothing back and each byte is read from memory once. The blob's space is reserved
+    on disk when the file is opened (`reserve`), and the file's writeback to disk
     starts as it grows (`writeback`), so the fsync before the rename has little left
     to do. A write that failed in a thread of its own (a full disk) is raised by the
     next `write()` or `receive_socket()`, or by `commit()`.
@@ -124,6 +134,7 @@ class BlobWriter:
         self._handle: BinaryIO | None = None
         self._writeback: EarlyWriteback | None = None
         self._on_disk = 0  # bytes in the file; the writer thread's own count
+        self._reserved = False  # the rest of the blob is allocated past the file's end
         self.committed = False
         try:
             self._open()
@@ -158,6 +169,18 @@ class BlobWriter:
         self._handle = handle
         self._writeback = EarlyWriteback(handle.fileno(), existing)
         self._on_disk = self.offset = existing
+        self._reserve_rest()
+
+    def _reserve_rest(self) -> None:
+        """Allocate the bytes still to come, so a disk that fills up meanwhile fails
+        whoever fills it and not this download; the file's size stays what it holds."""
+        assert self._handle is not None
+        try:
+            self._reserved = reserve.reserve(
+                self._handle.fileno(), self.offset, self.size - self.offset
+            )
+        except OSError as error:
+            self._raise_write_error(error)
 
     def _write_to_disk(self, chunk: Chunk) -> None:
         """In the writer thread: append `chunk`, hash it and let its writeback start."""
@@ -265,7 +288,7 @@ class BlobWriter:
             self._raise_write_error(error)
 
     def _raise_write_error(self, error: BaseException) -> NoReturn:
-        if not (isinstance(error, OSError) and error.errno in _DISK_FULL):
+        if not (isinstance(error, OSError) and error.errno in reserve.DISK_FULL):
             raise error
         # A partial blob that filled the disk must not keep it full: the other
         # models (and the next pull) need that space more than a resume does.
@@ -324,6 +347,11 @@ class BlobWriter:
             self._disk.close()  # what was received is on file for a resume
             if self._handle is not None:
                 handle, self._handle = self._handle, None
+                if self._reserved:
+                    # A partial file kept for a resume holds only what it received:
+                    # ext4 frees the blocks reserved past the end on a truncate.
+                    with contextlib.suppress(OSError):
+                        handle.truncate(self._on_disk)
                 handle.close()  # flushes, which can fail on a full disk
         finally:
             if self._lock.is_locked:
@@ -340,9 +368,6 @@ class BlobWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def ensure_free_space(layout: StoreLayout, needed: int) -> None:
