@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -279,3 +281,61 @@ def test_cli_without_a_server_says_so_in_one_line(tmp_path: Path) -> None:
         assert done.returncode == 1
         assert "cannot reach the dmr server" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+class _PullEndpoint(http.server.BaseHTTPRequestHandler):
+    """A stand-in for the server's `POST /models/create`: notes which modules the CLI
+    had imported when the request came (a file its import hook appends to), then
+    answers one layer's progress and success."""
+
+    imports_log: Path
+    imported_before_request: list[str]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).imported_before_request = self.imports_log.read_text().split()
+        lines = [
+            {"type": "progress", "layer": {"id": "sha256:" + "a" * 64, "size": 10, "current": 10}},
+            {"type": "success", "message": "Model pulled successfully"},
+        ]
+        body = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_pull_sends_its_request_before_it_loads_the_progress_bars(tmp_path: Path) -> None:
+    # The server starts the transfer while the CLI loads rich (tens of ms), not after.
+    imports_log = tmp_path / "imports"
+    imports_log.write_text("")
+    _PullEndpoint.imports_log = imports_log
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PullEndpoint)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    script = (
+        "import sys\n"
+        f"log = open({str(imports_log)!r}, 'a', buffering=1)\n"
+        "sys.addaudithook(lambda event, args: event == 'import' and log.write(args[0] + '\\n'))\n"
+        "from dmr.cli.main import main\n"
+        "sys.argv = ['dmr', 'pull', 'registry.example/org/model:v1']\n"
+        "main()\n"
+    )
+    env = dict(os.environ, MODEL_RUNNER_HOST=f"http://127.0.0.1:{server.server_port}")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    assert "Model pulled successfully" in done.stdout
+    before = _PullEndpoint.imported_before_request
+    assert "dmr.cli.client" in before  # the hook saw the pull command's imports
+    assert not [name for name in before if name.split(".")[0] == "rich"], before
+    assert "rich.progress" in imports_log.read_text().split()  # the bars were drawn after

@@ -44,7 +44,7 @@ class _Bars:
         self.progress.update(task, completed=current, total=size or None)
 
 
-def _stream(path: str, body: dict[str, Any], *, verb: str, retry_hint: str) -> None:
+def _progress_bars() -> Progress:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -54,7 +54,7 @@ def _stream(path: str, body: dict[str, Any], *, verb: str, retry_hint: str) -> N
         TransferSpeedColumn,
     )
 
-    progress = Progress(
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
@@ -62,7 +62,9 @@ def _stream(path: str, body: dict[str, Any], *, verb: str, retry_hint: str) -> N
         TimeRemainingColumn(),
         transient=False,
     )
-    bars = _Bars(progress, verb)
+
+
+def _stream(path: str, body: dict[str, Any], *, verb: str, retry_hint: str) -> None:
     final: str | None = None
     try:
         with (
@@ -73,6 +75,10 @@ def _stream(path: str, body: dict[str, Any], *, verb: str, retry_hint: str) -> N
         ):
             if response.status_code >= 400:
                 fail(error_message(response))
+            # Built only now: importing rich takes about 45 ms, which the server spends
+            # on the transfer instead of waiting for the request (docs/benchmarks.md).
+            progress = _progress_bars()
+            bars = _Bars(progress, verb)
             with progress:
                 for event in ndjson_events(response.iter_lines()):
                     kind = event.get("type")
