@@ -3,11 +3,12 @@
 Two reasons:
 - A pull that starts can finish: once the space is the blob's, another program
   filling the disk gets the "no space" error instead of the download.
-- The bytes land faster. With delayed allocation, ext4 reserves, maps and
-  allocates blocks a page at a time as the file is written, and again when its
-  writeback starts (`writeback`). With the extent already allocated, a 2 GiB pull
-  through `bench/pull_speed.py`'s setup took 2.55 s instead of 2.82 s, with 0.24 s
-  less CPU (medians of 8 alternating pairs; docs/benchmarks.md, "Session 27").
+- The bytes land faster. With delayed allocation, ext4 reserves blocks a page at a
+  time as the file is written and allocates them when its writeback starts
+  (`writeback`), in the pull's own thread. With the extent already allocated, 2 GiB pulls
+  through `bench/pull_speed.py`'s setup took 2.55 s against 2.82 s, and 2.23 s
+  against 2.55 s, with 0.24-0.39 s less CPU (medians of 8 and of 10 alternating
+  pairs; docs/benchmarks.md, "Session 27").
 
 `FALLOC_FL_KEEP_SIZE` leaves the file's size at the bytes received, which a resume
 reads as its offset. `posix_fallocate` is not used: where a filesystem lacks
