@@ -256,6 +256,39 @@ def test_disk_full_while_pulling(small_disk: Path, tmp_path: Path) -> None:
             filler.unlink()
 
 
+def test_a_killed_pulls_reservation_is_room_for_its_resume(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    models_path = small_disk / "models"
+    big = artifact(tmp_path, "big", payload=12_000_000)
+    [layer] = big.layers
+    data = layer.path.read_bytes()
+    # What a pull killed with SIGKILL leaves: its first MiB in the partial file, and
+    # the rest of the blob still reserved past the file's end.
+    blobs = models_path / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    partial = blobs / (layer.digest.removeprefix("sha256:") + ".incomplete")
+    with partial.open("wb") as handle:
+        handle.write(data[:MIB])
+        assert reserve.reserve(handle.fileno(), MIB, len(data) - MIB)
+    filler = small_disk / "filler"
+    with filler.open("wb") as handle:  # all but 1 MiB: far less than the blob's rest
+        handle.write(b"\0" * max(shutil.disk_usage(small_disk).free - MIB, 0))
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    server_dir.joinpath("models").symlink_to(models_path)
+    server = start_server(server_dir, {"INSECURE_REGISTRY": "true"})
+    try:
+        with serve(registry_for(big)) as registry:
+            resumed = pull(server, f"{registry.host}/tests/big:v1")
+        assert resumed.ok, resumed
+        # Only the rest was fetched.
+        assert [r for d, r in registry.ranges if d == layer.digest] == [f"bytes={MIB}-"]
+        assert store_problems(models_path) == []
+    finally:
+        server.stop()
+
+
 def fill_up(path: Path) -> int:
     """Write `path` until the disk refuses another byte; the errno it refused with."""
     refusal = 0

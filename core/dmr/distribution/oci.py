@@ -356,10 +356,14 @@ def _download_missing(
 
 
 def _still_needed(store: Store, layer: Descriptor) -> int:
-    """Bytes of `layer` not yet on disk (a partial download counts as there)."""
+    """Bytes of `layer` the disk must still find room for. A partial download counts
+    as there, and so does what its file still has reserved past its end (a pull that
+    was killed before it could give that back: `dmr.store.reserve`)."""
     partial = store.layout.incomplete_blob(layer.digest)
-    have = partial.stat().st_size if partial.exists() else 0
-    return max(layer.size - have, 0)
+    if not partial.exists():
+        return layer.size
+    held = partial.stat()
+    return max(layer.size - max(held.st_size, held.st_blocks * 512), 0)
 
 
 def _unique(layers: Sequence[Descriptor]) -> list[Descriptor]:
