@@ -156,9 +156,17 @@ def test_a_restored_cache_is_not_cut_back_past_its_window(gemma3_server: DmrServ
     first = document("Quay", 16) + "\n\nWhich crate waits longest?"
     second = document("Dock", 16) + "\n\nWhich gate is emptiest?"
     assert chat(gemma3_server, system, first)["usage"]["prompt_tokens"] > N_UBATCH
-    assert chat(gemma3_server, system, "Hello.")["usage"]["prompt_tokens"] > 4 * WINDOW
+    # A third prompt, whose copies end well past the shared prefix too. (Not a short
+    # one: "Hello." was copied 64 tokens before its end, exactly where the prefix ends,
+    # and a copy that reaches the prefix is reused as its own prompt's rows, which
+    # are not bit for bit another prompt's cold prefill: docs/scheduler.md.)
+    third = document("Bay", 6) + "\n\nWhich gate is fullest?"
+    assert chat(gemma3_server, system, third)["usage"]["prompt_tokens"] > 4 * WINDOW
     unload(gemma3_server)
     warm = chat(gemma3_server, system, second)
     cold = chat(gemma3_server, system, second, cache=False)
     assert cached(cold) == 0
+    # No copy's window reaches back to the shared prefix: none is cut back to it, and
+    # the answer is the cold one.
+    assert cached(warm) == 0
     assert text(warm) == text(cold)
