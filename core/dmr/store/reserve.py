@@ -21,9 +21,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import sys
-from collections.abc import Callable
-from functools import cache
+
+from dmr.store import libc
 
 __all__ = ["DISK_FULL", "reserve"]
 
@@ -31,25 +30,12 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _FALLOC_FL_KEEP_SIZE = 1
 
 
-@cache
-def _fallocate() -> Callable[[int, int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
-
-
 def reserve(fd: int, offset: int, length: int) -> bool:
     """Allocate `length` bytes of `fd` from `offset` without changing its size; False
     where this system or filesystem cannot. Raises OSError (ENOSPC, EDQUOT, EFBIG)
     when the disk cannot hold them. Truncating the file to its size gives back what
     was reserved past it."""
-    call = _fallocate()
+    call = libc.function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     if call is None or length <= 0:
         return False
     if call(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:

@@ -17,27 +17,13 @@ binding); elsewhere, or where the call fails, the fsync does all the work as bef
 from __future__ import annotations
 
 import ctypes
-import sys
-from collections.abc import Callable
-from functools import cache
+
+from dmr.store import libc
 
 __all__ = ["WRITEBACK_STEP", "EarlyWriteback"]
 
 WRITEBACK_STEP = 32 << 20  # bytes written between two writeback requests
 _SYNC_FILE_RANGE_WRITE = 2
-
-
-@cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
 
 
 class EarlyWriteback:
@@ -46,7 +32,9 @@ class EarlyWriteback:
     def __init__(self, fd: int, offset: int) -> None:
         self._fd = fd
         self._queued_to = offset
-        self._call = _sync_file_range()
+        self._call = libc.function(
+            "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+        )
 
     def advance(self, offset: int) -> None:
         """The file now holds bytes up to `offset`."""
