@@ -10,15 +10,16 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from dmr.records import AcceleratorInfo, EngineSpec, Mode, RunnerLaunch
 from dmr.scheduler.admission import device_key
+from dmr.scheduler.unix_http import RunnerConnectionError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Coroutine, Iterator
 
     from dmr.errors import DmrError
     from dmr.records import PlacedRunner
@@ -29,6 +30,8 @@ __all__ = ["Runner", "RunnerHandle", "RunnerKey", "RunnerTable", "Unloaded", "ru
 
 # httpx logs every request at INFO: one line per proxied request is noise on the hot path.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+
+T = TypeVar("T")
 
 # (engine name, model ID, mode): one runner each.
 RunnerKey = tuple[str, str, Mode]
@@ -85,6 +88,8 @@ class RunnerHandle:
     streams: weakref.WeakSet[UnixResponse] = field(
         default_factory=weakref.WeakSet, repr=False, compare=False
     )
+    # Set once the runner is lost: requests still waiting for its answer's head end too.
+    lost_event: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def mark_lost(self) -> None:
         """A connection to a runner on a cluster node failed: its node may be gone long
@@ -93,9 +98,40 @@ class RunnerHandle:
             self.runner.lost = True
 
     def abort_streams(self) -> None:
-        """End every open stream to the runner at once (it died, or its node did)."""
+        """End every open stream to the runner at once (it died, or its node did), and
+        every request still connecting or waiting for the head of its answer."""
+        self.lost_event.set()
         for stream in list(self.streams):
             stream.abort()
+
+    def track(self, stream: UnixResponse) -> None:
+        """Hold `stream` to be dropped if the runner is lost (at once if it already is)."""
+        self.streams.add(stream)
+        if self.lost_event.is_set():
+            stream.abort()
+
+    async def unless_lost(self, opening: Coroutine[Any, Any, T]) -> T:
+        """`opening` (a request's connect and the head of its answer), ended with a
+        `RunnerConnectionError` if the runner is lost first. A runner on a cluster
+        node queues a request it has no slot for without a byte of answer; if the
+        node stops answering, only this ends the wait (its TCP connection never
+        closes)."""
+        if self.lost_event.is_set():
+            opening.close()
+            raise RunnerConnectionError("the runner was lost before it answered")
+        work = asyncio.ensure_future(opening)
+        lost = asyncio.ensure_future(self.lost_event.wait())
+        try:
+            await asyncio.wait((work, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not work.done():
+                work.cancel()  # its connection is closed as it ends
+                with contextlib.suppress(BaseException):
+                    await work
+        if work.cancelled():
+            raise RunnerConnectionError("the runner was lost before it answered")
+        return work.result()
 
     @property
     def address(self) -> Path | tuple[str, int]:

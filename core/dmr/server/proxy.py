@@ -194,25 +194,27 @@ async def _send(
 ) -> UnixResponse:
     """Send the request on the runner's socket and read the head of its answer; the
     lease is given back when that fails."""
+    opening = open_request(
+        handle.address,
+        method,
+        path,
+        body,
+        {
+            "content-type": "application/json",
+            **{k.lower(): v for k, v in (headers or {}).items()},
+            **priority_headers(),  # batch work: the runner serves it behind chats
+        },
+    )
     try:
-        upstream = await open_request(
-            handle.address,
-            method,
-            path,
-            body,
-            {
-                "content-type": "application/json",
-                **{k.lower(): v for k, v in (headers or {}).items()},
-                **priority_headers(),  # batch work: the runner serves it behind chats
-            },
-        )
+        # A local runner's death closes its socket; a lost node's connections stay open.
+        upstream = await (opening if handle.tcp_address is None else handle.unless_lost(opening))
     except RunnerConnectionError as error:
         await held.release()
         raise await _runner_failure(handle, error) from error
     except BaseException:
         await held.release()
         raise
-    handle.streams.add(upstream)  # dropped at once if the runner is lost
+    handle.track(upstream)  # dropped at once if the runner is lost
     return upstream
 
 
