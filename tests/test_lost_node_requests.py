@@ -12,8 +12,10 @@ calls when Ray says the runner's node died (`Scheduler._watch`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -33,11 +35,18 @@ STREAM_HEAD = (
 )
 
 
+@dataclass
+class FrozenNode:
+    address: tuple[str, int]
+    came: asyncio.Event  # a request arrived
+    hung_up: asyncio.Event  # the proxy closed its connection
+
+
 @asynccontextmanager
-async def frozen_node(answer: bytes) -> AsyncIterator[tuple[tuple[str, int], asyncio.Event]]:
+async def frozen_node(answer: bytes) -> AsyncIterator[FrozenNode]:
     """A stand-in node: reads one request, writes `answer`, then never another byte
-    and never closes. Yields its address and an event set once a request came."""
-    came = asyncio.Event()
+    and never closes; it notes when the other side closes."""
+    came, hung_up = asyncio.Event(), asyncio.Event()
     held: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -46,13 +55,16 @@ async def frozen_node(answer: bytes) -> AsyncIterator[tuple[tuple[str, int], asy
         writer.write(answer)
         await writer.drain()
         came.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # the body, then nothing until the proxy closes
+        hung_up.set()
         await asyncio.Event().wait()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         async with server:
-            yield ("127.0.0.1", port), came
+            yield FrozenNode(("127.0.0.1", port), came, hung_up)
     finally:
         for writer in held:
             writer.transport.abort()
@@ -102,10 +114,10 @@ async def ends_soon(task: asyncio.Task[Any] | Any, within: float = 5.0) -> Any:
 
 
 async def test_a_request_queued_without_an_answer_ends_when_its_runner_is_lost() -> None:
-    async with frozen_node(b"") as (address, came):
-        scheduler = OneRunner(node_runner(address))
+    async with frozen_node(b"") as node:
+        scheduler = OneRunner(node_runner(node.address))
         task = opening(scheduler)
-        await ends_soon(came.wait())
+        await ends_soon(node.came.wait())
         await asyncio.sleep(0.1)
         assert not task.done()  # the runner holds it, as a queued request
         scheduler.handle.abort_streams()
@@ -115,8 +127,8 @@ async def test_a_request_queued_without_an_answer_ends_when_its_runner_is_lost()
 
 
 async def test_a_stream_whose_head_came_ends_with_an_error_event_when_its_runner_is_lost() -> None:
-    async with frozen_node(STREAM_HEAD) as (address, _):
-        scheduler = OneRunner(node_runner(address))
+    async with frozen_node(STREAM_HEAD) as node:
+        scheduler = OneRunner(node_runner(node.address))
         exchange = await ends_soon(opening(scheduler))
         assert exchange.chunks is not None
         chunks = aiter(exchange.chunks)
@@ -133,10 +145,26 @@ async def test_a_stream_whose_head_came_ends_with_an_error_event_when_its_runner
 async def test_a_request_sent_after_its_runner_was_lost_is_refused_at_once() -> None:
     """The scheduler may hand out a runner in the instant before it learns it is lost;
     the node's kernel still accepts connections for a process that is stopped."""
-    async with frozen_node(STREAM_HEAD) as (address, came):
-        scheduler = OneRunner(node_runner(address))
+    async with frozen_node(STREAM_HEAD) as node:
+        scheduler = OneRunner(node_runner(node.address))
         scheduler.handle.abort_streams()
         with pytest.raises(RunnerError, match="stand-in"):
             await ends_soon(opening(scheduler), within=1.0)
         assert scheduler.released == 1
-        assert not came.is_set()  # nothing was sent to it
+        assert not node.came.is_set()  # nothing was sent to it
+
+
+async def test_a_client_that_leaves_while_its_request_is_queued_closes_the_connection() -> None:
+    """The wait for a lost runner must not keep a request whose client left: the
+    connection to the node closes (a live runner then drops the queued request) and
+    the lease is given back."""
+    async with frozen_node(b"") as node:
+        scheduler = OneRunner(node_runner(node.address))
+        task = opening(scheduler)
+        await ends_soon(node.came.wait())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await ends_soon(task)
+        await ends_soon(node.hung_up.wait())
+        assert scheduler.released == 1
+        assert not scheduler.handle.lost_event.is_set()
