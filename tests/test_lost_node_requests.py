@@ -25,6 +25,7 @@ import pytest
 from dmr.errors import RunnerError
 from dmr.records import Mode
 from dmr.scheduler.runner import RunnerHandle
+from dmr.scheduler.unix_http import UnixResponse
 from dmr.server.proxy import Exchange, open_exchange
 from dmr.server.services import Services
 
@@ -168,3 +169,28 @@ async def test_a_client_that_leaves_while_its_request_is_queued_closes_the_conne
         await ends_soon(node.hung_up.wait())
         assert scheduler.released == 1
         assert not scheduler.handle.lost_event.is_set()
+
+
+async def test_an_answer_that_comes_as_its_client_leaves_is_not_left_open() -> None:
+    """The head of the answer arrives in the same turn of the loop as the client's
+    cancellation: nobody will read that connection, so it is dropped."""
+    aborted: list[bool] = []
+
+    class Opened:
+        def abort(self) -> None:
+            aborted.append(True)
+
+    head_came = asyncio.Event()
+
+    async def opening() -> UnixResponse:
+        await head_came.wait()
+        return cast(UnixResponse, Opened())
+
+    handle = node_runner(("127.0.0.1", 9))
+    task = asyncio.create_task(handle.unless_lost(opening()))
+    await asyncio.sleep(0.01)  # the task waits for the opening
+    head_came.set()  # the opening completes in the next turn of the loop...
+    task.cancel()  # ...and the caller is cancelled in the same turn
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert aborted == [True]

@@ -10,7 +10,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -31,7 +31,7 @@ __all__ = ["Runner", "RunnerHandle", "RunnerKey", "RunnerTable", "Unloaded", "ru
 # httpx logs every request at INFO: one line per proxied request is noise on the hot path.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-T = TypeVar("T")
+_LOST_BEFORE_ANSWER = "the runner was lost before it answered"
 
 # (engine name, model ID, mode): one runner each.
 RunnerKey = tuple[str, str, Mode]
@@ -58,6 +58,14 @@ def runner_client(address: Path | tuple[str, int]) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=transport, base_url=base_url, timeout=httpx.Timeout(None, connect=10.0)
     )
+
+
+async def _abandon(work: asyncio.Future[UnixResponse]) -> None:
+    """Stop opening a request nobody will read: cancel it, or drop the connection it
+    opened if it got that far (its connection is closed either way)."""
+    work.cancel()
+    with contextlib.suppress(BaseException):
+        (await work).abort()
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,7 @@ class RunnerHandle:
         if self.lost_event.is_set():
             stream.abort()
 
-    async def unless_lost(self, opening: Coroutine[Any, Any, T]) -> T:
+    async def unless_lost(self, opening: Coroutine[Any, Any, UnixResponse]) -> UnixResponse:
         """`opening` (a request's connect and the head of its answer), ended with a
         `RunnerConnectionError` if the runner is lost first. A runner on a cluster
         node queues a request it has no slot for without a byte of answer; if the
@@ -118,19 +126,19 @@ class RunnerHandle:
         closes)."""
         if self.lost_event.is_set():
             opening.close()
-            raise RunnerConnectionError("the runner was lost before it answered")
+            raise RunnerConnectionError(_LOST_BEFORE_ANSWER)
         work = asyncio.ensure_future(opening)
         lost = asyncio.ensure_future(self.lost_event.wait())
         try:
             await asyncio.wait((work, lost), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: the client left
+            await _abandon(work)
+            raise
         finally:
             lost.cancel()
-            if not work.done():
-                work.cancel()  # its connection is closed as it ends
-                with contextlib.suppress(BaseException):
-                    await work
-        if work.cancelled():
-            raise RunnerConnectionError("the runner was lost before it answered")
+        if not work.done():
+            await _abandon(work)
+            raise RunnerConnectionError(_LOST_BEFORE_ANSWER)
         return work.result()
 
     @property
