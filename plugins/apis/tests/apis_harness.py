@@ -15,7 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import pytest
 from dmr.media_types import CONFIG_V01, GGUF, MMPROJ
 from dmr.plugins import new_plugin_manager
 from dmr.records import Mode, RunnerConfig
+from dmr.scheduler.runner import RunnerHandle
 from dmr.server.app import create_app
 from dmr.server.services import Services
 from dmr.settings import Settings
@@ -221,28 +221,6 @@ def serve_runner(runner: ScriptedRunner, socket_path: Path) -> Iterator[None]:
 
 
 @dataclass
-class FakeHandle:
-    model_id: str
-    model_name: str
-    backend: str
-    mode: Mode
-    socket_path: Path
-    client: httpx.AsyncClient
-    # The proxy keeps its open streams here (RunnerHandle's, dropped for a lost runner).
-    streams: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
-
-    @property
-    def address(self) -> Path:
-        return self.socket_path
-
-    def mark_lost(self) -> None:
-        pass  # only a runner on a cluster node is ever lost
-
-    async def failure(self, wait: float = 1.0) -> str | None:
-        return None
-
-
-@dataclass
 class FakeScheduler:
     store: Store
     runner: ScriptedRunner
@@ -262,7 +240,7 @@ class FakeScheduler:
         backend: str | None = None,
         keep_alive: float | None = None,
         affinity: Any = None,
-    ) -> AsyncIterator[FakeHandle]:
+    ) -> AsyncIterator[RunnerHandle]:
         from dmr.errors import ServiceBusyError
 
         stored = self.store.get(model)
@@ -273,7 +251,8 @@ class FakeScheduler:
         )
         transport = httpx.AsyncHTTPTransport(uds=str(self.socket_path))
         async with httpx.AsyncClient(transport=transport, base_url="http://runner") as client:
-            yield FakeHandle(
+            # The real handle: the proxy uses all of it (its streams, a lost runner's end).
+            yield RunnerHandle(
                 stored.id, model, backend or "llama.cpp", Mode(mode), self.socket_path, client
             )
 
