@@ -35,16 +35,27 @@ def two_models(dmr_server_factory: ServerFactory, gguf: Path, **env: str) -> Dmr
     return server
 
 
-async def threads(client: httpx.AsyncClient) -> dict[str, int]:
-    """`llamacpp:threads` of each loaded runner, by model."""
+async def runner_metric(client: httpx.AsyncClient, name: str) -> dict[str, int]:
+    """A runner metric's value for each loaded runner, by model."""
     text = (await client.get("/metrics")).text
     found: dict[str, int] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "llamacpp:threads":
+        if family.name == name:
             for sample in family.samples:
-                model = next(m for m in MODELS if sample.labels["model"].startswith(m))
-                found[model] = int(sample.value)
+                if sample.name in (name, f"{name}_total"):
+                    model = next(m for m in MODELS if sample.labels["model"].startswith(m))
+                    found[model] = int(sample.value)
     return found
+
+
+async def long_runner_tokens(client: httpx.AsyncClient) -> int:
+    """The tokens the second model's runner has generated so far."""
+    return (await runner_metric(client, "llamacpp:tokens_predicted"))[MODELS[1]]
+
+
+async def threads(client: httpx.AsyncClient) -> dict[str, int]:
+    """`llamacpp:threads` of each loaded runner, by model."""
+    return await runner_metric(client, "llamacpp:threads")
 
 
 async def generate(client: httpx.AsyncClient, model: str, tokens: int) -> int:
@@ -96,8 +107,15 @@ def test_two_busy_cpu_runners_halve_their_threads_and_the_last_one_gets_them_bac
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
             alone = await loaded_threads(client)
             shared = alone // 2
-            short = asyncio.create_task(generate(client, MODELS[0], 48))
+            # The long answer first, under way before the short one starts: started
+            # together, the short one could end before the long one's first step,
+            # and the two were never seen sharing (a CI run of 2026-12-07).
+            generated = await long_runner_tokens(client)
             long = asyncio.create_task(generate(client, MODELS[1], 600))
+            while await long_runner_tokens(client) <= generated:
+                assert not long.done()
+                await asyncio.sleep(0.02)
+            short = asyncio.create_task(generate(client, MODELS[0], 48))
             await until(lambda now: set(now.values()) == {shared}, client)
             assert not long.done()
             assert await short == 48
