@@ -170,10 +170,16 @@ def _thread_flags(args: argparse.Namespace) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def _served_on_tcp(
-    argv: list[str], port: int, health_path: str
+    argv: list[str], port: int, health_path: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """Start a server process listening on 127.0.0.1:`port`; a client once it is healthy."""
-    process = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
+    """Start a server process listening on 127.0.0.1:`port` (with `env` added to this
+    process's environment); a client once it is healthy."""
+    process = subprocess.Popen(  # noqa: ASYNC220
+        argv,
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=None if env is None else {**os.environ, **env},
+    )
     try:
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", timeout=600, limits=FRESH_CONNECTIONS
@@ -227,7 +233,7 @@ def _stored_gguf(models_path: Path, model_name: str) -> Path:
 
 @contextlib.asynccontextmanager
 async def _llama_server(
-    args: argparse.Namespace, flags: list[str]
+    args: argparse.Namespace, flags: list[str], env: dict[str, str] | None = None
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The native binary on the bench's GGUF and a free port, with `flags`, `--jinja`,
     `repack_flags` and the pinned threads."""
@@ -240,7 +246,7 @@ async def _llama_server(
         *repack_flags(model_file(args)),
         *_thread_flags(args),
     ]
-    async with _served_on_tcp(argv, port, "/health") as client:
+    async with _served_on_tcp(argv, port, "/health", env) as client:
         yield client
 
 
@@ -249,6 +255,22 @@ async def llama_server_target(args: argparse.Namespace) -> AsyncIterator[httpx.A
     """llama.cpp's native server with dmr's default slots and context per slot."""
     slots = ["--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size * args.parallel)]
     async with _llama_server(args, [*slots, *shlex.split(args.llama_server_flags)]) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def llama_server_huge_pages_target(
+    args: argparse.Namespace,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The tuned llama-server with its weights placed as dmr's CPU runners place theirs:
+    read into memory (`--load-mode none`) with glibc's huge-page tunable (plugins/llamacpp's
+    huge_pages.py). Not a target of the issue: it shows how much of dmr's lead is
+    that placement, which any llama-server user could choose too."""
+    from dmr_llamacpp.huge_pages import huge_page_env
+
+    slots = ["--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size * args.parallel)]
+    flags = [*slots, "--load-mode", "none", *shlex.split(args.llama_server_flags)]
+    async with _llama_server(args, flags, huge_page_env(os.environ)) as client:
         yield client
 
 
@@ -431,6 +453,7 @@ DMR_DEFAULT_PARALLEL = 8
 TARGETS: dict[str, Target] = {
     "llama-server": llama_server_target,
     "llama-server-dmr": llama_server_dmr_target,
+    "llama-server-huge-pages": llama_server_huge_pages_target,
     "dmr-server": dmr_server_target,
     "runner": runner_target,
     "llama-cpp-server": llama_cpp_server_target,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,6 +25,7 @@ from dmr.sdk import (
 )
 
 from dmr_llamacpp.bundle import find_gguf_bundle
+from dmr_llamacpp.huge_pages import huge_page_env, huge_pages_available
 from dmr_llamacpp.settings import (
     WorkerSettings,
     apply_flags,
@@ -40,6 +41,7 @@ __all__ = [
     "LlamaCppEngine",
     "find_llama_server",
     "prompt_cache_max_bytes",
+    "weights_placement",
     "worker_settings",
 ]
 
@@ -204,6 +206,27 @@ def _warn_ignored(flags: list[str]) -> None:
             )
 
 
+def weights_placement(
+    launch: RunnerLaunch,
+    settings: WorkerSettings,
+    *,
+    huge_pages: bool,
+    environ: Mapping[str, str] = os.environ,
+) -> tuple[WorkerSettings, dict[str, str]]:
+    """Where the runner keeps the weights, and the environment that takes them there.
+
+    Where the CPU computes from them, `huge_pages` says the runner would get them
+    (`huge_pages_available`) and nobody chose `--mmap` or `--no-mmap`: read into the
+    runner's own memory, in huge pages (huge_pages.py). Elsewhere llama.cpp's default,
+    the file mapped. Weights read into memory by choice (`--no-mmap`) get huge pages
+    too."""
+    on_cpu = not launch.device.is_gpu or settings.n_gpu_layers == 0
+    if settings.mmap is None:
+        settings = replace(settings, mmap=not (on_cpu and huge_pages))
+    env = huge_page_env(environ) if settings.mmap is False and huge_pages else {}
+    return settings, env
+
+
 class LlamaCppEngine:
     """Starts `python -m dmr_llamacpp.runner` (or a native `llama-server`) per model and mode."""
 
@@ -239,7 +262,10 @@ class LlamaCppEngine:
         ctx_size = self._chosen_context(launch, settings, metadata)
         settings = self._chosen_slots(launch, settings, metadata, ctx_size)
         if native is not None:
+            # Its own loading flags differ between llama.cpp versions (`--no-mmap`,
+            # `--load-mode`): a binary dmr did not build keeps its own default.
             return self._native_command(native, launch, settings, ctx_size)
+        settings, env = weights_placement(launch, settings, huge_pages=huge_pages_available())
         chat_template = settings.chat_template_file or (
             str(bundle.chat_template) if bundle.chat_template else None
         )
@@ -279,7 +305,7 @@ class LlamaCppEngine:
             if launch.mode is not Mode.COMPLETION:
                 raise ValueError("a speculative draft model only applies to completion runners")
             argv += ["--model-draft", str(find_gguf_bundle(launch.draft_bundle_dir).model)]
-        return RunnerCommand(argv=tuple(argv), env={}, startup_timeout=120.0, cpu_share=shares)
+        return RunnerCommand(argv=tuple(argv), env=env, startup_timeout=120.0, cpu_share=shares)
 
     def _native_command(
         self, binary: Path, launch: RunnerLaunch, settings: WorkerSettings, ctx_size: int

@@ -116,6 +116,7 @@ _value(("--chat-template-file",), "chat_template_file", str)
 _value(("-a", "--alias"), "alias", str)
 _switch(("--metrics",), "metrics", True)
 _switch(("--no-metrics",), "metrics", False)
+_switch(("--mmap",), "mmap", True)
 _switch(("--no-mmap",), "mmap", False)
 _switch(("--mlock",), "mlock", True)
 _switch(("--jinja",), "jinja", True)
@@ -132,6 +133,9 @@ ALLOWED_RUNTIME_FLAGS = frozenset(
         if name not in {"--chat-template-file", "-a", "--alias"}
     }
 )
+
+# Switches whose default, None, leaves the choice to the engine or the runner.
+_UNDECIDED_SWITCHES = frozenset({"mmap"})
 
 FLASH_ATTN_VALUES = {"on": 1, "off": 0, "auto": -1}
 CACHE_TYPES = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"}
@@ -186,7 +190,9 @@ class WorkerSettings:
     chat_template_file: str | None = None
     alias: str | None = None
     metrics: bool = True
-    mmap: bool = True
+    # Map the GGUF file (True) or read the weights into the runner's own memory (False).
+    # None: the engine decides, reading them into huge pages on the CPU (huge_pages.py).
+    mmap: bool | None = None
     mlock: bool = False
     jinja: bool = True
     cont_batching: bool = True
@@ -348,7 +354,7 @@ def runner_arg_parser() -> argparse.ArgumentParser:
             continue
         option = "--" + item.name.replace("_", "-")
         value = getattr(default, item.name)
-        if isinstance(value, bool):
+        if isinstance(value, bool) or item.name in _UNDECIDED_SWITCHES:
             parser.add_argument(option, dest=item.name, action="store_true", default=value)
             parser.add_argument(
                 "--no-" + item.name.replace("_", "-"), dest=item.name, action="store_false"

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from dmr.plugins import engines
 from dmr.records import AcceleratorInfo, EngineState, Mode, RunnerLaunch
-from dmr_llamacpp.engine import LlamaCppEngine
+from dmr_llamacpp import engine as engine_module
+from dmr_llamacpp.engine import LlamaCppEngine, weights_placement
+from dmr_llamacpp.huge_pages import huge_page_env, huge_pages_available
+from dmr_llamacpp.settings import WorkerSettings, apply_flags
 from llamacpp_helpers import CPU, make_launch
 
 pytestmark = pytest.mark.llama
@@ -403,3 +406,65 @@ def test_a_mamba_model_has_no_kv_cache_and_a_state_per_slot() -> None:
     }
     assert kv_cache_bytes(mamba, 100_000, WorkerSettings()) == 0
     assert recurrent_state_bytes(mamba, 2) == 4 * (3 * 512 + 512 * 16) * 4 * 2
+
+
+def test_cpu_runners_read_the_weights_into_huge_pages(
+    llama_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the host gives huge pages, a CPU runner loads without mmap and with glibc's
+    huge-page tunable, keeping any tunable the user set; elsewhere it maps the file."""
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    monkeypatch.setattr(engine_module, "huge_pages_available", lambda: True)
+    command = LlamaCppEngine().runner_command(make_launch(llama_bundle, tmp_path / "r.sock"))
+    assert "--no-mmap" in command.argv and "--mmap" not in command.argv
+    assert command.env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+    monkeypatch.setattr(engine_module, "huge_pages_available", lambda: False)
+    command = LlamaCppEngine().runner_command(make_launch(llama_bundle, tmp_path / "r.sock"))
+    assert "--mmap" in command.argv and "--no-mmap" not in command.argv
+    assert "GLIBC_TUNABLES" not in command.env
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "mapped", "tunable"),
+    [
+        (GPU, (), True, False),  # VRAM holds the weights: the file stays mapped
+        (CPU, ("--mmap",), True, False),  # the user's choice stands
+        (CPU, ("--no-mmap",), False, True),  # read into memory by choice: huge pages too
+        (GPU, ("--n-gpu-layers", "0"), False, True),  # the CPU computes after all
+    ],
+)
+def test_weights_placement_follows_the_device_and_the_user(
+    device: AcceleratorInfo, flags: tuple[str, ...], mapped: bool, tunable: bool
+) -> None:
+    launch = make_launch(Path("/unused"), Path("/unused.sock"), device=device)
+    settings = apply_flags(
+        WorkerSettings(n_gpu_layers=999 if device.is_gpu else 0), flags, allowed=None
+    )
+    placed, env = weights_placement(launch, settings, huge_pages=True, environ={})
+    assert placed.mmap is mapped
+    assert env == ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if tunable else {})
+
+
+def test_a_tunable_the_user_chose_for_huge_pages_stays_theirs() -> None:
+    env = huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=1"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=1"}
+
+
+@pytest.mark.parametrize(
+    ("mode_text", "glibc", "available"),
+    [
+        ("always [madvise] never\n", (2, 36), True),
+        ("[always] madvise never\n", (2, 35), True),
+        ("always madvise [never]\n", (2, 36), False),  # the kernel gives none
+        ("always [madvise] never\n", (2, 34), False),  # a glibc without the tunable
+        (None, (2, 36), False),  # no transparent huge pages at all (not Linux, or off)
+    ],
+)
+def test_huge_pages_need_the_kernel_and_glibc(
+    tmp_path: Path, mode_text: str | None, glibc: tuple[int, int], available: bool
+) -> None:
+    mode = tmp_path / "enabled"
+    if mode_text is not None:
+        mode.write_text(mode_text)
+    assert huge_pages_available(mode, glibc) is available

@@ -140,7 +140,7 @@ def load_model(
         model_path,
         options,
         n_gpu_layers=settings.n_gpu_layers,
-        use_mmap=settings.mmap,
+        use_mmap=settings.mmap is not False,  # None (started by hand): llama.cpp's default
         use_mlock=settings.mlock,
     )
     if mode == "reranking" and model.n_cls_out > 0:
