@@ -12,6 +12,7 @@ import pytest
 from dmr_llamacpp.huge_pages import huge_pages_available
 
 from tests.fixtures.server import DmrServer
+from tests.test_free_cores_smollm2 import runner_value
 from tests.test_scheduler_smollm2 import put_smollm2
 
 pytestmark = [pytest.mark.llama]
@@ -71,6 +72,8 @@ def test_a_default_cpu_runner_holds_its_weights_in_huge_pages(
         # give a few 4 KiB pages where a 2 MiB one would cross the buffer's ends.
         assert _anon_huge_bytes(pid) >= 0.9 * smollm2_gguf.stat().st_size
         assert not _maps_a_gguf(pid)
+        # /metrics says so too.
+        assert runner_value(server, "llamacpp:huge_page_bytes") >= _anon_huge_bytes(pid) * 0.9
     else:  # a host without them: llama.cpp's default, the file mapped
         assert "--mmap" in argv and tunables is None and _maps_a_gguf(pid)
 

@@ -1,11 +1,11 @@
 """Model weights in transparent huge pages, where the CPU computes from them.
 
 A decode step reads every weight once, so on the CPU it is bound by how fast the
-weights stream from memory, and with 4 KiB pages a step of a 0.6B model walks
-about 150,000 pages. Loaded into memory that the kernel backs with 2 MiB pages,
-the same step took 20.2 ms instead of 26.5 ms on the 2-core EPYC of session 29,
-SmolLM2's 8.4 instead of 9.4 ms, Gemma 3 270M's 6.0 instead of 6.7 ms
-(docs/benchmarks.md, "Weights in huge pages").
+weights stream from memory, and with 4 KiB pages a step of a 0.6B Q8_0 model walks
+about 140,000 pages. In memory that the kernel backs with 2 MiB pages, a bare
+one-token step of that model took 24.2 ms instead of 27.9 ms with the file mapped,
+SmolLM2's 8.5 instead of 9.2 ms (`python bench/weights_placement.py`,
+docs/scheduler.md "Weights in huge pages").
 
 llama.cpp maps the GGUF file (`mmap`) by default, as llama-server, Docker Model
 Runner and Ollama run it: those are page-cache pages, which Linux maps 4 KiB at a
@@ -16,8 +16,9 @@ asks the kernel for huge pages for such large allocations when its tunable
 process starts, so the engine sets it in the runner's environment.
 
 The cost: the weights are the runner's own memory, not shared page cache, and a
-load copies them once from the page cache (about a tenth of a second per GiB).
-dmr's memory estimate already counts the whole file for every runner.
+load copies them from the page cache into pages the kernel must first find and
+clear: the 546 MiB model loaded in 1.2-2.5 s, against 1.1-1.4 s mapped. dmr's memory
+estimate already counts the whole file for every runner.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["HUGE_PAGE_TUNABLE", "huge_page_env", "huge_pages_available"]
+__all__ = ["HUGE_PAGE_TUNABLE", "anon_huge_page_bytes", "huge_page_env", "huge_pages_available"]
 
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -75,3 +76,15 @@ def huge_page_env(environ: Mapping[str, str]) -> dict[str, str]:
     if not any(part.startswith("glibc.malloc.hugetlb=") for part in tunables):
         tunables.append(HUGE_PAGE_TUNABLE)  # a value the user chose stays theirs
     return {"GLIBC_TUNABLES": ":".join(tunables)}
+
+
+def anon_huge_page_bytes(rollup: Path = Path("/proc/self/smaps_rollup")) -> int:
+    """Bytes of this process's memory in transparent huge pages (0 where it cannot tell)."""
+    try:
+        text = rollup.read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024  # in kB
+    return 0

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dmr_llamacpp.huge_pages import anon_huge_page_bytes
 from dmr_llamacpp.runner.batching import GeneratorStats
 
 __all__ = ["render_metrics"]
@@ -138,6 +139,12 @@ class _StatsCollector(Collector):
             " 0 when this llama.cpp build crashes with them or they are turned off"
             " (docs/scheduler.md, 'Extra weight buffers').",
             value=int(self._extra_buffers),
+        )
+        yield GaugeMetricFamily(
+            "llamacpp:huge_page_bytes",
+            "Bytes of the runner's memory in transparent huge pages: its weights, where it"
+            " read them into huge pages (docs/scheduler.md, 'Weights in huge pages').",
+            value=anon_huge_page_bytes(),
         )
 
 
