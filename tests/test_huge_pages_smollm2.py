@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dmr_llamacpp.huge_pages import huge_pages_available
+from dmr_llamacpp.huge_pages import anon_huge_page_bytes, huge_pages_available
 
 from tests.fixtures.server import DmrServer
 from tests.test_free_cores_smollm2 import runner_value
@@ -36,10 +36,7 @@ def _answer_and_runner_pid(server: DmrServer) -> int:
 
 
 def _anon_huge_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no AnonHugePages line")
+    return anon_huge_page_bytes(Path(f"/proc/{pid}/smaps_rollup"))
 
 
 def _maps_a_gguf(pid: int) -> bool:
