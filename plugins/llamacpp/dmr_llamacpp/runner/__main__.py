@@ -1,6 +1,13 @@
 """`python -m dmr_llamacpp.runner --model M.gguf --socket S --mode completion ...`."""
 
+# The batched Q4_1 kernel must be in the process's global scope before anything loads
+# llama.cpp's libraries (runner/q4_1_gemm.py), so it loads before the imports below.
+# ruff: noqa: E402
 from __future__ import annotations
+
+from dmr_llamacpp.runner.q4_1_gemm import activate, load_before_llama_cpp
+
+Q4_1_KERNEL = load_before_llama_cpp()
 
 import asyncio
 import logging
@@ -312,6 +319,7 @@ def log_to_stderr() -> None:
 
 async def main_async(argv: list[str] | None = None) -> None:
     log_to_stderr()
+    logging.getLogger("dmr_llamacpp").info("batched Q4_1 kernel: %s", activate(Q4_1_KERNEL).status)
     args = runner_arg_parser().parse_args(argv)
     settings: WorkerSettings = settings_from_namespace(args)
     model_path = Path(args.model)

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from dmr_llamacpp.huge_pages import anon_huge_page_bytes
 from dmr_llamacpp.runner.batching import GeneratorStats
+from dmr_llamacpp.runner.q4_1_gemm import products_computed
 
 __all__ = ["render_metrics"]
 
@@ -145,6 +146,13 @@ class _StatsCollector(Collector):
             "Bytes of the runner's memory in transparent huge pages: its weights, where it"
             " read them into huge pages (docs/scheduler.md, 'Weights in huge pages').",
             value=anon_huge_page_bytes(),
+        )
+        yield CounterMetricFamily(
+            "llamacpp:q4_1_batched_products",
+            "Matrix products of Q4_1 weights computed by dmr's batched kernel instead of"
+            " llama.cpp's row-by-row one; 0 where it is off (docs/scheduler.md, 'Batched"
+            " Q4_1 products').",
+            value=products_computed(),
         )
 
 
