@@ -15,9 +15,19 @@ median of 40 steps is reported as a step time and tokens/s. Two layouts:
   every stream from the lowest id in a batch to the highest;
 - `unified`: one pool of 8 x 4,096 cells that all the sequences share (memory
   stays that of 8 slots); `--idle N` puts an idle cached prompt of N tokens in it.
+
+It computes as the runner does: with dmr's batched Q4_1 kernel in front of llama.cpp's
+(docs/scheduler.md, "Batched Q4_1 products"); `DMR_LLAMACPP_Q4_1_GEMM=0` measures
+without it.
 """
 
+# The kernel must load before llama_cpp does (plugins/llamacpp's runner/q4_1_gemm.py).
+# ruff: noqa: E402
 from __future__ import annotations
+
+from dmr_llamacpp.runner.q4_1_gemm import activate, load_before_llama_cpp
+
+Q4_1_KERNEL = load_before_llama_cpp()
 
 import argparse
 import statistics
@@ -99,6 +109,8 @@ def main() -> None:
     parser.add_argument("--flash-attn", choices=sorted(FLASH), default="auto")
     args = parser.parse_args()
     counts = [int(value) for value in args.sequences.split(",")]
+    llama_cpp.llama_backend_init()
+    print(f"batched Q4_1 kernel: {activate(Q4_1_KERNEL).status}\n")
     print("| model | layout | sequences | step ms | tokens/s |")
     print("|---|---|---|---|---|")
     for name, path in bench_models(args.models):

@@ -65,11 +65,13 @@ static int64_t products;
 #define JOB_ROWS 16
 #define JOB_COLS 64
 // Fewer tokens than this stay with llama.cpp: one or two tokens read each weight once,
-// bound by memory, and a tile gains nothing there (in one process, alternating, SmolLM2
-// with 100 tokens of context: 1.00x at one token, 1.05x at two, 0.89x at three).
+// bound by memory, and a tile gains nothing there (`python bench/q4_1_kernel.py`, in one
+// process, SmolLM2 with 100 tokens of context: 1.28x llama.cpp's time at one token,
+// 1.00x at two, 0.91x at three, 0.74x at sixteen).
 #ifndef MIN_TOKENS
 #define MIN_TOKENS 3
 #endif
+static int min_tokens = MIN_TOKENS;
 
 #define DEFINE_KERNEL(NAME, TARGET, RM, RN, DOT)                                                   \
     static AI __attribute__((target(TARGET))) float NAME##_hsum(__m256 x) {                        \
@@ -198,6 +200,9 @@ void dmr_q41_set_library(void *sgemm, void *set, void *add, void *wait) {
 
 void dmr_q41_enable(int variant) { kernel_variant = variant; }
 
+// The fewest tokens the kernel takes (bench/q4_1_kernel.py measures below MIN_TOKENS).
+void dmr_q41_set_min_tokens(int tokens) { min_tokens = tokens; }
+
 int dmr_q41_enabled(void) { return kernel_variant; }
 
 int64_t dmr_q41_products(void) { return __atomic_load_n(&products, __ATOMIC_RELAXED); }
@@ -227,7 +232,7 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
                      const void *A, int64_t lda, const void *B, int64_t ldb, void *C, int64_t ldc,
                      int Atype, int Btype, int Ctype) {
     const int variant = kernel_variant;
-    if (!(variant && n >= MIN_TOKENS && Atype == TYPE_Q4_1 && Btype == TYPE_Q8_1 &&
+    if (!(variant && n >= min_tokens && Atype == TYPE_Q4_1 && Btype == TYPE_Q8_1 &&
           Ctype == TYPE_F32)) {
         const sgemm_fn own = own_sgemm(__builtin_return_address(0));
         return own && own(params, m, n, k, A, lda, B, ldb, C, ldc, Atype, Btype, Ctype);
