@@ -232,8 +232,12 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
                      const void *A, int64_t lda, const void *B, int64_t ldb, void *C, int64_t ldc,
                      int Atype, int Btype, int Ctype) {
     const int variant = kernel_variant;
-    if (!(variant && n >= min_tokens && Atype == TYPE_Q4_1 && Btype == TYPE_Q8_1 &&
-          Ctype == TYPE_F32)) {
+    // The params' head as this file reads it (a llama.cpp whose struct differs fails
+    // this, and keeps its own kernels; the SmolLM2 tests compare logits bit for bit).
+    const bool params_sane = params->nth >= 1 && params->ith >= 0 &&
+                             params->ith < params->nth && params->threadpool != NULL;
+    if (!(variant && params_sane && n >= min_tokens && Atype == TYPE_Q4_1 &&
+          Btype == TYPE_Q8_1 && Ctype == TYPE_F32)) {
         const sgemm_fn own = own_sgemm(__builtin_return_address(0));
         return own && own(params, m, n, k, A, lda, B, ldb, C, ldc, Atype, Btype, Ctype);
     }
