@@ -8,8 +8,8 @@ with the kernel on and off in turns (it is switched in place, so both share the
 process, the weights and the page state); the medians and on ÷ off per N. Every
 token of a decode goes through the same matrix products, so N tokens of one sequence
 cost what one step of N sequences costs in those products. The kernel leaves fewer
-than 3 tokens to llama.cpp (docs/scheduler.md, "Batched Q4_1 products"); this bench
-switches that off too, so the first rows show why.
+than 2 tokens to llama.cpp (docs/scheduler.md, "Batched Q4_1 products"); this bench
+switches that off too, so the first row shows why.
 """
 
 # The kernel must load before llama_cpp does (plugins/llamacpp's runner/q4_1_gemm.py).

@@ -46,16 +46,10 @@ struct compute_params {
 
 typedef bool (*sgemm_fn)(const struct compute_params *, int64_t, int64_t, int64_t, const void *,
                          int64_t, const void *, int64_t, void *, int64_t, int, int, int);
-typedef void (*chunk_set_fn)(void *, int);
-typedef int (*chunk_add_fn)(void *, int);
-typedef void (*barrier_fn)(void *);
 
 static sgemm_fn library_sgemm;
 bool llamafile_sgemm(const struct compute_params *, int64_t, int64_t, int64_t, const void *,
                      int64_t, const void *, int64_t, void *, int64_t, int, int, int);
-static chunk_set_fn chunk_set;
-static chunk_add_fn chunk_add;
-static barrier_fn barrier;
 static int kernel_variant;  // 0: off, 1: AVX2, 2: AVX-512 VNNI
 // Products this kernel computed (counted by thread 0), for the runner's /metrics.
 static int64_t products;
@@ -64,12 +58,12 @@ static int64_t products;
 // Rows and tokens of one job: the weight rows stay in L1 across the job's tokens.
 #define JOB_ROWS 16
 #define JOB_COLS 64
-// Fewer tokens than this stay with llama.cpp: one or two tokens read each weight once,
-// bound by memory, and a tile gains nothing there (`python bench/q4_1_kernel.py`, in one
-// process, SmolLM2 with 100 tokens of context: 1.28x llama.cpp's time at one token,
-// 1.00x at two, 0.91x at three, 0.74x at sixteen).
+// A single token stays with llama.cpp: it reads each weight once, bound by memory, and
+// the kernel was slower there (`python bench/q4_1_kernel.py`, in one process, SmolLM2
+// with 100 tokens of context: 1.28x llama.cpp's time at one token, 0.86x at two, 0.81x
+// at eight, 0.64x at thirty-two).
 #ifndef MIN_TOKENS
-#define MIN_TOKENS 3
+#define MIN_TOKENS 2
 #endif
 static int min_tokens = MIN_TOKENS;
 
@@ -122,8 +116,10 @@ static int min_tokens = MIN_TOKENS;
     static __attribute__((target(TARGET))) void NAME##_block(                                      \
         int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t k, const block_q4_1 *A,            \
         int64_t lda, const block_q8_1 *B, int64_t ldb, float *C, int64_t ldc) {                    \
-        for (int64_t ii = r0; ii < r1; ii += RM) {                                                 \
-            const int rm = (r1 - ii) < RM ? (int)(r1 - ii) : RM;                                   \
+        /* one or two tokens: one row after another, which streams the weights best */          \
+        const int64_t step = (c1 - c0) < 3 ? 1 : RM;                                               \
+        for (int64_t ii = r0; ii < r1; ii += step) {                                               \
+            const int rm = (r1 - ii) < step ? (int)(r1 - ii) : (int)step;                          \
             for (int64_t jj = c0; jj < c1; jj += RN) {                                             \
                 const int rn = (c1 - jj) < RN ? (int)(c1 - jj) : RN;                               \
                 const block_q4_1 *a = A + lda * ii;                                                \
@@ -190,12 +186,9 @@ int dmr_q41_best_variant(void) {
     return 1;
 }
 
-// The library's own functions (the loader reads their addresses from libggml-cpu).
-void dmr_q41_set_library(void *sgemm, void *set, void *add, void *wait) {
-    library_sgemm = (sgemm_fn)sgemm;
-    chunk_set = (chunk_set_fn)set;
-    chunk_add = (chunk_add_fn)add;
-    barrier = (barrier_fn)wait;
+// The library's own `llamafile_sgemm` (the loader reads its address from libggml-cpu).
+void dmr_q41_set_library(void *sgemm) {
+    __atomic_store_n(&library_sgemm, (sgemm_fn)sgemm, __ATOMIC_RELEASE);
 }
 
 void dmr_q41_enable(int variant) { kernel_variant = variant; }
@@ -234,32 +227,28 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
     const int variant = kernel_variant;
     // The params' head as this file reads it (a llama.cpp whose struct differs fails
     // this, and keeps its own kernels; the SmolLM2 tests compare logits bit for bit).
-    const bool params_sane = params->nth >= 1 && params->ith >= 0 &&
-                             params->ith < params->nth && params->threadpool != NULL;
+    const bool params_sane = params->nth >= 1 && params->ith >= 0 && params->ith < params->nth;
     if (!(variant && params_sane && n >= min_tokens && Atype == TYPE_Q4_1 &&
           Btype == TYPE_Q8_1 && Ctype == TYPE_F32)) {
         const sgemm_fn own = own_sgemm(__builtin_return_address(0));
         return own && own(params, m, n, k, A, lda, B, ldb, C, ldc, Atype, Btype, Ctype);
     }
-    // Jobs of JOB_ROWS x JOB_COLS outputs, handed out by the thread pool's shared
-    // counter as llama.cpp's own kernels do, so a thread slowed by another process
-    // takes fewer of them.
+    // Jobs of JOB_ROWS x JOB_COLS outputs, every nth to each thread. A shared counter,
+    // as llama.cpp's own kernels use, needs a barrier of its own before each product,
+    // and that cost more than it balanced (0.78-0.86x llama.cpp's time at 2-4 tokens
+    // against 1.00x with it, bench/q4_1_kernel.py); the runner already computes with
+    // fewer threads while other processes keep cores busy.
     const int64_t row_jobs = (m + JOB_ROWS - 1) / JOB_ROWS;
     const int64_t col_jobs = (n + JOB_COLS - 1) / JOB_COLS;
     const int64_t jobs = row_jobs * col_jobs;
-    if (params->ith == 0) {
-        chunk_set(params->threadpool, params->nth);
+    if (params->ith == 0)
         __atomic_fetch_add(&products, 1, __ATOMIC_RELAXED);
-    }
-    barrier(params->threadpool);
-    for (int64_t job = params->ith; job < jobs; job = chunk_add(params->threadpool, 1)) {
+    for (int64_t job = params->ith; job < jobs; job += params->nth) {
         const int64_t r0 = (job % row_jobs) * JOB_ROWS;
         const int64_t c0 = (job / row_jobs) * JOB_COLS;
         const int64_t r1 = r0 + JOB_ROWS < m ? r0 + JOB_ROWS : m;
         const int64_t c1 = c0 + JOB_COLS < n ? c0 + JOB_COLS : n;
         compute_block(variant, r0, r1, c0, c1, k, A, lda, B, ldb, (float *)C, ldc);
     }
-    // No barrier here: llama.cpp's graph waits for every thread after each node, and
-    // only then may a thread reset the job counter for the next product.
     return true;
 }

@@ -225,18 +225,10 @@ def activate(kernel: Kernel) -> Kernel:
     try:
         ggml_cpu = ggml_cpu_library()
         ggml_cpu.ggml_cpu_init()  # fills the FP16 table vec_dot reads
-        own = [
-            ctypes.cast(getattr(ggml_cpu, name), ctypes.c_void_p)
-            for name in (
-                "llamafile_sgemm",
-                "ggml_threadpool_chunk_set",
-                "ggml_threadpool_chunk_add",
-                "ggml_barrier",
-            )
-        ]
+        own = ctypes.cast(ggml_cpu.llamafile_sgemm, ctypes.c_void_p)
     except (OSError, AttributeError) as error:
         return Kernel(library, f"off ({error})")
-    library.dmr_q41_set_library(*own)
+    library.dmr_q41_set_library(own)
     variant = int(library.dmr_q41_best_variant())
     if variant == 0:
         return Kernel(library, "off (this CPU has no AVX2 and FMA)")
