@@ -15,8 +15,8 @@
 // change. The loader checks that on this machine against the library's own function
 // before it turns the kernel on.
 //
-// Everything else (other types, and Q4_1 until `dmr_q41_enable`) goes to the library's
-// own `llamafile_sgemm`.
+// Everything else (other types, single tokens, and Q4_1 until `dmr_q41_enable`) goes
+// to the library's own `llamafile_sgemm`.
 
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -196,8 +196,6 @@ void dmr_q41_enable(int variant) { kernel_variant = variant; }
 // The fewest tokens the kernel takes (bench/q4_1_kernel.py measures below MIN_TOKENS).
 void dmr_q41_set_min_tokens(int tokens) { min_tokens = tokens; }
 
-int dmr_q41_enabled(void) { return kernel_variant; }
-
 int64_t dmr_q41_products(void) { return __atomic_load_n(&products, __ATOMIC_RELAXED); }
 
 // The library's own `llamafile_sgemm`: the one the loader handed over, else (a loader
@@ -235,9 +233,10 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
     }
     // Jobs of JOB_ROWS x JOB_COLS outputs, every nth to each thread. A shared counter,
     // as llama.cpp's own kernels use, needs a barrier of its own before each product,
-    // and that cost more than it balanced (0.78-0.86x llama.cpp's time at 2-4 tokens
-    // against 1.00x with it, bench/q4_1_kernel.py); the runner already computes with
-    // fewer threads while other processes keep cores busy.
+    // and that cost more than it balanced (bench/q4_1_kernel.py: 0.86, 0.90 and 0.80x
+    // llama.cpp's time at 2, 3 and 4 tokens without it, 0.86, 0.95 and 0.86x with it);
+    // the runner already computes with fewer threads while other processes keep cores
+    // busy.
     const int64_t row_jobs = (m + JOB_ROWS - 1) / JOB_ROWS;
     const int64_t col_jobs = (n + JOB_COLS - 1) / JOB_COLS;
     const int64_t jobs = row_jobs * col_jobs;
