@@ -189,6 +189,16 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+def reserved_bytes(models_path: Path) -> int:
+    """The disk space the store's partial blobs hold, reservations included."""
+    blobs = models_path / "blobs" / "sha256"
+    total = 0
+    for name in blob_files(models_path)[1]:
+        with contextlib.suppress(FileNotFoundError):  # finished meanwhile
+            total += (blobs / name).stat().st_blocks * 512
+    return total
+
+
 def test_disk_full_while_pulling(small_disk: Path, tmp_path: Path) -> None:
     models_path = small_disk / "models"
     keeper = artifact(tmp_path, "keeper", payload=1_000_000)
@@ -221,10 +231,14 @@ def test_disk_full_while_pulling(small_disk: Path, tmp_path: Path) -> None:
             outcome: list[PullResult] = []
             puller = threading.Thread(target=lambda: outcome.append(pull(server, big_tag)))
             puller.start()
+            # The partial file exists a moment before its space is reserved; the disk
+            # is filled once the reservation is in place (a filler measured in between
+            # would not fit once the reservation lands: a CI run under load met that).
+            [layer] = big.layers
             deadline = time.monotonic() + 30
-            while not blob_files(models_path)[1] and time.monotonic() < deadline:
+            while reserved_bytes(models_path) < layer.size and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert blob_files(models_path)[1], "the download never started"
+            assert reserved_bytes(models_path) >= layer.size, "the download never started"
             with filler.open("wb") as handle:
                 handle.write(b"\0" * max(shutil.disk_usage(small_disk).free - MIB, 0))
             puller.join(timeout=60)
