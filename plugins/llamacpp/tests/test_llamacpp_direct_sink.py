@@ -1,11 +1,14 @@
-"""The decode thread's side of a direct stream (runner/direct_sink.py): it writes a
-step's events to the client's socket itself once the event loop has written what
-was on its way, leaves to the loop what a slow client has not taken and the end,
-and cancels the job when the client is gone. A real TCP connection on 127.0.0.1
-stands for the client's."""
+"""The runner's side of a direct stream (runner/direct_sink.py): after the hand-over
+the decode thread queues each step's events for the sender thread, which writes them
+to the client's socket itself once the event loop has written what was on its way,
+leaves to the loop what a slow client has not taken and the end, and cancels the job
+when the client is gone. `write_events` is the sender thread's turn, called here
+directly; the last tests go through a real sender thread. A real TCP connection on
+127.0.0.1 stands for the client's."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import threading
@@ -15,7 +18,7 @@ from typing import Any
 import pytest
 from dmr.sdk.runner import DirectWriter
 from dmr_llamacpp.runner.batching import Finished, GenerationJob, SinkWake, TextDelta
-from dmr_llamacpp.runner.direct_sink import DirectSink
+from dmr_llamacpp.runner.direct_sink import DirectSink, SocketSender
 
 
 class JobStandIn:
@@ -82,9 +85,9 @@ async def test_the_decode_thread_writes_once_the_loop_has_caught_up(
     # The first step after the hand-over goes to the loop, followed by the wake...
     assert sink.from_decode_thread([delta("a")]) == [delta("a"), SinkWake()]
     # ...and until the loop has caught up, the steps wait for it in order.
-    assert sink.from_decode_thread([delta("b")]) == []
+    assert sink.write_events([delta("b")]) == []
     assert not await sink.drain()  # writes "b", then hands the stream back
-    assert sink.from_decode_thread([delta("c")]) == []  # written at once, no wake
+    assert sink.write_events([delta("c")]) == []  # written at once, no wake
     assert read_exactly(client, len(frames(b"data: b\n\n", b"data: c\n\n"))) == frames(
         b"data: b\n\n", b"data: c\n\n"
     )
@@ -104,13 +107,13 @@ async def test_a_slow_client_leaves_the_rest_to_the_loop_in_order(
         n += 1
         text = f"{n:06d}" + "x" * 200
         sent.append(f"data: {text}\n\n".encode())
-        wake = sink.from_decode_thread([delta(text)])
+        wake = sink.write_events([delta(text)])
     assert wake == [SinkWake()] and not sink.direct
     later = []
     for number in range(3):  # the loop owns the stream now: these wait for it
         text = f"later-{number}"
         later.append(f"data: {text}\n\n".encode())
-        assert sink.from_decode_thread([delta(text)]) == []
+        assert sink.write_events([delta(text)]) == []
     expected = frames(*sent, b"".join(later))  # the loop writes what waited as one chunk
     received: list[bytes] = []
     reader = threading.Thread(target=lambda: received.append(read_exactly(client, len(expected))))
@@ -128,14 +131,14 @@ async def test_the_end_is_handed_back_for_the_server(
     sink, _ = sink_on(served)
     sink.from_decode_thread([delta("a")])
     await sink.drain()
-    assert sink.from_decode_thread([delta("z"), FINISHED]) == [SinkWake()]
+    assert sink.write_events([delta("z"), FINISHED]) == [SinkWake()]
     # What came before the end goes to the client; the end is handed back, to go
     # through the server after the summary.
     assert await sink.drain() == b"data: end stop\n\ndata: [DONE]\n\n"
     expected = frames(b"data: z\n\n")
     assert read_exactly(client, len(expected)) == expected
     assert sink.writer.summary().endswith(b"data: z\n\n")  # the end is not in it
-    assert sink.from_decode_thread([delta("late")]) == []  # nothing after the end
+    assert sink.write_events([delta("late")]) == []  # nothing after the end
 
 
 async def test_a_client_gone_stops_the_generation(
@@ -149,7 +152,7 @@ async def test_a_client_gone_stops_the_generation(
     client.close()  # a reset
     wake: list[Any] = []
     for _ in range(100):  # the first send after a reset may still succeed
-        wake = sink.from_decode_thread([delta("more")])
+        wake = sink.write_events([delta("more")])
         if wake:
             break
     assert wake == [SinkWake()] and job.cancelled
@@ -166,7 +169,7 @@ async def test_a_closed_writer_is_never_written_to(
     sink.from_decode_thread([delta("a")])
     await sink.drain()
     sink.writer.close()
-    assert sink.from_decode_thread([delta("b")]) == [SinkWake()]
+    assert sink.write_events([delta("b")]) == [SinkWake()]
     assert job.cancelled
 
 
@@ -183,3 +186,76 @@ async def test_closing_a_streamed_answer_frees_its_slot_at_once() -> None:
     assert await anext(chunks) == b"data: a\n\n"  # suspended at its `yield` now
     await writes.aclose()
     assert job.cancelled
+
+
+async def test_the_decode_thread_only_queues_and_the_sender_writes_in_order(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    """From the decode thread a step costs a queue put: the sender thread writes the
+    steps in order, and the end still reaches the handler's queue (with a wake) after
+    everything before it was sent."""
+    from llamacpp_helpers import greedy_params
+
+    served, client = connection
+    job = GenerationJob([1, 2, 3], greedy_params(8))
+    sending_threads: set[int] = set()
+
+    class RecordingWriter(DirectWriter):
+        def send_now(self, framed: bytes) -> int:
+            sending_threads.add(threading.get_ident())
+            return super().send_now(framed)
+
+    sink = DirectSink(RecordingWriter(served), encode, job, SocketSender())
+    assert sink.from_decode_thread([delta("a")]) == [delta("a"), SinkWake()]
+    assert not await sink.drain()  # the loop hands the stream over
+    texts = [f"t{number:03d}" for number in range(200)]
+    for text in texts:  # the decode thread's steps: nothing for the loop, no wait
+        assert sink.from_decode_thread([delta(text)]) == []
+    assert sink.from_decode_thread([FINISHED]) == []
+    expected = frames(*(f"data: {text}\n\n".encode() for text in texts))
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(read_exactly(client, len(expected))))
+    reader.start()
+    # The wake that hands the end to the loop (after a slow-client hand-over, if the
+    # small buffers filled up: the loop writes the rest, then the end).
+    last = None
+    while last is None:
+        assert await asyncio.wait_for(job.events.get(), 10) == SinkWake()
+        last = await sink.drain()
+    assert last == b"data: end stop\n\ndata: [DONE]\n\n"
+    reader.join(10)
+    assert received == [expected]  # every step, in order, before the end
+    assert sending_threads and threading.get_ident() not in sending_threads
+
+
+async def test_a_failing_encoder_ends_its_stream_and_not_the_sender(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    from llamacpp_helpers import greedy_params
+
+    served, _ = connection
+    sender = SocketSender()
+
+    def broken(event: TextDelta | Finished, out: list[bytes]) -> None:
+        raise ValueError("an encoder bug")
+
+    job = GenerationJob([1, 2, 3], greedy_params(8))
+    sink = DirectSink(DirectWriter(served), broken, job, sender)
+    sink.from_decode_thread([delta("a")])
+    assert not await sink.drain()  # nothing pending: the stream is handed over
+    sink.from_decode_thread([delta("b")])
+    assert await asyncio.wait_for(job.events.get(), 10) == SinkWake()
+    assert job.cancelled and await sink.drain() == b""
+    # The same thread still writes other streams.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        other_client = socket.create_connection(listener.getsockname())
+        other_served, _ = listener.accept()
+    with other_client, other_served:
+        other_client.settimeout(10)
+        other = DirectSink(
+            DirectWriter(other_served), encode, GenerationJob([1], greedy_params(8)), sender
+        )
+        other.from_decode_thread([delta("a")])
+        assert not await other.drain()
+        other.from_decode_thread([delta("ok")])
+        assert read_exactly(other_client, len(frames(b"data: ok\n\n"))) == frames(b"data: ok\n\n")

@@ -91,6 +91,7 @@ __all__ = [
     "TextDelta",
     "TokenLogprob",
     "common_prefix_length",
+    "hand_over",
     "image_placeholders",
 ]
 
@@ -255,6 +256,14 @@ def _deliver(batch: list[tuple[GenerationJob, list[Event | SinkWake]]]) -> None:
     for job, events in batch:
         for event in events:
             job.events.put_nowait(event)
+
+
+def hand_over(job: GenerationJob, events: list[Event | SinkWake]) -> None:
+    """From any thread: put `events` on the job's queue in its handler's event loop."""
+    try:
+        job.loop.call_soon_threadsafe(_deliver, [(job, events)])
+    except RuntimeError:  # the handlers' loop is gone (shutdown)
+        job.cancelled = True
 
 
 @dataclass

@@ -15,13 +15,23 @@ end of the stream. The end (the last chunk and `[DONE]`) goes through the server
 after the summary of what was written: a client that leaves as soon as it reads
 `[DONE]` must not keep the server from counting the answer's tokens.
 
-The stream's encoder is used by one thread at a time: the decode thread encodes
+The send itself leaves the decode thread too. A send on a loopback TCP connection
+runs the receiver's side in the sender's system call and wakes the client: 0.19 ms
+a token on this 2-core machine, 0.03 ms more to encode the chunk, all of it between
+two `llama_decode`s while llama.cpp's other thread spins (docs/benchmarks.md,
+session 31). So after the hand-over the decode thread only queues each step's events
+(`SocketSender`), and one sender thread per runner encodes and sends them in order,
+while the next step is built and decoded, as llama-server's HTTP threads do.
+
+The stream's encoder is used by one thread at a time: the sender thread encodes
 only while `direct` is set, the loop only while it is not, and the flag changes
 under the lock.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from collections.abc import Callable
 
@@ -34,36 +44,86 @@ from dmr_llamacpp.runner.batching import (
     GenerationJob,
     SinkWake,
     TextDelta,
+    hand_over,
 )
 from dmr_llamacpp.runner.openai_bodies import DONE_EVENT, sse_error
 
-__all__ = ["DirectSink", "Encode"]
+__all__ = ["DirectSink", "Encode", "SocketSender"]
+
+logger = logging.getLogger(__name__)
 
 Encode = Callable[[TextDelta | Finished, list[bytes]], None]
+
+
+class SocketSender:
+    """The thread that writes direct streams' steps, in the order they were queued."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[DirectSink, list[Event]]] = queue.SimpleQueue()
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def submit(self, sink: DirectSink, events: list[Event]) -> None:
+        if not self._started:
+            with self._start_lock:
+                if not self._started:
+                    threading.Thread(target=self._run, name="dmr-direct-send", daemon=True).start()
+                    self._started = True
+        self._queue.put((sink, events))
+
+    def _run(self) -> None:
+        while True:
+            sink, events = self._queue.get()
+            try:
+                handed = sink.write_events(events)
+            except Exception:  # a bug in an encoder: end this stream, keep the others
+                logger.exception("writing a direct stream failed")
+                handed = sink.abandon()
+            if handed:
+                hand_over(sink.job, handed)
+
+
+# One per runner process: a step's streams are written one after another.
+SENDER = SocketSender()
 
 
 class DirectSink:
     """A direct stream's events, written by whichever thread owns them now."""
 
-    def __init__(self, writer: DirectWriter, encode: Encode, job: GenerationJob) -> None:
+    def __init__(
+        self,
+        writer: DirectWriter,
+        encode: Encode,
+        job: GenerationJob,
+        sender: SocketSender = SENDER,
+    ) -> None:
         self.writer = writer
         self.encode = encode
         self.job = job
+        self.sender = sender
         self.lock = threading.Lock()
         self.announced = False  # the decode thread has sent the wake that hands it over
-        self.direct = False  # the decode thread writes; else the loop does
+        self.direct = False  # the sender thread writes; else the loop does
         self.ended = False
         self.pending: list[Event] = []  # events the loop has yet to write
         self.unsent = b""  # framed bytes the client has not taken yet
 
     def from_decode_thread(self, events: list[Event]) -> list[Event | SinkWake]:
-        """The decode thread's step: write `events` now, or leave them for the loop;
-        returns what goes to the loop's queue."""
+        """The decode thread's step: the first goes to the loop with the wake that
+        hands the stream over; every later one to the sender thread, in order (returns
+        what goes to the loop's queue now)."""
         with self.lock:
             if not self.announced:
                 # What the loop already has goes out first; the wake comes after it.
                 self.announced = True
                 return [*events, SinkWake()]
+        self.sender.submit(self, events)
+        return []
+
+    def write_events(self, events: list[Event]) -> list[Event | SinkWake]:
+        """The sender thread's turn with one step's events: write them now, or leave
+        them for the loop; returns what goes to the loop's queue."""
+        with self.lock:
             if self.ended:
                 return []
             if not self.direct or any(isinstance(e, (Finished, Failed)) for e in events):
@@ -94,7 +154,7 @@ class DirectSink:
             return []
 
     async def drain(self) -> bytes | None:
-        """In the loop: write what the decode thread left, then hand the stream back to
+        """In the loop: write what the sender thread left, then hand the stream back to
         it (None). Once the stream has ended, its last chunk instead: the end and
         `[DONE]`, which the handler sends through the server after the summary, so
         that the server has read what was written before the client sees the end
@@ -127,6 +187,14 @@ class DirectSink:
                 with self.lock:
                     self.ended = True
                 return b"".join([*last, DONE_EVENT])
+
+    def abandon(self) -> list[Event | SinkWake]:
+        """End the stream where it is (its encoder failed); the loop ends the answer."""
+        with self.lock:
+            self.ended = True
+            self.direct = False
+        self.job.cancel()
+        return [SinkWake()]
 
     def _gone(self) -> bytes:
         with self.lock:
