@@ -27,6 +27,8 @@ from dmr.error_bodies import openai_error
 
 __all__ = [
     "BATCH_PRIORITY",
+    "LONE_HEADER",
+    "LONE_VALUE",
     "PRIORITY_HEADER",
     "BadRequest",
     "error_bytes",
@@ -42,6 +44,13 @@ __all__ = [
 # (docs/batch.md, "Interactive first"). Absent: interactive.
 PRIORITY_HEADER = "x-dmr-priority"
 BATCH_PRIORITY = "batch"
+
+# The server marks a request that reached it alone, with no other just before it or
+# after it until it was forwarded (dmr/server/arrivals.py); a runner that waits for the
+# rest of a burst before its first step need not wait for this one. Absent: it may be
+# part of a burst.
+LONE_HEADER = "x-dmr-lone"
+LONE_VALUE = "1"
 
 
 class BadRequest(ValueError):

@@ -8,7 +8,9 @@ scheduler hands the runner while `load` loads the model in a thread, and stops o
 SIGTERM or when the server is gone. Views refuse a bad request with `BadRequest`
 (a 400 in OpenAI's error shape) and answer with `json_response` / `error_response`
 (`error_bytes` for a raw ASGI answer). `PRIORITY_HEADER` is `BATCH_PRIORITY` on
-batch work, which a runner that can tell priorities apart serves after chats. The
+batch work, which a runner that can tell priorities apart serves after chats;
+`LONE_HEADER` is `LONE_VALUE` on a request that reached the server alone, which a
+runner that waits for the rest of a burst need not wait for. The
 ASGI helpers (`read_body`, `replay`, `send_whole`, `send_streamed`,
 `unless_disconnected`, `Receive`, `Send`) serve a streamed generation past the web
 framework, as the llama.cpp runner does. `sniff_media_type` names an image by its
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from dmr.image_types import SUPPORTED_FORMATS, SUPPORTED_MEDIA_TYPES, sniff_media_type
     from dmr.runner_support import (
         BATCH_PRIORITY,
+        LONE_HEADER,
+        LONE_VALUE,
         PRIORITY_HEADER,
         BadRequest,
         error_bytes,
@@ -49,6 +53,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_PRIORITY",
+    "LONE_HEADER",
+    "LONE_VALUE",
     "PRIORITY_HEADER",
     "SUPPORTED_FORMATS",
     "SUPPORTED_MEDIA_TYPES",

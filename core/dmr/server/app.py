@@ -16,6 +16,7 @@ from dmr import plugins
 from dmr.error_bodies import openai_error_body
 from dmr.errors import DmrError, PayloadTooLargeError
 from dmr.server import backends_api, engines_api, models_api, openapi, root, ui
+from dmr.server.arrivals import ArrivalsMiddleware
 from dmr.server.error_responses import error_json_response
 from dmr.server.observability import install_observability
 from dmr.server.security import install_security
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None
 
         app.asgi_app = ProxyRoutes(app, app.asgi_app, dialects, settings)  # type: ignore[method-assign,assignment]
     install_observability(app, settings, list(dialects))
+    # Outermost: a request counts as it reaches the server (dmr/server/arrivals.py).
+    app.asgi_app = ArrivalsMiddleware(app.asgi_app)  # type: ignore[method-assign]
 
     @app.after_request
     async def read_the_rest_of_the_body(response: Response) -> Response:

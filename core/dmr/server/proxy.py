@@ -26,6 +26,7 @@ from dmr.errors import DmrError, RunnerError
 from dmr.scheduler.unix_http import RunnerConnectionError, open_request
 from dmr.scheduler.wait_queue import priority_headers
 from dmr.server.affinity import prompt_prefix
+from dmr.server.arrivals import lone_headers
 from dmr.server.metrics import note_model
 from dmr.server.recorder import start_capture
 from dmr.server.services import Services, get_services
@@ -203,6 +204,7 @@ async def _send(
             "content-type": "application/json",
             **{k.lower(): v for k, v in (headers or {}).items()},
             **priority_headers(),  # batch work: the runner serves it behind chats
+            **lone_headers(),  # no burst to wait for (dmr/server/arrivals.py)
         },
     )
     try:

@@ -217,7 +217,9 @@ class GenerationJob:
     """One request's generation; events arrive on `events` in the handler's event loop.
 
     A `batch` job (the server's `x-dmr-priority: batch`) runs only in the room
-    interactive jobs leave; it may be preempted and resumed (`resume`).
+    interactive jobs leave; it may be preempted and resumed (`resume`). A `lone` job
+    (`x-dmr-lone`) reached the server with no other near it: an idle runner does not
+    wait for a burst behind it (`_take_incoming`).
 
     A prompt with images also has `media`, libmtmd's chunks (closed when the job ends),
     and `images`: the offset in `prompt` where each image's placeholders start, to the
@@ -232,9 +234,12 @@ class GenerationJob:
         media: MultimodalPrompt | None = None,
         images: dict[int, int] | None = None,
         batch: bool = False,
+        lone: bool = False,
     ) -> None:
         self.prompt = prompt
         self.batch = batch
+        # The server saw it come alone (`x-dmr-lone`): an idle runner starts it at once.
+        self.lone = lone
         self.resume: _Resume | None = None  # set while preempted (the decode thread's)
         self.params = params
         self.media = media
@@ -283,6 +288,8 @@ class GeneratorStats:
     host_cache_prompts: int = 0
     host_cache_bytes: int = 0
     preemptions_total: int = 0  # batch jobs that gave their slot to an interactive one
+    # Jobs an idle loop started without waiting for a burst: the server saw them alone.
+    lone_starts_total: int = 0
     # Where a step's time goes: all of `_step` against the `llama_decode` inside it;
     # the difference is the Python around the decode (batch building, sampling).
     step_seconds_total: float = 0.0
@@ -578,7 +585,8 @@ class BatchedGenerator:
     def _take_incoming(self, *, block: bool, first_timeout_s: float | None = None) -> bool:
         """Move submitted jobs to `_waiting`, saying whether any came; when idle
         (`block`), wait for the first one (up to `first_timeout_s`, else until it
-        comes) and then for the burst it may open (`collect_burst`).
+        comes) and then for the burst it may open (`collect_burst`), unless the server
+        saw it come alone (`GenerationJob.lone`, dmr/server/arrivals.py).
 
         An idle runner sleeps until a request comes: it used to wake every 0.5 s to
         look, and the first `llama_decode` after a few such wake-ups took 28 ms
@@ -593,14 +601,16 @@ class BatchedGenerator:
             )
         except queue.Empty:
             return False
-        if block:
+        if block and not (first is not None and first.lone and not self._waiting):
             # Up to the open slots, not all of them: with 32 slots and 8 open, a burst
             # of 8 waited out the follow gap (25 ms) after its last request, for
             # requests that would have had no slot (docs/benchmarks.md).
             open_slots = self.slot_limit.limit - sum(slot.busy for slot in self.slots)
             room = max(1, open_slots - len(self._waiting))
             jobs = collect_burst(self._incoming, first, limit=room, gap_s=self.burst_gap_s)
-        else:
+        else:  # busy, or a lone job (the server saw no burst): what is here already
+            if block:
+                self.stats.lone_starts_total += 1
             jobs = [first]
             while jobs[-1] is not None and not self._incoming.empty():
                 jobs.append(self._incoming.get_nowait())

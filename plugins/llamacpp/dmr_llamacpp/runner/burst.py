@@ -13,6 +13,10 @@ a burst takes those cores from the rest, which then arrive slower still and wait
 whole step more: their first token comes a step later than llama-server's, whose
 C++ front end lets a burst in within a millisecond or two (docs/benchmarks.md has
 the A/Bs that chose these gaps).
+
+A request that `dmr serve` saw come alone (its `x-dmr-lone` header, dmr/server/
+arrivals.py) opens no burst: the decode loop starts it without the gap, which was
+2.5-4.5 ms of SmolLM2's time to the first token (docs/benchmarks.md, session 31).
 """
 
 from __future__ import annotations

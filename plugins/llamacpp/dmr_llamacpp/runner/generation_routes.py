@@ -43,7 +43,7 @@ from dmr_llamacpp.runner.openai_bodies import (
     usage,
     whole_body,
 )
-from dmr_llamacpp.runner.priority import batch_request
+from dmr_llamacpp.runner.priority import batch_request, lone_request
 from dmr_llamacpp.runner.reasoning import (
     THINK_CLOSE,
     ReasoningSplitter,
@@ -261,7 +261,7 @@ def _start_job(
             n_keep=truncation.n_keep,
             adds_bos=model.adds_bos,
         )
-    job = GenerationJob(tokens, params, batch=batch_request.get())
+    job = GenerationJob(tokens, params, batch=batch_request.get(), lone=lone_request.get())
     job.thinking = thinking
     try:
         state.require_generator().submit(job)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dmr.sdk.runner import BadRequest
 
 from dmr_llamacpp.runner.batching import GenerationJob, image_placeholders
-from dmr_llamacpp.runner.priority import batch_request
+from dmr_llamacpp.runner.priority import batch_request, lone_request
 from dmr_llamacpp.runner.reasoning import ThinkingBudget
 from dmr_llamacpp.runner.sampling import SamplingParams
 from dmr_llamacpp.runner.state import RunnerState
@@ -60,7 +60,14 @@ async def start_image_job(
                     f"an image takes {largest} tokens with this projector, more than the "
                     f"runner's micro-batch of {model.options.n_ubatch} (--ubatch-size) holds"
                 )
-        job = GenerationJob(tokens, params, media=media, images=offsets, batch=batch_request.get())
+        job = GenerationJob(
+            tokens,
+            params,
+            media=media,
+            images=offsets,
+            batch=batch_request.get(),
+            lone=lone_request.get(),
+        )
         job.thinking = thinking
         generator.submit(job)
     except BadRequest:

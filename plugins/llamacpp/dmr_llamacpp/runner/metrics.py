@@ -107,6 +107,12 @@ class _StatsCollector(Collector):
             "Batch requests that gave their slot to an interactive request (docs/batch.md).",
             value=stats.preemptions_total,
         )
+        yield CounterMetricFamily(
+            "llamacpp:lone_starts",
+            "Requests an idle runner started without waiting for the rest of a burst,"
+            " because the server saw them come alone (x-dmr-lone).",
+            value=stats.lone_starts_total,
+        )
         yield GaugeMetricFamily(
             "llamacpp:host_cache_prompts",
             "Prompts whose KV cells are kept in host memory (--cache-ram).",

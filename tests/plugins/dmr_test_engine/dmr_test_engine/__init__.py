@@ -14,7 +14,8 @@ What a request does is set in its JSON body, under "test":
 
     {"sleep": 0.1,               # seconds between streamed chunks
      "chunks": 5,                # how many chunks a stream has
-     "crash": "text"}            # print text to stderr and exit 1 before answering
+     "crash": "text",            # print text to stderr and exit 1 before answering
+     "echo_headers": ["x-name"]} # add " x-name=VALUE" (or "=-") to the answer's text
 
 A chat message containing "[slow]" streams with 0.4 s between chunks; one
 containing "[die]" makes the runner exit after two streamed chunks.

@@ -141,6 +141,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def complete(self, body: dict[str, Any], test: dict[str, Any]) -> None:
         text = reply_text(body)
+        for name in test.get("echo_headers") or ():  # what the server sent the runner
+            text += f" {name}={self.headers.get(name, '-')}"
         chat = self.path == "/v1/chat/completions"
         created = int(time.time())
         if not body.get("stream"):
